@@ -1,0 +1,49 @@
+"""What every asset does around its stage call: resources -> store, logging, metadata."""
+
+
+import time
+from typing import Any
+
+from dagster import AssetExecutionContext, DataVersion, MetadataValue, Output
+
+from icons_dagster.core.pipeline import StageResult
+
+GROUP = "icons"
+
+
+def throttled_progress(context: AssetExecutionContext, label: str, every_seconds: float = 10.0):
+    """A progress callback that logs to Dagster at most every ``every_seconds``."""
+    last = [0.0]
+
+    def report(done: int, total: int, *extra: Any) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= every_seconds:
+            last[0] = now
+            suffix = f" loss={extra[0]:.4f}" if extra and extra[0] == extra[0] else ""
+            context.log.info(f"{label}: {done}/{total}{suffix}")
+
+    return report
+
+
+def to_metadata(result: StageResult) -> dict[str, Any]:
+    """Stage metadata -> Dagster metadata values (plots as markdown, tables as markdown)."""
+    metadata: dict[str, Any] = {}
+    for key, value in result.metadata.items():
+        if key == "plots":
+            for name, markdown in value.items():
+                metadata[f"plot_{name}"] = MetadataValue.md(markdown)
+        elif key == "top_samples":
+            metadata[key] = MetadataValue.md(value)
+        elif isinstance(value, (dict, list)):
+            metadata[key] = MetadataValue.json(value)
+        elif value is None:
+            metadata[key] = MetadataValue.text("none")
+        else:
+            metadata[key] = value
+    metadata["path"] = MetadataValue.path(result.ref["path"])
+    return metadata
+
+
+def output(result: StageResult) -> Output:
+    """The reference as the asset's value; its fingerprint as the data version."""
+    return Output(result.ref, metadata=to_metadata(result), data_version=DataVersion(result.ref["fingerprint"]))

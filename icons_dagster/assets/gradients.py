@@ -1,0 +1,80 @@
+"""training_gradients (per shard) and validation_gradients (per benchmark)."""
+
+
+from collections.abc import Iterator
+
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Output, asset
+
+from icons_dagster.assets._context import GROUP, output, throttled_progress
+from icons_dagster.core.pipeline import StageResult, check_features, stage_train_shard, stage_validation
+from icons_dagster.core.store import ArtifactStore
+
+FEATURE_CHECK = "features_finite_unit_norm"
+
+
+def _with_check(artifacts: ArtifactStore, result: StageResult, num_checkpoints: int):
+    yield output(result)
+    passed, metadata = check_features(artifacts, result.ref, num_checkpoints)
+    yield AssetCheckResult(check_name=FEATURE_CHECK, passed=passed, metadata=metadata)
+from icons_dagster.partitions import benchmark_partitions, train_shard_partitions
+from icons_dagster.resources import DataResource, ModelResource, SettingsResource, StoreResource
+
+
+@asset(
+    group_name=GROUP,
+    io_manager_key="refs_io_manager",
+    partitions_def=train_shard_partitions,
+    check_specs=[AssetCheckSpec(FEATURE_CHECK, asset="training_gradients")],
+)
+def training_gradients(
+    context: AssetExecutionContext,
+    store: StoreResource,
+    model: ModelResource,
+    settings: SettingsResource,
+    training_pool: dict,
+    warmup_checkpoint: dict,
+) -> Iterator:
+    """Projected, normalized float16 gradient features of one shard of the pool, per checkpoint."""
+    artifacts = store.store()
+    result = stage_train_shard(
+        artifacts,
+        context.partition_key,
+        training_pool,
+        warmup_checkpoint,
+        model.checkpoint_config(artifacts),
+        settings.gradients(),
+        log=context.log.info,
+        progress=throttled_progress(context, f"training_gradients[{context.partition_key}]"),
+    )
+    yield from _with_check(artifacts, result, len(warmup_checkpoint["checkpoints"]))
+
+
+@asset(
+    group_name=GROUP,
+    io_manager_key="refs_io_manager",
+    partitions_def=benchmark_partitions,
+    check_specs=[AssetCheckSpec(FEATURE_CHECK, asset="validation_gradients")],
+)
+def validation_gradients(
+    context: AssetExecutionContext,
+    store: StoreResource,
+    data: DataResource,
+    model: ModelResource,
+    settings: SettingsResource,
+    warmup_checkpoint: dict,
+) -> Iterator:
+    """SGD gradient features of one benchmark's validation set, same projector as training."""
+    artifacts = store.store()
+    paths = data.paths(artifacts)
+    result = stage_validation(
+        artifacts,
+        context.partition_key,
+        paths.benchmarks,
+        paths.image_root,
+        warmup_checkpoint,
+        model.checkpoint_config(artifacts),
+        settings.gradients(),
+        log=context.log.info,
+        progress=throttled_progress(context, f"validation_gradients[{context.partition_key}]"),
+    )
+    yield from _with_check(artifacts, result, len(warmup_checkpoint["checkpoints"]))

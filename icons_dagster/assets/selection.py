@@ -1,0 +1,64 @@
+"""vote_table and selected_subset: the consensus over every registered benchmark."""
+
+
+from collections.abc import Iterator
+
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetIn, Output, asset
+
+from icons_dagster.assets._context import GROUP, output
+from icons_dagster.core.pipeline import check_subset, stage_selected_subset, stage_vote_table
+from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
+from icons_dagster.resources import ModelResource, SettingsResource, StoreResource
+from icons_dagster.resources.refs import ALL_PARTITIONS
+
+
+@asset(
+    group_name=GROUP,
+    io_manager_key="refs_io_manager",
+    ins={"task_influence": AssetIn(metadata=ALL_PARTITIONS)},
+    check_specs=[AssetCheckSpec("every_registered_benchmark_voted", asset="vote_table")],
+)
+def vote_table(context: AssetExecutionContext, store: StoreResource, settings: SettingsResource, task_influence: dict) -> Iterator:
+    """Per benchmark the (1-p) threshold and votes, the vote sum (eq. 4) and Table 6's aggregations."""
+    result = stage_vote_table(store.store(), task_influence, settings.selection())
+    yield output(result)
+    registered = sorted(context.instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME))
+    voted = sorted(result.ref["benchmarks"])
+    yield AssetCheckResult(
+        check_name="every_registered_benchmark_voted",
+        passed=registered == voted,
+        metadata={"registered": registered, "voted": voted},
+    )
+
+
+@asset(
+    group_name=GROUP,
+    io_manager_key="refs_io_manager",
+    check_specs=[AssetCheckSpec("subset_size", asset="selected_subset")],
+)
+def selected_subset(
+    store: StoreResource,
+    model: ModelResource,
+    settings: SettingsResource,
+    training_pool: dict,
+    warmup_checkpoint: dict,
+    vote_table: dict,
+) -> Iterator:
+    """The top floor(pN) by votes with the documented tie-break, as LLaVA JSON + Parquet."""
+    artifacts = store.store()
+    lineage = {
+        "pool": training_pool["fingerprint"],
+        "pool_source": training_pool.get("source"),
+        "checkpoint": warmup_checkpoint["fingerprint"],
+        "checkpoints": warmup_checkpoint.get("checkpoints"),
+        "model": warmup_checkpoint.get("model"),
+        "vote_table": vote_table["fingerprint"],
+        "benchmarks": vote_table.get("benchmarks"),
+        "task_influence": vote_table.get("influence"),
+        "gradients": settings.gradients().__dict__,
+        "selection": {"p": settings.p, "aggregation": settings.aggregation, "task_weights": settings.task_weights},
+    }
+    result = stage_selected_subset(artifacts, training_pool, vote_table, settings.selection(), lineage)
+    yield output(result)
+    passed, metadata = check_subset(artifacts, result.ref, training_pool["n_records"], settings.p)
+    yield AssetCheckResult(check_name="subset_size", passed=passed, metadata=metadata)

@@ -1,0 +1,229 @@
+"""``icons-dagster``: run the asset graph, validate data, open the UI.
+
+The CLI writes the home's ``icons.json`` and launches the same assets through Dagster on
+the home's persistent instance; it never computes anything on a second code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from icons_dagster.resources.home import DEMO_PRESET, read_home_config, resolve_home, write_home_config
+
+
+def _progress_printer():
+    from tqdm import tqdm
+
+    bar = tqdm(total=1, unit="step", file=sys.stderr, dynamic_ncols=True)
+    started = [time.monotonic()]
+
+    def on_step(index: int, total: int, step) -> None:
+        bar.total = total
+        bar.n = index
+        bar.set_description(step.label[:60])
+        bar.refresh()
+        started[0] = time.monotonic()
+
+    return bar, on_step
+
+
+def _run(home: Path, config: dict[str, Any]) -> int:
+    from icons_dagster.runner import prepare_instance_home
+
+    os.environ["ICONS_NUM_SHARDS"] = str(config.get("num_shards", 4))
+    write_home_config(home, config)
+    prepare_instance_home(home)
+    from icons_dagster.runner import run_graph
+
+    bar, on_step = _progress_printer()
+    try:
+        summary = run_graph(home, config, on_step=on_step)
+        bar.n = bar.total
+        bar.set_description("done")
+        bar.close()
+    except Exception:
+        bar.close()
+        raise
+    print(f"selected subset (LLaVA JSON): {summary['subset_json']}")
+    print(f"per-sample influence, votes and rank (Parquet): {summary['subset_parquet']}")
+    print(f"benchmarks: {', '.join(summary['benchmarks'])}")
+    print(f"Dagster instance: {summary['dagster_home']}  (open the UI with: icons-dagster ui --home {home})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never touches the network
+    home = resolve_home(args.home)
+    config = json.loads(json.dumps(DEMO_PRESET))
+    config["data"]["demo_size"] = args.size
+    if args.shards:
+        config["num_shards"] = args.shards
+    return _run(home, config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    home = resolve_home(args.home)
+    config = read_home_config(home) if (home / "icons.json").exists() else {"data": {}, "model": {}, "settings": {}}
+    config.setdefault("data", {}).update({"pool": str(Path(args.pool).resolve()), "benchmarks": str(Path(args.benchmarks).resolve())})
+    if args.image_root:
+        config["data"]["image_root"] = str(Path(args.image_root).resolve())
+    model = config.setdefault("model", {})
+    if args.model:
+        model["name_or_path"] = args.model
+    for key in ("revision", "dtype", "device", "max_length", "lora_r", "lora_alpha", "lora_dropout"):
+        value = getattr(args, key)
+        if value is not None:
+            model[key] = value
+    if args.trust_remote_code:
+        model["trust_remote_code"] = True
+    settings = config.setdefault("settings", {})
+    for key in ("p", "warmup_ratio", "projection_dim", "projection_seed", "projector", "train_gradient", "gradient_batch_size", "epochs", "num_checkpoints", "learning_rate"):
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = value
+    if args.shards:
+        config["num_shards"] = args.shards
+    config.setdefault("num_shards", 4)
+    return _run(home, config)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a pool, a benchmark folder or a folder of benchmarks without computing anything."""
+    from icons_dagster.core.records import RecordFileError, benchmark_image_root, find_benchmarks, load_records, split_file
+
+    image_root = Path(args.image_root).resolve() if args.image_root else None
+    targets: list[tuple[str, Path, Path | None]] = []
+    if args.pool:
+        targets.append(("pool", Path(args.pool), image_root))
+    if args.benchmark:
+        folder = Path(args.benchmark)
+        for split in ("val", "test"):
+            if (path := split_file(folder, split)) is not None:
+                targets.append((f"{folder.name}/{split}", path, benchmark_image_root(folder, image_root)))
+        if not any(t[0].startswith(folder.name + "/val") for t in targets):
+            print(f"{folder}: no val.json or val.jsonl", file=sys.stderr)
+            return 2
+    if args.benchmarks:
+        for name, _ in find_benchmarks(args.benchmarks).items():
+            folder = Path(args.benchmarks) / name
+            for split in ("val", "test"):
+                if (path := split_file(folder, split)) is not None:
+                    targets.append((f"{name}/{split}", path, benchmark_image_root(folder, image_root)))
+    if not targets:
+        print("nothing to validate: give --pool, --benchmark or --benchmarks", file=sys.stderr)
+        return 2
+    problems_total = 0
+    for label, path, root in targets:
+        try:
+            loaded = load_records(path, root)
+        except (RecordFileError, FileNotFoundError) as error:
+            print(f"[{label}] ERROR {error}")
+            problems_total += 1
+            continue
+        print(f"[{label}] {path}: {len(loaded.records)} valid, {len(loaded.problems)} invalid")
+        for problem in loaded.problems:
+            print(f"  {problem}")
+        problems_total += len(loaded.problems)
+    print(f"{problems_total} problem(s) found")
+    return 1 if problems_total else 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    home = resolve_home(args.home)
+    from icons_dagster.runner import prepare_instance_home
+
+    prepare_instance_home(home)
+    from dagster import DagsterInstance
+
+    from icons_dagster.registration import register_benchmarks
+    from icons_dagster.resources import DataResource, StoreResource
+
+    config = read_home_config(home)
+    paths = DataResource(**config.get("data", {})).paths(StoreResource(root=str(home)).store())
+    names, added = register_benchmarks(DagsterInstance.get(), paths.benchmarks)
+    print(f"benchmarks: {', '.join(names)}; newly registered: {', '.join(added) or 'none'}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    home = resolve_home(args.home)
+    from icons_dagster.runner import prepare_instance_home
+
+    prepare_instance_home(home)
+    command = ["dagster", "dev", "-m", "icons_dagster.definitions", "-h", args.host, "-p", str(args.port)]
+    print(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']} {' '.join(command)}")
+    return subprocess.call(command, env=os.environ.copy())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icons-dagster", description=__doc__.splitlines()[0])
+    parser.add_argument("--home", help="store root holding artifacts, exports and the Dagster instance (env ICONS_HOME, default ./.icons_home)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the whole graph on the embedded demo pool and tiny model")
+    demo.add_argument("--size", choices=["default", "test"], default="default")
+    demo.add_argument("--shards", type=int, help="number of training-gradient shards (default 4)")
+    demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="run the whole graph on your pool, benchmarks and model")
+    run.add_argument("--pool", required=True, help="LLaVA-format JSON/JSONL pool")
+    run.add_argument("--benchmarks", required=True, help="folder with one sub-folder per benchmark (val.json required)")
+    run.add_argument("--image-root", help="folder the pool's image paths are relative to")
+    run.add_argument("--model", help="hub id or local folder of an image-text-to-text checkpoint")
+    run.add_argument("--revision")
+    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    run.add_argument("--device")
+    run.add_argument("--max-length", type=int)
+    run.add_argument("--lora-r", type=int)
+    run.add_argument("--lora-alpha", type=int)
+    run.add_argument("--lora-dropout", type=float)
+    run.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code (off by default)")
+    run.add_argument("--p", type=float, help="selection ratio (default 0.2)")
+    run.add_argument("--warmup-ratio", type=float)
+    run.add_argument("--epochs", type=int)
+    run.add_argument("--num-checkpoints", type=int)
+    run.add_argument("--learning-rate", type=float)
+    run.add_argument("--projector", choices=["countsketch", "rademacher"])
+    run.add_argument("--projection-dim", type=int)
+    run.add_argument("--projection-seed", type=int)
+    run.add_argument("--train-gradient", choices=["sgd", "adam"])
+    run.add_argument("--gradient-batch-size", type=int)
+    run.add_argument("--shards", type=int)
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser("validate", help="check a pool or benchmarks without computing anything")
+    validate.add_argument("--pool")
+    validate.add_argument("--benchmark", help="one benchmark folder")
+    validate.add_argument("--benchmarks", help="a folder of benchmark folders")
+    validate.add_argument("--image-root")
+    validate.set_defaults(func=cmd_validate)
+
+    register = sub.add_parser("register-benchmarks", help="register the benchmarks folder's sub-folders as partitions")
+    register.set_defaults(func=cmd_register)
+
+    ui = sub.add_parser("ui", help="open the Dagster UI on the home's instance (binds 127.0.0.1)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # Library notices (beta parameters, deprecations) are not for the CLI's user.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is currently in beta.*")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

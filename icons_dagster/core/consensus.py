@@ -1,0 +1,295 @@
+"""Influence consensus: thresholds, votes, aggregations and deterministic selection.
+
+Paper eq. 4 / Algorithm 2: per benchmark k a threshold tau_k at the (1-p) percentile of
+its influence scores, one vote per benchmark where I_k(z) >= tau_k, the top p fraction
+by vote sum is the subset. Table 6 adds the alternative aggregations mean, max, rank
+(mean percentile rank) and norm (mean z-score).
+
+Definitions fixed here (the paper leaves them open):
+
+* Subset size: m = floor(p * N + 1e-9), computed exactly with p read as the decimal
+  the user wrote (0.7 is 7/10, not the double just below it), so 0.1 * 30 gives 3,
+  0.7 * 10 gives 7 and (1/3) * 3 gives 1.
+* Threshold: tau_k is the m-th largest score of column k (an order statistic, same m
+  as the subset size). Without ties exactly m samples vote for each benchmark. It equals
+  ``np.quantile(col, (N - m + 0.5) / N, method="inverted_cdf")`` (the 0.5 keeps the
+  floating q away from the step). The official code's ``np.percentile(col, 100*(1-p))``
+  (linear interpolation) gives either m or m+1 voters.
+* Selection order, the only order ever used (never file order):
+    1. aggregate value, descending;
+    2. mean per-benchmark percentile rank, descending (computed from exact integer
+       rank sums, so equal ranks compare equal);
+    3. ``id_hash`` = first 8 bytes (big-endian) of sha256(id), ascending;
+    4. the id string, ascending (code-point order; only on a hash collision).
+  With K benchmarks the vote has only K+1 levels, so step 2 decides most of the cut:
+  among samples with equal votes, those ranked higher on average across benchmarks
+  win. Ids must be unique, which makes the order total and independent of row order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
+
+import numpy as np
+
+__all__ = [
+    "METHODS",
+    "subset_size",
+    "vote_thresholds",
+    "votes",
+    "percentile_ranks",
+    "aggregate",
+    "id_hash",
+    "Selection",
+    "select",
+]
+
+METHODS = ("vote", "mean", "max", "rank", "norm")
+
+
+def _as_fraction(p) -> Fraction:
+    if isinstance(p, Fraction):
+        return p
+    if isinstance(p, (int, np.integer)) and not isinstance(p, bool):
+        return Fraction(int(p))
+    if isinstance(p, Decimal):
+        return Fraction(p)
+    pf = float(p)
+    if not np.isfinite(pf):
+        raise ValueError(f"p must be finite, got {p!r}")
+    # repr gives the shortest decimal that round-trips: the number the user wrote.
+    return Fraction(repr(pf))
+
+
+# p*n within 1e-9 below an integer counts as that integer: a p the user wrote with
+# <= 8 decimals is exact anyway, and this catches 1/3 -> 0.3333333333333333 (x3 gives
+# 0.9999999999999999) for any n below ~1e7.
+_SLACK = Fraction(1, 10**9)
+
+
+def subset_size(n: int, p: float) -> int:
+    """m = floor(p * n + 1e-9), p taken as its exact shortest decimal; p in (0, 1], m >= 1."""
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    fp = _as_fraction(p)
+    if not 0 < fp <= 1:
+        raise ValueError(f"p must be in (0, 1], got {p!r}")
+    m = int(fp * n + _SLACK)  # floor (non-negative)
+    if m == 0:
+        raise ValueError(f"p={p!r} of n={n} selects nothing (floor(p*n) = 0)")
+    return int(m)
+
+
+def _check_scores(scores) -> np.ndarray:
+    s = np.asarray(scores)
+    if s.ndim != 2 or s.shape[0] == 0 or s.shape[1] == 0:
+        raise ValueError(f"scores must be a non-empty [N, K] array, got shape {s.shape}")
+    if not np.issubdtype(s.dtype, np.number) or np.issubdtype(s.dtype, np.complexfloating):
+        raise TypeError(f"scores must be real numbers, got {s.dtype}")
+    if np.issubdtype(s.dtype, np.floating) and not np.all(np.isfinite(s)):
+        raise ValueError("scores contain NaN or inf")
+    return s
+
+
+def vote_thresholds(scores, p) -> np.ndarray:
+    """[K]: tau_k = the m-th largest value of column k, m = subset_size(N, p)."""
+    s = _check_scores(scores)
+    n = s.shape[0]
+    m = subset_size(n, p)
+    # ascending position n - m holds the m-th largest
+    return np.partition(s, n - m, axis=0)[n - m].copy()
+
+
+def votes(scores, thresholds) -> np.ndarray:
+    """[N, K] bool: score >= tau_k (eq. 4 indicator)."""
+    s = _check_scores(scores)
+    t = np.asarray(thresholds)
+    if t.shape != (s.shape[1],):
+        raise ValueError(f"thresholds must have shape ({s.shape[1]},), got {t.shape}")
+    return s >= t[None, :]
+
+
+def _rank_sums2(s: np.ndarray) -> np.ndarray:
+    """[N, K] int64: rank_min + rank_max (0-based) of each score within its column.
+
+    Twice the average rank of a tie group, kept as an exact integer so that equal ranks
+    stay equal after summing over benchmarks.
+    """
+    n, k = s.shape
+    st = np.ascontiguousarray(s.T)  # one contiguous row per benchmark
+    out = np.empty((k, n), dtype=np.int64)
+    # order within a tie group is irrelevant (the group shares one value), so the
+    # faster unstable sort is fine
+    order = np.argsort(st, axis=1)
+    for c in range(k):  # K is small; everything over N is vectorized
+        o = order[c]
+        v = st[c, o]
+        new = np.empty(n, dtype=bool)
+        new[0] = True
+        np.not_equal(v[1:], v[:-1], out=new[1:])
+        starts = np.flatnonzero(new)
+        ends = np.append(starts[1:], n) - 1
+        gid = np.cumsum(new) - 1
+        out[c, o] = starts[gid] + ends[gid]
+    return out.T
+
+
+def percentile_ranks(scores) -> np.ndarray:
+    """[N, K] float64 in [0, 1]: 0 = lowest in its column, 1 = highest.
+
+    Ties share the average rank, (rank_min + rank_max) / 2 / (N - 1); N == 1 gives 1.0.
+    """
+    s = _check_scores(scores)
+    n = s.shape[0]
+    if n == 1:
+        return np.ones(s.shape, dtype=np.float64)
+    return _rank_sums2(s) / (2.0 * (n - 1))
+
+
+def _mean_rank_from_sums(r2: np.ndarray, n: int) -> np.ndarray:
+    k = r2.shape[1]
+    if n == 1:
+        return np.ones(r2.shape[0], dtype=np.float64)
+    # one division of an exact integer: equal rank sums give equal floats
+    return r2.sum(axis=1) / (2.0 * (n - 1) * k)
+
+
+def _check_weights(weights, k: int) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (k,):
+        raise ValueError(f"weights must have shape ({k},), got {w.shape}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"weights must be finite and non-negative, got {w.tolist()}")
+    return w
+
+
+def _row_sum(x: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """Sum over columns, added left to right elementwise.
+
+    Fixed order whatever the memory layout or row position, so a row's aggregate has
+    the same bits in any permutation of the pool (BLAS or pairwise reductions don't
+    promise that, and a last-bit difference can flip an exact tie).
+    """
+    acc = np.zeros(x.shape[0], dtype=np.float64)
+    for c in range(x.shape[1]):
+        acc += x[:, c] if w is None else w[c] * x[:, c]
+    return acc
+
+
+def _sorted_sum(a: np.ndarray) -> np.ndarray:
+    """Column sums over sorted values: the same bits for any row order of a."""
+    return np.sort(a, axis=0).sum(axis=0)
+
+
+def aggregate(scores, method: str, p: float | None = None, weights=None) -> np.ndarray:
+    """[N] float64 aggregate of the per-benchmark scores (Table 6).
+
+    vote: number of benchmarks with score >= tau_k (needs p); with ``weights`` the
+          weighted vote sum (weights only apply to vote).
+    mean: mean over benchmarks.   max: max over benchmarks.
+    rank: mean percentile rank (see ``percentile_ranks``).
+    norm: mean z-score per column with population std; a zero-std column contributes 0.
+          Column moments are summed over sorted values so they do not depend on row
+          order (a permuted pool must give the identical selection).
+    """
+    s = _check_scores(scores)
+    n, k = s.shape
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if weights is not None and method != "vote":
+        raise ValueError("weights apply only to method='vote'")
+    if method == "vote":
+        if p is None:
+            raise ValueError("method='vote' needs p")
+        v = votes(s, vote_thresholds(s, p))
+        if weights is None:
+            return v.sum(axis=1).astype(np.float64)
+        return _row_sum(v.astype(np.float64), _check_weights(weights, k))
+    if method == "mean":
+        return _row_sum(s.astype(np.float64)) / k
+    if method == "max":
+        return s.astype(np.float64).max(axis=1)
+    if method == "rank":
+        return _mean_rank_from_sums(_rank_sums2(s), n)
+    # norm
+    x = s.astype(np.float64)
+    mu = _sorted_sum(x) / n
+    dev = x - mu[None, :]
+    sd = np.sqrt(_sorted_sum(dev * dev) / n)
+    z = np.zeros_like(x)
+    ok = sd > 0
+    z[:, ok] = dev[:, ok] / sd[ok][None, :]
+    return _row_sum(z) / k
+
+
+def id_hash(ids: Sequence[str]) -> np.ndarray:
+    """[N] uint64: first 8 bytes, big-endian, of sha256(id.encode("utf-8")).
+
+    A tie-break that depends only on the id, never on where the sample sits in a file.
+    """
+    buf = b"".join(hashlib.sha256(i.encode("utf-8")).digest()[:8] for i in ids)
+    return np.frombuffer(buf, dtype=">u8").astype(np.uint64)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Result of ``select``; arrays are indexed like the input rows."""
+
+    order: np.ndarray  # [N] row indices from best to worst
+    rank: np.ndarray  # [N] int64, 1 = best
+    selected: np.ndarray  # [N] bool, exactly n_selected True
+    n_selected: int
+    cutoff_score: float  # aggregate value of the last selected sample
+    n_tied_at_cutoff: int  # rows whose aggregate equals cutoff_score (selected or not)
+    n_decided_by_tiebreak: int  # selected rows at cutoff_score while others at it were left out
+
+
+def select(ids: Sequence[str], scores, p: float, method: str = "vote", weights=None) -> Selection:
+    """Top m = subset_size(N, p) rows by ``aggregate(scores, method, p, weights)``.
+
+    The order is the one in the module docstring; ``ids`` must be unique strings.
+    """
+    s = _check_scores(scores)
+    n, _ = s.shape
+    ids = list(ids)
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} ids for {n} score rows")
+    if not all(isinstance(i, str) for i in ids):
+        raise TypeError("ids must be strings")
+    if len(set(ids)) != n:
+        raise ValueError("ids must be unique (a duplicated id makes the order depend on row order)")
+    m = subset_size(n, p)
+    r2 = _rank_sums2(s)
+    r2sum = r2.sum(axis=1)  # exact integer, proportional to the mean percentile rank
+    if method == "rank" and weights is None:
+        agg = _mean_rank_from_sums(r2, n)  # same as aggregate(s, "rank"), computed once
+    else:
+        agg = aggregate(s, method, p=p, weights=weights)
+    h = id_hash(ids)
+    keys = [h, -r2sum, -agg]  # np.lexsort: last key is primary
+    if np.unique(h).size != n:  # sha256 prefix collision: fall back to the string
+        _, str_rank = np.unique(np.asarray(ids, dtype=str), return_inverse=True)
+        keys.insert(0, str_rank.reshape(-1))
+    order = np.lexsort(keys)
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(1, n + 1, dtype=np.int64)
+    selected = rank <= m
+    cutoff = float(agg[order[m - 1]])
+    at_cut = agg == cutoff
+    n_tied = int(at_cut.sum())
+    left_out_at_cut = int((at_cut & ~selected).sum())
+    decided = int((at_cut & selected).sum()) if left_out_at_cut else 0
+    return Selection(
+        order=order,
+        rank=rank,
+        selected=selected,
+        n_selected=m,
+        cutoff_score=cutoff,
+        n_tied_at_cutoff=n_tied,
+        n_decided_by_tiebreak=decided,
+    )

@@ -1,0 +1,112 @@
+"""Gradient features of a set of records at every warm-up checkpoint.
+
+For each checkpoint: load the adapter once onto the base weights, compute batched
+per-sample gradients projected by the shared seeded projector, L2-normalize, keep the raw
+norms beside them, store float16. One ``FeatureSet`` = the rows for one shard or one
+benchmark; rows are in input order minus the skipped records (listed with reasons).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from icons_dagster.core.encoding import ConversationEncoder, collate
+from icons_dagster.core.gradients import AdamMoments, PerSampleGradients, projected_features
+from icons_dagster.core.influence import normalize_rows
+from icons_dagster.core.model import Placement
+from icons_dagster.core.records import Record
+from icons_dagster.core.samples import SkipLog, batched, encode_records
+from icons_dagster.core.store import load_npy, save_npy
+
+SAMPLES_FILE = "samples.parquet"
+
+
+def features_file(checkpoint_index: int) -> str:
+    return f"features-checkpoint-{checkpoint_index}.npy"
+
+
+@dataclass
+class FeatureSet:
+    ids: list[str]
+    features: list[np.ndarray]  # per checkpoint [n, d'] float16, unit rows
+    norms: list[np.ndarray]  # per checkpoint [n] float32, norm before normalization
+    losses: list[np.ndarray]  # per checkpoint [n] float32
+    n_answer_tokens: np.ndarray  # [n] int32
+    subtasks: list[str | None] = field(default_factory=list)
+    skips: SkipLog = field(default_factory=SkipLog)
+
+    def save(self, directory: Path) -> None:
+        table = {
+            "id": self.ids,
+            "n_answer_tokens": self.n_answer_tokens,
+            "subtask": self.subtasks or [None] * len(self.ids),
+        }
+        for c, (norms, losses) in enumerate(zip(self.norms, self.losses, strict=True)):
+            table[f"grad_norm_{c}"] = norms
+            table[f"loss_{c}"] = losses
+        pl.DataFrame(table, schema_overrides={"subtask": pl.String}).write_parquet(directory / SAMPLES_FILE)
+        for c, features in enumerate(self.features):
+            save_npy(directory / features_file(c), features)
+
+
+def load_samples(directory: Path) -> pl.DataFrame:
+    return pl.read_parquet(directory / SAMPLES_FILE)
+
+
+def load_features(directory: Path, checkpoint_index: int, mmap: bool = True) -> np.ndarray:
+    return load_npy(directory / features_file(checkpoint_index), mmap=mmap)
+
+
+def compute_features(
+    records: Sequence[Record],
+    encoder: ConversationEncoder,
+    load_checkpoint_model: Callable[[int], object],
+    num_checkpoints: int,
+    projector,
+    placement: Placement,
+    batch_size: int,
+    moments_for: Callable[[int], AdamMoments | None] = lambda c: None,
+    progress: Callable[[int, int], None] | None = None,
+) -> FeatureSet:
+    """Features of ``records`` at each checkpoint (``load_checkpoint_model(c)`` returns the peft model)."""
+    skips = SkipLog()
+    samples = list(encode_records(encoder, records, skips))
+    ids = [s.id for s in samples]
+    subtask_of = {r.id: r.subtask for r in records}
+    result = FeatureSet(
+        ids=ids,
+        features=[],
+        norms=[],
+        losses=[],
+        n_answer_tokens=np.array([s.n_answer_tokens for s in samples], dtype=np.int32),
+        subtasks=[subtask_of[i] for i in ids],
+        skips=skips,
+    )
+    total = num_checkpoints * len(samples)
+    done = 0
+    pad_id = encoder.tokenizer.pad_token_id
+    for c in range(num_checkpoints):
+        model = load_checkpoint_model(c)
+        moments = moments_for(c)
+        rows, losses = [], []
+        with PerSampleGradients(model) as hooks:
+            for chunk in batched(samples, batch_size):
+                batch = collate(chunk, pad_id)
+                projected, loss = projected_features(hooks, batch, projector, placement.device, placement.dtype, moments)
+                rows.append(projected.cpu())
+                losses.append(loss.float().cpu())
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+        stacked = torch.cat(rows) if rows else torch.zeros((0, projector.dim))
+        unit, norms = normalize_rows(stacked)
+        result.features.append(np.asarray(unit, dtype=np.float32).astype(np.float16))
+        result.norms.append(np.asarray(norms, dtype=np.float32))
+        result.losses.append(torch.cat(losses).numpy() if losses else np.zeros(0, np.float32))
+    return result

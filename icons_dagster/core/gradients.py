@@ -1,0 +1,168 @@
+"""Batched per-sample gradients of the LoRA parameters, projected as they are formed.
+
+Each LoRA Linear (the A and B matrices of every adapted layer) saves its input in the
+forward pass and its output gradient in the backward pass; one backward on the sum of the
+per-sample losses then gives each sample's weight gradient as one einsum per module:
+``G[b] = sum_t dY[b, t]^T X[b, t]``. Padding rows carry zero output gradient (the loss
+ignores them and attention masks them), so the result equals the batch-1 loop.
+
+Training features are SGD gradients by default (the paper) or Adam-preconditioned (LESS):
+with the warm-up optimizer's moments m, v at the checkpoint,
+``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2``, ``feature = m' / (sqrt(v') + eps)``:
+eps outside the square root and no bias correction (the moments come from a finished run).
+Validation features are always SGD gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from icons_dagster.core.encoding import Batch, per_sample_loss
+from icons_dagster.core.model import trainable_parameters
+
+
+@dataclass(frozen=True)
+class AdamMoments:
+    """The warm-up optimizer's state at a checkpoint, by parameter name."""
+
+    exp_avg: dict[str, torch.Tensor]
+    exp_avg_sq: dict[str, torch.Tensor]
+    beta1: float
+    beta2: float
+    eps: float
+
+
+@dataclass(frozen=True)
+class _Slot:
+    name: str  # parameter name
+    module: torch.nn.Linear
+    offset: int  # position of this parameter in the concatenated gradient vector
+    numel: int
+
+
+class PerSampleGradients:
+    """Hooks on the LoRA A/B Linear modules of a peft model; use as a context manager."""
+
+    def __init__(self, model):
+        self.model = model
+        params = trainable_parameters(model)
+        if not params:
+            raise ValueError("the model has no trainable (LoRA) parameters")
+        by_param = {id(p): name for name, p in params}
+        slots: list[_Slot] = []
+        offset = 0
+        owner = {}
+        for _module_name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and id(module.weight) in by_param:
+                owner[id(module.weight)] = module
+        for name, param in params:
+            module = owner.get(id(param))
+            if module is None or module.bias is not None and module.bias.requires_grad:
+                raise ValueError(f"trainable parameter {name} is not the weight of a bias-free Linear module")
+            slots.append(_Slot(name, module, offset, param.numel()))
+            offset += param.numel()
+        self.slots = slots
+        self.dimension = offset
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._output_grads: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> PerSampleGradients:
+        for index, slot in enumerate(self.slots):
+            self._handles.append(slot.module.register_forward_hook(self._forward_hook(index)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._inputs.clear()
+        self._output_grads.clear()
+
+    def _forward_hook(self, index: int) -> Callable:
+        def hook(module, inputs, output):
+            self._inputs[index] = inputs[0].detach()
+
+            def save_grad(grad: torch.Tensor) -> None:
+                self._output_grads[index] = grad.detach()
+
+            output.register_hook(save_grad)
+
+        return hook
+
+    def backward(self, batch: Batch, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Forward + one backward on the summed per-sample losses; returns the losses [B]."""
+        self._inputs.clear()
+        self._output_grads.clear()
+        self.model.zero_grad(set_to_none=True)
+        outputs = self.model(**batch.model_inputs(device, dtype))
+        losses = per_sample_loss(outputs.logits, batch.labels)
+        losses.sum().backward()
+        missing = [self.slots[i].name for i in range(len(self.slots)) if i not in self._output_grads]
+        if missing:
+            raise RuntimeError(f"no gradient reached {len(missing)} LoRA modules, e.g. {missing[:3]}")
+        return losses.detach()
+
+    def blocks(self, batch_size: int):
+        """Yield (slot, per-sample gradient [B, numel] in fp32) for every LoRA parameter."""
+        for index, slot in enumerate(self.slots):
+            x = self._inputs[index].float()
+            dy = self._output_grads[index].float()
+            if x.dim() == 2:  # [B, in] without a time axis
+                x, dy = x.unsqueeze(1), dy.unsqueeze(1)
+            grad = torch.einsum("bto,bti->boi", dy, x)
+            yield slot, grad.reshape(batch_size, slot.numel)
+
+    def full_gradients(self, batch: Batch, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Unprojected per-sample gradients [B, D] (tests and small models only)."""
+        self.backward(batch, device, dtype)
+        out = torch.empty((len(batch.ids), self.dimension), dtype=torch.float32, device=device)
+        for slot, block in self.blocks(len(batch.ids)):
+            out[:, slot.offset : slot.offset + slot.numel] = block
+        return out
+
+
+def adam_precondition(block: torch.Tensor, moments: AdamMoments, name: str) -> torch.Tensor:
+    """LESS's Adam feature of per-sample gradients ``block`` [B, n] for parameter ``name``."""
+    m = moments.exp_avg[name].reshape(1, -1).to(block.device, torch.float32)
+    v = moments.exp_avg_sq[name].reshape(1, -1).to(block.device, torch.float32)
+    m_new = moments.beta1 * m + (1.0 - moments.beta1) * block
+    v_new = moments.beta2 * v + (1.0 - moments.beta2) * block.square()
+    return m_new / (v_new.sqrt() + moments.eps)
+
+
+def projected_features(
+    hooks: PerSampleGradients,
+    batch: Batch,
+    projector,
+    device: torch.device,
+    dtype: torch.dtype,
+    moments: AdamMoments | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected per-sample features [B, d'] (fp32, not yet normalized) and the losses [B]."""
+    losses = hooks.backward(batch, device, dtype)
+    out = torch.zeros((len(batch.ids), projector.dim), dtype=torch.float32, device=device)
+    for slot, block in hooks.blocks(len(batch.ids)):
+        if moments is not None:
+            block = adam_precondition(block, moments, slot.name)
+        projector.project_block(block, slot.offset, out)
+    return out, losses
+
+
+def loop_gradients(model, samples, pad_token_id: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The LESS-style reference: batch 1, backward, flatten ``.grad``; [N, D] fp32."""
+    from icons_dagster.core.encoding import collate
+
+    params = trainable_parameters(model)
+    rows = []
+    for sample in samples:
+        model.zero_grad(set_to_none=True)
+        batch = collate([sample], pad_token_id)
+        outputs = model(**batch.model_inputs(device, dtype))
+        per_sample_loss(outputs.logits, batch.labels).sum().backward()
+        rows.append(torch.cat([p.grad.detach().float().reshape(-1) for _, p in params]))
+    model.zero_grad(set_to_none=True)
+    return torch.stack(rows)

@@ -1,0 +1,635 @@
+"""The ICONS stages as plain functions over the artifact store (no Dagster here).
+
+Each stage derives its fingerprint from its config and its inputs' fingerprints, reuses a
+complete artifact with that fingerprint, or builds one atomically. It returns a small
+reference (what downstream stages need) and metadata (what a user inspects). Assets are
+thin wrappers around these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from icons_dagster.core import analysis, consensus, plots
+from icons_dagster.core.config import GradientConfig, LoraSettings, ModelConfig, SelectionConfig, WarmupConfig
+from icons_dagster.core.encoding import ConversationEncoder
+from icons_dagster.core.features import FeatureSet, compute_features, load_features, load_samples
+from icons_dagster.core.fingerprint import fingerprint
+from icons_dagster.core.influence import influence_scores, mean_validation_feature, weighted_influence
+from icons_dagster.core.model import Placement, attach_new_lora, load_base_model, load_lora, load_processor, resolve_placement
+from icons_dagster.core.pool import MANIFEST_FILE, PROBLEMS_FILE, build_manifest, records_from_manifest
+from icons_dagster.core.projection import make_projector
+from icons_dagster.core.records import LoadedRecords, benchmark_image_root, load_records, split_file
+from icons_dagster.core.samples import SkipLog
+from icons_dagster.core.store import ArtifactStore, write_json
+from icons_dagster.core.warmup import checkpoint_weights, load_moments, train_warmup, warmup_indices
+
+Log = Callable[[str], None]
+Progress = Callable[[int, int], None]
+
+VOTE_TABLE_FILE = "vote_table.parquet"
+INFLUENCE_FILE = "influence.parquet"
+SUBSET_JSON = "selected_subset.json"
+SUBSET_PARQUET = "selected_subset.parquet"
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class StageResult:
+    ref: dict[str, Any]  # fingerprint, path (relative to the store root), summary for downstream stages
+    metadata: dict[str, Any] = field(default_factory=dict)  # JSON values; "plots": {name: markdown}
+
+    @property
+    def reused(self) -> bool:
+        return bool(self.ref.get("reused"))
+
+
+def _finish(store: ArtifactStore, stage: str, fp: str, directory: Path, metadata: dict, extra_ref: dict, reused: bool) -> StageResult:
+    ref = {"stage": stage, "fingerprint": fp, "path": store.relative(directory), "reused": reused, **extra_ref}
+    return StageResult(ref=ref, metadata={**metadata, "fingerprint": fp, "reused": reused})
+
+
+def _reuse(store: ArtifactStore, stage: str, fp: str, directory: Path) -> StageResult | None:
+    if not store.is_complete(directory):
+        return None
+    manifest = store.read_manifest(directory)
+    return _finish(store, stage, fp, directory, manifest.get("metadata", {}), manifest.get("ref", {}), reused=True)
+
+
+@contextmanager
+def _building(store: ArtifactStore, directory: Path, stage: str, fp: str) -> Iterator[tuple[Path, dict]]:
+    """Yield (tmp folder, manifest dict to fill with "metadata" and "ref"); commit on exit."""
+    manifest: dict[str, Any] = {"stage": stage, "fingerprint": fp, "metadata": {}, "ref": {}}
+    with store.writing(directory, manifest) as tmp:
+        start = time.perf_counter()
+        yield tmp, manifest
+        manifest["metadata"]["seconds"] = round(time.perf_counter() - start, 3)
+
+
+# -- models -------------------------------------------------------------------------------
+
+
+class ModelCache:
+    """Processors and base models loaded once per process (CLI runs reuse them across steps)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[ModelConfig, tuple[Any, Any, Placement]] = {}
+
+    def get(self, config: ModelConfig) -> tuple[Any, Any, Placement]:
+        if config not in self._entries:
+            placement = resolve_placement(config)
+            processor = load_processor(config)
+            self._entries[config] = (processor, load_base_model(config, placement), placement)
+        return self._entries[config]
+
+    def encoder(self, config: ModelConfig) -> ConversationEncoder:
+        return ConversationEncoder(self.get(config)[0], config.max_length)
+
+    @contextmanager
+    def with_adapter(self, config: ModelConfig, adapter_dir: Path | None, lora: LoraSettings | None = None, seed: int = 0):
+        """The base model wrapped in a saved adapter (or a fresh one); unwrapped again afterwards."""
+        _, base, _ = self.get(config)
+        peft_model = load_lora(base, adapter_dir) if adapter_dir is not None else attach_new_lora(base, lora, seed)
+        try:
+            yield peft_model
+        finally:
+            restored = peft_model.unload()
+            restored.eval()
+            for parameter in restored.parameters():
+                parameter.requires_grad_(False)
+
+
+MODELS = ModelCache()
+
+
+def model_fingerprint_fields(config: ModelConfig) -> dict:
+    """What identifies the weights: name/path, revision and numerics, not the device."""
+    return {"name_or_path": config.name_or_path, "revision": config.revision, "dtype": config.dtype, "max_length": config.max_length}
+
+
+# -- training_pool ------------------------------------------------------------------------
+
+
+def stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, num_shards: int, log: Log = _quiet) -> StageResult:
+    from icons_dagster.core.fingerprint import file_sha256
+
+    content = file_sha256(pool_path)
+    fp = fingerprint("training_pool", content=content, image_root=str(image_root), num_shards=num_shards)
+    directory = store.artifact_dir("training_pool", fp)
+    if (reused := _reuse(store, "training_pool", fp, directory)) is not None:
+        return reused
+    log(f"validating pool {pool_path}")
+    loaded = load_records(pool_path, image_root)
+    manifest_df = build_manifest(loaded.records, num_shards)
+    with _building(store, directory, "training_pool", fp) as (tmp, manifest):
+        manifest_df.write_parquet(tmp / MANIFEST_FILE)
+        write_json(tmp / PROBLEMS_FILE, [problem_dict(p) for p in loaded.problems])
+        shard_counts = dict(sorted(manifest_df.group_by("shard").len().iter_rows()))
+        manifest["ref"] = {"n_records": manifest_df.height, "num_shards": num_shards, "source": str(pool_path), "content_sha256": content}
+        manifest["metadata"] = {
+            "source": str(pool_path),
+            "n_records": manifest_df.height,
+            "n_text_only": int(manifest_df["image"].is_null().sum()),
+            "n_multi_turn": int((manifest_df["n_turns"] > 2).sum()),
+            "skipped_count": len(loaded.problems),
+            "skipped": [problem_dict(p) for p in loaded.problems[:50]],
+            "records_per_shard": shard_counts,
+            "content_sha256": content,
+        }
+    log(f"pool: {manifest_df.height} valid records, {len(loaded.problems)} skipped")
+    return _reuse(store, "training_pool", fp, directory)
+
+
+def problem_dict(problem) -> dict:
+    return {"file": problem.file, "index": problem.index, "id": problem.record_id, "reason": problem.reason}
+
+
+def load_pool_manifest(store: ArtifactStore, pool_ref: dict) -> pl.DataFrame:
+    return pl.read_parquet(store.absolute(pool_ref["path"]) / MANIFEST_FILE)
+
+
+# -- warmup_subset ------------------------------------------------------------------------
+
+
+def stage_warmup_subset(store: ArtifactStore, pool_ref: dict, config: WarmupConfig) -> StageResult:
+    fp = fingerprint("warmup_subset", pool=pool_ref["fingerprint"], ratio=config.ratio, seed=config.seed)
+    directory = store.artifact_dir("warmup_subset", fp)
+    if (reused := _reuse(store, "warmup_subset", fp, directory)) is not None:
+        return reused
+    manifest_df = load_pool_manifest(store, pool_ref)
+    chosen = warmup_indices(manifest_df.height, config.ratio, config.seed)
+    ids = manifest_df["id"].gather(chosen)
+    with _building(store, directory, "warmup_subset", fp) as (tmp, manifest):
+        pl.DataFrame({"id": ids}).write_parquet(tmp / "ids.parquet")
+        manifest["ref"] = {"n_records": len(ids)}
+        manifest["metadata"] = {"n_records": len(ids), "ratio": config.ratio, "seed": config.seed}
+    return _reuse(store, "warmup_subset", fp, directory)
+
+
+# -- warmup_checkpoint --------------------------------------------------------------------
+
+
+def stage_warmup_checkpoint(
+    store: ArtifactStore,
+    pool_ref: dict,
+    subset_ref: dict,
+    model_config: ModelConfig,
+    lora: LoraSettings,
+    config: WarmupConfig,
+    models: ModelCache = MODELS,
+    log: Log = _quiet,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> StageResult:
+    fp = fingerprint(
+        "warmup_checkpoint", subset=subset_ref["fingerprint"], model=model_fingerprint_fields(model_config), lora=lora, warmup=config
+    )
+    directory = store.artifact_dir("warmup_checkpoint", fp)
+    if (reused := _reuse(store, "warmup_checkpoint", fp, directory)) is not None:
+        return reused
+    manifest_df = load_pool_manifest(store, pool_ref)
+    subset_ids = pl.read_parquet(store.absolute(subset_ref["path"]) / "ids.parquet")["id"]
+    records = records_from_manifest(manifest_df.filter(pl.col("id").is_in(subset_ids.implode())))
+    encoder = models.encoder(model_config)
+    placement = models.get(model_config)[2]
+    skips = SkipLog()
+    with _building(store, directory, "warmup_checkpoint", fp) as (tmp, manifest):
+        log(f"warm-up: {len(records)} records, {config.epochs} epoch(s), {config.num_checkpoints} checkpoint(s)")
+        with models.with_adapter(model_config, None, lora, config.seed) as peft_model:
+            checkpoints = train_warmup(peft_model, encoder, records, config, placement, tmp, skips, progress)
+        weights = checkpoint_weights([c.mean_learning_rate for c in checkpoints])
+        entries = [
+            {"index": c.index, "step": c.step, "mean_learning_rate": c.mean_learning_rate, "weight": w, "dir": f"checkpoint-{c.index}"}
+            for c, w in zip(checkpoints, weights, strict=True)
+        ]
+        write_json(tmp / "checkpoints.json", entries)
+        manifest["ref"] = {"checkpoints": entries, "model": model_fingerprint_fields(model_config)}
+        manifest["metadata"] = {
+            "n_records": len(records),
+            "checkpoints": entries,
+            "model": model_config.name_or_path,
+            "lora_r": lora.r,
+            "lora_alpha": lora.alpha,
+            **skips.as_metadata(),
+        }
+    return _reuse(store, "warmup_checkpoint", fp, directory)
+
+
+# -- gradient features ----------------------------------------------------------------------
+
+
+def _features(
+    store: ArtifactStore,
+    records,
+    checkpoint_ref: dict,
+    model_config: ModelConfig,
+    gradients: GradientConfig,
+    gradient_type: str,
+    models: ModelCache,
+    progress: Progress | None,
+) -> FeatureSet:
+    ckpt_dir = store.absolute(checkpoint_ref["path"])
+    entries = checkpoint_ref["checkpoints"]
+    projector = make_projector(gradients.projector, gradients.dim, gradients.seed)
+    placement = models.get(model_config)[2]
+    encoder = models.encoder(model_config)
+    feature_sets = []
+    # One adapter at a time on the base weights; features per checkpoint are stacked after.
+    result: FeatureSet | None = None
+    for entry in entries:
+        adapter_dir = ckpt_dir / entry["dir"] / "adapter"
+        moments = load_moments(ckpt_dir / entry["dir"], gradients.adam_eps) if gradient_type == "adam" else None
+        with models.with_adapter(model_config, adapter_dir) as peft_model:
+            part = compute_features(
+                records, encoder, lambda _c: peft_model, 1, projector, placement, gradients.batch_size, lambda _c: moments, progress
+            )
+        feature_sets.append(part)
+    result = feature_sets[0]
+    for part in feature_sets[1:]:
+        result.features += part.features
+        result.norms += part.norms
+        result.losses += part.losses
+    return result
+
+
+def _feature_metadata(features: FeatureSet, gradients: GradientConfig, gradient_type: str) -> dict:
+    return {
+        "n_samples": len(features.ids),
+        "projector": gradients.projector,
+        "projection_dim": gradients.dim,
+        "projection_seed": gradients.seed,
+        "gradient_type": gradient_type,
+        "mean_grad_norm": [float(np.mean(n)) if len(n) else 0.0 for n in features.norms],
+        "mean_loss": [float(np.mean(x)) if len(x) else 0.0 for x in features.losses],
+        **features.skips.as_metadata(),
+    }
+
+
+def gradient_fingerprint_fields(gradients: GradientConfig, gradient_type: str) -> dict:
+    return {
+        "projector": gradients.projector,
+        "dim": gradients.dim,
+        "seed": gradients.seed,
+        "gradient_type": gradient_type,
+        "adam_eps": gradients.adam_eps if gradient_type == "adam" else None,
+        "batch_size": gradients.batch_size,
+    }
+
+
+def stage_train_shard(
+    store: ArtifactStore,
+    shard: str,
+    pool_ref: dict,
+    checkpoint_ref: dict,
+    model_config: ModelConfig,
+    gradients: GradientConfig,
+    models: ModelCache = MODELS,
+    log: Log = _quiet,
+    progress: Progress | None = None,
+) -> StageResult:
+    gradient_type = gradients.train_gradient
+    fp = fingerprint(
+        "training_gradients",
+        pool=pool_ref["fingerprint"],
+        checkpoint=checkpoint_ref["fingerprint"],
+        gradients=gradient_fingerprint_fields(gradients, gradient_type),
+    )
+    directory = store.artifact_dir("training_gradients", fp, shard)
+    if (reused := _reuse(store, "training_gradients", fp, directory)) is not None:
+        return reused
+    manifest_df = load_pool_manifest(store, pool_ref).filter(pl.col("shard") == shard)
+    records = records_from_manifest(manifest_df)
+    log(f"{shard}: gradient features of {len(records)} records")
+    features = _features(store, records, checkpoint_ref, model_config, gradients, gradient_type, models, progress)
+    with _building(store, directory, "training_gradients", fp) as (tmp, manifest):
+        features.save(tmp)
+        manifest["ref"] = {"n_samples": len(features.ids), "shard": shard}
+        manifest["metadata"] = {"shard": shard, **_feature_metadata(features, gradients, gradient_type)}
+    return _reuse(store, "training_gradients", fp, directory)
+
+
+def load_benchmark(benchmarks_dir: Path, name: str, default_image_root: Path | None) -> LoadedRecords:
+    folder = Path(benchmarks_dir) / name
+    val = split_file(folder, "val")
+    if val is None:
+        raise FileNotFoundError(f"benchmark {name!r}: no val.json or val.jsonl in {folder}")
+    return load_records(val, benchmark_image_root(folder, default_image_root))
+
+
+def stage_validation(
+    store: ArtifactStore,
+    benchmark: str,
+    benchmarks_dir: Path,
+    default_image_root: Path | None,
+    checkpoint_ref: dict,
+    model_config: ModelConfig,
+    gradients: GradientConfig,
+    models: ModelCache = MODELS,
+    log: Log = _quiet,
+    progress: Progress | None = None,
+) -> StageResult:
+    loaded = load_benchmark(benchmarks_dir, benchmark, default_image_root)
+    fp = fingerprint(
+        "validation_gradients",
+        benchmark=benchmark,
+        content=loaded.content_sha256,
+        image_root=str(benchmark_image_root(Path(benchmarks_dir) / benchmark, default_image_root)),
+        checkpoint=checkpoint_ref["fingerprint"],
+        gradients=gradient_fingerprint_fields(gradients, "sgd"),
+    )
+    directory = store.artifact_dir("validation_gradients", fp, benchmark)
+    if (reused := _reuse(store, "validation_gradients", fp, directory)) is not None:
+        return reused
+    if not loaded.records:
+        raise ValueError(f"benchmark {benchmark!r}: no valid validation records in {loaded.path} ({len(loaded.problems)} skipped)")
+    log(f"{benchmark}: gradient features of {len(loaded.records)} validation records")
+    features = _features(store, loaded.records, checkpoint_ref, model_config, gradients, "sgd", models, progress)
+    if not features.ids:
+        raise ValueError(f"benchmark {benchmark!r}: every validation record was skipped: {features.skips.entries[:5]}")
+    for skip_id, reason in [(p.record_id or f"#{p.index}", p.reason) for p in loaded.problems]:
+        features.skips.add(skip_id, reason)
+    with _building(store, directory, "validation_gradients", fp) as (tmp, manifest):
+        features.save(tmp)
+        subtasks = sorted({s for s in features.subtasks if s})
+        manifest["ref"] = {"n_samples": len(features.ids), "benchmark": benchmark, "content_sha256": loaded.content_sha256}
+        manifest["metadata"] = {
+            "benchmark": benchmark,
+            "source": str(loaded.path),
+            "content_sha256": loaded.content_sha256,
+            "subtasks": subtasks,
+            **_feature_metadata(features, gradients, "sgd"),
+        }
+    return _reuse(store, "validation_gradients", fp, directory)
+
+
+# -- task_influence -----------------------------------------------------------------------
+
+
+def stage_influence(
+    store: ArtifactStore,
+    benchmark: str,
+    pool_ref: dict,
+    checkpoint_ref: dict,
+    train_refs: dict[str, dict],
+    validation_ref: dict,
+    p: float,
+) -> StageResult:
+    shards = sorted(train_refs)
+    fp = fingerprint(
+        "task_influence",
+        benchmark=benchmark,
+        train=[train_refs[s]["fingerprint"] + "/" + s for s in shards],
+        validation=validation_ref["fingerprint"],
+        checkpoint=checkpoint_ref["fingerprint"],
+        p=p,
+    )
+    directory = store.artifact_dir("task_influence", fp, benchmark)
+    if (reused := _reuse(store, "task_influence", fp, directory)) is not None:
+        return reused
+    weights = [entry["weight"] for entry in checkpoint_ref["checkpoints"]]
+    val_dir = store.absolute(validation_ref["path"])
+    val_samples = load_samples(val_dir)
+    subtasks = val_samples["subtask"].to_list()
+    has_subtasks = any(s is not None for s in subtasks)
+    ids: list[str] = []
+    shard_col: list[str] = []
+    per_checkpoint: list[list[np.ndarray]] = [[] for _ in weights]
+    groups: list[str] = []
+    for c in range(len(weights)):
+        means, groups = mean_validation_feature(load_features(val_dir, c, mmap=False), subtasks if has_subtasks else None)
+        for shard in shards:
+            shard_dir = store.absolute(train_refs[shard]["path"])
+            per_checkpoint[c].append(influence_scores(load_features(shard_dir, c), means))
+            if c == 0:
+                shard_ids = load_samples(shard_dir)["id"].to_list()
+                ids += shard_ids
+                shard_col += [shard] * len(shard_ids)
+    per_ckpt_scores = [np.concatenate(parts) if parts else np.zeros(0, np.float32) for parts in per_checkpoint]
+    scores = weighted_influence(per_ckpt_scores, weights)
+    table = {"id": ids, "shard": shard_col, "influence": scores.astype(np.float32)}
+    for c, values in enumerate(per_ckpt_scores):
+        table[f"influence_checkpoint_{c}"] = values.astype(np.float32)
+    frame = pl.DataFrame(table)
+    metadata: dict[str, Any] = {
+        "benchmark": benchmark,
+        "n_train": len(ids),
+        "n_validation": val_samples.height,
+        "subtask_groups": groups if has_subtasks else [],
+        "checkpoint_weights": weights,
+        "influence_mean": float(scores.mean()) if len(scores) else 0.0,
+        "influence_std": float(scores.std()) if len(scores) else 0.0,
+    }
+    manifest_df = load_pool_manifest(store, pool_ref)
+    families = family_column(manifest_df, ids)
+    if len(ids) and families is not None and benchmark in set(families):
+        top = analysis.top_fraction_mask(scores, p, ids)
+        metadata["specialist_family_enrichment"] = analysis.family_enrichment(top, families, benchmark)
+        metadata["specialist_family_shares"] = analysis.family_shares(top, families)
+    top_ids = frame.sort(["influence", "id"], descending=[True, False]).head(5)["id"].to_list()
+    metadata["top_samples"] = top_sample_table(manifest_df, top_ids, frame)
+    plots_md = {}
+    if len(ids):
+        threshold = float(consensus.vote_thresholds(scores.reshape(-1, 1), p)[0])
+        plots_md["influence_histogram"] = plots.markdown_image(
+            plots.histogram_png(scores, f"{benchmark}: influence", "mean cosine to validation", threshold), "influence histogram"
+        )
+    metadata["plots"] = plots_md
+    with _building(store, directory, "task_influence", fp) as (tmp, manifest):
+        frame.write_parquet(tmp / INFLUENCE_FILE)
+        manifest["ref"] = {"benchmark": benchmark, "n_train": len(ids)}
+        manifest["metadata"] = metadata
+    return _reuse(store, "task_influence", fp, directory)
+
+
+def family_column(manifest_df: pl.DataFrame, ids: list[str]) -> list[str] | None:
+    """The demo's ``family`` field of each id, when the pool records carry one."""
+    if "family" not in manifest_df.columns or manifest_df["family"].null_count() == manifest_df.height:
+        return None
+    lookup = dict(zip(manifest_df["id"].to_list(), manifest_df["family"].to_list(), strict=True))
+    return [lookup.get(i) or "" for i in ids]
+
+
+def first_question(raw_json: str) -> str:
+    turns = json.loads(raw_json).get("conversations", [])
+    text = turns[0]["value"] if turns else ""
+    return text.replace("<image>", "").strip().replace("\n", " ")[:80]
+
+
+def top_sample_table(manifest_df: pl.DataFrame, ids: list[str], frame: pl.DataFrame) -> str:
+    """A markdown table of the most influential samples (id, image, first question)."""
+    rows = manifest_df.filter(pl.col("id").is_in(ids))
+    by_id = {r["id"]: r for r in rows.iter_rows(named=True)}
+    scores = dict(zip(frame["id"].to_list(), frame["influence"].to_list(), strict=True))
+    lines = ["| id | influence | image | question |", "|---|---|---|---|"]
+    for i in ids:
+        row = by_id.get(i, {})
+        lines.append(f"| {i} | {scores[i]:.4f} | {row.get('image') or '-'} | {first_question(row['raw_json']) if row else ''} |")
+    return "\n".join(lines)
+
+
+# -- vote_table ---------------------------------------------------------------------------
+
+
+def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, dict], selection: SelectionConfig) -> StageResult:
+    benchmarks = sorted(influence_refs)
+    if not benchmarks:
+        raise ValueError("no benchmark has been registered and scored: register at least one benchmark partition")
+    fp = fingerprint(
+        "vote_table", influence=[influence_refs[b]["fingerprint"] + "/" + b for b in benchmarks], selection=selection
+    )
+    directory = store.artifact_dir("vote_table", fp)
+    if (reused := _reuse(store, "vote_table", fp, directory)) is not None:
+        return reused
+    frames = [pl.read_parquet(store.absolute(influence_refs[b]["path"]) / INFLUENCE_FILE) for b in benchmarks]
+    ids = frames[0]["id"].to_list()
+    for b, f in zip(benchmarks, frames, strict=True):
+        if f["id"].to_list() != ids:
+            raise ValueError(f"task_influence[{b}] covers different training samples than task_influence[{benchmarks[0]}]")
+    scores = np.stack([f["influence"].to_numpy().astype(np.float64) for f in frames], axis=1)
+    thresholds = consensus.vote_thresholds(scores, selection.p)
+    voted = consensus.votes(scores, thresholds)
+    weights = selection.weights_for(benchmarks)
+    table: dict[str, Any] = {"id": ids, "shard": frames[0]["shard"]}
+    for k, b in enumerate(benchmarks):
+        table[f"influence__{b}"] = scores[:, k]
+        table[f"vote__{b}"] = voted[:, k]
+    table["votes"] = voted.sum(axis=1).astype(np.int32)
+    if weights is not None:
+        table["weighted_votes"] = consensus.aggregate(scores, "vote", p=selection.p, weights=weights)
+    for method in ("mean", "max", "rank", "norm"):
+        table[f"agg_{method}"] = consensus.aggregate(scores, method, p=selection.p)
+    table["mean_percentile_rank"] = consensus.percentile_ranks(scores).mean(axis=1)
+    frame = pl.DataFrame(table)
+    masks = {b: voted[:, k] for k, b in enumerate(benchmarks)}
+    names, overlap = analysis.overlap_matrix(masks)
+    metadata = {
+        "benchmarks": benchmarks,
+        "thresholds": {b: float(t) for b, t in zip(benchmarks, thresholds, strict=True)},
+        "voters_per_benchmark": {b: int(voted[:, k].sum()) for k, b in enumerate(benchmarks)},
+        "votes_histogram": {str(v): int((table["votes"] == v).sum()) for v in range(len(benchmarks) + 1)},
+        "p": selection.p,
+        "plots": {
+            "votes_histogram": plots.markdown_image(plots.votes_histogram_png(table["votes"], len(benchmarks)), "votes"),
+            "task_overlap": plots.markdown_image(plots.heatmap_png(overlap, names, "overlap of per-task top-p voters"), "overlap"),
+        },
+    }
+    with _building(store, directory, "vote_table", fp) as (tmp, manifest):
+        frame.write_parquet(tmp / VOTE_TABLE_FILE)
+        write_json(tmp / "thresholds.json", metadata["thresholds"])
+        manifest["ref"] = {"benchmarks": benchmarks, "n_samples": len(ids), "influence": {b: influence_refs[b]["fingerprint"] for b in benchmarks}}
+        manifest["metadata"] = metadata
+    return _reuse(store, "vote_table", fp, directory)
+
+
+# -- selected_subset ----------------------------------------------------------------------
+
+
+def stage_selected_subset(
+    store: ArtifactStore, pool_ref: dict, vote_ref: dict, selection: SelectionConfig, lineage: dict | None = None
+) -> StageResult:
+    fp = fingerprint("selected_subset", votes=vote_ref["fingerprint"], pool=pool_ref["fingerprint"], selection=selection)
+    directory = store.artifact_dir("selected_subset", fp)
+    result = _reuse(store, "selected_subset", fp, directory)
+    if result is None:
+        result = _build_subset(store, fp, directory, pool_ref, vote_ref, selection, lineage or {})
+    export_subset(store, directory)
+    return result
+
+
+def _build_subset(store, fp, directory, pool_ref, vote_ref, selection, lineage) -> StageResult:
+    frame = pl.read_parquet(store.absolute(vote_ref["path"]) / VOTE_TABLE_FILE)
+    benchmarks = vote_ref["benchmarks"]
+    ids = frame["id"].to_list()
+    scores = np.stack([frame[f"influence__{b}"].to_numpy() for b in benchmarks], axis=1)
+    chosen = consensus.select(ids, scores, selection.p, method=selection.method, weights=selection.weights_for(benchmarks))
+    frame = frame.with_columns(pl.Series("rank", chosen.rank), pl.Series("selected", chosen.selected))
+    manifest_df = load_pool_manifest(store, pool_ref)
+    raw = dict(zip(manifest_df["id"].to_list(), manifest_df["raw_json"].to_list(), strict=True))
+    selected_ids = set(frame.filter(pl.col("selected"))["id"].to_list())
+    # Original records, untouched, in pool order: LLaVA's training script shuffles itself.
+    subset_records = [raw[i] for i in manifest_df["id"].to_list() if i in selected_ids]
+    voted = np.stack([frame[f"vote__{b}"].to_numpy() for b in benchmarks], axis=1)
+    families = family_column(manifest_df, ids)
+    metadata: dict[str, Any] = {
+        "n_selected": chosen.n_selected,
+        "n_pool": len(ids),
+        "p": selection.p,
+        "aggregation": selection.method,
+        "cutoff_value": chosen.cutoff_score,
+        "n_tied_at_cutoff": chosen.n_tied_at_cutoff,
+        "n_decided_by_tiebreak": chosen.n_decided_by_tiebreak,
+        "tie_break": "aggregate desc, then mean per-benchmark percentile rank desc, then sha256(id) asc, then id",
+        "benchmark_coverage": analysis.benchmark_coverage(chosen.selected, voted, benchmarks),
+        "selected_votes_histogram": {
+            str(v): int(((frame["votes"].to_numpy() == v) & chosen.selected).sum()) for v in range(len(benchmarks) + 1)
+        },
+        "lineage": lineage,
+        "plots": {
+            "votes_histogram": plots.markdown_image(
+                plots.votes_histogram_png(frame["votes"].to_numpy(), len(benchmarks), chosen.selected), "votes"
+            )
+        },
+    }
+    if families is not None:
+        metadata["family_shares"] = analysis.family_shares(chosen.selected, families)
+    with _building(store, directory, "selected_subset", fp) as (tmp, manifest):
+        (tmp / SUBSET_JSON).write_text("[" + ",\n".join(subset_records) + "]\n", encoding="utf-8")
+        frame.sort("rank").write_parquet(tmp / SUBSET_PARQUET)
+        manifest["ref"] = {"n_selected": chosen.n_selected, "benchmarks": benchmarks}
+        manifest["metadata"] = metadata
+    return _reuse(store, "selected_subset", fp, directory)
+
+
+def export_subset(store: ArtifactStore, directory: Path) -> dict[str, str]:
+    """Copy the subset to the stable export path (atomic per file)."""
+    store.exports_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in (SUBSET_JSON, SUBSET_PARQUET):
+        target = store.exports_dir / name
+        tmp = target.with_name(f".{name}.tmp")
+        shutil.copyfile(directory / name, tmp)
+        tmp.replace(target)
+        paths[name] = str(target)
+    return paths
+
+
+# -- checks -------------------------------------------------------------------------------
+
+
+def check_features(store: ArtifactStore, ref: dict, num_checkpoints: int, tolerance: float = 2e-3) -> tuple[bool, dict]:
+    """Every stored feature is finite and unit-norm (float16 rounding within ``tolerance``)."""
+    directory = store.absolute(ref["path"])
+    worst = 0.0
+    finite = True
+    rows = 0
+    for c in range(num_checkpoints):
+        features = load_features(directory, c, mmap=True)
+        rows = features.shape[0]
+        for start in range(0, rows, 65536):
+            chunk = np.asarray(features[start : start + 65536], dtype=np.float32)
+            finite &= bool(np.isfinite(chunk).all())
+            if chunk.size:
+                worst = max(worst, float(np.abs(np.linalg.norm(chunk, axis=1) - 1.0).max()))
+    passed = finite and worst <= tolerance
+    return passed, {"rows": rows, "finite": finite, "max_norm_error": worst, "tolerance": tolerance}
+
+
+def check_subset(store: ArtifactStore, ref: dict, n_pool: int, p: float) -> tuple[bool, dict]:
+    """The subset JSON parses and holds exactly floor(p N) records."""
+    expected = consensus.subset_size(n_pool, p)
+    records = json.loads((store.absolute(ref["path"]) / SUBSET_JSON).read_text(encoding="utf-8"))
+    ids = [r.get("id") for r in records]
+    passed = len(records) == expected and len(set(ids)) == len(ids)
+    return passed, {"n_records": len(records), "expected": expected, "fraction": len(records) / max(1, n_pool)}

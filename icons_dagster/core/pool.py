@@ -1,0 +1,82 @@
+"""The pool manifest: one validated row per record, with its content hash and shard.
+
+Shards are a stable hash of the record id modulo the shard count, so the partition set is
+fixed by configuration and adding records touches only their own shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from icons_dagster.core.records import Record, Turn
+
+MANIFEST_FILE = "manifest.parquet"
+PROBLEMS_FILE = "problems.json"
+
+
+def shard_keys(num_shards: int) -> list[str]:
+    width = max(4, len(str(num_shards - 1)))
+    return [f"shard-{i:0{width}d}" for i in range(num_shards)]
+
+
+def shard_of(record_ids: Sequence[str], num_shards: int) -> np.ndarray:
+    """Shard index of each id: first 8 bytes of sha256(id) modulo the shard count."""
+    return np.array(
+        [int.from_bytes(hashlib.sha256(i.encode("utf-8")).digest()[:8], "big") % num_shards for i in record_ids],
+        dtype=np.int64,
+    )
+
+
+def build_manifest(records: Sequence[Record], num_shards: int) -> pl.DataFrame:
+    ids = [r.id for r in records]
+    keys = shard_keys(num_shards)
+    return pl.DataFrame(
+        {
+            "id": ids,
+            "index": [r.index for r in records],
+            "image": [r.image for r in records],
+            "image_path": [str(r.image_path) if r.image_path else None for r in records],
+            "n_turns": [len(r.turns) for r in records],
+            "n_text_chars": [sum(len(t.text) for t in r.turns) for r in records],
+            "content_sha256": [hashlib.sha256(r.raw_json.encode("utf-8")).hexdigest() for r in records],
+            "shard": [keys[s] for s in shard_of(ids, num_shards)],
+            "family": [_family(r.raw_json) for r in records],
+            "raw_json": [r.raw_json for r in records],
+        },
+        schema_overrides={"image": pl.String, "image_path": pl.String, "family": pl.String},
+    )
+
+
+def _family(raw_json: str) -> str | None:
+    """The optional ``family`` label (the demo's task family); parsed only where present."""
+    if '"family"' not in raw_json:
+        return None
+    value = json.loads(raw_json).get("family")
+    return value if isinstance(value, str) else None
+
+
+def records_from_manifest(manifest: pl.DataFrame) -> list[Record]:
+    """Rebuild records (turns from the untouched JSON) for the rows of a manifest."""
+    records = []
+    for row in manifest.iter_rows(named=True):
+        raw = json.loads(row["raw_json"])
+        turns = tuple(Turn(t["from"], t["value"]) for t in raw["conversations"])
+        subtask = raw.get("subtask")
+        records.append(
+            Record(
+                id=row["id"],
+                image=row["image"],
+                image_path=Path(row["image_path"]) if row["image_path"] else None,
+                turns=turns,
+                subtask=subtask if isinstance(subtask, str) and subtask else None,
+                raw_json=row["raw_json"],
+                index=row["index"],
+            )
+        )
+    return records

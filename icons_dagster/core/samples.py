@@ -1,0 +1,63 @@
+"""Records -> encoded samples, decoding images only where they are used.
+
+A record whose image cannot be decoded or that cannot be encoded is skipped with its id
+and reason: callers count and list the skips in their metadata, nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from icons_dagster.core.encoding import ConversationEncoder, EncodedSample, EncodingError
+from icons_dagster.core.records import ImageLoadError, Record, load_image
+
+
+@dataclass
+class SkipLog:
+    """Skipped records: (id, reason), in the order met."""
+
+    entries: list[tuple[str, str]] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)
+
+    def add(self, record_id: str, reason: str) -> None:
+        self.entries.append((record_id, reason))
+
+    def as_metadata(self, limit: int = 50) -> dict:
+        return {
+            "skipped_count": len(self.entries),
+            "skipped": [{"id": i, "reason": r} for i, r in self.entries[:limit]],
+            "truncated_count": len(self.truncated),
+        }
+
+
+def encode_record(encoder: ConversationEncoder, record: Record) -> EncodedSample:
+    image = load_image(record.image_path) if record.image_path is not None else None
+    return encoder.encode(record.id, record.turns, image)
+
+
+def encode_records(encoder: ConversationEncoder, records: Iterable[Record], skips: SkipLog) -> Iterator[EncodedSample]:
+    for record in records:
+        try:
+            sample = encode_record(encoder, record)
+        except (ImageLoadError, EncodingError) as error:
+            skips.add(record.id, str(error))
+            continue
+        if sample.truncated:
+            skips.truncated.append(record.id)
+        yield sample
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def by_id(records: Sequence[Record]) -> dict[str, Record]:
+    return {record.id: record for record in records}

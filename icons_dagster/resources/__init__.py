@@ -1,0 +1,138 @@
+"""Dagster resources: the store, the data, the model and the method settings.
+
+Each turns its plain fields into the frozen core config objects; defaults run the
+embedded demo on a laptop. The same values reach the CLI and the UI through the home
+config file (``icons.json`` under the store root, see ``home.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dagster import ConfigurableResource
+
+from icons_dagster.core.config import (
+    DEFAULT_LORA_TARGET,
+    GradientConfig,
+    LoraSettings,
+    ModelConfig,
+    SelectionConfig,
+    WarmupConfig,
+)
+from icons_dagster.core.store import ArtifactStore
+
+
+class StoreResource(ConfigurableResource):
+    """Root folder of every artifact, export and the Dagster instance."""
+
+    root: str
+
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.root)
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    pool: Path
+    image_root: Path | None
+    benchmarks: Path
+    is_demo: bool
+
+
+class DataResource(ConfigurableResource):
+    """Where the pool, its images and the benchmarks folder are; empty pool = the demo."""
+
+    pool: str = ""
+    image_root: str = ""
+    benchmarks: str = ""
+    demo_size: str = "default"
+
+    def paths(self, store: ArtifactStore) -> DataPaths:
+        if not self.pool:
+            from icons_dagster.demo.data import generate_demo
+
+            demo = generate_demo(store.demo_dir / f"data-{self.demo_size}", size=self.demo_size)
+            return DataPaths(demo.pool, demo.image_root, demo.benchmarks, is_demo=True)
+        if not self.benchmarks:
+            raise ValueError("a pool is configured but no benchmarks folder: set data.benchmarks")
+        return DataPaths(
+            Path(self.pool).expanduser().resolve(),
+            Path(self.image_root).expanduser().resolve() if self.image_root else None,
+            Path(self.benchmarks).expanduser().resolve(),
+            is_demo=False,
+        )
+
+
+class ModelResource(ConfigurableResource):
+    """The checkpoint (hub id or local folder; empty = the tiny demo model) and its LoRA."""
+
+    name_or_path: str = ""
+    revision: str = ""
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    max_length: int = 2048
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    lora_target_modules: str = DEFAULT_LORA_TARGET
+
+    def checkpoint_config(self, store: ArtifactStore) -> ModelConfig:
+        name = self.name_or_path
+        if not name:
+            from icons_dagster.demo.build import ensure_demo_model
+
+            name = str(ensure_demo_model(store.demo_dir))
+        return ModelConfig(
+            name_or_path=name,
+            revision=self.revision or None,
+            trust_remote_code=self.trust_remote_code,
+            dtype=self.dtype,
+            device=self.device,
+            max_length=self.max_length,
+        )
+
+    def lora_settings(self) -> LoraSettings:
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target_modules)
+
+
+class SettingsResource(ConfigurableResource):
+    """Method settings: warm-up, gradient features and selection (paper defaults)."""
+
+    warmup_ratio: float = 0.05
+    warmup_seed: int = 0
+    learning_rate: float = 2e-4
+    epochs: int = 1
+    num_checkpoints: int = 1
+    warmup_batch_size: int = 4
+    projector: str = "countsketch"
+    projection_dim: int = 5120
+    projection_seed: int = 0
+    train_gradient: str = "sgd"
+    gradient_batch_size: int = 8
+    p: float = 0.2
+    aggregation: str = "vote"
+    task_weights: dict[str, float] = {}
+
+    def warmup(self) -> WarmupConfig:
+        return WarmupConfig(
+            ratio=self.warmup_ratio,
+            seed=self.warmup_seed,
+            learning_rate=self.learning_rate,
+            epochs=self.epochs,
+            num_checkpoints=self.num_checkpoints,
+            batch_size=self.warmup_batch_size,
+        )
+
+    def gradients(self) -> GradientConfig:
+        return GradientConfig(
+            projector=self.projector,
+            dim=self.projection_dim,
+            seed=self.projection_seed,
+            train_gradient=self.train_gradient,
+            batch_size=self.gradient_batch_size,
+        )
+
+    def selection(self) -> SelectionConfig:
+        return SelectionConfig(p=self.p, method=self.aggregation, task_weights=tuple(sorted(self.task_weights.items())))

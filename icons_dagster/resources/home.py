@@ -1,0 +1,68 @@
+"""The store root ("home") and its config file, shared by the CLI, the UI and the sensor.
+
+``icons.json`` under the home holds the resource fields (data, model, settings) and the
+shard count. The CLI writes it; ``definitions.py`` reads it, so ``dagster dev`` pointed at
+the same home (``ICONS_HOME``) sees the same configuration, runs and artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from icons_dagster.core.store import write_json
+
+HOME_ENV = "ICONS_HOME"
+DEFAULT_HOME = ".icons_home"
+CONFIG_FILE = "icons.json"
+DEFAULT_NUM_SHARDS = 4
+
+# The demo's tiny model and pool: LoRA small enough to train in seconds, a projection
+# dimension well below the gradient dimension (16,384 for r=8) so projection is exercised.
+DEMO_PRESET: dict[str, Any] = {
+    "data": {"demo_size": "default"},
+    "model": {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "max_length": 512},
+    "settings": {
+        "learning_rate": 1e-3,
+        "projection_dim": 1024,
+        "gradient_batch_size": 16,
+        "warmup_batch_size": 4,
+    },
+    "num_shards": DEFAULT_NUM_SHARDS,
+}
+
+
+def resolve_home(home: str | Path | None = None) -> Path:
+    value = home or os.environ.get(HOME_ENV) or DEFAULT_HOME
+    return Path(value).expanduser().resolve()
+
+
+def read_home_config(home: Path) -> dict[str, Any]:
+    """The saved config, or the demo preset when the home has none yet."""
+    path = Path(home) / CONFIG_FILE
+    if not path.is_file():
+        return json.loads(json.dumps(DEMO_PRESET))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: malformed JSON ({error})") from error
+    unknown = sorted(set(config) - {"data", "model", "settings", "num_shards"})
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {unknown}")
+    return config
+
+
+def write_home_config(home: Path, config: dict[str, Any]) -> Path:
+    Path(home).mkdir(parents=True, exist_ok=True)
+    path = Path(home) / CONFIG_FILE
+    write_json(path, config)
+    return path
+
+
+def num_shards_from_environment() -> int:
+    """Shard count fixed before any definition is built: env, else the home config, else 4."""
+    if os.environ.get("ICONS_NUM_SHARDS"):
+        return int(os.environ["ICONS_NUM_SHARDS"])
+    return int(read_home_config(resolve_home()).get("num_shards", DEFAULT_NUM_SHARDS))

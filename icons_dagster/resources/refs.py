@@ -1,0 +1,55 @@
+"""An IO manager that passes small JSON references to artifacts between assets.
+
+Assets write their real outputs (Parquet, npy, safetensors, JSON) into the store and
+return a reference dict (fingerprint, path relative to the store root, counts). This IO
+manager keeps that dict as JSON, never a pickle. A downstream input declared with
+``ALL_PARTITIONS`` metadata always receives ``{partition_key: ref}``, even when one
+partition is mapped (UPathIOManager would hand over a bare object then); a missing
+upstream partition is a clear error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dagster import ConfigurableIOManager, InputContext, OutputContext
+
+from icons_dagster.core.store import write_json
+
+ALL_PARTITIONS = {"all_partitions": True}
+UNPARTITIONED = "__unpartitioned__"
+
+
+class ArtifactRefIOManager(ConfigurableIOManager):
+    root: str
+
+    def _path(self, asset_path: list[str], partition: str | None) -> Path:
+        return Path(self.root) / "refs" / "/".join(asset_path) / f"{partition or UNPARTITIONED}.json"
+
+    def handle_output(self, context: OutputContext, obj: dict) -> None:
+        if not isinstance(obj, dict):
+            raise TypeError(f"asset {context.asset_key.to_user_string()} must return a reference dict, got {type(obj).__name__}")
+        partition = context.partition_key if context.has_asset_partitions else None
+        path = self._path(context.asset_key.path, partition)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, obj)
+
+    def _read(self, asset_path: list[str], partition: str | None, asset_name: str) -> dict:
+        path = self._path(asset_path, partition)
+        if not path.is_file():
+            where = f"{asset_name}[{partition}]" if partition else asset_name
+            raise FileNotFoundError(f"{where} has not been materialized yet (no reference at {path})")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def load_input(self, context: InputContext):
+        asset_path = context.asset_key.path
+        name = context.asset_key.to_user_string()
+        if not context.has_asset_partitions:
+            return self._read(asset_path, None, name)
+        keys = list(context.asset_partition_keys)
+        if (context.definition_metadata or {}).get("all_partitions"):
+            return {key: self._read(asset_path, key, name) for key in sorted(keys)}
+        if len(keys) != 1:
+            raise ValueError(f"input {name} maps {len(keys)} partitions; declare it with ALL_PARTITIONS metadata")
+        return self._read(asset_path, keys[0], name)

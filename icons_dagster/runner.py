@@ -1,0 +1,99 @@
+"""Launching the asset graph through Dagster on the home's persistent instance.
+
+A run may hold one partition of one partitions definition plus unpartitioned assets,
+never two partitions definitions, so the graph runs as a sequence of runs: the
+unpartitioned head, one run per training shard, one per benchmark, then the vote. Every
+run lands in the instance under ``<home>/dagster``, so ``dagster dev`` on the same home
+shows the same runs, lineage and metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DAGSTER_YAML = """# Written by icons-dagster: a local instance under the store root.
+telemetry:
+  enabled: false
+"""
+
+
+def prepare_instance_home(home: Path) -> Path:
+    """Point DAGSTER_HOME at ``<home>/dagster`` (created with telemetry off)."""
+    dagster_home = Path(home) / "dagster"
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    config = dagster_home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML, encoding="utf-8")
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    os.environ["ICONS_HOME"] = str(home)
+    return dagster_home
+
+
+@dataclass(frozen=True)
+class Step:
+    label: str
+    assets: tuple[str, ...]
+    partition: str | None = None
+
+
+def plan_steps(shards: list[str], benchmarks: list[str]) -> list[Step]:
+    steps = [Step("pool, warm-up subset and warm-up checkpoint", ("training_pool", "warmup_subset", "warmup_checkpoint"))]
+    steps += [Step(f"training_gradients[{s}]", ("training_gradients",), s) for s in shards]
+    steps += [Step(f"validation_gradients + task_influence[{b}]", ("validation_gradients", "task_influence"), b) for b in benchmarks]
+    steps.append(Step("vote_table and selected_subset", ("vote_table", "selected_subset")))
+    return steps
+
+
+def run_graph(
+    home: Path,
+    config: dict[str, Any],
+    instance=None,
+    on_step: Callable[[int, int, Step], None] | None = None,
+    log_level: str = "WARNING",
+) -> dict[str, Any]:
+    """Register benchmarks and materialize the whole graph; returns the subset's location and stats."""
+    from dagster import AssetKey, DagsterInstance, materialize
+
+    from icons_dagster.assets import ICONS_ASSETS
+    from icons_dagster.definitions import build_resources
+    from icons_dagster.partitions import train_shard_partitions
+    from icons_dagster.registration import register_benchmarks
+    from icons_dagster.resources import DataResource, StoreResource
+
+    resources = build_resources(home, config)
+    if instance is None:
+        prepare_instance_home(home)
+        instance = DagsterInstance.get()
+    store = StoreResource(root=str(home)).store()
+    paths = DataResource(**config.get("data", {})).paths(store)
+    benchmarks, _ = register_benchmarks(instance, paths.benchmarks)
+    if not benchmarks:
+        raise ValueError(f"no benchmark with a val.json / val.jsonl under {paths.benchmarks}")
+    steps = plan_steps(train_shard_partitions.get_partition_keys(), benchmarks)
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    for index, step in enumerate(steps):
+        if on_step is not None:
+            on_step(index, len(steps), step)
+        result = materialize(
+            ICONS_ASSETS,
+            selection=[AssetKey(name) for name in step.assets],
+            partition_key=step.partition,
+            instance=instance,
+            resources=resources,
+            run_config=run_config,
+            tags={"icons/step": step.label},
+        )
+        if not result.success:
+            raise RuntimeError(f"step failed: {step.label}")
+    subset = store.exports_dir / "selected_subset.json"
+    return {
+        "subset_json": str(subset),
+        "subset_parquet": str(store.exports_dir / "selected_subset.parquet"),
+        "benchmarks": benchmarks,
+        "steps": len(steps),
+        "dagster_home": os.environ.get("DAGSTER_HOME", ""),
+    }

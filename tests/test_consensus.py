@@ -1,0 +1,251 @@
+"""Known answers for thresholds, votes, aggregations and the deterministic selection."""
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+
+from icons_dagster.core.consensus import (
+    Selection,
+    aggregate,
+    id_hash,
+    percentile_ranks,
+    select,
+    subset_size,
+    vote_thresholds,
+    votes,
+)
+
+# --- the 10 x 3 worked example -------------------------------------------------------
+# Each sample's ascending position (0 = lowest, 9 = highest) in columns A, B, C:
+#
+#   id  A  B  C   |  every column is a permutation of 0..9
+#   s0  9  9  3
+#   s1  8  5  9
+#   s2  4  8  8
+#   s3  7  7  7
+#   s4  6  6  6
+#   s5  5  4  5
+#   s6  3  3  4
+#   s7  2  2  2
+#   s8  1  1  1
+#   s9  0  0  0
+#
+# Values: A = 0.1*pos - 0.2, B = 0.05*pos + 0.01, C = 0.3 - 0.07*(9 - pos), written
+# out as literals below.
+POS = np.array(
+    [[9, 9, 3], [8, 5, 9], [4, 8, 8], [7, 7, 7], [6, 6, 6],
+     [5, 4, 5], [3, 3, 4], [2, 2, 2], [1, 1, 1], [0, 0, 0]]
+)
+A = {0: -0.2, 1: -0.1, 2: 0.0, 3: 0.1, 4: 0.2, 5: 0.3, 6: 0.4, 7: 0.5, 8: 0.6, 9: 0.7}
+B = {0: 0.01, 1: 0.06, 2: 0.11, 3: 0.16, 4: 0.21, 5: 0.26, 6: 0.31, 7: 0.36, 8: 0.41, 9: 0.46}
+C = {0: -0.33, 1: -0.26, 2: -0.19, 3: -0.12, 4: -0.05, 5: 0.02, 6: 0.09, 7: 0.16, 8: 0.23, 9: 0.3}
+SCORES = np.array([[A[a], B[b], C[c]] for a, b, c in POS])
+IDS = [f"s{i}" for i in range(10)]
+
+
+def test_worked_example_thresholds_votes_and_selection():
+    # p = 0.2, N = 10 -> m = 2; tau_k = 2nd largest = the value at position 8.
+    tau = vote_thresholds(SCORES, 0.2)
+    np.testing.assert_array_equal(tau, [0.6, 0.41, 0.23])
+
+    # Votes: position >= 8. A: s0 (9), s1 (8). B: s0 (9), s2 (8). C: s1 (9), s2 (8).
+    v = votes(SCORES, tau)
+    expected = np.zeros((10, 3), dtype=bool)
+    expected[0] = [True, True, False]
+    expected[1] = [True, False, True]
+    expected[2] = [False, True, True]
+    np.testing.assert_array_equal(v, expected)
+
+    # Vote sums: s0 = s1 = s2 = 2, all others 0 -> a 3-way tie for 2 places.
+    agg = aggregate(SCORES, "vote", p=0.2)
+    np.testing.assert_array_equal(agg, [2, 2, 2, 0, 0, 0, 0, 0, 0, 0])
+
+    # Tie-break by mean percentile rank = (sum of positions) / (3 * 9):
+    #   s1: (8 + 5 + 9)/27 = 22/27  > s0: (9 + 9 + 3)/27 = 21/27 > s2: (4 + 8 + 8)/27 = 20/27
+    # so s1 and s0 are selected, s2 is left out although it has 2 votes.
+    # Zero-vote rows follow by mean rank: s3 21, s4 18, s5 14, s6 10, s7 6, s8 3, s9 0.
+    sel = select(IDS, SCORES, 0.2)
+    assert isinstance(sel, Selection)
+    assert [IDS[i] for i in sel.order] == ["s1", "s0", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9"]
+    assert [IDS[i] for i in np.flatnonzero(sel.selected)] == ["s0", "s1"]
+    np.testing.assert_array_equal(sel.rank, [2, 1, 3, 4, 5, 6, 7, 8, 9, 10])
+    assert sel.n_selected == 2
+    assert sel.cutoff_score == 2.0
+    assert sel.n_tied_at_cutoff == 3
+    assert sel.n_decided_by_tiebreak == 2
+    # percentile ranks are the positions / 9 (all values distinct)
+    np.testing.assert_allclose(percentile_ranks(SCORES), POS / 9.0)
+
+
+def test_tie_resolved_by_id_hash():
+    # ids a, b, c, d; p = 0.5 -> m = 2.
+    #   col0 = [3, 2, 2, 1] -> tau0 = 2 (2nd largest): a, b, c vote
+    #   col1 = [3, 1, 1, 2] -> tau1 = 2:                a, d vote
+    # Vote sums a=2, b=c=d=1: a is in, one place left among b, c, d.
+    # Percentile ranks (N-1 = 3, ties averaged):
+    #   col0: a 1, b = c = (1+2)/2/3 = 1/2, d 0;  col1: a 1, b = c = (0+1)/2/3 = 1/6, d 2/3
+    #   mean: b = c = (1/2 + 1/6)/2 = 1/3, d = (0 + 2/3)/2 = 1/3 -> still tied.
+    # sha256 prefixes: b 3e23e8160039594a, c 2e7d2c03a9507ae2, d 18ac3e7343f01689
+    # -> ascending: d < c < b, so d takes the last place.
+    ids = ["a", "b", "c", "d"]
+    scores = np.array([[3.0, 3.0], [2.0, 1.0], [2.0, 1.0], [1.0, 2.0]])
+    pref = {i: hashlib.sha256(i.encode()).hexdigest()[:16] for i in ids}
+    assert pref["d"] < pref["c"] < pref["b"]
+    np.testing.assert_array_equal(
+        id_hash(ids), [int(pref[i], 16) for i in ids]
+    )
+    sel = select(ids, scores, 0.5)
+    assert [ids[i] for i in sel.order] == ["a", "d", "c", "b"]
+    np.testing.assert_array_equal(sel.selected, [True, False, False, True])
+    assert sel.cutoff_score == 1.0
+    assert sel.n_tied_at_cutoff == 3
+    assert sel.n_decided_by_tiebreak == 1
+    # the result does not depend on where the rows sit
+    perm = [3, 1, 0, 2]
+    sel2 = select([ids[i] for i in perm], scores[perm], 0.5)
+    assert [ids[perm[i]] for i in sel2.order] == ["a", "d", "c", "b"]
+
+
+def test_no_tiebreak_when_cut_falls_between_levels():
+    scores = np.array([[3.0], [2.0], [1.0], [0.0]])
+    sel = select(["w", "x", "y", "z"], scores, 0.5, method="mean")
+    assert sel.cutoff_score == 2.0
+    assert sel.n_tied_at_cutoff == 1
+    assert sel.n_decided_by_tiebreak == 0
+
+
+@pytest.mark.parametrize(
+    "n,p,m",
+    [
+        (10, 0.25, 2),
+        (3, 1, 3),
+        (3, 1.0, 3),
+        (7, 0.3, 2),
+        (30, 0.1, 3),  # 0.1*30 in binary floating point is 3.0000000000000004
+        (10, 0.7, 7),  # 0.7 as a double is 0.6999999999999999556: exact binary would give 6
+        (665000, 0.2, 133000),
+        (5, 0.2, 1),
+        (3, 1 / 3, 1),  # 0.3333333333333333 * 3 = 0.9999999999999999 without the 1e-9 slack
+        (9, 2 / 3, 6),
+    ],
+)
+def test_subset_size(n, p, m):
+    assert subset_size(n, p) == m
+
+
+@pytest.mark.parametrize("n,p", [(10, 0.0), (10, 1.5), (10, -0.2), (4, 0.2), (0, 0.5), (10, math.nan)])
+def test_subset_size_rejects(n, p):
+    with pytest.raises(ValueError):
+        subset_size(n, p)
+
+
+def test_table6_aggregations_by_hand():
+    # rows: [1, 4], [2, 2], [3, 3]
+    s = np.array([[1.0, 4.0], [2.0, 2.0], [3.0, 3.0]])
+    np.testing.assert_allclose(aggregate(s, "mean"), [2.5, 2.0, 3.0])
+    np.testing.assert_allclose(aggregate(s, "max"), [4.0, 2.0, 3.0])
+    # ranks col0 [0, 0.5, 1], col1 [1, 0, 0.5] -> means [0.5, 0.25, 0.75]
+    np.testing.assert_allclose(aggregate(s, "rank"), [0.5, 0.25, 0.75])
+    # col0: mu 2, population sd sqrt(2/3) -> z = [-r, 0, r] with r = sqrt(3/2)
+    # col1: mu 3, sd sqrt(2/3)            -> z = [r, -r, 0]
+    r = math.sqrt(1.5)
+    np.testing.assert_allclose(aggregate(s, "norm"), [0.0, -r / 2, r / 2], atol=1e-12)
+    # p = 1/3 -> m = 1: tau = [3, 4]; votes row0 [F, T], row1 [F, F], row2 [T, F]
+    np.testing.assert_array_equal(aggregate(s, "vote", p=1 / 3), [1.0, 0.0, 1.0])
+    # weights [2, 1]: row0 = 1, row1 = 0, row2 = 2
+    np.testing.assert_array_equal(aggregate(s, "vote", p=1 / 3, weights=[2.0, 1.0]), [1.0, 0.0, 2.0])
+
+
+def test_weights_change_selection():
+    s = np.array([[1.0, 4.0], [2.0, 2.0], [3.0, 3.0]])
+    ids = ["r0", "r1", "r2"]
+    # unweighted: r0 and r2 both have 1 vote; mean rank r2 0.75 > r0 0.5 -> r2 first
+    assert select(ids, s, 1 / 3).selected.tolist() == [False, False, True]
+    # weights [1, 3]: r0 = 3 > r2 = 1 -> r0
+    assert select(ids, s, 1 / 3, weights=[1.0, 3.0]).selected.tolist() == [True, False, False]
+    with pytest.raises(ValueError):
+        aggregate(s, "vote", p=1 / 3, weights=[1.0])
+    with pytest.raises(ValueError):
+        aggregate(s, "vote", p=1 / 3, weights=[1.0, -1.0])
+    with pytest.raises(ValueError):
+        aggregate(s, "mean", weights=[1.0, 1.0])
+
+
+def test_norm_zero_std_column_contributes_zero():
+    s = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])
+    r = math.sqrt(1.5)
+    np.testing.assert_allclose(aggregate(s, "norm"), [-r / 2, 0.0, r / 2], atol=1e-12)
+
+
+def test_percentile_ranks_ties_and_single_row():
+    col = np.array([[5.0], [1.0], [5.0], [3.0]])
+    # sorted 1, 3, 5, 5: the two 5s share (2 + 3)/2 / 3 = 5/6
+    np.testing.assert_allclose(percentile_ranks(col)[:, 0], [5 / 6, 0.0, 5 / 6, 1 / 3])
+    np.testing.assert_array_equal(percentile_ranks(np.array([[0.3, -1.0]])), [[1.0, 1.0]])
+    const = percentile_ranks(np.zeros((4, 1)))
+    np.testing.assert_allclose(const, 0.5)
+
+
+def test_vote_thresholds_order_statistic_matches_numpy_quantile():
+    rng = np.random.default_rng(3)
+    for n in (10, 11, 97, 1000):
+        s = rng.integers(0, 15, size=(n, 4)).astype(np.float32)
+        m = subset_size(n, 0.2)
+        tau = vote_thresholds(s, 0.2)
+        np.testing.assert_array_equal(tau, -np.sort(-s, axis=0)[m - 1])
+        q = np.quantile(s, (n - m + 0.5) / n, method="inverted_cdf", axis=0)
+        np.testing.assert_array_equal(tau, q)
+
+
+@pytest.mark.parametrize("method", ["vote", "mean", "max", "rank", "norm"])
+def test_permutation_invariance(method):
+    rng = np.random.default_rng(7)
+    n, k = 500, 4
+    # coarse values so that there are many exact ties at every level
+    s = rng.integers(0, 6, size=(n, k)).astype(np.float32) / 7
+    s[100:110] = s[5]  # identical rows: only the id hash can order them
+    ids = [f"id-{i:04d}" for i in range(n)]
+    base = select(ids, s, 0.2, method=method)
+    assert base.selected.sum() == base.n_selected == subset_size(n, 0.2)
+    base_order = [ids[i] for i in base.order]
+    for trial in range(5):
+        perm = rng.permutation(n)
+        if trial == 0:
+            s_p = np.asfortranarray(s[perm])  # memory layout must not matter either
+        else:
+            s_p = s[perm]
+        sel = select([ids[i] for i in perm], s_p, 0.2, method=method)
+        assert [ids[perm[i]] for i in sel.order] == base_order
+        assert {ids[perm[i]] for i in np.flatnonzero(sel.selected)} == {
+            ids[i] for i in np.flatnonzero(base.selected)
+        }
+        assert sel.n_decided_by_tiebreak == base.n_decided_by_tiebreak
+
+
+def test_exactly_m_selected_and_rank_consistent():
+    rng = np.random.default_rng(11)
+    for n, p in [(1, 1.0), (13, 0.3), (200, 0.05), (1000, 0.2)]:
+        s = rng.integers(0, 3, size=(n, 3)).astype(float)
+        ids = [str(i) for i in range(n)]
+        sel = select(ids, s, p)
+        m = subset_size(n, p)
+        assert sel.selected.sum() == m == sel.n_selected
+        np.testing.assert_array_equal(sel.rank[sel.order], np.arange(1, n + 1))
+        assert set(np.flatnonzero(sel.selected)) == set(sel.order[:m])
+        agg = aggregate(s, "vote", p=p)
+        # the aggregate never increases along the order
+        assert np.all(np.diff(agg[sel.order]) <= 0)
+
+
+def test_select_rejects_bad_input():
+    s = np.zeros((3, 2))
+    with pytest.raises(ValueError):
+        select(["a", "a", "b"], s, 0.5)
+    with pytest.raises(ValueError):
+        select(["a", "b"], s, 0.5)
+    with pytest.raises(ValueError):
+        select(["a", "b", "c"], np.array([[np.nan, 0], [0, 0], [0, 0]]), 0.5)
+    with pytest.raises(ValueError):
+        select(["a", "b", "c"], s, 0.5, method="median")
