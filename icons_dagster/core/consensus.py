@@ -13,8 +13,8 @@ Definitions fixed here (the paper leaves them open):
 * Threshold: tau_k is the m-th largest score of column k (an order statistic, same m
   as the subset size). Without ties exactly m samples vote for each benchmark. It equals
   ``np.quantile(col, (N - m + 0.5) / N, method="inverted_cdf")`` (the 0.5 keeps the
-  floating q away from the step). The official code's ``np.percentile(col, 100*(1-p))``
-  (linear interpolation) gives either m or m+1 voters.
+  floating q away from the step). numpy's default (linear) ``np.percentile(col,
+  100*(1-p))`` would instead give m or m+1 voters per benchmark, depending on N.
 * Selection order, the only order ever used (never file order):
     1. aggregate value, descending;
     2. mean per-benchmark percentile rank, descending (computed from exact integer

@@ -62,11 +62,12 @@ def _finish(store: ArtifactStore, stage: str, fp: str, directory: Path, metadata
     return StageResult(ref=ref, metadata={**metadata, "fingerprint": fp, "reused": reused})
 
 
-def _reuse(store: ArtifactStore, stage: str, fp: str, directory: Path) -> StageResult | None:
+def _reuse(store: ArtifactStore, stage: str, fp: str, directory: Path, *, built: bool = False) -> StageResult | None:
+    """The complete artifact at ``directory`` as a result (``built``: it was just written)."""
     if not store.is_complete(directory):
         return None
     manifest = store.read_manifest(directory)
-    return _finish(store, stage, fp, directory, manifest.get("metadata", {}), manifest.get("ref", {}), reused=True)
+    return _finish(store, stage, fp, directory, manifest.get("metadata", {}), manifest.get("ref", {}), reused=not built)
 
 
 @contextmanager
@@ -150,7 +151,7 @@ def stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, n
             "content_sha256": content,
         }
     log(f"pool: {manifest_df.height} valid records, {len(loaded.problems)} skipped")
-    return _reuse(store, "training_pool", fp, directory)
+    return _reuse(store, "training_pool", fp, directory, built=True)
 
 
 def problem_dict(problem) -> dict:
@@ -176,7 +177,7 @@ def stage_warmup_subset(store: ArtifactStore, pool_ref: dict, config: WarmupConf
         pl.DataFrame({"id": ids}).write_parquet(tmp / "ids.parquet")
         manifest["ref"] = {"n_records": len(ids)}
         manifest["metadata"] = {"n_records": len(ids), "ratio": config.ratio, "seed": config.seed}
-    return _reuse(store, "warmup_subset", fp, directory)
+    return _reuse(store, "warmup_subset", fp, directory, built=True)
 
 
 # -- warmup_checkpoint --------------------------------------------------------------------
@@ -224,7 +225,7 @@ def stage_warmup_checkpoint(
             "lora_alpha": lora.alpha,
             **skips.as_metadata(),
         }
-    return _reuse(store, "warmup_checkpoint", fp, directory)
+    return _reuse(store, "warmup_checkpoint", fp, directory, built=True)
 
 
 # -- gradient features ----------------------------------------------------------------------
@@ -317,7 +318,7 @@ def stage_train_shard(
         features.save(tmp)
         manifest["ref"] = {"n_samples": len(features.ids), "shard": shard}
         manifest["metadata"] = {"shard": shard, **_feature_metadata(features, gradients, gradient_type)}
-    return _reuse(store, "training_gradients", fp, directory)
+    return _reuse(store, "training_gradients", fp, directory, built=True)
 
 
 def load_benchmark(benchmarks_dir: Path, name: str, default_image_root: Path | None) -> LoadedRecords:
@@ -371,7 +372,7 @@ def stage_validation(
             "subtasks": subtasks,
             **_feature_metadata(features, gradients, "sgd"),
         }
-    return _reuse(store, "validation_gradients", fp, directory)
+    return _reuse(store, "validation_gradients", fp, directory, built=True)
 
 
 # -- task_influence -----------------------------------------------------------------------
@@ -450,7 +451,7 @@ def stage_influence(
         frame.write_parquet(tmp / INFLUENCE_FILE)
         manifest["ref"] = {"benchmark": benchmark, "n_train": len(ids)}
         manifest["metadata"] = metadata
-    return _reuse(store, "task_influence", fp, directory)
+    return _reuse(store, "task_influence", fp, directory, built=True)
 
 
 def family_column(manifest_df: pl.DataFrame, ids: list[str]) -> list[str] | None:
@@ -530,7 +531,7 @@ def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, dict], sele
         write_json(tmp / "thresholds.json", metadata["thresholds"])
         manifest["ref"] = {"benchmarks": benchmarks, "n_samples": len(ids), "influence": {b: influence_refs[b]["fingerprint"] for b in benchmarks}}
         manifest["metadata"] = metadata
-    return _reuse(store, "vote_table", fp, directory)
+    return _reuse(store, "vote_table", fp, directory, built=True)
 
 
 # -- selected_subset ----------------------------------------------------------------------
@@ -589,7 +590,7 @@ def _build_subset(store, fp, directory, pool_ref, vote_ref, selection, lineage) 
         frame.sort("rank").write_parquet(tmp / SUBSET_PARQUET)
         manifest["ref"] = {"n_selected": chosen.n_selected, "benchmarks": benchmarks}
         manifest["metadata"] = metadata
-    return _reuse(store, "selected_subset", fp, directory)
+    return _reuse(store, "selected_subset", fp, directory, built=True)
 
 
 def export_subset(store: ArtifactStore, directory: Path) -> dict[str, str]:

@@ -1,0 +1,34 @@
+"""Shared fixtures: the test-size demo data and the tiny model, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def demo_paths(tmp_path_factory):
+    from icons_dagster.demo.data import generate_demo
+
+    return generate_demo(tmp_path_factory.mktemp("demo") / "data", size="test")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from icons_dagster.demo.build import ensure_demo_model
+
+    return ensure_demo_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="session")
+def demo_records(demo_paths):
+    from icons_dagster.core.records import load_records
+
+    loaded = load_records(demo_paths.pool, demo_paths.image_root)
+    assert not loaded.problems
+    return loaded.records

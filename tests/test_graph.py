@@ -1,0 +1,177 @@
+"""The whole asset graph on a persistent temp Dagster instance (the test ladder's top rungs)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, DagsterInstance, materialize
+
+from icons_dagster.assets import ICONS_ASSETS
+from icons_dagster.core.consensus import subset_size
+from icons_dagster.definitions import build_definitions, build_resources
+from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, train_shard_partitions
+from icons_dagster.resources.home import DEMO_PRESET
+from icons_dagster.runner import run_graph
+
+BENCHMARKS = ("multiple_choice", "yes_no")
+
+
+def config_for(demo_paths, benchmarks_dir: Path, **settings) -> dict:
+    config = json.loads(json.dumps(DEMO_PRESET))
+    config["data"] = {"pool": str(demo_paths.pool), "image_root": str(demo_paths.image_root), "benchmarks": str(benchmarks_dir)}
+    config["settings"].update({"projection_dim": 256, **settings})
+    return config
+
+
+@pytest.fixture(scope="module")
+def two_benchmarks(demo_paths, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("benchmarks")
+    for name in BENCHMARKS:
+        shutil.copytree(demo_paths.benchmarks / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_run(demo_paths, two_benchmarks, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    instance = temp_instance(home)
+    config = config_for(demo_paths, two_benchmarks)
+    summary = run_graph(home, config, instance=instance)
+    summary["hashes"] = {name: sha(summary[name]) for name in ("subset_json", "subset_parquet")}
+    return home, instance, config, summary
+
+
+def temp_instance(folder: Path) -> DagsterInstance:
+    (folder / "dagster").mkdir(parents=True, exist_ok=True)
+    return DagsterInstance.local_temp(str(folder / "dagster"), overrides={"telemetry": {"enabled": False}})
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def latest_metadata(instance, name: str, partition: str | None = None) -> dict:
+    event = instance.get_latest_materialization_event(AssetKey(name)) if partition is None else None
+    if partition is not None:
+        records = instance.fetch_materializations(AssetKey(name), limit=100).records
+        event = next(r.event_log_entry for r in records if r.event_log_entry.dagster_event.partition == partition)
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def test_definitions_load_with_every_asset():
+    defs = build_definitions("/tmp/unused-home", json.loads(json.dumps(DEMO_PRESET)))
+    keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert keys == {a.key.to_user_string() for a in ICONS_ASSETS}
+    assert defs.resolve_job_def("register_benchmarks_job") is not None
+    assert len(train_shard_partitions.get_partition_keys()) >= 3
+
+
+def test_whole_graph_materializes_and_subset_loads(first_run, demo_paths):
+    home, instance, _, summary = first_run
+    assert sorted(instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME)) == sorted(BENCHMARKS)
+    subset = json.loads(Path(summary["subset_json"]).read_text())
+    pool = json.loads(Path(demo_paths.pool).read_text())
+    assert len(subset) == subset_size(len(pool), 0.2)
+    # Original records, untouched.
+    by_id = {r["id"]: r for r in pool}
+    assert all(record == by_id[record["id"]] for record in subset)
+    # Every shard and benchmark partition was materialized in this instance.
+    shards = train_shard_partitions.get_partition_keys()
+    materialized = instance.get_materialized_partitions(AssetKey("training_gradients"))
+    assert materialized == set(shards)
+    assert instance.get_materialized_partitions(AssetKey("task_influence")) == set(BENCHMARKS)
+    subset_meta = latest_metadata(instance, "selected_subset")
+    assert subset_meta["n_selected"] == len(subset)
+    assert "plot_votes_histogram" in subset_meta
+
+
+def test_asset_checks_pass(first_run):
+    _, instance, _, _ = first_run
+    for asset, check in [
+        ("training_gradients", "features_finite_unit_norm"),
+        ("validation_gradients", "features_finite_unit_norm"),
+        ("vote_table", "every_registered_benchmark_voted"),
+        ("selected_subset", "subset_size"),
+    ]:
+        from dagster import AssetCheckKey
+
+        record = instance.event_log_storage.get_latest_asset_check_execution_by_key([AssetCheckKey(AssetKey(asset), check)])
+        execution = record[AssetCheckKey(AssetKey(asset), check)]
+        assert execution.status.value == "SUCCEEDED", (asset, check)
+
+
+def test_demo_has_signal_specialists_enriched_in_own_family(first_run):
+    _, instance, _, _ = first_run
+    for name in BENCHMARKS:
+        meta = latest_metadata(instance, "task_influence", name)
+        assert meta["specialist_family_enrichment"] > 1.0, (name, meta["specialist_family_enrichment"])
+
+
+def test_unchanged_rerun_recomputes_nothing(first_run):
+    home, instance, config, summary = first_run
+    artifacts = home / "artifacts"
+    before = {p: p.stat().st_mtime_ns for p in artifacts.rglob("*") if p.is_file()}
+    subset_hash = summary["hashes"]["subset_json"]
+    run_graph(home, config, instance=instance)
+    after = {p: p.stat().st_mtime_ns for p in artifacts.rglob("*") if p.is_file()}
+    assert after == before
+    for name in ("training_pool", "warmup_checkpoint", "vote_table", "selected_subset"):
+        assert latest_metadata(instance, name)["reused"] is True
+    assert sha(summary["subset_json"]) == subset_hash
+
+
+def test_changed_projector_seed_writes_new_paths(first_run):
+    home, instance, config, _ = first_run
+    old_dirs = {p.name for p in (home / "artifacts" / "training_gradients").iterdir()}
+    changed = json.loads(json.dumps(config))
+    changed["settings"]["projection_seed"] = 1
+    run_graph(home, changed, instance=instance)
+    new_dirs = {p.name for p in (home / "artifacts" / "training_gradients").iterdir()}
+    assert len(new_dirs - old_dirs) == 1 and old_dirs <= new_dirs
+    # The warm-up did not depend on the projector: it was reused.
+    assert latest_metadata(instance, "warmup_checkpoint")["reused"] is True
+    assert latest_metadata(instance, "training_gradients", train_shard_partitions.get_partition_keys()[0])["reused"] is False
+
+
+def test_two_homes_give_byte_identical_subsets(first_run, demo_paths, two_benchmarks, tmp_path):
+    _, _, config, summary = first_run
+    instance = temp_instance(tmp_path)
+    other = run_graph(tmp_path, config, instance=instance)
+    assert sha(other["subset_json"]) == summary["hashes"]["subset_json"]
+    assert sha(other["subset_parquet"]) == summary["hashes"]["subset_parquet"]
+
+
+def test_single_benchmark_partition_still_reaches_vote_as_dict(demo_paths, two_benchmarks, tmp_path):
+    """UPathIOManager hands over a bare object when one partition is mapped; ours keeps the dict."""
+    instance = temp_instance(tmp_path)
+    only = tmp_path / "one"
+    shutil.copytree(two_benchmarks / "yes_no", only / "yes_no")
+    summary = run_graph(tmp_path, config_for(demo_paths, only), instance=instance)
+    assert summary["benchmarks"] == ["yes_no"]
+    assert latest_metadata(instance, "vote_table")["benchmarks"] == ["yes_no"]
+
+
+def test_missing_shard_is_a_clear_error(demo_paths, two_benchmarks, tmp_path):
+    instance = temp_instance(tmp_path)
+    config = config_for(demo_paths, two_benchmarks)
+    resources = build_resources(tmp_path, config)
+    instance.add_dynamic_partitions(BENCHMARKS_PARTITION_NAME, ["yes_no"])
+    head = materialize(ICONS_ASSETS, selection=[AssetKey("training_pool"), AssetKey("warmup_subset"), AssetKey("warmup_checkpoint")], instance=instance, resources=resources)
+    assert head.success
+    result = materialize(
+        ICONS_ASSETS,
+        selection=[AssetKey("validation_gradients"), AssetKey("task_influence")],
+        partition_key="yes_no",
+        instance=instance,
+        resources=resources,
+        raise_on_error=False,
+    )
+    assert not result.success
+    failures = [e for e in result.all_events if e.is_step_failure]
+    error = failures[0].step_failure_data.error
+    assert error.cause.cls_name == "FileNotFoundError"
+    assert "training_gradients[shard-0000] has not been materialized yet" in error.cause.message
