@@ -104,11 +104,17 @@ def test_asset_checks_pass(first_run):
         assert execution.status.value == "SUCCEEDED", (asset, check)
 
 
-def test_demo_has_signal_specialists_enriched_in_own_family(first_run):
-    _, instance, _, _ = first_run
-    for name in BENCHMARKS:
+def test_demo_has_signal_specialists_enriched_in_own_family(tmp_path):
+    """The embedded default, exactly as `icons-dagster demo` runs it, with all its benchmarks."""
+    config = json.loads(json.dumps(DEMO_PRESET))
+    instance = temp_instance(tmp_path)
+    summary = run_graph(tmp_path, config, instance=instance)
+    assert len(summary["benchmarks"]) >= 5
+    for name in summary["benchmarks"]:
         meta = latest_metadata(instance, "task_influence", name)
+        # The benchmark's specialist top-p holds more of its own family than a random p would.
         assert meta["specialist_family_enrichment"] > 1.0, (name, meta["specialist_family_enrichment"])
+    assert latest_metadata(instance, "task_influence", "multiple_choice")["subtask_groups"] == ["color", "shape"]
 
 
 def test_unchanged_rerun_recomputes_nothing(first_run):
