@@ -42,7 +42,18 @@ def first_run(demo_paths, two_benchmarks, tmp_path_factory):
     config = config_for(demo_paths, two_benchmarks)
     summary = run_graph(home, config, instance=instance)
     summary["hashes"] = {name: sha(summary[name]) for name in ("subset_json", "subset_parquet")}
+    summary["feature_hashes"] = feature_hashes(home)
     return home, instance, config, summary
+
+
+def feature_hashes(home: Path) -> dict[str, str]:
+    """sha256 of every shard's and benchmark's current feature file, by partition."""
+    hashes = {}
+    for asset in ("training_gradients", "validation_gradients"):
+        for ref_file in sorted((home / "refs" / asset).glob("*.json")):
+            folder = home / json.loads(ref_file.read_text())["path"]
+            hashes[f"{asset}/{ref_file.stem}"] = sha(folder / "features-checkpoint-0.npy")
+    return hashes
 
 
 def temp_instance(folder: Path) -> DagsterInstance:
@@ -149,6 +160,8 @@ def test_two_homes_give_byte_identical_subsets(first_run, demo_paths, two_benchm
     other = run_graph(tmp_path, config, instance=instance)
     assert sha(other["subset_json"]) == summary["hashes"]["subset_json"]
     assert sha(other["subset_parquet"]) == summary["hashes"]["subset_parquet"]
+    assert feature_hashes(tmp_path) == summary["feature_hashes"]
+    assert len(summary["feature_hashes"]) == len(train_shard_partitions.get_partition_keys()) + len(BENCHMARKS)
 
 
 def test_single_benchmark_partition_still_reaches_vote_as_dict(demo_paths, two_benchmarks, tmp_path):

@@ -1,0 +1,57 @@
+"""The command line: validate reports every problem; demo runs the graph and says where the subset is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from icons_dagster.cli import main
+from icons_dagster.resources.home import read_home_config
+
+
+def write_pool(folder: Path) -> Path:
+    (folder / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(folder / "images" / "a.png")
+    records = [
+        {"id": "ok", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\\nQ?"}, {"from": "gpt", "value": "A"}]},
+        {"id": "escape", "image": "../secret.png", "conversations": [{"from": "human", "value": "<image>\\nQ?"}, {"from": "gpt", "value": "A"}]},
+        {"id": "noanswer", "conversations": [{"from": "human", "value": "Q?"}]},
+        {"id": "ok", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}]},
+    ]
+    path = folder / "pool.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_validate_lists_every_problem_by_id_and_reason(tmp_path, capsys):
+    pool = write_pool(tmp_path)
+    code = main(["validate", "--pool", str(pool), "--image-root", str(tmp_path / "images")])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "1 valid, 3 invalid" in out
+    assert "(id 'escape'): image path escapes the image root" in out
+    assert "(id 'noanswer')" in out and "(id 'ok')" in out and "duplicate" in out
+    assert "3 problem(s) found" in out
+
+
+def test_validate_clean_benchmarks_folder(demo_paths, capsys):
+    code = main(["validate", "--benchmarks", str(demo_paths.benchmarks)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "[yes_no/val]" in out and "[yes_no/test]" in out and "0 problem(s) found" in out
+
+
+def test_demo_command_runs_the_graph_on_a_persistent_home(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "unused"))
+    monkeypatch.setenv("ICONS_HOME", str(tmp_path / "unused"))
+    home = tmp_path / "home"
+    assert main(["--home", str(home), "demo", "--size", "test"]) == 0
+    out = capsys.readouterr().out
+    subset_path = home / "exports" / "selected_subset.json"
+    assert f"selected subset (LLaVA JSON): {subset_path}" in out
+    assert len(json.loads(subset_path.read_text())) == 33  # floor(0.2 * 168)
+    assert read_home_config(home)["data"]["demo_size"] == "test"
+    assert (home / "dagster" / "dagster.yaml").is_file()
+    assert any((home / "dagster").rglob("*.db"))  # runs recorded in the home's instance

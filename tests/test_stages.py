@@ -1,0 +1,103 @@
+"""The stages without Dagster: several checkpoints, Adam features, the store's crash safety."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from icons_dagster.core.config import GradientConfig, LoraSettings, ModelConfig, SelectionConfig, WarmupConfig
+from icons_dagster.core.features import load_features, load_samples
+from icons_dagster.core.pipeline import (
+    ModelCache,
+    stage_influence,
+    stage_pool,
+    stage_selected_subset,
+    stage_train_shard,
+    stage_validation,
+    stage_vote_table,
+    stage_warmup_checkpoint,
+    stage_warmup_subset,
+)
+from icons_dagster.core.store import ArtifactStore
+from icons_dagster.core.warmup import checkpoint_weights
+
+
+@pytest.fixture(scope="module")
+def two_checkpoint_run(demo_paths, tiny_model_dir, tmp_path_factory):
+    store = ArtifactStore(tmp_path_factory.mktemp("store"))
+    models = ModelCache()
+    model = ModelConfig(str(tiny_model_dir), max_length=512)
+    pool = stage_pool(store, demo_paths.pool, demo_paths.image_root, num_shards=2).ref
+    warmup = WarmupConfig(ratio=0.25, epochs=2, num_checkpoints=2, learning_rate=1e-3)
+    subset = stage_warmup_subset(store, pool, warmup).ref
+    ckpt = stage_warmup_checkpoint(store, pool, subset, model, LoraSettings(r=4, alpha=8), warmup, models).ref
+    return store, models, model, pool, ckpt
+
+
+def test_checkpoints_carry_lr_weights(two_checkpoint_run):
+    store, _, _, _, ckpt = two_checkpoint_run
+    entries = ckpt["checkpoints"]
+    assert [e["index"] for e in entries] == [0, 1]
+    lrs = [e["mean_learning_rate"] for e in entries]
+    assert lrs[0] > lrs[1] > 0  # cosine decay: the second epoch's mean LR is lower
+    assert [e["weight"] for e in entries] == pytest.approx(checkpoint_weights(lrs))
+    assert sum(e["weight"] for e in entries) == pytest.approx(1.0)
+    for e in entries:
+        folder = store.absolute(ckpt["path"]) / e["dir"]
+        assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+        assert (folder / "adam_moments.safetensors").is_file()
+
+
+def test_influence_sums_checkpoints_by_lr_weight_with_adam_features(two_checkpoint_run, demo_paths):
+    store, models, model, pool, ckpt = two_checkpoint_run
+    adam = GradientConfig(dim=128, seed=5, train_gradient="adam", batch_size=8)
+    sgd = GradientConfig(dim=128, seed=5, train_gradient="sgd", batch_size=8)
+    shards = {s: stage_train_shard(store, s, pool, ckpt, model, adam, models).ref for s in ("shard-0000", "shard-0001")}
+    sgd_shard = stage_train_shard(store, "shard-0000", pool, ckpt, model, sgd, models).ref
+    assert sgd_shard["path"] != shards["shard-0000"]["path"]
+    adam_features = load_features(store.absolute(shards["shard-0000"]["path"]), 1, mmap=False).astype(np.float32)
+    sgd_features = load_features(store.absolute(sgd_shard["path"]), 1, mmap=False).astype(np.float32)
+    assert adam_features.shape == sgd_features.shape
+    assert not np.allclose(adam_features, sgd_features, atol=1e-2)
+    np.testing.assert_allclose(np.linalg.norm(adam_features, axis=1), 1.0, atol=2e-3)
+
+    val = stage_validation(store, "yes_no", demo_paths.benchmarks, demo_paths.image_root, ckpt, model, sgd, models).ref
+    influence = stage_influence(store, "yes_no", pool, ckpt, shards, val, p=0.2).ref
+    frame = pl.read_parquet(store.absolute(influence["path"]) / "influence.parquet")
+    weights = [e["weight"] for e in ckpt["checkpoints"]]
+    expected = weights[0] * frame["influence_checkpoint_0"].to_numpy() + weights[1] * frame["influence_checkpoint_1"].to_numpy()
+    np.testing.assert_allclose(frame["influence"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    # eq. 3 by brute force for checkpoint 0: mean over validation rows of the cosine.
+    val_dir = store.absolute(val["path"])
+    v = load_features(val_dir, 0, mmap=False).astype(np.float32)
+    t = load_features(store.absolute(shards["shard-0000"]["path"]), 0, mmap=False).astype(np.float32)
+    n0 = len(load_samples(store.absolute(shards["shard-0000"]["path"])))
+    np.testing.assert_allclose(frame["influence_checkpoint_0"].to_numpy()[:n0], (t @ v.T).mean(axis=1), rtol=1e-4, atol=1e-5)
+    # Every pool record is scored exactly once across shards.
+    assert sorted(frame["id"].to_list()) == sorted(r["id"] for r in json.loads(demo_paths.pool.read_text()))
+
+    votes = stage_vote_table(store, {"yes_no": influence}, SelectionConfig(p=0.2)).ref
+    subset = stage_selected_subset(store, pool, votes, SelectionConfig(p=0.2)).ref
+    assert subset["n_selected"] == int(0.2 * frame.height)
+
+
+def test_store_never_trusts_a_half_written_artifact(tmp_path):
+    store = ArtifactStore(tmp_path)
+    target = store.artifact_dir("stage", "abc123", "part")
+    with pytest.raises(RuntimeError):
+        with store.writing(target, {"ok": True}) as tmp:
+            (tmp / "data.npy").write_bytes(b"partial")
+            raise RuntimeError("crash mid-write")
+    assert not target.exists()
+    assert not any(p.name.startswith(".tmp-") for p in target.parent.iterdir())
+    # A folder without the completion manifest (e.g. copied by hand) is not complete.
+    target.mkdir(parents=True)
+    assert not store.is_complete(target)
+    with store.writing(target, {"ok": True}) as tmp:
+        (tmp / "data.npy").write_bytes(b"whole")
+    assert store.is_complete(target) and (target / "data.npy").read_bytes() == b"whole"
+    with pytest.raises(ValueError, match="unsafe path component"):
+        store.artifact_dir("stage", "abc", "../escape")
