@@ -157,7 +157,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from icons_dagster.runner import prepare_instance_home
 
     prepare_instance_home(home)
-    command = ["dagster", "dev", "-m", "icons_dagster.definitions", "-h", args.host, "-p", str(args.port)]
+    command = [sys.executable, "-m", "dagster", "dev", "-m", "icons_dagster.definitions", "-h", args.host, "-p", str(args.port)]
     print(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']} {' '.join(command)}")
     return subprocess.call(command, env=os.environ.copy())
 

@@ -201,23 +201,23 @@ class _ImageResolver:
 
     def check_file(self, path: str, relative: str) -> str:
         """Stat the file (no decode); follow a confined symlink; return the final path."""
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            raise _Invalid(f"image file not found: {path}") from None
-        except OSError as e:
-            raise _Invalid(f"image file not accessible: {path} ({e.strerror or e})") from None
+        st = _stat_image(path, os.lstat)
         if stat.S_ISLNK(st.st_mode):
             path = self.follow_link(path, relative)
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                raise _Invalid(f"image file not found: {path}") from None
-            except OSError as e:
-                raise _Invalid(f"image file not accessible: {path} ({e.strerror or e})") from None
+            st = _stat_image(path, os.stat)
         if not stat.S_ISREG(st.st_mode):
             raise _Invalid(f"image path is not a regular file: {path}")
         return path
+
+
+def _stat_image(path: str, stat_fn) -> os.stat_result:
+    """``stat_fn(path)`` with a missing or unreadable file turned into a record problem."""
+    try:
+        return stat_fn(path)
+    except FileNotFoundError:
+        raise _Invalid(f"image file not found: {path}") from None
+    except OSError as e:
+        raise _Invalid(f"image file not accessible: {path} ({e.strerror or e})") from None
 
 
 def resolve_image_path(image_root: Path, relative: str) -> Path:
