@@ -55,3 +55,29 @@ def test_demo_command_runs_the_graph_on_a_persistent_home(tmp_path, monkeypatch,
     assert read_home_config(home)["data"]["demo_size"] == "test"
     assert (home / "dagster" / "dagster.yaml").is_file()
     assert any((home / "dagster").rglob("*.db"))  # runs recorded in the home's instance
+
+
+def test_run_command_on_a_given_pool_and_benchmarks(demo_paths, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "unused"))
+    monkeypatch.setenv("ICONS_HOME", str(tmp_path / "unused"))
+    benchmarks = tmp_path / "benchmarks"
+    (benchmarks / "counting").mkdir(parents=True)
+    # A benchmark without its own images/ resolves against the shared image root.
+    (benchmarks / "counting" / "val.json").write_text(
+        json.dumps(
+            [
+                {"id": f"v{i}", "image": r["image"], "conversations": r["conversations"]}
+                for i, r in enumerate(r for r in json.loads(demo_paths.pool.read_text()) if r["family"] == "counting")
+            ][:4]
+        )
+    )
+    home = tmp_path / "home"
+    args = ["--home", str(home), "run", "--pool", str(demo_paths.pool), "--image-root", str(demo_paths.image_root)]
+    args += ["--benchmarks", str(benchmarks), "--p", "0.1", "--lora-r", "4", "--lora-alpha", "8", "--projection-dim", "64"]
+    args += ["--max-length", "256", "--warmup-ratio", "0.1"]
+    assert main(args) == 0, capsys.readouterr().err
+    subset = json.loads((home / "exports" / "selected_subset.json").read_text())
+    assert len(subset) == 16  # floor(0.1 * 168)
+    saved = read_home_config(home)
+    assert saved["model"]["lora_r"] == 4 and saved["settings"]["p"] == 0.1
+    assert saved["data"]["pool"] == str(demo_paths.pool.resolve())

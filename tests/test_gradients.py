@@ -133,3 +133,12 @@ def test_dropout_is_off_while_computing_gradients(setup, demo_records):
         first = hooks.full_gradients(collate(samples, pad), placement.device, placement.dtype)
         second = hooks.full_gradients(collate(samples, pad), placement.device, placement.dtype)
     assert np.array_equal(first.numpy(), second.numpy())
+
+
+def test_lora_adapts_only_language_model_linears(setup):
+    model, _, _ = setup
+    adapted = {name.rsplit(".lora_", 1)[0] for name, _ in trainable_parameters(model)}
+    assert adapted and all(".language_model." in name for name in adapted)
+    assert not any(word in name for name in adapted for word in ("vision", "multi_modal_projector", "lm_head"))
+    kinds = {name.rsplit(".", 1)[1] for name in adapted}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

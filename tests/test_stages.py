@@ -65,8 +65,12 @@ def test_influence_sums_checkpoints_by_lr_weight_with_adam_features(two_checkpoi
     np.testing.assert_allclose(np.linalg.norm(adam_features, axis=1), 1.0, atol=2e-3)
 
     val = stage_validation(store, "yes_no", demo_paths.benchmarks, demo_paths.image_root, ckpt, model, sgd, models).ref
-    influence = stage_influence(store, "yes_no", pool, ckpt, shards, val, p=0.2).ref
+    influence = stage_influence(store, "yes_no", pool, ckpt, shards, val, p=0.2, write_full_matrix=True).ref
     frame = pl.read_parquet(store.absolute(influence["path"]) / "influence.parquet")
+    # The full matrix, on request, agrees with the streamed means (eq. 3).
+    matrix = np.load(store.absolute(influence["path"]) / "influence_matrix-checkpoint-1.npy", allow_pickle=False)
+    assert matrix.shape[0] == frame.height
+    np.testing.assert_allclose(matrix.mean(axis=1), frame["influence_checkpoint_1"].to_numpy(), rtol=1e-4, atol=1e-5)
     weights = [e["weight"] for e in ckpt["checkpoints"]]
     expected = weights[0] * frame["influence_checkpoint_0"].to_numpy() + weights[1] * frame["influence_checkpoint_1"].to_numpy()
     np.testing.assert_allclose(frame["influence"].to_numpy(), expected, rtol=1e-5, atol=1e-6)

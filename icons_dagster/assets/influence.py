@@ -34,5 +34,6 @@ def task_influence(
         training_gradients,
         validation_gradients,
         settings.selection().p,
+        write_full_matrix=settings.write_influence_matrix,
     )
     return output(result)

@@ -25,13 +25,13 @@ from icons_dagster.core.config import GradientConfig, LoraSettings, ModelConfig,
 from icons_dagster.core.encoding import ConversationEncoder
 from icons_dagster.core.features import FeatureSet, compute_features, load_features, load_samples
 from icons_dagster.core.fingerprint import fingerprint
-from icons_dagster.core.influence import influence_scores, mean_validation_feature, weighted_influence
+from icons_dagster.core.influence import full_influence_matrix, influence_scores, mean_validation_feature, weighted_influence
 from icons_dagster.core.model import Placement, attach_new_lora, load_base_model, load_lora, load_processor, resolve_placement
 from icons_dagster.core.pool import MANIFEST_FILE, PROBLEMS_FILE, build_manifest, records_from_manifest
 from icons_dagster.core.projection import make_projector
 from icons_dagster.core.records import LoadedRecords, benchmark_image_root, load_records, split_file
 from icons_dagster.core.samples import SkipLog
-from icons_dagster.core.store import ArtifactStore, write_json
+from icons_dagster.core.store import ArtifactStore, save_npy, write_json
 from icons_dagster.core.warmup import checkpoint_weights, load_moments, train_warmup, warmup_indices
 
 Log = Callable[[str], None]
@@ -386,7 +386,9 @@ def stage_influence(
     train_refs: dict[str, dict],
     validation_ref: dict,
     p: float,
+    write_full_matrix: bool = False,
 ) -> StageResult:
+    """Eq. 3 per checkpoint, LR-weighted; ``write_full_matrix`` also stores the |D| x |V| matrix."""
     shards = sorted(train_refs)
     fp = fingerprint(
         "task_influence",
@@ -395,6 +397,7 @@ def stage_influence(
         validation=validation_ref["fingerprint"],
         checkpoint=checkpoint_ref["fingerprint"],
         p=p,
+        full_matrix=write_full_matrix,
     )
     directory = store.artifact_dir("task_influence", fp, benchmark)
     if (reused := _reuse(store, "task_influence", fp, directory)) is not None:
@@ -449,6 +452,13 @@ def stage_influence(
     metadata["plots"] = plots_md
     with _building(store, directory, "task_influence", fp) as (tmp, manifest):
         frame.write_parquet(tmp / INFLUENCE_FILE)
+        if write_full_matrix:
+            for c in range(len(weights)):
+                val_features = load_features(val_dir, c, mmap=False)
+                matrix = np.concatenate(
+                    [full_influence_matrix(load_features(store.absolute(train_refs[s]["path"]), c), val_features) for s in shards]
+                )
+                save_npy(tmp / f"influence_matrix-checkpoint-{c}.npy", matrix)
         manifest["ref"] = {"benchmark": benchmark, "n_train": len(ids)}
         manifest["metadata"] = metadata
     return _reuse(store, "task_influence", fp, directory, built=True)

@@ -114,6 +114,7 @@ class SettingsResource(ConfigurableResource):
     p: float = 0.2
     aggregation: str = "vote"
     task_weights: dict[str, float] = {}
+    write_influence_matrix: bool = False  # also store each benchmark's full |D| x |V| matrix
 
     def warmup(self) -> WarmupConfig:
         return WarmupConfig(
