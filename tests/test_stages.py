@@ -105,3 +105,15 @@ def test_store_never_trusts_a_half_written_artifact(tmp_path):
     assert store.is_complete(target) and (target / "data.npy").read_bytes() == b"whole"
     with pytest.raises(ValueError, match="unsafe path component"):
         store.artifact_dir("stage", "abc", "../escape")
+
+
+def test_an_empty_shard_is_valid_and_scores_nothing(two_checkpoint_run, demo_paths):
+    store, models, model, pool, ckpt = two_checkpoint_run
+    sgd = GradientConfig(dim=64, seed=0, batch_size=8)
+    empty = stage_train_shard(store, "shard-9999", pool, ckpt, model, sgd, models)
+    assert empty.ref["n_samples"] == 0
+    assert load_features(store.absolute(empty.ref["path"]), 0, mmap=False).shape == (0, 64)
+    full = stage_train_shard(store, "shard-0000", pool, ckpt, model, sgd, models).ref
+    val = stage_validation(store, "counting", demo_paths.benchmarks, demo_paths.image_root, ckpt, model, sgd, models).ref
+    scored = stage_influence(store, "counting", pool, ckpt, {"shard-0000": full, "shard-9999": empty.ref}, val, p=0.2).ref
+    assert scored["n_train"] == full["n_samples"]

@@ -134,6 +134,9 @@ def stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, n
         return reused
     log(f"validating pool {pool_path}")
     loaded = load_records(pool_path, image_root)
+    if not loaded.records:
+        first = "; ".join(str(p) for p in loaded.problems[:3])
+        raise ValueError(f"{pool_path}: no valid record ({len(loaded.problems)} invalid, e.g. {first})")
     manifest_df = build_manifest(loaded.records, num_shards)
     with _building(store, directory, "training_pool", fp) as (tmp, manifest):
         manifest_df.write_parquet(tmp / MANIFEST_FILE)
@@ -158,8 +161,16 @@ def problem_dict(problem) -> dict:
     return {"file": problem.file, "index": problem.index, "id": problem.record_id, "reason": problem.reason}
 
 
-def load_pool_manifest(store: ArtifactStore, pool_ref: dict) -> pl.DataFrame:
-    return pl.read_parquet(store.absolute(pool_ref["path"]) / MANIFEST_FILE)
+def load_pool_manifest(
+    store: ArtifactStore, pool_ref: dict, columns: list[str] | None = None, where: pl.Expr | None = None
+) -> pl.DataFrame:
+    """The manifest, or only some of its columns / rows (read lazily: it holds every record's JSON)."""
+    frame = pl.scan_parquet(store.absolute(pool_ref["path"]) / MANIFEST_FILE)
+    if where is not None:
+        frame = frame.filter(where)
+    if columns is not None:
+        frame = frame.select(columns)
+    return frame.collect()
 
 
 # -- warmup_subset ------------------------------------------------------------------------
@@ -170,7 +181,7 @@ def stage_warmup_subset(store: ArtifactStore, pool_ref: dict, config: WarmupConf
     directory = store.artifact_dir("warmup_subset", fp)
     if (reused := _reuse(store, "warmup_subset", fp, directory)) is not None:
         return reused
-    manifest_df = load_pool_manifest(store, pool_ref)
+    manifest_df = load_pool_manifest(store, pool_ref, columns=["id"])
     chosen = warmup_indices(manifest_df.height, config.ratio, config.seed)
     ids = manifest_df["id"].gather(chosen)
     with _building(store, directory, "warmup_subset", fp) as (tmp, manifest):
@@ -200,9 +211,8 @@ def stage_warmup_checkpoint(
     directory = store.artifact_dir("warmup_checkpoint", fp)
     if (reused := _reuse(store, "warmup_checkpoint", fp, directory)) is not None:
         return reused
-    manifest_df = load_pool_manifest(store, pool_ref)
     subset_ids = pl.read_parquet(store.absolute(subset_ref["path"]) / "ids.parquet")["id"]
-    records = records_from_manifest(manifest_df.filter(pl.col("id").is_in(subset_ids.implode())))
+    records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("id").is_in(subset_ids.implode())))
     encoder = models.encoder(model_config)
     placement = models.get(model_config)[2]
     skips = SkipLog()
@@ -310,8 +320,7 @@ def stage_train_shard(
     directory = store.artifact_dir("training_gradients", fp, shard)
     if (reused := _reuse(store, "training_gradients", fp, directory)) is not None:
         return reused
-    manifest_df = load_pool_manifest(store, pool_ref).filter(pl.col("shard") == shard)
-    records = records_from_manifest(manifest_df)
+    records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("shard") == shard))
     log(f"{shard}: gradient features of {len(records)} records")
     features = _features(store, records, checkpoint_ref, model_config, gradients, gradient_type, models, progress)
     with _building(store, directory, "training_gradients", fp) as (tmp, manifest):
@@ -435,14 +444,14 @@ def stage_influence(
         "influence_mean": float(scores.mean()) if len(scores) else 0.0,
         "influence_std": float(scores.std()) if len(scores) else 0.0,
     }
-    manifest_df = load_pool_manifest(store, pool_ref)
-    families = family_column(manifest_df, ids)
+    families = family_column(load_pool_manifest(store, pool_ref, columns=["id", "family"]), ids)
     if len(ids) and families is not None and benchmark in set(families):
         top = analysis.top_fraction_mask(scores, p, ids)
         metadata["specialist_family_enrichment"] = analysis.family_enrichment(top, families, benchmark)
         metadata["specialist_family_shares"] = analysis.family_shares(top, families)
     top_ids = frame.sort(["influence", "id"], descending=[True, False]).head(5)["id"].to_list()
-    metadata["top_samples"] = top_sample_table(manifest_df, top_ids, frame)
+    top_rows = load_pool_manifest(store, pool_ref, columns=["id", "image", "raw_json"], where=pl.col("id").is_in(top_ids))
+    metadata["top_samples"] = top_sample_table(top_rows, top_ids, frame)
     plots_md = {}
     if len(ids):
         threshold = float(consensus.vote_thresholds(scores.reshape(-1, 1), p)[0])
@@ -479,9 +488,8 @@ def first_question(raw_json: str) -> str:
 
 
 def top_sample_table(manifest_df: pl.DataFrame, ids: list[str], frame: pl.DataFrame) -> str:
-    """A markdown table of the most influential samples (id, image, first question)."""
-    rows = manifest_df.filter(pl.col("id").is_in(ids))
-    by_id = {r["id"]: r for r in rows.iter_rows(named=True)}
+    """A markdown table of the most influential samples (id, image, first question); ``manifest_df`` holds their rows."""
+    by_id = {r["id"]: r for r in manifest_df.iter_rows(named=True)}
     scores = dict(zip(frame["id"].to_list(), frame["influence"].to_list(), strict=True))
     lines = ["| id | influence | image | question |", "|---|---|---|---|"]
     for i in ids:
@@ -566,13 +574,12 @@ def _build_subset(store, fp, directory, pool_ref, vote_ref, selection, lineage) 
     scores = np.stack([frame[f"influence__{b}"].to_numpy() for b in benchmarks], axis=1)
     chosen = consensus.select(ids, scores, selection.p, method=selection.method, weights=selection.weights_for(benchmarks))
     frame = frame.with_columns(pl.Series("rank", chosen.rank), pl.Series("selected", chosen.selected))
-    manifest_df = load_pool_manifest(store, pool_ref)
-    raw = dict(zip(manifest_df["id"].to_list(), manifest_df["raw_json"].to_list(), strict=True))
-    selected_ids = set(frame.filter(pl.col("selected"))["id"].to_list())
+    selected_ids = frame.filter(pl.col("selected"))["id"]
     # Original records, untouched, in pool order: LLaVA's training script shuffles itself.
-    subset_records = [raw[i] for i in manifest_df["id"].to_list() if i in selected_ids]
+    subset_records = load_pool_manifest(store, pool_ref, columns=["raw_json"], where=pl.col("id").is_in(selected_ids.implode()))
+    subset_records = subset_records["raw_json"].to_list()
     voted = np.stack([frame[f"vote__{b}"].to_numpy() for b in benchmarks], axis=1)
-    families = family_column(manifest_df, ids)
+    families = family_column(load_pool_manifest(store, pool_ref, columns=["id", "family"]), ids)
     metadata: dict[str, Any] = {
         "n_selected": chosen.n_selected,
         "n_pool": len(ids),
