@@ -88,3 +88,23 @@ def test_collate_pads_right_and_masks(encoder):
     assert (batch.labels[0, a.input_ids.numel() :] == IGNORE_INDEX).all()
     assert batch.image_inputs["pixel_values"].shape[0] == 1  # only the image record's pixels
     assert torch.equal(batch.labels[1, : b.labels.numel()], b.labels)
+
+
+# A template in the llava-hf 1.5 style: roles upper-cased, images first, no end-of-turn token,
+# "ASSISTANT:" as the generation prompt and no generation markers.
+LLAVA_HF_STYLE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_llava_hf_style_template_without_markers(tiny_model_dir):
+    processor = load_processor(ModelConfig(str(tiny_model_dir)))
+    processor.chat_template = LLAVA_HF_STYLE
+    encoder = ConversationEncoder(processor, max_length=512)
+    turns = (Turn("human", "Is there a cat?\n<image>"), Turn("gpt", "Yes"), Turn("human", "Color?"), Turn("gpt", "black"))
+    sample = encoder.encode("r", turns, Image.new("RGB", (32, 32)))
+    assert [a.strip() for a in answers(encoder, sample)] == ["Yes", "black"]
+    assert "USER:" not in "".join(answers(encoder, sample))

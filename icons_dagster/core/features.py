@@ -38,12 +38,14 @@ class FeatureSet:
     norms: list[np.ndarray]  # per checkpoint [n] float32, norm before normalization
     losses: list[np.ndarray]  # per checkpoint [n] float32
     n_answer_tokens: np.ndarray  # [n] int32
+    n_tokens: np.ndarray  # [n] int32, sequence length after truncation (the model's tokenizer)
     subtasks: list[str | None] = field(default_factory=list)
     skips: SkipLog = field(default_factory=SkipLog)
 
     def save(self, directory: Path) -> None:
         table = {
             "id": self.ids,
+            "n_tokens": self.n_tokens,
             "n_answer_tokens": self.n_answer_tokens,
             "subtask": self.subtasks or [None] * len(self.ids),
         }
@@ -85,6 +87,7 @@ def compute_features(
         norms=[],
         losses=[],
         n_answer_tokens=np.array([s.n_answer_tokens for s in samples], dtype=np.int32),
+        n_tokens=np.array([s.input_ids.numel() for s in samples], dtype=np.int32),
         subtasks=[subtask_of[i] for i in ids],
         skips=skips,
     )

@@ -28,6 +28,7 @@ class SkipLog:
             "skipped_count": len(self.entries),
             "skipped": [{"id": i, "reason": r} for i, r in self.entries[:limit]],
             "truncated_count": len(self.truncated),
+            "truncated": self.truncated[:limit],
         }
 
 
