@@ -9,6 +9,7 @@ benchmark; rows are in input order minus the skipped records (listed with reason
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,45 +69,44 @@ def load_features(directory: Path, checkpoint_index: int, mmap: bool = True) -> 
 def compute_features(
     records: Sequence[Record],
     encoder: ConversationEncoder,
-    load_checkpoint_model: Callable[[int], object],
-    num_checkpoints: int,
+    checkpoints: Sequence[Callable[[], AbstractContextManager]],
     projector,
     placement: Placement,
     batch_size: int,
-    moments_for: Callable[[int], AdamMoments | None] = lambda c: None,
+    moments: Sequence[AdamMoments | None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> FeatureSet:
-    """Features of ``records`` at each checkpoint (``load_checkpoint_model(c)`` returns the peft model)."""
+    """Features of ``records`` at each checkpoint; ``checkpoints[c]()`` opens that checkpoint's peft model.
+
+    Records are encoded (and images decoded) batch by batch, so memory stays bounded by the
+    batch size whatever the shard size; skips are logged at the first checkpoint.
+    """
     skips = SkipLog()
-    samples = list(encode_records(encoder, records, skips))
-    ids = [s.id for s in samples]
     subtask_of = {r.id: r.subtask for r in records}
-    result = FeatureSet(
-        ids=ids,
-        features=[],
-        norms=[],
-        losses=[],
-        n_answer_tokens=np.array([s.n_answer_tokens for s in samples], dtype=np.int32),
-        n_tokens=np.array([s.input_ids.numel() for s in samples], dtype=np.int32),
-        subtasks=[subtask_of[i] for i in ids],
-        skips=skips,
-    )
-    total = num_checkpoints * len(samples)
-    done = 0
+    result = FeatureSet(ids=[], features=[], norms=[], losses=[], n_answer_tokens=np.zeros(0, np.int32), n_tokens=np.zeros(0, np.int32), skips=skips)
+    total = len(checkpoints) * len(records)
     pad_id = encoder.tokenizer.pad_token_id
-    for c in range(num_checkpoints):
-        model = load_checkpoint_model(c)
-        moments = moments_for(c)
-        rows, losses = [], []
-        with PerSampleGradients(model) as hooks:
-            for chunk in batched(samples, batch_size):
+    for c, open_model in enumerate(checkpoints):
+        moment = moments[c] if moments is not None else None
+        ids, rows, losses, n_tokens, n_answer = [], [], [], [], []
+        with open_model() as model, PerSampleGradients(model) as hooks:
+            for chunk in batched(encode_records(encoder, records, skips if c == 0 else SkipLog()), batch_size):
                 batch = collate(chunk, pad_id)
-                projected, loss = projected_features(hooks, batch, projector, placement.device, placement.dtype, moments)
+                projected, loss = projected_features(hooks, batch, projector, placement.device, placement.dtype, moment)
                 rows.append(projected.cpu())
                 losses.append(loss.float().cpu())
-                done += len(chunk)
+                ids += batch.ids
+                n_tokens += [s.input_ids.numel() for s in chunk]
+                n_answer += [s.n_answer_tokens for s in chunk]
                 if progress is not None:
-                    progress(done, total)
+                    progress(c * len(records) + len(ids) + len(skips.entries), total)
+        if c == 0:
+            result.ids = ids
+            result.n_tokens = np.array(n_tokens, dtype=np.int32)
+            result.n_answer_tokens = np.array(n_answer, dtype=np.int32)
+            result.subtasks = [subtask_of[i] for i in ids]
+        elif ids != result.ids:
+            raise RuntimeError(f"checkpoint {c} encoded a different set of records than checkpoint 0")
         stacked = torch.cat(rows) if rows else torch.zeros((0, projector.dim))
         unit, norms = normalize_rows(stacked)
         result.features.append(np.asarray(unit, dtype=np.float32).astype(np.float16))

@@ -13,6 +13,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,28 +252,19 @@ def _features(
     models: ModelCache,
     progress: Progress | None,
 ) -> FeatureSet:
+    """Features at every warm-up checkpoint: its adapter loaded once onto the base weights."""
     ckpt_dir = store.absolute(checkpoint_ref["path"])
-    entries = checkpoint_ref["checkpoints"]
-    projector = make_projector(gradients.projector, gradients.dim, gradients.seed)
-    placement = models.get(model_config)[2]
-    encoder = models.encoder(model_config)
-    feature_sets = []
-    # One adapter at a time on the base weights; features per checkpoint are stacked after.
-    result: FeatureSet | None = None
-    for entry in entries:
-        adapter_dir = ckpt_dir / entry["dir"] / "adapter"
-        moments = load_moments(ckpt_dir / entry["dir"], gradients.adam_eps) if gradient_type == "adam" else None
-        with models.with_adapter(model_config, adapter_dir) as peft_model:
-            part = compute_features(
-                records, encoder, lambda _c: peft_model, 1, projector, placement, gradients.batch_size, lambda _c: moments, progress
-            )
-        feature_sets.append(part)
-    result = feature_sets[0]
-    for part in feature_sets[1:]:
-        result.features += part.features
-        result.norms += part.norms
-        result.losses += part.losses
-    return result
+    folders = [ckpt_dir / entry["dir"] for entry in checkpoint_ref["checkpoints"]]
+    return compute_features(
+        records,
+        models.encoder(model_config),
+        [partial(models.with_adapter, model_config, folder / "adapter") for folder in folders],
+        make_projector(gradients.projector, gradients.dim, gradients.seed),
+        models.get(model_config)[2],
+        gradients.batch_size,
+        [load_moments(folder, gradients.adam_eps) if gradient_type == "adam" else None for folder in folders],
+        progress,
+    )
 
 
 def _feature_metadata(features: FeatureSet, gradients: GradientConfig, gradient_type: str) -> dict:
