@@ -18,6 +18,10 @@ from typing import Any
 DAGSTER_YAML = """# Written by icons-dagster: a local instance under the store root.
 telemetry:
   enabled: false
+# vote_table and selected_subset share the pool "icons_selection": one writer at a time.
+concurrency:
+  pools:
+    default_limit: 1
 """
 
 

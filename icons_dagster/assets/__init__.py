@@ -1,5 +1,6 @@
 """Thin asset functions, one module per stage."""
 
+from icons_dagster.assets._context import GROUP, SELECTION_POOL
 from icons_dagster.assets.gradients import training_gradients, validation_gradients
 from icons_dagster.assets.influence import task_influence
 from icons_dagster.assets.pool import training_pool, warmup_subset

@@ -4,11 +4,16 @@
 import time
 from typing import Any
 
-from dagster import AssetExecutionContext, DataVersion, MetadataValue, Output
+from dagster import AssetExecutionContext, AutomationCondition, DataVersion, MetadataValue, Output
 
 from icons_dagster.core.pipeline import StageResult
 
 GROUP = "icons"
+# vote_table and selected_subset claim this pool (limit 1 in the instance's dagster.yaml),
+# so runs that write the vote or the subset never race each other.
+SELECTION_POOL = "icons_selection"
+# New benchmarks' features and influence, then the vote, run by themselves.
+EAGER = AutomationCondition.eager()
 
 
 def throttled_progress(context: AssetExecutionContext, label: str, every_seconds: float = 10.0):

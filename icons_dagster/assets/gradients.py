@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Output, asset
 
-from icons_dagster.assets._context import GROUP, output, throttled_progress
+from icons_dagster.assets._context import EAGER, GROUP, output, throttled_progress
 from icons_dagster.core.pipeline import StageResult, check_features, stage_train_shard, stage_validation
 from icons_dagster.core.store import ArtifactStore
 
@@ -54,6 +54,7 @@ def training_gradients(
     io_manager_key="refs_io_manager",
     partitions_def=benchmark_partitions,
     check_specs=[AssetCheckSpec(FEATURE_CHECK, asset="validation_gradients")],
+    automation_condition=EAGER,
 )
 def validation_gradients(
     context: AssetExecutionContext,

@@ -3,7 +3,7 @@
 
 from dagster import AllPartitionMapping, AssetIn, Output, asset
 
-from icons_dagster.assets._context import GROUP, output
+from icons_dagster.assets._context import EAGER, GROUP, output
 from icons_dagster.core.pipeline import stage_influence
 from icons_dagster.partitions import benchmark_partitions
 from icons_dagster.resources import SettingsResource, StoreResource
@@ -14,6 +14,7 @@ from icons_dagster.resources.refs import ALL_PARTITIONS
     group_name=GROUP,
     io_manager_key="refs_io_manager",
     partitions_def=benchmark_partitions,
+    automation_condition=EAGER,
     ins={"training_gradients": AssetIn(partition_mapping=AllPartitionMapping(), metadata=ALL_PARTITIONS)},
 )
 def task_influence(

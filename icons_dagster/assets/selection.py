@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetIn, Output, asset
 
-from icons_dagster.assets._context import GROUP, output
+from icons_dagster.assets._context import EAGER, GROUP, SELECTION_POOL, output
 from icons_dagster.core.pipeline import check_subset, stage_selected_subset, stage_vote_table
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
 from icons_dagster.resources import ModelResource, SettingsResource, StoreResource
@@ -16,6 +16,8 @@ from icons_dagster.resources.refs import ALL_PARTITIONS
     group_name=GROUP,
     io_manager_key="refs_io_manager",
     ins={"task_influence": AssetIn(metadata=ALL_PARTITIONS)},
+    automation_condition=EAGER,
+    pool=SELECTION_POOL,
     check_specs=[AssetCheckSpec("every_registered_benchmark_voted", asset="vote_table")],
 )
 def vote_table(context: AssetExecutionContext, store: StoreResource, settings: SettingsResource, task_influence: dict) -> Iterator:
@@ -35,6 +37,8 @@ def vote_table(context: AssetExecutionContext, store: StoreResource, settings: S
     group_name=GROUP,
     io_manager_key="refs_io_manager",
     check_specs=[AssetCheckSpec("subset_size", asset="selected_subset")],
+    automation_condition=EAGER,
+    pool=SELECTION_POOL,
 )
 def selected_subset(
     store: StoreResource,

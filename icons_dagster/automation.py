@@ -1,0 +1,77 @@
+"""Benchmarks arrive by folder: the sensor registers them, declarative automation does the rest.
+
+The sensor only changes the benchmark partitions (new valid folder -> added; folder gone
+-> retired, its artifacts kept) and, on a retirement, asks for the vote again. Eager
+automation conditions on validation_gradients, task_influence, vote_table and
+selected_subset then compute exactly the new benchmark's features and influence and redo
+the vote; several new benchmarks arriving together are batched into one vote. Training
+gradients are never part of it.
+"""
+
+from dagster import (
+    AssetKey,
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    ScheduleDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    define_asset_job,
+    sensor,
+)
+
+from icons_dagster.assets import GROUP
+from icons_dagster.core.benchmarks import scan_benchmarks
+from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, benchmark_partitions
+from icons_dagster.resources import DataResource, StoreResource
+
+SELECTION_ASSETS = [AssetKey("vote_table"), AssetKey("selected_subset")]
+DEFAULT_VOTE_CRON = "0 4 * * *"
+
+vote_job = define_asset_job("vote_job", selection=AssetSelection.assets(*SELECTION_ASSETS), description="Redo the vote and the subset.")
+
+
+@sensor(
+    name="benchmark_folder_sensor",
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Registers new benchmark folders as partitions and retires removed ones.",
+)
+def benchmark_folder_sensor(context: SensorEvaluationContext, store: StoreResource, data: DataResource):
+    paths = data.paths(store.store())
+    registered = context.instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME)
+    scan = scan_benchmarks(paths.benchmarks, paths.image_root, registered)
+    for name, reason in scan.invalid.items():
+        context.log.warning(f"benchmark folder {name!r} not registered: {reason}")
+    requests = []
+    if scan.new:
+        context.log.info(f"registering benchmarks: {scan.new}")
+        requests.append(benchmark_partitions.build_add_request(scan.new))
+    run_requests = []
+    if scan.removed:
+        context.log.info(f"retiring benchmarks whose folder is gone (artifacts kept): {scan.removed}")
+        requests.append(benchmark_partitions.build_delete_request(scan.removed))
+        run_requests.append(RunRequest(asset_selection=SELECTION_ASSETS, run_key=f"retire:{','.join(scan.removed)}"))
+    if not requests:
+        skipped = "; ".join(f"{name}: {reason}" for name, reason in scan.invalid.items())
+        return SkipReason(f"no benchmark added or removed{'; invalid: ' + skipped if skipped else ''}")
+    return SensorResult(dynamic_partitions_requests=requests, run_requests=run_requests)
+
+
+icons_automation_sensor = AutomationConditionSensorDefinition(
+    "icons_automation_sensor",
+    target=AssetSelection.groups(GROUP),
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Evaluates the eager conditions: new benchmarks' features and influence, then one vote.",
+)
+
+
+def vote_schedule(cron: str = DEFAULT_VOTE_CRON) -> ScheduleDefinition:
+    """Periodic rerun of the vote and the subset (stopped until a user starts it)."""
+    return ScheduleDefinition(
+        name="vote_schedule", cron_schedule=cron, job=vote_job, default_status=DefaultScheduleStatus.STOPPED
+    )

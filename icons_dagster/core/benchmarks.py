@@ -1,0 +1,54 @@
+"""Which benchmark folders are usable, new, invalid or gone (for the folder sensor and the CLI)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from icons_dagster.core.records import RecordFileError, benchmark_image_root, load_records, split_file
+
+
+@dataclass(frozen=True)
+class BenchmarkScan:
+    present: list[str] = field(default_factory=list)  # valid benchmark folders, sorted
+    new: list[str] = field(default_factory=list)  # valid and not yet registered
+    removed: list[str] = field(default_factory=list)  # registered but the folder is gone
+    invalid: dict[str, str] = field(default_factory=dict)  # folder -> why it is not registered
+
+
+def benchmark_problem(folder: Path, default_image_root: Path | None) -> str | None:
+    """Why ``folder`` cannot serve as a benchmark, or None when its validation set is usable."""
+    val = split_file(folder, "val")
+    if val is None:
+        return f"no val.json or val.jsonl in {folder}"
+    try:
+        loaded = load_records(val, benchmark_image_root(folder, default_image_root))
+    except (RecordFileError, OSError, ValueError) as error:
+        return str(error)
+    if not loaded.records:
+        first = "; ".join(str(p) for p in loaded.problems[:3])
+        return f"{val}: no valid validation record ({len(loaded.problems)} invalid, e.g. {first})"
+    return None
+
+
+def scan_benchmarks(benchmarks_dir: str | Path, default_image_root: Path | None, registered: Iterable[str]) -> BenchmarkScan:
+    """Validate only folders that are not registered yet (a tick stays cheap); report the rest."""
+    root = Path(benchmarks_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"benchmarks folder not found: {root}")
+    known = set(registered)
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    present, new, invalid = [], [], {}
+    for name in folders:
+        if name in known:
+            present.append(name)
+            continue
+        problem = benchmark_problem(root / name, default_image_root)
+        if problem is None:
+            present.append(name)
+            new.append(name)
+        else:
+            invalid[name] = problem
+    removed = sorted(known - set(folders))
+    return BenchmarkScan(present=present, new=new, removed=removed, invalid=invalid)

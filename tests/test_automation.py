@@ -1,0 +1,178 @@
+"""Adding a benchmark recomputes only that benchmark; removing one retires it (real SQLite instance)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, SkipReason, build_sensor_context, evaluate_automation_conditions, materialize
+
+from icons_dagster.assets import ICONS_ASSETS
+from icons_dagster.automation import benchmark_folder_sensor
+from icons_dagster.definitions import build_definitions, build_resources
+from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
+from icons_dagster.resources.home import DEMO_PRESET
+from icons_dagster.runner import prepare_instance_home, run_graph
+
+ASSET_KEYS = [a.key for a in ICONS_ASSETS]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_config(demo_paths, benchmarks: Path) -> dict:
+    config = json.loads(json.dumps(DEMO_PRESET))
+    config["data"] = {"pool": str(demo_paths.pool), "image_root": str(demo_paths.image_root), "benchmarks": str(benchmarks)}
+    config["settings"]["projection_dim"] = 256
+    return config
+
+
+def new_instance(folder: Path) -> DagsterInstance:
+    (folder / "dagster").mkdir(parents=True, exist_ok=True)
+    return DagsterInstance.local_temp(str(folder / "dagster"), overrides={"telemetry": {"enabled": False}})
+
+
+def last_storage_id(instance) -> int:
+    ids = [0]
+    for key in ASSET_KEYS:
+        records = instance.fetch_materializations(key, limit=1).records
+        ids += [r.storage_id for r in records]
+    return max(ids)
+
+
+def materialized_since(instance, storage_id: int) -> list[str]:
+    """Every materialization after ``storage_id`` as 'asset[partition]'."""
+    found = []
+    for key in ASSET_KEYS:
+        records = instance.fetch_materializations(AssetRecordsFilter(asset_key=key, after_storage_id=storage_id), limit=1000).records
+        for record in records:
+            partition = record.event_log_entry.dagster_event.partition
+            found.append(f"{key.to_user_string()}[{partition}]" if partition else key.to_user_string())
+    return sorted(found)
+
+
+def tick(instance, defs, resources) -> None:
+    """One sensor tick, applied as the daemon would (build_sensor_context does not apply it)."""
+    result = benchmark_folder_sensor(build_sensor_context(instance=instance, resources=resources))
+    if isinstance(result, SkipReason):
+        return
+    for request in result.dynamic_partitions_requests:
+        if type(request).__name__ == "AddDynamicPartitionsRequest":
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        else:
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+    for run_request in result.run_requests:
+        assert materialize(ICONS_ASSETS, selection=run_request.asset_selection, instance=instance, resources=resources).success
+
+
+def automate(instance, defs, resources, cursor):
+    """Evaluate the automation conditions and run what they request (grouped by partition, as
+    the daemon does: one run may not mix partitions), until they request nothing."""
+    for _ in range(5):
+        result = evaluate_automation_conditions(defs, instance, cursor=cursor)
+        cursor = result.cursor
+        if not result.total_requested:
+            return cursor
+        by_partition: dict = {}
+        for key in ASSET_KEYS:
+            for partition in result.get_requested_partitions(key):
+                by_partition.setdefault(partition, []).append(key)
+        # Partitioned work first, then the unpartitioned vote and subset once for all of it.
+        for partition in sorted(by_partition, key=lambda p: (p is None, p or "")):
+            ok = materialize(
+                ICONS_ASSETS, selection=by_partition[partition], partition_key=partition, instance=instance, resources=resources
+            ).success
+            assert ok
+    raise AssertionError("automation kept requesting runs")
+
+
+@pytest.fixture
+def world(demo_paths, tmp_path):
+    benchmarks = tmp_path / "benchmarks"
+    for name in ("multiple_choice", "yes_no"):
+        shutil.copytree(demo_paths.benchmarks / name, benchmarks / name)
+    home = tmp_path / "home"
+    instance = new_instance(home)
+    config = make_config(demo_paths, benchmarks)
+    run_graph(home, config, instance=instance)
+    defs = build_definitions(home, config)
+    resources = build_resources(home, config)
+    cursor = evaluate_automation_conditions(defs, instance).cursor  # the baseline after the first fill
+    return benchmarks, home, instance, config, defs, resources, cursor
+
+
+def from_scratch_subset(demo_paths, folder: Path, names: list[str]) -> str:
+    benchmarks = folder / "benchmarks"
+    for name in names:
+        shutil.copytree(demo_paths.benchmarks / name, benchmarks / name)
+    summary = run_graph(folder, make_config(demo_paths, benchmarks), instance=new_instance(folder))
+    return sha(summary["subset_json"])
+
+
+def test_new_benchmark_recomputes_only_its_features_influence_and_the_vote(world, demo_paths, tmp_path):
+    benchmarks, home, instance, config, defs, resources, cursor = world
+    mark = last_storage_id(instance)
+    shutil.copytree(demo_paths.benchmarks / "counting", benchmarks / "counting")
+    tick(instance, defs, resources)
+    assert sorted(instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME)) == ["counting", "multiple_choice", "yes_no"]
+    automate(instance, defs, resources, cursor)
+    assert materialized_since(instance, mark) == [
+        "selected_subset",
+        "task_influence[counting]",
+        "validation_gradients[counting]",
+        "vote_table",
+    ]
+    expected = from_scratch_subset(demo_paths, tmp_path / "scratch3", ["counting", "multiple_choice", "yes_no"])
+    assert sha(home / "exports" / "selected_subset.json") == expected
+
+
+def test_two_new_benchmarks_are_batched_into_one_vote(world, demo_paths):
+    benchmarks, _, instance, _, defs, resources, cursor = world
+    mark = last_storage_id(instance)
+    for name in ("counting", "long_answer"):
+        shutil.copytree(demo_paths.benchmarks / name, benchmarks / name)
+    tick(instance, defs, resources)
+    automate(instance, defs, resources, cursor)
+    done = materialized_since(instance, mark)
+    assert done.count("vote_table") == 1 and done.count("selected_subset") == 1
+    assert {"task_influence[counting]", "task_influence[long_answer]"} <= set(done)
+    assert not any(item.startswith(("training_gradients", "warmup", "training_pool")) for item in done)
+
+
+def test_removed_benchmark_is_retired_and_artifacts_kept(world, demo_paths, tmp_path):
+    benchmarks, home, instance, _, defs, resources, cursor = world
+    kept = sorted((home / "artifacts" / "validation_gradients").rglob("yes_no"))
+    mark = last_storage_id(instance)
+    shutil.rmtree(benchmarks / "yes_no")
+    tick(instance, defs, resources)
+    assert instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME) == ["multiple_choice"]
+    automate(instance, defs, resources, cursor)
+    assert materialized_since(instance, mark) == ["selected_subset", "vote_table"]
+    assert kept and all(path.exists() for path in kept)
+    assert sha(home / "exports" / "selected_subset.json") == from_scratch_subset(demo_paths, tmp_path / "scratch1", ["multiple_choice"])
+
+
+def test_invalid_folder_is_reported_not_registered(world):
+    benchmarks, _, instance, _, _, resources, _ = world
+    (benchmarks / "broken").mkdir()
+    (benchmarks / "broken" / "val.json").write_text("[{not json")
+    (benchmarks / "empty").mkdir()
+    result = benchmark_folder_sensor(build_sensor_context(instance=instance, resources=resources))
+    assert isinstance(result, SkipReason)
+    assert "broken:" in result.skip_message and "malformed" in result.skip_message.lower()
+    assert "empty: no val.json or val.jsonl" in result.skip_message
+    assert sorted(instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME)) == ["multiple_choice", "yes_no"]
+
+
+def test_instance_home_limits_the_selection_pool(tmp_path):
+    prepare_instance_home(tmp_path)
+    text = (tmp_path / "dagster" / "dagster.yaml").read_text()
+    assert "default_limit: 1" in text
+    pools = {a.key.to_user_string(): set(a.node_def.pools) for a in ICONS_ASSETS}
+    assert pools["vote_table"] == pools["selected_subset"] == {"icons_selection"}
+    assert pools["training_gradients"] == set()
