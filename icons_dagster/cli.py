@@ -152,6 +152,22 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Print why a sample is in (or out of) the home's current subset."""
+    from icons_dagster.core.pipeline import explain_sample, explanation_markdown
+    from icons_dagster.core.store import ArtifactStore
+    from icons_dagster.resources.refs import read_ref
+
+    home = resolve_home(args.home)
+    try:
+        explanation = explain_sample(ArtifactStore(home), read_ref(home, "selected_subset"), read_ref(home, "vote_table"), args.sample_id)
+    except (KeyError, FileNotFoundError) as error:
+        print(str(error).strip("'\""), file=sys.stderr)
+        return 2
+    print(explanation_markdown(explanation))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     home = resolve_home(args.home)
     from icons_dagster.runner import prepare_instance_home
@@ -207,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register = sub.add_parser("register-benchmarks", help="register the benchmarks folder's sub-folders as partitions")
     register.set_defaults(func=cmd_register)
+
+    explain = sub.add_parser("explain", help="why is this sample in the subset? per-benchmark influence, votes, rank")
+    explain.add_argument("sample_id")
+    explain.set_defaults(func=cmd_explain)
 
     ui = sub.add_parser("ui", help="open the Dagster UI on the home's instance (binds 127.0.0.1)")
     ui.add_argument("--host", default="127.0.0.1")

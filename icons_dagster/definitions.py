@@ -13,7 +13,9 @@ from dagster import Definitions, in_process_executor
 
 from icons_dagster.assets import ICONS_ASSETS
 from icons_dagster.automation import DEFAULT_VOTE_CRON, benchmark_folder_sensor, icons_automation_sensor, vote_job, vote_schedule
-from icons_dagster.registration import register_benchmarks_job
+from icons_dagster.registration import explain_sample_job, register_benchmarks_job
+from icons_dagster.core.fingerprint import fingerprint
+from icons_dagster.partitions import train_shard_partitions
 from icons_dagster.resources import DataResource, ModelResource, SettingsResource, StoreResource
 from icons_dagster.resources.home import read_home_config, resolve_home
 from icons_dagster.resources.refs import ArtifactRefIOManager
@@ -29,16 +31,54 @@ def build_resources(home: Path, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+ALGORITHM_VERSION = "1"  # bump when a stage's computation changes for the same config
+
+# The settings each asset's output depends on directly (its inputs' versions cover the rest).
+_SETTINGS_OF = {
+    "training_pool": ("data:pool", "data:image_root", "data:demo_size", "num_shards"),
+    "warmup_subset": ("settings:warmup_ratio", "settings:warmup_seed"),
+    "warmup_checkpoint": ("model:*", "settings:learning_rate", "settings:epochs", "settings:num_checkpoints", "settings:warmup_batch_size"),
+    "training_gradients": ("settings:projector", "settings:projection_dim", "settings:projection_seed", "settings:train_gradient", "settings:gradient_batch_size"),
+    "validation_gradients": ("data:benchmarks", "settings:projector", "settings:projection_dim", "settings:projection_seed", "settings:gradient_batch_size"),
+    "task_influence": ("settings:p", "settings:write_influence_matrix"),
+    "vote_table": ("settings:p", "settings:aggregation", "settings:task_weights"),
+    "selected_subset": ("settings:p", "settings:aggregation", "settings:task_weights"),
+}
+
+
+def asset_code_versions(resources: dict[str, Any], num_shards: int) -> dict[str, str]:
+    """Code version of each asset = fingerprint of the settings it depends on, so the UI marks
+    exactly the assets a config change affects (and their downstream) as stale."""
+    values = {f"{section}:{k}": v for section in ("data", "model", "settings") for k, v in resources[section].model_dump().items()}
+    values["num_shards"] = num_shards
+    versions = {}
+    for asset, keys in _SETTINGS_OF.items():
+        picked = {}
+        for key in keys:
+            if key.endswith(":*"):
+                picked.update({k: v for k, v in values.items() if k.startswith(key[:-1])})
+            else:
+                picked[key] = values[key]
+        versions[asset] = f"{ALGORITHM_VERSION}-{fingerprint(asset, **picked)}"
+    return versions
+
+
+def versioned_assets(resources: dict[str, Any], num_shards: int) -> list:
+    versions = asset_code_versions(resources, num_shards)
+    return [a.map_asset_specs(lambda spec: spec.replace_attributes(code_version=versions[spec.key.to_user_string()])) for a in ICONS_ASSETS]
+
+
 def build_definitions(home: str | Path | None = None, config: dict[str, Any] | None = None) -> Definitions:
     """Definitions for one home; ``config`` defaults to the home's icons.json (or the demo)."""
     home_path = resolve_home(home)
     settings = config if config is not None else read_home_config(home_path)
+    resources = build_resources(home_path, settings)
     return Definitions(
-        assets=ICONS_ASSETS,
-        jobs=[register_benchmarks_job, vote_job],
+        assets=versioned_assets(resources, len(train_shard_partitions.get_partition_keys())),
+        jobs=[register_benchmarks_job, explain_sample_job, vote_job],
         sensors=[benchmark_folder_sensor, icons_automation_sensor],
         schedules=[vote_schedule(settings.get("automation", {}).get("vote_cron", DEFAULT_VOTE_CRON))],
-        resources=build_resources(home_path, settings),
+        resources=resources,
         # A subprocess per step would re-import torch and reload the model for every step.
         executor=in_process_executor,
     )

@@ -1,11 +1,13 @@
-"""Registering benchmark partitions from the benchmarks folder (CLI and a UI job)."""
+"""Jobs a user launches from the UI: register benchmark partitions; explain one sample."""
 
 
-from dagster import DagsterInstance, OpExecutionContext, job, op
+from dagster import Config, DagsterInstance, MetadataValue, Nothing, OpExecutionContext, Out, Output, job, op
 
+from icons_dagster.core.pipeline import explain_sample, explanation_markdown
 from icons_dagster.core.records import find_benchmarks
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
 from icons_dagster.resources import DataResource, StoreResource
+from icons_dagster.resources.refs import read_ref
 
 
 def register_benchmarks(instance: DagsterInstance, benchmarks_dir) -> tuple[list[str], list[str]]:
@@ -29,3 +31,23 @@ def register_benchmark_partitions(context: OpExecutionContext, store: StoreResou
 @job(description="Register every benchmark sub-folder of the configured benchmarks folder as a partition.")
 def register_benchmarks_job():
     register_benchmark_partitions()
+
+
+class ExplainConfig(Config):
+    sample_id: str
+
+
+@op(out=Out(Nothing))  # metadata only: nothing is stored
+def explain_selection(context: OpExecutionContext, config: ExplainConfig, store: StoreResource) -> Output:
+    """Why is this sample in (or out)? Its per-benchmark influence, votes and rank."""
+    explanation = explain_sample(
+        store.store(), read_ref(store.root, "selected_subset"), read_ref(store.root, "vote_table"), config.sample_id
+    )
+    markdown = explanation_markdown(explanation)
+    context.log.info(markdown)
+    return Output(None, metadata={"explanation": MetadataValue.md(markdown), "details": MetadataValue.json(explanation)})
+
+
+@job(description="Explain the current subset's decision about one sample (config: sample_id).")
+def explain_sample_job():
+    explain_selection()

@@ -62,8 +62,7 @@ def run_graph(
     """Register benchmarks and materialize the whole graph; returns the subset's location and stats."""
     from dagster import AssetKey, DagsterInstance, materialize
 
-    from icons_dagster.assets import ICONS_ASSETS
-    from icons_dagster.definitions import build_resources
+    from icons_dagster.definitions import build_resources, versioned_assets
     from icons_dagster.partitions import train_shard_partitions
     from icons_dagster.registration import register_benchmarks
     from icons_dagster.resources import DataResource, StoreResource
@@ -77,13 +76,15 @@ def run_graph(
     benchmarks, _ = register_benchmarks(instance, paths.benchmarks)
     if not benchmarks:
         raise ValueError(f"no benchmark with a val.json / val.jsonl under {paths.benchmarks}")
-    steps = plan_steps(train_shard_partitions.get_partition_keys(), benchmarks)
+    shards = train_shard_partitions.get_partition_keys()
+    assets = versioned_assets(resources, len(shards))  # code versions = settings fingerprints
+    steps = plan_steps(shards, benchmarks)
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     for index, step in enumerate(steps):
         if on_step is not None:
             on_step(index, len(steps), step)
         result = materialize(
-            ICONS_ASSETS,
+            assets,
             selection=[AssetKey(name) for name in step.assets],
             partition_key=step.partition,
             instance=instance,

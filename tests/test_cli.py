@@ -56,6 +56,18 @@ def test_demo_command_runs_the_graph_on_a_persistent_home(tmp_path, monkeypatch,
     assert (home / "dagster" / "dagster.yaml").is_file()
     assert any((home / "dagster").rglob("*.db"))  # runs recorded in the home's instance
 
+    # Why is a sample in? Its votes and rank agree with the Parquet table of every sample.
+    import polars as pl
+
+    table = pl.read_parquet(home / "exports" / "selected_subset.parquet")
+    first = table.row(0, named=True)
+    assert main(["--home", str(home), "explain", first["id"]]) == 0
+    out = capsys.readouterr().out
+    assert f"**{first['id']}**: selected, rank 1 of 168" in out
+    assert f"{first['votes']} vote(s)" in out
+    assert out.count("| yes |") == first["votes"]
+    assert main(["--home", str(home), "explain", "no-such-id"]) == 2
+
 
 def test_run_command_on_a_given_pool_and_benchmarks(demo_paths, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "unused"))

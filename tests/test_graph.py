@@ -194,3 +194,38 @@ def test_missing_shard_is_a_clear_error(demo_paths, two_benchmarks, tmp_path):
     error = failures[0].step_failure_data.error
     assert error.cause.cls_name == "FileNotFoundError"
     assert "training_gradients[shard-0000] has not been materialized yet" in error.cause.message
+
+
+def test_code_versions_follow_exactly_the_settings_an_asset_depends_on():
+    from icons_dagster.definitions import asset_code_versions
+
+    base = json.loads(json.dumps(DEMO_PRESET))
+    seed = json.loads(json.dumps(base))
+    seed["settings"]["projection_seed"] = 9
+    p = json.loads(json.dumps(base))
+    p["settings"]["p"] = 0.3
+    lora = json.loads(json.dumps(base))
+    lora["model"]["lora_r"] = 16
+
+    def versions(config):
+        return asset_code_versions(build_resources(Path("/tmp/unused"), config), 4)
+
+    def changed(config):
+        return {k for k, v in versions(config).items() if v != versions(base)[k]}
+
+    assert changed(seed) == {"training_gradients", "validation_gradients"}
+    assert changed(p) == {"task_influence", "vote_table", "selected_subset"}
+    assert changed(lora) == {"warmup_checkpoint"}
+    assert versions(base) == versions(json.loads(json.dumps(base)))
+
+
+def test_materializations_record_code_versions_and_lineage(first_run):
+    _, instance, _, _ = first_run
+    event = instance.get_latest_materialization_event(AssetKey("selected_subset"))
+    tags = event.asset_materialization.tags
+    assert tags.get("dagster/code_version", "").startswith("1-")
+    meta = latest_metadata(instance, "selected_subset")
+    lineage = meta["lineage"]
+    assert set(lineage["benchmark_content_sha256"]) == set(BENCHMARKS)
+    assert lineage["checkpoints"][0]["weight"] == 1.0 and lineage["gradients"]["projector"] == "countsketch"
+    assert set(meta["inputs"]) == {"vote_table", "training_pool"}

@@ -59,6 +59,7 @@ def selected_subset(
         "vote_table": vote_table["fingerprint"],
         "benchmarks": vote_table.get("benchmarks"),
         "task_influence": vote_table.get("influence"),
+        "benchmark_content_sha256": vote_table.get("benchmark_content_sha256"),
         "gradients": settings.gradients().__dict__,
         "selection": {"p": settings.p, "aggregation": settings.aggregation, "task_weights": settings.task_weights},
     }

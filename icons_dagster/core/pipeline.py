@@ -72,13 +72,18 @@ def _reuse(store: ArtifactStore, stage: str, fp: str, directory: Path, *, built:
 
 
 @contextmanager
-def _building(store: ArtifactStore, directory: Path, stage: str, fp: str) -> Iterator[tuple[Path, dict]]:
-    """Yield (tmp folder, manifest dict to fill with "metadata" and "ref"); commit on exit."""
+def _building(store: ArtifactStore, directory: Path, stage: str, fp: str, inputs: dict) -> Iterator[tuple[Path, dict]]:
+    """Yield (tmp folder, manifest dict to fill with "metadata" and "ref"); commit on exit.
+
+    ``inputs`` (the fingerprints of what this artifact was made from) is recorded in its
+    metadata: the lineage a user reads in the UI.
+    """
     manifest: dict[str, Any] = {"stage": stage, "fingerprint": fp, "metadata": {}, "ref": {}}
     with store.writing(directory, manifest) as tmp:
         start = time.perf_counter()
         yield tmp, manifest
         manifest["metadata"]["seconds"] = round(time.perf_counter() - start, 3)
+        manifest["metadata"]["inputs"] = inputs
 
 
 # -- models -------------------------------------------------------------------------------
@@ -139,7 +144,7 @@ def stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, n
         first = "; ".join(str(p) for p in loaded.problems[:3])
         raise ValueError(f"{pool_path}: no valid record ({len(loaded.problems)} invalid, e.g. {first})")
     manifest_df = build_manifest(loaded.records, num_shards)
-    with _building(store, directory, "training_pool", fp) as (tmp, manifest):
+    with _building(store, directory, "training_pool", fp, {"pool_content_sha256": content, "image_root": str(image_root)}) as (tmp, manifest):
         manifest_df.write_parquet(tmp / MANIFEST_FILE)
         write_json(tmp / PROBLEMS_FILE, [problem_dict(p) for p in loaded.problems])
         shard_counts = dict(sorted(manifest_df.group_by("shard").len().iter_rows()))
@@ -185,7 +190,7 @@ def stage_warmup_subset(store: ArtifactStore, pool_ref: dict, config: WarmupConf
     manifest_df = load_pool_manifest(store, pool_ref, columns=["id"])
     chosen = warmup_indices(manifest_df.height, config.ratio, config.seed)
     ids = manifest_df["id"].gather(chosen)
-    with _building(store, directory, "warmup_subset", fp) as (tmp, manifest):
+    with _building(store, directory, "warmup_subset", fp, {"training_pool": pool_ref["fingerprint"]}) as (tmp, manifest):
         pl.DataFrame({"id": ids}).write_parquet(tmp / "ids.parquet")
         manifest["ref"] = {"n_records": len(ids)}
         manifest["metadata"] = {"n_records": len(ids), "ratio": config.ratio, "seed": config.seed}
@@ -217,7 +222,7 @@ def stage_warmup_checkpoint(
     encoder = models.encoder(model_config)
     placement = models.get(model_config)[2]
     skips = SkipLog()
-    with _building(store, directory, "warmup_checkpoint", fp) as (tmp, manifest):
+    with _building(store, directory, "warmup_checkpoint", fp, {"warmup_subset": subset_ref["fingerprint"], "model": model_fingerprint_fields(model_config)}) as (tmp, manifest):
         log(f"warm-up: {len(records)} records, {config.epochs} epoch(s), {config.num_checkpoints} checkpoint(s)")
         with models.with_adapter(model_config, None, lora, config.seed) as peft_model:
             checkpoints = train_warmup(peft_model, encoder, records, config, placement, tmp, skips, progress)
@@ -315,7 +320,7 @@ def stage_train_shard(
     records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("shard") == shard))
     log(f"{shard}: gradient features of {len(records)} records")
     features = _features(store, records, checkpoint_ref, model_config, gradients, gradient_type, models, progress)
-    with _building(store, directory, "training_gradients", fp) as (tmp, manifest):
+    with _building(store, directory, "training_gradients", fp, {"training_pool": pool_ref["fingerprint"], "warmup_checkpoint": checkpoint_ref["fingerprint"]}) as (tmp, manifest):
         features.save(tmp)
         manifest["ref"] = {"n_samples": len(features.ids), "shard": shard}
         manifest["metadata"] = {"shard": shard, **_feature_metadata(features, gradients, gradient_type)}
@@ -362,7 +367,7 @@ def stage_validation(
         raise ValueError(f"benchmark {benchmark!r}: every validation record was skipped: {features.skips.entries[:5]}")
     for skip_id, reason in [(p.record_id or f"#{p.index}", p.reason) for p in loaded.problems]:
         features.skips.add(skip_id, reason)
-    with _building(store, directory, "validation_gradients", fp) as (tmp, manifest):
+    with _building(store, directory, "validation_gradients", fp, {"benchmark_content_sha256": loaded.content_sha256, "warmup_checkpoint": checkpoint_ref["fingerprint"]}) as (tmp, manifest):
         features.save(tmp)
         subtasks = sorted({s for s in features.subtasks if s})
         manifest["ref"] = {"n_samples": len(features.ids), "benchmark": benchmark, "content_sha256": loaded.content_sha256}
@@ -451,7 +456,7 @@ def stage_influence(
             plots.histogram_png(scores, f"{benchmark}: influence", "mean cosine to validation", threshold), "influence histogram"
         )
     metadata["plots"] = plots_md
-    with _building(store, directory, "task_influence", fp) as (tmp, manifest):
+    with _building(store, directory, "task_influence", fp, {"training_gradients": {s: train_refs[s]["fingerprint"] for s in shards}, "validation_gradients": validation_ref["fingerprint"]}) as (tmp, manifest):
         frame.write_parquet(tmp / INFLUENCE_FILE)
         if write_full_matrix:
             for c in range(len(weights)):
@@ -460,7 +465,12 @@ def stage_influence(
                     [full_influence_matrix(load_features(store.absolute(train_refs[s]["path"]), c), val_features) for s in shards]
                 )
                 save_npy(tmp / f"influence_matrix-checkpoint-{c}.npy", matrix)
-        manifest["ref"] = {"benchmark": benchmark, "n_train": len(ids)}
+        manifest["ref"] = {
+            "benchmark": benchmark,
+            "n_train": len(ids),
+            "benchmark_content_sha256": validation_ref.get("content_sha256"),
+            "validation": validation_ref["fingerprint"],
+        }
         manifest["metadata"] = metadata
     return _reuse(store, "task_influence", fp, directory, built=True)
 
@@ -536,10 +546,15 @@ def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, dict], sele
             "task_overlap": plots.markdown_image(plots.heatmap_png(overlap, names, "overlap of per-task top-p voters"), "overlap"),
         },
     }
-    with _building(store, directory, "vote_table", fp) as (tmp, manifest):
+    with _building(store, directory, "vote_table", fp, {"task_influence": {b: influence_refs[b]["fingerprint"] for b in benchmarks}}) as (tmp, manifest):
         frame.write_parquet(tmp / VOTE_TABLE_FILE)
         write_json(tmp / "thresholds.json", metadata["thresholds"])
-        manifest["ref"] = {"benchmarks": benchmarks, "n_samples": len(ids), "influence": {b: influence_refs[b]["fingerprint"] for b in benchmarks}}
+        manifest["ref"] = {
+            "benchmarks": benchmarks,
+            "n_samples": len(ids),
+            "influence": {b: influence_refs[b]["fingerprint"] for b in benchmarks},
+            "benchmark_content_sha256": {b: influence_refs[b].get("benchmark_content_sha256") for b in benchmarks},
+        }
         manifest["metadata"] = metadata
     return _reuse(store, "vote_table", fp, directory, built=True)
 
@@ -594,7 +609,7 @@ def _build_subset(store, fp, directory, pool_ref, vote_ref, selection, lineage) 
     }
     if families is not None:
         metadata["family_shares"] = analysis.family_shares(chosen.selected, families)
-    with _building(store, directory, "selected_subset", fp) as (tmp, manifest):
+    with _building(store, directory, "selected_subset", fp, {"vote_table": vote_ref["fingerprint"], "training_pool": pool_ref["fingerprint"]}) as (tmp, manifest):
         (tmp / SUBSET_JSON).write_text("[" + ",\n".join(subset_records) + "]\n", encoding="utf-8")
         frame.sort("rank").write_parquet(tmp / SUBSET_PARQUET)
         manifest["ref"] = {"n_selected": chosen.n_selected, "benchmarks": benchmarks}
@@ -643,3 +658,54 @@ def check_subset(store: ArtifactStore, ref: dict, n_pool: int, p: float) -> tupl
     ids = [r.get("id") for r in records]
     passed = len(records) == expected and len(set(ids)) == len(ids)
     return passed, {"n_records": len(records), "expected": expected, "fraction": len(records) / max(1, n_pool)}
+
+
+# -- why is this sample in? ------------------------------------------------------------------
+
+
+def explain_sample(store: ArtifactStore, subset_ref: dict, vote_ref: dict, sample_id: str) -> dict[str, Any]:
+    """A sample's per-benchmark influence, threshold, vote and percentile, its votes and rank."""
+    subset_dir = store.absolute(subset_ref["path"])
+    frame = pl.read_parquet(subset_dir / SUBSET_PARQUET)
+    row = frame.filter(pl.col("id") == sample_id)
+    if row.height == 0:
+        raise KeyError(f"sample {sample_id!r} is not in the scored pool ({subset_dir / SUBSET_PARQUET})")
+    thresholds = json.loads((store.absolute(vote_ref["path"]) / "thresholds.json").read_text(encoding="utf-8"))
+    record = row.row(0, named=True)
+    per_benchmark = {}
+    for name in vote_ref["benchmarks"]:
+        column = frame[f"influence__{name}"].to_numpy()
+        value = record[f"influence__{name}"]
+        per_benchmark[name] = {
+            "influence": value,
+            "threshold": thresholds[name],
+            "vote": bool(record[f"vote__{name}"]),
+            "percentile": float((column < value).mean()),
+        }
+    manifest = store.read_manifest(subset_dir)["metadata"]
+    return {
+        "id": sample_id,
+        "selected": bool(record["selected"]),
+        "rank": int(record["rank"]),
+        "votes": int(record["votes"]),
+        "n_pool": frame.height,
+        "n_selected": manifest["n_selected"],
+        "cutoff_votes": manifest["cutoff_value"],
+        "mean_percentile_rank": float(record["mean_percentile_rank"]),
+        "benchmarks": per_benchmark,
+    }
+
+
+def explanation_markdown(explanation: dict[str, Any]) -> str:
+    verdict = "selected" if explanation["selected"] else "not selected"
+    lines = [
+        f"**{explanation['id']}**: {verdict}, rank {explanation['rank']} of {explanation['n_pool']} "
+        f"(the subset is the top {explanation['n_selected']}; cutoff at {explanation['cutoff_votes']} votes), "
+        f"{explanation['votes']} vote(s), mean percentile rank {explanation['mean_percentile_rank']:.3f}",
+        "",
+        "| benchmark | influence | threshold | vote | percentile |",
+        "|---|---|---|---|---|",
+    ]
+    for name, item in explanation["benchmarks"].items():
+        lines.append(f"| {name} | {item['influence']:.4f} | {item['threshold']:.4f} | {'yes' if item['vote'] else 'no'} | {item['percentile']:.3f} |")
+    return "\n".join(lines)

@@ -21,6 +21,14 @@ ALL_PARTITIONS = {"all_partitions": True}
 UNPARTITIONED = "__unpartitioned__"
 
 
+def read_ref(root: str | Path, asset: str, partition: str | None = None) -> dict:
+    """The current reference of an asset (partition), as the IO manager stored it."""
+    path = Path(root) / "refs" / asset / f"{partition or UNPARTITIONED}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{asset}{f'[{partition}]' if partition else ''} has not been materialized yet (no reference at {path})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 class ArtifactRefIOManager(ConfigurableIOManager):
     root: str
 
@@ -36,11 +44,7 @@ class ArtifactRefIOManager(ConfigurableIOManager):
         write_json(path, obj)
 
     def _read(self, asset_path: list[str], partition: str | None, asset_name: str) -> dict:
-        path = self._path(asset_path, partition)
-        if not path.is_file():
-            where = f"{asset_name}[{partition}]" if partition else asset_name
-            raise FileNotFoundError(f"{where} has not been materialized yet (no reference at {path})")
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_ref(self.root, "/".join(asset_path), partition)
 
     def load_input(self, context: InputContext):
         asset_path = context.asset_key.path
