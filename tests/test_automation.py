@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, SkipReason, build_sensor_context, evaluate_automation_conditions, materialize
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, SkipReason, build_sensor_context, evaluate_automation_conditions
 
 from icons_dagster.assets import ICONS_ASSETS
 from icons_dagster.automation import benchmark_folder_sensor
+from icons_dagster.daemon_emulation import apply_benchmark_sensor, run_automation
 from icons_dagster.definitions import build_definitions, build_resources
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
 from icons_dagster.resources.home import DEMO_PRESET
@@ -56,39 +57,11 @@ def materialized_since(instance, storage_id: int) -> list[str]:
 
 
 def tick(instance, defs, resources) -> None:
-    """One sensor tick, applied as the daemon would (build_sensor_context does not apply it)."""
-    result = benchmark_folder_sensor(build_sensor_context(instance=instance, resources=resources))
-    if isinstance(result, SkipReason):
-        return
-    for request in result.dynamic_partitions_requests:
-        if type(request).__name__ == "AddDynamicPartitionsRequest":
-            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-        else:
-            for key in request.partition_keys:
-                instance.delete_dynamic_partition(request.partitions_def_name, key)
-    for run_request in result.run_requests:
-        assert materialize(ICONS_ASSETS, selection=run_request.asset_selection, instance=instance, resources=resources).success
+    apply_benchmark_sensor(instance, ICONS_ASSETS, resources)
 
 
 def automate(instance, defs, resources, cursor):
-    """Evaluate the automation conditions and run what they request (grouped by partition, as
-    the daemon does: one run may not mix partitions), until they request nothing."""
-    for _ in range(5):
-        result = evaluate_automation_conditions(defs, instance, cursor=cursor)
-        cursor = result.cursor
-        if not result.total_requested:
-            return cursor
-        by_partition: dict = {}
-        for key in ASSET_KEYS:
-            for partition in result.get_requested_partitions(key):
-                by_partition.setdefault(partition, []).append(key)
-        # Partitioned work first, then the unpartitioned vote and subset once for all of it.
-        for partition in sorted(by_partition, key=lambda p: (p is None, p or "")):
-            ok = materialize(
-                ICONS_ASSETS, selection=by_partition[partition], partition_key=partition, instance=instance, resources=resources
-            ).success
-            assert ok
-    raise AssertionError("automation kept requesting runs")
+    return run_automation(instance, defs, ICONS_ASSETS, resources, cursor)
 
 
 @pytest.fixture
