@@ -14,7 +14,7 @@ from dagster import Definitions, in_process_executor
 from icons_dagster.assets import ICONS_ASSETS
 from icons_dagster.automation import DEFAULT_VOTE_CRON, benchmark_folder_sensor, icons_automation_sensor, vote_job, vote_schedule
 from icons_dagster.registration import explain_sample_job, register_benchmarks_job
-from icons_dagster.core.fingerprint import fingerprint
+from icons_dagster.core.fingerprint import ALGORITHM_VERSION, fingerprint
 from icons_dagster.partitions import train_shard_partitions
 from icons_dagster.resources import DataResource, ModelResource, SettingsResource, StoreResource
 from icons_dagster.resources.home import read_home_config, resolve_home
@@ -30,8 +30,6 @@ def build_resources(home: Path, config: dict[str, Any]) -> dict[str, Any]:
         "refs_io_manager": ArtifactRefIOManager(root=str(home)),
     }
 
-
-ALGORITHM_VERSION = "1"  # bump when a stage's computation changes for the same config
 
 # The settings each asset's output depends on directly (its inputs' versions cover the rest).
 _SETTINGS_OF = {

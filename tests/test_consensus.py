@@ -249,3 +249,77 @@ def test_select_rejects_bad_input():
         select(["a", "b", "c"], np.array([[np.nan, 0], [0, 0], [0, 0]]), 0.5)
     with pytest.raises(ValueError):
         select(["a", "b", "c"], s, 0.5, method="median")
+
+
+# --- the fast paths give the reference results --------------------------------------------
+
+from icons_dagster.core import consensus as _consensus  # noqa: E402
+
+
+def _reference_order(ids, s, p, method, hash_fn):
+    """The documented order spelled out: lexsort over (id, hash of every id, -rank sum, -agg)."""
+    n = s.shape[0]
+    r2sum = _consensus._rank_sums2(s).sum(axis=1)
+    agg = aggregate(s, method, p=p if method == "vote" else None)
+    h = hash_fn(ids)
+    keys = [h, -r2sum, -agg]
+    if np.unique(h).size != n:
+        _, str_rank = np.unique(np.asarray(ids, dtype=str), return_inverse=True)
+        keys.insert(0, str_rank.reshape(-1))
+    return np.lexsort(keys)
+
+
+@pytest.mark.parametrize("method", ["vote", "mean", "rank", "norm"])
+def test_selection_hashes_only_tied_rows_and_matches_reference(monkeypatch, method):
+    rng = np.random.default_rng(21)
+    hashed = []
+
+    def counting_hash(ids):
+        hashed.append(len(ids))
+        return id_hash(ids)
+
+    monkeypatch.setattr(_consensus, "id_hash", counting_hash)
+    for n in (2, 3, 37, 400):
+        s = rng.integers(0, 4, size=(n, 3)).astype(np.float64) / 3
+        if n > 10:
+            s[: n // 4] = s[0]  # a block of identical rows: only the hash orders them
+            s[n // 2 :, 0] = -0.0 if n % 2 else 0.0
+        ids = [f"r{i}" for i in rng.permutation(n)]
+        hashed.clear()
+        sel = select(ids, s, 0.5, method=method)
+        np.testing.assert_array_equal(sel.order, _reference_order(ids, s, 0.5, method, id_hash))
+        r2sum = _consensus._rank_sums2(s).sum(axis=1)
+        agg = aggregate(s, method, p=0.5 if method == "vote" else None)
+        pairs = list(zip(agg.tolist(), r2sum.tolist()))
+        n_shared = sum(pairs.count(pair) > 1 for pair in pairs)
+        assert sum(hashed) == n_shared  # unique (agg, rank-sum) rows are never hashed
+
+
+def test_selection_hash_collision_falls_back_to_id_string(monkeypatch):
+    def colliding_hash(ids):  # every id collides with every other
+        return np.zeros(len(ids), dtype=np.uint64)
+
+    monkeypatch.setattr(_consensus, "id_hash", colliding_hash)
+    s = np.array([[1.0], [1.0], [2.0], [1.0]])
+    ids = ["b", "c", "z", "a"]
+    sel = select(ids, s, 0.5, method="mean")
+    assert [ids[i] for i in sel.order] == ["z", "a", "b", "c"]
+    np.testing.assert_array_equal(sel.order, _reference_order(ids, s, 0.5, "mean", colliding_hash))
+
+
+def test_norm_matches_two_full_sorts():
+    rng = np.random.default_rng(22)
+    for trial in range(50):
+        n, k = int(rng.integers(1, 60)), int(rng.integers(1, 4))
+        s = rng.standard_normal((n, k)) if trial % 2 else rng.integers(-2, 3, size=(n, k)).astype(np.float32)
+        x = s.astype(np.float64)
+        mu = np.sort(x, axis=0).sum(axis=0) / n
+        dev = x - mu[None, :]
+        sd = np.sqrt(np.sort(dev * dev, axis=0).sum(axis=0) / n)
+        z = np.zeros_like(x)
+        ok = sd > 0
+        z[:, ok] = dev[:, ok] / sd[ok][None, :]
+        want = np.zeros(n)
+        for c in range(k):
+            want += z[:, c]
+        np.testing.assert_array_equal(aggregate(s, "norm"), want / k)

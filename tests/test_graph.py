@@ -12,6 +12,7 @@ from dagster import AssetKey, DagsterInstance, materialize
 
 from icons_dagster.assets import ICONS_ASSETS
 from icons_dagster.core.consensus import subset_size
+from icons_dagster.core.fingerprint import ALGORITHM_VERSION
 from icons_dagster.definitions import build_definitions, build_resources
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, train_shard_partitions
 from icons_dagster.resources.home import DEMO_PRESET
@@ -223,7 +224,7 @@ def test_materializations_record_code_versions_and_lineage(first_run):
     _, instance, _, _ = first_run
     event = instance.get_latest_materialization_event(AssetKey("selected_subset"))
     tags = event.asset_materialization.tags
-    assert tags.get("dagster/code_version", "").startswith("1-")
+    assert tags.get("dagster/code_version", "").startswith(f"{ALGORITHM_VERSION}-")
     meta = latest_metadata(instance, "selected_subset")
     lineage = meta["lineage"]
     assert set(lineage["benchmark_content_sha256"]) == set(BENCHMARKS)

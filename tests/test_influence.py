@@ -128,3 +128,213 @@ def test_shape_checks():
         full_influence_matrix(np.zeros((3, 4), np.float16), np.zeros((2, 5), np.float16))
     with pytest.raises(ValueError):
         influence_scores(np.zeros((3, 4), np.float16), np.zeros((1, 4), np.float32), chunk_rows=0)
+
+
+# --- streaming reads (iter_npy_rows) and the many-benchmark pass --------------------------
+
+import mmap  # noqa: E402
+import tracemalloc  # noqa: E402
+import warnings  # noqa: E402
+
+from icons_dagster.core.influence import (  # noqa: E402
+    influence_scores_from_files,
+    iter_npy_rows,
+    npy_info,
+    stack_group_means,
+)
+
+
+@pytest.fixture
+def no_mmap(monkeypatch):
+    """Fail the test if anything memory-maps a file."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("memory map used")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    monkeypatch.setattr(np, "memmap", refuse)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(37 * 5, dtype=np.float16).reshape(37, 5) / 7,
+        np.arange(10 * 3, dtype=">f4").reshape(10, 3),  # big-endian: kept as stored
+        np.arange(6 * 4, dtype=np.int32).reshape(6, 4),
+        np.zeros((4, 0), dtype=np.float16),
+    ],
+)
+def test_iter_npy_rows_round_trip(tmp_path, array, no_mmap):
+    path = tmp_path / "a.npy"
+    np.save(path, array, allow_pickle=False)
+    n = array.shape[0]
+    for chunk in (1, 3, n, n + 5, 65536):
+        chunks = [c.copy() for c in iter_npy_rows(path, chunk_rows=chunk)]
+        assert [c.shape[0] for c in chunks[:-1]] == [min(chunk, n)] * (len(chunks) - 1)
+        assert all(c.dtype == array.dtype for c in chunks)  # the file's dtype, byte order included
+        np.testing.assert_array_equal(np.concatenate(chunks) if chunks else array[:0], array)
+    # the default reuses one buffer; reuse_buffer=False gives independent arrays
+    a, b = list(iter_npy_rows(path, chunk_rows=2))[:2]
+    assert np.shares_memory(a, b) or array.shape[1] == 0
+    fresh = list(iter_npy_rows(path, chunk_rows=2, reuse_buffer=False))
+    np.testing.assert_array_equal(np.concatenate(fresh), array)
+
+
+def test_iter_npy_rows_empty_and_format_2(tmp_path):
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, 8), dtype=np.float16))
+    assert list(iter_npy_rows(empty)) == []
+    v2 = tmp_path / "v2.npy"
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    with open(v2, "wb") as f:
+        np.lib.format.write_array(f, x, version=(2, 0))
+    assert npy_info(v2).shape == (4, 3)
+    np.testing.assert_array_equal(np.concatenate([c.copy() for c in iter_npy_rows(v2, 3)]), x)
+
+
+def test_iter_npy_rows_refuses_with_file_name(tmp_path):
+    fortran = tmp_path / "fortran.npy"
+    np.save(fortran, np.asfortranarray(np.arange(12.0).reshape(3, 4)))
+    with pytest.raises(ValueError, match="fortran.npy.*Fortran"):
+        next(iter_npy_rows(fortran))
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([[1, "a"], [None, 2.0]], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="objects.npy.*objects"):
+        next(iter_npy_rows(objects))
+    flat = tmp_path / "flat.npy"
+    np.save(flat, np.arange(5.0))
+    with pytest.raises(ValueError, match="flat.npy.*2-D"):
+        next(iter_npy_rows(flat))
+    short = tmp_path / "short.npy"
+    np.save(short, np.ones((10, 4), dtype=np.float16))
+    with open(short, "r+b") as f:
+        f.truncate(short.stat().st_size - 3)
+    with pytest.raises(ValueError, match="short.npy.*truncated"):
+        next(iter_npy_rows(short))
+    text = tmp_path / "text.npy"
+    text.write_bytes(b"not numpy at all")
+    with pytest.raises(ValueError, match="text.npy"):
+        next(iter_npy_rows(text))
+    with pytest.raises(ValueError):
+        next(iter_npy_rows(short, chunk_rows=0))
+
+
+def _shards(tmp_path, rng, sizes, d, dtype=np.float16):
+    arrays, paths = [], []
+    for i, n in enumerate(sizes):
+        x = unit_f16(rng, n, d).astype(dtype) if n else np.zeros((0, d), dtype)
+        path = tmp_path / f"features-{i}.npy"
+        np.save(path, x, allow_pickle=False)
+        arrays.append(x)
+        paths.append(path)
+    return arrays, paths
+
+
+def test_many_benchmarks_one_pass_equals_influence_scores(tmp_path, no_mmap):
+    rng = np.random.default_rng(5)
+    d = 24
+    sizes = [TILE_ROWS + 37, 1, 0, 2 * TILE_ROWS]  # partial tiles, a 1-row and an empty shard
+    arrays, paths = _shards(tmp_path, rng, sizes, d)
+    # 4 benchmarks: one with 3 subtask groups, one with 2, two plain
+    per_benchmark = [mean_validation_feature(unit_f16(rng, 9, d), [f"t{i % g}" for i in range(9)])[0] for g in (3, 1, 2, 1)]
+    means, groups = stack_group_means(per_benchmark)
+    assert groups == [(0, 3), (3, 4), (4, 6), (6, 7)] and means.shape == (7, d)
+    ref = np.stack([np.concatenate([influence_scores(x, m) for x in arrays]) for m in per_benchmark], axis=1)
+    for chunk in (1, TILE_ROWS, 3 * TILE_ROWS + 5):
+        for kwargs in ({}, {"prefetch": False}, {"workers": 2}):
+            got = influence_scores_from_files(paths, means, groups, chunk_rows=chunk, **kwargs)
+            assert got.dtype == np.float32 and got.shape == (sum(sizes), 4)
+            np.testing.assert_array_equal(got, ref)
+    # a benchmark scored alone gets the bits it gets beside the others
+    for k, span in enumerate(groups):
+        np.testing.assert_array_equal(influence_scores_from_files(paths, means, [span])[:, 0], ref[:, k])
+    # default groups: one benchmark over all mean rows, as influence_scores(x, means)
+    np.testing.assert_array_equal(
+        influence_scores_from_files(paths, means)[:, 0],
+        np.concatenate([influence_scores(x, means) for x in arrays]),
+    )
+    # per-group scores: one "benchmark" per group row. Each equals influence_scores with
+    # that group alone, and a benchmark's score is exactly the max of its groups' scores
+    per_group = influence_scores_from_files(paths, means, [(g, g + 1) for g in range(7)])
+    for g in range(7):
+        np.testing.assert_array_equal(per_group[:, g], np.concatenate([influence_scores(x, means[g]) for x in arrays]))
+    np.testing.assert_array_equal(per_group[:, 0:3].max(axis=1), ref[:, 0])
+    np.testing.assert_array_equal(per_group[:, 4:6].max(axis=1), ref[:, 2])
+    np.testing.assert_allclose(per_group, np.concatenate(arrays).astype(np.float64) @ means.T.astype(np.float64), atol=1e-5)
+
+
+def test_streaming_subtask_max_by_hand(tmp_path):
+    # the example of test_subtask_max_by_hand, from a file, beside a second benchmark
+    means = np.array([[0.5, 0.5], [-1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    path = tmp_path / "train.npy"
+    np.save(path, np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, -1.0]], dtype=np.float16))
+    got = influence_scores_from_files([path], means, [(0, 2), (2, 3)])
+    np.testing.assert_array_equal(got, [[0.5, 0.0], [1.0, 0.0], [0.0, -1.0]])
+
+
+def test_streaming_float32_files_and_memmap_agree(tmp_path):
+    rng = np.random.default_rng(6)
+    arrays, paths = _shards(tmp_path, rng, [TILE_ROWS + 3], 16, dtype=np.float32)
+    means = rng.standard_normal((2, 16)).astype(np.float32)
+    ro = np.load(paths[0], mmap_mode="r")
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's "array is not writable"
+        from_memmap = influence_scores(ro, means, chunk_rows=5)
+    assert torch.get_num_threads() == threads  # the thread setting is restored
+    np.testing.assert_array_equal(influence_scores_from_files(paths, means)[:, 0], from_memmap)
+    np.testing.assert_array_equal(from_memmap, influence_scores(arrays[0].astype(np.float16).astype(np.float32), means))
+
+
+def test_streaming_memory_is_bounded_by_the_chunk(tmp_path):
+    rng = np.random.default_rng(7)
+    d, chunk = 64, 2 * TILE_ROWS
+    means = rng.standard_normal((3, d)).astype(np.float32)
+    groups = [(0, 1), (1, 3)]
+    extra = []
+    influence_scores_from_files(_shards(tmp_path, rng, [3], d)[1], means, groups)  # one-time imports and setup
+    for n in (8 * TILE_ROWS, 32 * TILE_ROWS):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        _, paths = _shards(folder, rng, [n], d)
+        tracemalloc.start()
+        try:
+            out = influence_scores_from_files(paths, means, groups, chunk_rows=chunk)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        extra.append(peak - out.nbytes)
+    # two read buffers + one float32 tile (+ small change), whatever the row count
+    bound = 2 * chunk * d * 2 + TILE_ROWS * d * 4 + 256 * 1024
+    assert 2 * chunk * d * 2 <= max(extra) < bound, (extra, bound)  # (tracemalloc sees numpy's buffers)
+    assert abs(extra[1] - extra[0]) < 64 * 1024, extra
+
+
+def test_float16_conversion_is_exact():
+    from icons_dagster.core.influence import _aligned_empty, _to_float32
+
+    bits = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(256, 256)
+    buf = _aligned_empty((256, 256), np.float32)
+    got = _to_float32(bits, buf)
+    want = bits.astype(np.float32)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+    assert got.ctypes.data % 64 == 0
+
+
+def test_streaming_rejects_mismatches(tmp_path):
+    rng = np.random.default_rng(8)
+    _, paths = _shards(tmp_path, rng, [5, 5], 8)
+    wide = tmp_path / "wide.npy"
+    np.save(wide, np.zeros((3, 9), dtype=np.float16))
+    with pytest.raises(ValueError, match="wide.npy.*d=9"):
+        influence_scores_from_files([paths[0], wide], np.zeros((1, 8), np.float32))
+    for bad in ([(0, 0)], [(1, 3)], [(2, 1)], [], [(0, 1, 2)]):
+        with pytest.raises(ValueError):
+            influence_scores_from_files(paths, np.zeros((2, 8), np.float32), bad)
+    with pytest.raises(ValueError):
+        influence_scores_from_files(paths, np.zeros((1, 8), np.float32), workers=0)
+    with pytest.raises(ValueError):
+        stack_group_means([np.zeros((1, 8)), np.zeros((1, 9))])
+    assert influence_scores_from_files([], np.zeros((2, 8), np.float32), [(0, 1), (1, 2)]).shape == (0, 2)

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 FINGERPRINT_LENGTH = 16
+# Bump when a stage computes something different for the same config and inputs, so no
+# artifact written by an older computation is reused.
+ALGORITHM_VERSION = 2
 
 
 def _canonical(value: Any) -> Any:
@@ -36,7 +39,7 @@ def canonical_json(value: Any) -> str:
 
 def fingerprint(stage: str, **parts: Any) -> str:
     """Fingerprint of one stage from its config objects and its inputs' fingerprints."""
-    document = canonical_json({"stage": stage, **parts})
+    document = canonical_json({"stage": stage, "algorithm": ALGORITHM_VERSION, **parts})
     return hashlib.sha256(document.encode("utf-8")).hexdigest()[:FINGERPRINT_LENGTH]
 
 

@@ -11,19 +11,39 @@ mean validation feature — no |D| x |V| matrix. For benchmarks reported per sub
 (e.g. MME) the influence is the max over the subtasks' means, as the official ICONS
 code does for MME and LESS does for MMLU. Multi-checkpoint influence is the
 learning-rate-weighted sum over checkpoints (paper's multi-epoch formula).
+
+Streaming from disk: ``iter_npy_rows`` and ``influence_scores_from_files`` read stored
+``.npy`` shards with plain file reads into reused buffers (never a memory map, whose
+touched pages all count in RSS), so peak memory is set by the chunk size, not the
+shard size. ``influence_scores_from_files`` scores MANY benchmarks in one pass over
+the training features and gives, for each benchmark, exactly the bits that
+``influence_scores`` gives for it alone (see ``_GroupMax``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib import format as npy_format
 
 __all__ = [
     "normalize_rows",
     "mean_validation_feature",
     "influence_scores",
+    "influence_scores_from_files",
+    "stack_group_means",
+    "NpyInfo",
+    "npy_info",
+    "iter_npy_rows",
     "weighted_influence",
     "full_influence_matrix",
 ]
@@ -32,9 +52,15 @@ __all__ = [
 # back has norm 1 ± ~1e-3. Anything further off was not normalized.
 _NORM_TOL = 1e-2
 
-# Rows per arithmetic tile (42 MB of float32 at d=5120); see _tiles.
-TILE_ROWS = 2048
-
+# Rows per arithmetic tile; see _tiles. 256 rows of float32 at d=5120 are 5 MiB, which
+# stays in the last-level cache while every group's product reads it (2048-row tiles,
+# 42 MiB, made each product a pass over main memory: ~3x slower at 10 benchmarks).
+# Scores depend on this constant in the last bits (BLAS summation order follows the
+# matrix shape), so changing it changes scores by ~1 float32 ulp of the row norm.
+# Against the earlier version (2048-row tiles, one multi-column product per benchmark),
+# measured at d=5120: single-group benchmarks have the same bits except a few rows of
+# each file's last, partial tile; multi-group benchmarks differ in most rows by <= 6e-8.
+TILE_ROWS = 256
 
 def normalize_rows(x: np.ndarray | torch.Tensor, eps: float = 1e-12):
     """L2-normalize rows in float32; returns ``(normalized, norms)`` of x's type.
@@ -113,12 +139,137 @@ def _tiles(n: int, chunk_rows: int):
     ``chunk_rows`` only sets how many rows are read at a time (rounded up to a whole
     number of tiles).
     """
-    if int(chunk_rows) < 1:
-        raise ValueError("chunk_rows must be >= 1")
-    step = TILE_ROWS * max(1, -(-int(chunk_rows) // TILE_ROWS))
+    step = _read_step(chunk_rows)
     for i in range(0, n, step):
         j = min(n, i + step)
         yield i, j, [(t, min(j, t + TILE_ROWS)) for t in range(i, j, TILE_ROWS)]
+
+
+def _read_step(chunk_rows: int) -> int:
+    if int(chunk_rows) < 1:
+        raise ValueError("chunk_rows must be >= 1")
+    return TILE_ROWS * max(1, -(-int(chunk_rows) // TILE_ROWS))
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
+    """Uninitialized C-contiguous array whose data starts on an ``align``-byte boundary.
+
+    Every tile product reads from buffers made here, so the memory alignment BLAS sees
+    is the same in every caller (kernels may treat unaligned heads differently).
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    skip = (-raw.ctypes.data) % align
+    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
+
+
+class _GroupMax:
+    """The per-tile arithmetic shared by every influence function here.
+
+    Benchmark k owns rows ``groups[k] = (a, b)`` of ``means``; a tile's score for k is
+    ``max over g in [a, b) of <row, means[g]>``. Every group gets its own numpy
+    matrix-vector product ``tile @ means[g]`` (float32 accumulation), and the max is
+    exact, so a score depends only on the tile and that benchmark's mean vectors.
+    That is on purpose: BLAS does not promise that a column of ``tile @ M`` has the
+    same bits when M has other columns beside it (OpenBLAS switches kernels with the
+    column count; measured: columns of a 12-column product differ from 1-, 2- or
+    3-column products in the last bit), so one wide product for all benchmarks would
+    make a benchmark's scores depend on which others were scored with it. With one
+    product per group, scoring many benchmarks in one pass gives bit-for-bit the scores
+    of scoring each alone, and a per-group score is bit-for-bit the one inside its
+    benchmark's max. It is also the fast choice: OpenBLAS's gemv streams a
+    cache-resident tile at ~70 GB/s, while its few-column gemm was slower than the
+    same number of gemvs (a 3-column product took 1.7x three gemvs).
+    """
+
+    def __init__(self, means: np.ndarray, groups: Sequence[tuple[int, int]] | None, d: int | None = None):
+        m = np.asarray(means, dtype=np.float32)
+        if m.ndim == 1:
+            m = m[None, :]
+        if m.ndim != 2 or m.shape[0] == 0 or (d is not None and m.shape[1] != d):
+            want = f"[G, {d}]" if d is not None else "[G, d]"
+            raise ValueError(f"mean_features must be {want}, got {m.shape}")
+        g_total = m.shape[0]
+        spans = [(0, g_total)] if groups is None else [tuple(g) for g in groups]
+        if not spans:
+            raise ValueError("groups must name at least one benchmark")
+        self.spans: list[tuple[int, int]] = []
+        for span in spans:
+            if len(span) != 2:
+                raise ValueError(f"each group must be (start, stop), got {span!r}")
+            a, b = (int(v) for v in span)
+            if not 0 <= a < b <= g_total:
+                raise ValueError(f"group {span!r} is not a non-empty slice of the {g_total} mean rows")
+            self.spans.append((a, b))
+        self.g_total = g_total
+        self.vectors: dict[int, np.ndarray] = {}  # each on its own aligned buffer
+        for g in sorted({g for a, b in self.spans for g in range(a, b)}):
+            v = _aligned_empty((m.shape[1],), np.float32)
+            v[...] = m[g]
+            self.vectors[g] = v
+        self.d = m.shape[1]
+
+    @property
+    def k(self) -> int:
+        return len(self.spans)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
+        """``out[:, k]`` = scores of the float32 tile ``x`` ([r, d]) for benchmark k."""
+        r = x.shape[0]
+        # one aligned row per group (row stride a multiple of 64 bytes), so a group's
+        # product sees the same buffers whichever other groups are scored beside it
+        per_group = _aligned_empty((self.g_total, -(-r // 16) * 16), np.float32)[:, :r]
+        for g, v in self.vectors.items():
+            np.matmul(x, v, out=per_group[g])
+        for k, (a, b) in enumerate(self.spans):
+            out[:, k] = per_group[a] if b - a == 1 else per_group[a:b].max(axis=0)
+
+
+def _to_float32(src: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """Copy ``src`` ([r, d], r <= len(buf)) into ``buf[:r]`` as float32; return that view.
+
+    float16 -> float32 is exact, so any converter gives the same values; torch's
+    vectorized copy is ~10x faster than numpy's cast here. Other dtypes use numpy's
+    cast (the same values ``np.asarray(src, np.float32)`` gives).
+    """
+    view = buf[: src.shape[0]]
+    if src.dtype == np.float16 and src.dtype.isnative and src.flags.c_contiguous and src.size:
+        torch.from_numpy(view).copy_(torch.from_numpy(src))
+    else:
+        np.copyto(view, src, casting="unsafe")
+    return view
+
+
+@contextmanager
+def _tile_arithmetic():
+    """Context for the tile loop: BLAS and torch on one thread each, no read-only warning.
+
+    Each tile's work is small (a ~1 MB conversion, a cache-resident tile times a few
+    columns): handing it to a thread pool costs more than it saves, and idle OpenMP
+    threads spinning beside BLAS threads made the loop 3-4x slower on 2 cores
+    (parallelism, where wanted, is over tiles: ``workers``). Pinning BLAS to one thread
+    also keeps the arithmetic independent of the caller's thread settings.
+    Both settings are process-wide and restored on exit. threadpoolctl ships with
+    scikit-learn; without it BLAS keeps its own setting.
+    """
+    torch_threads = torch.get_num_threads()
+    with warnings.catch_warnings(), ExitStack() as stack:
+        # torch.from_numpy on a read-only np.memmap: we only read from it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+            pass
+        else:
+            stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
+        if torch_threads != 1:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if torch_threads != 1:
+                torch.set_num_threads(torch_threads)
 
 
 def influence_scores(
@@ -128,26 +279,275 @@ def influence_scores(
 
     ``train_features`` may be a float16 ``np.memmap``: it is read ``chunk_rows`` rows at
     a time and converted to float32 one ``TILE_ROWS`` tile at a time, so extra memory is
-    about chunk_rows*d*itemsize + TILE_ROWS*d*4 bytes. float32 accumulation; results
-    are bit-identical for any ``chunk_rows`` (see ``_tiles``).
+    about chunk_rows*d*itemsize + TILE_ROWS*d*4 bytes (but a memory map's touched pages
+    count in RSS; stream stored shards with ``influence_scores_from_files`` instead).
+    float32 accumulation; results are bit-identical for any ``chunk_rows`` (see
+    ``_tiles``) and to ``influence_scores_from_files`` on the same rows.
     """
     if train_features.ndim != 2:
         raise ValueError(f"train_features must be [n, d], got {train_features.shape}")
-    m = np.asarray(mean_features, dtype=np.float32)
-    if m.ndim == 1:
-        m = m[None, :]
-    if m.ndim != 2 or m.shape[0] == 0 or m.shape[1] != train_features.shape[1]:
+    n, d = train_features.shape
+    kernel = _GroupMax(mean_features, None, d=d)
+    out = np.empty((n, 1), dtype=np.float32)
+    buf = _aligned_empty((max(1, min(TILE_ROWS, n)), d), np.float32)
+    with _tile_arithmetic():
+        for i, _, tiles in _tiles(n, chunk_rows):
+            raw = np.asarray(train_features[i : tiles[-1][1]])
+            for a, b in tiles:
+                kernel(_to_float32(raw[a - i : b - i], buf), out[a:b])
+    return out.reshape(n)
+
+
+def stack_group_means(per_benchmark: Sequence[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Stack each benchmark's ``[G_k, d]`` (or ``[d]``) means into ``(means, groups)``.
+
+    ``groups[k] = (start, stop)`` are benchmark k's rows of ``means``: the arguments of
+    ``influence_scores_from_files``.
+    """
+    blocks = []
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for m in per_benchmark:
+        m = np.asarray(m, dtype=np.float32)
+        if m.ndim == 1:
+            m = m[None, :]
+        if m.ndim != 2 or m.shape[0] == 0:
+            raise ValueError(f"each benchmark needs a non-empty [G, d] array of means, got {m.shape}")
+        blocks.append(m)
+        groups.append((start, start + m.shape[0]))
+        start += m.shape[0]
+    if not blocks:
+        raise ValueError("no benchmarks given")
+    if len({b.shape[1] for b in blocks}) != 1:
+        raise ValueError(f"benchmarks' means differ in dimension: {sorted({b.shape[1] for b in blocks})}")
+    return np.concatenate(blocks, axis=0), groups
+
+
+# -- streaming .npy reads ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NpyInfo:
+    """Layout of a C-ordered 2-D ``.npy`` file: rows start at ``offset``, ``row_bytes`` apart."""
+
+    path: Path
+    shape: tuple[int, int]
+    dtype: np.dtype
+    offset: int
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def row_bytes(self) -> int:
+        return self.shape[1] * self.dtype.itemsize
+
+
+def npy_info(path: str | Path) -> NpyInfo:
+    """Parse a ``.npy`` header (format 1.0 or 2.0) without reading the data.
+
+    Refuses, naming the file: non-.npy files, object dtypes (pickled data),
+    Fortran-ordered arrays (rows are not contiguous on disk), anything but 2-D, and
+    files shorter than their header says.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            version = npy_format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran_order, dtype = npy_format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = npy_format.read_array_header_2_0(f)
+            else:
+                raise ValueError(
+                    f"format version {version[0]}.{version[1]} is not supported (1.0 and 2.0 are; "
+                    "np.save writes 3.0 only for structured dtypes with non-latin-1 field names)"
+                )
+        except ValueError as exc:
+            raise ValueError(f"{path}: cannot read .npy header: {exc}") from None
+        offset = f.tell()
+        size = os.fstat(f.fileno()).st_size
+    if dtype.hasobject:
         raise ValueError(
-            f"mean_features must be [G, {train_features.shape[1]}], got {m.shape}"
+            f"{path}: dtype {dtype} holds Python objects (a pickled array); only plain numeric "
+            "arrays can be streamed"
         )
-    n = train_features.shape[0]
-    out = np.empty(n, dtype=np.float32)
-    mt = np.ascontiguousarray(m.T)
-    for i, _, tiles in _tiles(n, chunk_rows):
-        raw = np.asarray(train_features[i : tiles[-1][1]])
-        for a, b in tiles:
-            x = np.ascontiguousarray(raw[a - i : b - i], dtype=np.float32)
-            out[a:b] = (x @ mt).max(axis=1)
+    if len(shape) != 2:
+        raise ValueError(f"{path}: expected a 2-D [rows, d] array, got shape {shape}")
+    if fortran_order:
+        raise ValueError(
+            f"{path}: array is stored in Fortran (column-major) order, so its rows are not "
+            "contiguous on disk; re-save it C-ordered (np.save(path, np.ascontiguousarray(a)))"
+        )
+    info = NpyInfo(path=path, shape=(int(shape[0]), int(shape[1])), dtype=dtype, offset=offset)
+    need = offset + info.rows * info.row_bytes
+    if size < need:
+        raise ValueError(
+            f"{path}: file has {size} bytes but its header ({info.shape}, {dtype}) needs {need}; "
+            "it is truncated"
+        )
+    return info
+
+
+def _read_rows(f, info: NpyInfo, start: int, out: np.ndarray) -> None:
+    """Fill C-contiguous ``out`` ([r, d] of info.dtype) with rows start..start+r of ``f``."""
+    mv = memoryview(out.reshape(-1).view(np.uint8))
+    f.seek(info.offset + start * info.row_bytes)
+    got = 0
+    while got < len(mv):
+        k = f.readinto(mv[got:])
+        if not k:
+            raise ValueError(
+                f"{info.path}: file ended inside row {start + got // max(1, info.row_bytes)} "
+                f"of {info.rows}; it is truncated"
+            )
+        got += k
+
+
+def iter_npy_rows(path: str | Path, chunk_rows: int = 65536, *, reuse_buffer: bool = True) -> Iterator[np.ndarray]:
+    """Yield a 2-D ``.npy`` file's rows in order, ``chunk_rows`` ([chunk, d] arrays) at a time.
+
+    Plain file reads into one buffer (no memory map, no pickle), so memory is
+    ``chunk_rows * d * itemsize`` whatever the file size. With ``reuse_buffer`` (the
+    default) each yielded array is a view of that buffer and is overwritten by the next
+    chunk: copy what you keep. ``reuse_buffer=False`` yields a fresh array per chunk.
+    The dtype is the file's. See ``npy_info`` for the files it refuses.
+    """
+    if int(chunk_rows) < 1:
+        raise ValueError("chunk_rows must be >= 1")
+    info = npy_info(path)
+    n, d = info.shape
+    if n == 0:
+        return
+    step = min(int(chunk_rows), n)
+    buf = np.empty((step, d), dtype=info.dtype) if reuse_buffer else None
+    with open(info.path, "rb", buffering=0) as f:
+        for i in range(0, n, step):
+            r = min(step, n - i)
+            out = buf[:r] if buf is not None else np.empty((r, d), dtype=info.dtype)
+            _read_rows(f, info, i, out)
+            yield out
+
+
+def _prefetched_chunks(infos: Sequence[NpyInfo], jobs: list[tuple[int, int, int]], step: int, prefetch: bool):
+    """Yield ``(job, rows)`` for ``jobs = [(file, start, stop)]``, in order.
+
+    With ``prefetch`` a background thread reads job j+1 into the second of two buffers
+    while the caller works on job j (file reads release the GIL, so a cold read
+    overlaps the arithmetic).
+    """
+    nbytes = step * max(info.row_bytes for info in infos)
+    bufs = [np.empty(max(1, nbytes), dtype=np.uint8) for _ in range(2 if prefetch else 1)]
+    handles: dict[int, object] = {}
+
+    def read(j: int):
+        fi, a, b = jobs[j]
+        info = infos[fi]
+        rows = bufs[j % len(bufs)][: (b - a) * info.row_bytes].view(info.dtype).reshape(b - a, info.shape[1])
+        f = handles.get(fi)
+        if f is None:
+            for other in list(handles):  # jobs are grouped by file: close the previous one
+                handles.pop(other).close()
+            f = handles[fi] = open(info.path, "rb", buffering=0)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        _read_rows(f, info, a, rows)
+        return rows
+
+    try:
+        if not prefetch:
+            for j, job in enumerate(jobs):
+                yield job, read(j)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="npy-prefetch") as pool:
+            pending = pool.submit(read, 0) if jobs else None
+            for j, job in enumerate(jobs):
+                rows = pending.result()
+                pending = pool.submit(read, j + 1) if j + 1 < len(jobs) else None
+                yield job, rows
+    finally:
+        for f in handles.values():
+            f.close()
+
+
+def influence_scores_from_files(
+    paths: Sequence[str | Path],
+    means: np.ndarray,
+    groups: Sequence[tuple[int, int]] | None = None,
+    chunk_rows: int = 2048,
+    *,
+    workers: int = 1,
+    prefetch: bool = True,
+) -> np.ndarray:
+    """Scores of every row of several ``.npy`` shards for MANY benchmarks in one pass.
+
+    ``means`` is ``[G_total, d]`` (every benchmark's subtask-group means stacked; see
+    ``stack_group_means``), ``groups[k] = (start, stop)`` the rows of benchmark k
+    (default: one benchmark owning all rows). Returns float32 ``[total_rows, K]``,
+    rows in file order then row order: column k is the max over benchmark k's groups
+    of <row, mean_g>. For per-group scores pass one group per "benchmark",
+    ``[(g, g + 1) for g in range(G_total)]``.
+
+    Column k is bit-identical to ``influence_scores(np.load(path), means[a:b])`` for
+    each file (tiles are aligned to each file's first row; one product per group, see
+    ``_GroupMax``), whatever ``chunk_rows``/``workers`` and whichever other
+    benchmarks are scored in the same pass. Files are read ``chunk_rows`` rows (rounded
+    up to whole tiles) at a time with plain reads. ``workers=1`` computes on the
+    calling thread while one helper thread reads the next chunk (``prefetch``);
+    ``workers>1`` has that many threads each read and score whole chunks. Besides the
+    ``[total_rows, K]`` float32 result, memory is about B * chunk_rows * d * itemsize +
+    workers * TILE_ROWS * d * 4 bytes with B = 2 (workers=1 with prefetch), 1 (without)
+    or ``workers``: independent of the number of rows. Files may differ in dtype (any
+    real numeric) but not in d.
+    """
+    step = _read_step(chunk_rows)
+    if int(workers) < 1:
+        raise ValueError("workers must be >= 1")
+    infos = [npy_info(p) for p in paths]
+    d = infos[0].shape[1] if infos else None
+    kernel = _GroupMax(means, groups, d=d)
+    for info in infos:
+        if info.dtype.kind not in "fiu":
+            raise ValueError(f"{info.path}: dtype {info.dtype} is not a real number type")
+        if info.shape[1] != kernel.d:
+            raise ValueError(f"{info.path}: rows have d={info.shape[1]}, the means have d={kernel.d}")
+    starts = np.concatenate([[0], np.cumsum([info.rows for info in infos], dtype=np.int64)])
+    out = np.empty((int(starts[-1]), kernel.k), dtype=np.float32)
+    jobs = [(fi, a, min(info.rows, a + step)) for fi, info in enumerate(infos) for a in range(0, info.rows, step)]
+    if not jobs:
+        return out
+
+    def score(job: tuple[int, int, int], rows: np.ndarray, buf: np.ndarray) -> None:
+        fi, a, b = job
+        base = int(starts[fi])
+        for t in range(a, b, TILE_ROWS):  # a is a multiple of TILE_ROWS: tiles align to row 0
+            u = min(b, t + TILE_ROWS)
+            kernel(_to_float32(rows[t - a : u - a], buf), out[base + t : base + u])
+
+    with _tile_arithmetic():
+        if int(workers) == 1:
+            buf = _aligned_empty((TILE_ROWS, kernel.d), np.float32)
+            for job, rows in _prefetched_chunks(infos, jobs, step, prefetch):
+                score(job, rows, buf)
+            return out
+        local = threading.local()
+        row_bytes = max(info.row_bytes for info in infos)
+
+        def work(job: tuple[int, int, int]) -> None:
+            if not hasattr(local, "buf"):
+                local.raw = np.empty(max(1, step * row_bytes), dtype=np.uint8)
+                local.buf = _aligned_empty((TILE_ROWS, kernel.d), np.float32)
+            fi, a, b = job
+            info = infos[fi]
+            rows = local.raw[: (b - a) * info.row_bytes].view(info.dtype).reshape(b - a, info.shape[1])
+            with open(info.path, "rb", buffering=0) as f:
+                _read_rows(f, info, a, rows)
+            score(job, rows, local.buf)
+
+        with ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="influence") as pool:
+            for _ in pool.map(work, jobs):
+                pass
     return out
 
 
@@ -192,9 +592,10 @@ def full_influence_matrix(
     n = train_features.shape[0]
     out = np.empty((n, v.shape[0]), dtype=np.float32)
     vt = np.ascontiguousarray(v.T)
-    for i, _, tiles in _tiles(n, chunk_rows):
-        raw = np.asarray(train_features[i : tiles[-1][1]])
-        for a, b in tiles:
-            x = np.ascontiguousarray(raw[a - i : b - i], dtype=np.float32)
-            out[a:b] = x @ vt
+    buf = _aligned_empty((max(1, min(TILE_ROWS, n)), v.shape[1]), np.float32)
+    with _tile_arithmetic():
+        for i, _, tiles in _tiles(n, chunk_rows):
+            raw = np.asarray(train_features[i : tiles[-1][1]])
+            for a, b in tiles:
+                out[a:b] = _to_float32(raw[a - i : b - i], buf) @ vt
     return out

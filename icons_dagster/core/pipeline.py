@@ -24,9 +24,14 @@ import polars as pl
 from icons_dagster.core import analysis, consensus, plots
 from icons_dagster.core.config import GradientConfig, LoraSettings, ModelConfig, SelectionConfig, WarmupConfig
 from icons_dagster.core.encoding import ConversationEncoder
-from icons_dagster.core.features import FeatureSet, compute_features, load_features, load_samples
+from icons_dagster.core.features import FeatureSet, compute_features, features_file, load_features, load_samples
 from icons_dagster.core.fingerprint import fingerprint
-from icons_dagster.core.influence import full_influence_matrix, influence_scores, mean_validation_feature, weighted_influence
+from icons_dagster.core.influence import (
+    full_influence_matrix,
+    influence_scores_from_files,
+    mean_validation_feature,
+    weighted_influence,
+)
 from icons_dagster.core.model import Placement, attach_new_lora, load_base_model, load_lora, load_processor, resolve_placement
 from icons_dagster.core.pool import MANIFEST_FILE, PROBLEMS_FILE, build_manifest, records_from_manifest
 from icons_dagster.core.projection import make_projector
@@ -417,15 +422,16 @@ def stage_influence(
     shard_col: list[str] = []
     per_checkpoint: list[list[np.ndarray]] = [[] for _ in weights]
     groups: list[str] = []
+    shard_dirs = [store.absolute(train_refs[shard]["path"]) for shard in shards]
+    for shard, shard_dir in zip(shards, shard_dirs, strict=True):
+        shard_ids = load_samples(shard_dir)["id"].to_list()
+        ids += shard_ids
+        shard_col += [shard] * len(shard_ids)
     for c in range(len(weights)):
         means, groups = mean_validation_feature(load_features(val_dir, c, mmap=False), subtasks if has_subtasks else None)
-        for shard in shards:
-            shard_dir = store.absolute(train_refs[shard]["path"])
-            per_checkpoint[c].append(influence_scores(load_features(shard_dir, c), means))
-            if c == 0:
-                shard_ids = load_samples(shard_dir)["id"].to_list()
-                ids += shard_ids
-                shard_col += [shard] * len(shard_ids)
+        # One streaming pass over the shard files with bounded memory (no memory map).
+        paths = [shard_dir / features_file(c) for shard_dir in shard_dirs]
+        per_checkpoint[c].append(influence_scores_from_files(paths, means)[:, 0])
     per_ckpt_scores = [np.concatenate(parts) if parts else np.zeros(0, np.float32) for parts in per_checkpoint]
     scores = weighted_influence(per_ckpt_scores, weights)
     table = {"id": ids, "shard": shard_col, "influence": scores.astype(np.float32)}
