@@ -420,19 +420,18 @@ def stage_influence(
     has_subtasks = any(s is not None for s in subtasks)
     ids: list[str] = []
     shard_col: list[str] = []
-    per_checkpoint: list[list[np.ndarray]] = [[] for _ in weights]
     groups: list[str] = []
     shard_dirs = [store.absolute(train_refs[shard]["path"]) for shard in shards]
     for shard, shard_dir in zip(shards, shard_dirs, strict=True):
         shard_ids = load_samples(shard_dir)["id"].to_list()
         ids += shard_ids
         shard_col += [shard] * len(shard_ids)
+    per_ckpt_scores = []
     for c in range(len(weights)):
         means, groups = mean_validation_feature(load_features(val_dir, c, mmap=False), subtasks if has_subtasks else None)
         # One streaming pass over the shard files with bounded memory (no memory map).
         paths = [shard_dir / features_file(c) for shard_dir in shard_dirs]
-        per_checkpoint[c].append(influence_scores_from_files(paths, means)[:, 0])
-    per_ckpt_scores = [np.concatenate(parts) if parts else np.zeros(0, np.float32) for parts in per_checkpoint]
+        per_ckpt_scores.append(influence_scores_from_files(paths, means)[:, 0])
     scores = weighted_influence(per_ckpt_scores, weights)
     table = {"id": ids, "shard": shard_col, "influence": scores.astype(np.float32)}
     for c, values in enumerate(per_ckpt_scores):
