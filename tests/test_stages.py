@@ -117,3 +117,23 @@ def test_an_empty_shard_is_valid_and_scores_nothing(two_checkpoint_run, demo_pat
     val = stage_validation(store, "counting", demo_paths.benchmarks, demo_paths.image_root, ckpt, model, sgd, models).ref
     scored = stage_influence(store, "counting", pool, ckpt, {"shard-0000": full, "shard-9999": empty.ref}, val, p=0.2).ref
     assert scored["n_train"] == full["n_samples"]
+
+
+def test_feature_check_fails_on_a_row_that_is_not_unit_norm(tmp_path):
+    from icons_dagster.core.pipeline import check_features
+    from icons_dagster.core.store import save_npy
+
+    store = ArtifactStore(tmp_path)
+    folder = store.artifact_dir("training_gradients", "fp", "shard-0000")
+    folder.mkdir(parents=True)
+    rows = np.eye(3, 8, dtype=np.float16)
+    save_npy(folder / "features-checkpoint-0.npy", rows)
+    ref = {"path": store.relative(folder)}
+    assert check_features(store, ref, 1)[0] is True
+    rows[1] *= 2
+    save_npy(folder / "features-checkpoint-0.npy", rows)
+    passed, metadata = check_features(store, ref, 1)
+    assert passed is False and metadata["max_norm_error"] == 1.0 and metadata["rows"] == 3
+    rows[1, 0] = np.nan
+    save_npy(folder / "features-checkpoint-0.npy", rows)
+    assert check_features(store, ref, 1)[1]["finite"] is False

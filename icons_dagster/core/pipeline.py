@@ -28,6 +28,7 @@ from icons_dagster.core.features import FeatureSet, compute_features, features_f
 from icons_dagster.core.fingerprint import fingerprint
 from icons_dagster.core.influence import (
     full_influence_matrix,
+    iter_npy_rows,
     influence_scores_from_files,
     mean_validation_feature,
     weighted_influence,
@@ -645,10 +646,11 @@ def check_features(store: ArtifactStore, ref: dict, num_checkpoints: int, tolera
     finite = True
     rows = 0
     for c in range(num_checkpoints):
-        features = load_features(directory, c, mmap=True)
-        rows = features.shape[0]
-        for start in range(0, rows, 65536):
-            chunk = np.asarray(features[start : start + 65536], dtype=np.float32)
+        rows = 0
+        # Plain chunked reads: a memory map would count every page of the shard in RSS.
+        for chunk in iter_npy_rows(directory / features_file(c), chunk_rows=65536):
+            chunk = chunk.astype(np.float32)
+            rows += chunk.shape[0]
             finite &= bool(np.isfinite(chunk).all())
             if chunk.size:
                 worst = max(worst, float(np.abs(np.linalg.norm(chunk, axis=1) - 1.0).max()))
