@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,12 @@ def _progress_printer():
     from tqdm import tqdm
 
     bar = tqdm(total=1, unit="step", file=sys.stderr, dynamic_ncols=True)
-    started = [time.monotonic()]
 
     def on_step(index: int, total: int, step) -> None:
         bar.total = total
         bar.n = index
         bar.set_description(step.label[:60])
         bar.refresh()
-        started[0] = time.monotonic()
 
     return bar, on_step
 

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, SkipReason, build_sensor_context, evaluate_automation_conditions
+from dagster import AssetRecordsFilter, DagsterInstance, SkipReason, build_sensor_context, evaluate_automation_conditions
 
 from icons_dagster.assets import ICONS_ASSETS
 from icons_dagster.automation import benchmark_folder_sensor

@@ -7,6 +7,8 @@ from icons_dagster.assets.pool import training_pool, warmup_subset
 from icons_dagster.assets.selection import selected_subset, vote_table
 from icons_dagster.assets.warmup import warmup_checkpoint
 
+__all__ = ["GROUP", "ICONS_ASSETS", "SELECTION_POOL"]
+
 ICONS_ASSETS = [
     training_pool,
     warmup_subset,

@@ -3,7 +3,7 @@
 
 from collections.abc import Iterator
 
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Output, asset
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, asset
 
 from icons_dagster.assets._context import EAGER, GROUP, output, throttled_progress
 from icons_dagster.core.pipeline import StageResult, check_features, stage_train_shard, stage_validation

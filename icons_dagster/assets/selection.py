@@ -3,7 +3,7 @@
 
 from collections.abc import Iterator
 
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetIn, Output, asset
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetIn, asset
 
 from icons_dagster.assets._context import EAGER, GROUP, SELECTION_POOL, output
 from icons_dagster.core.pipeline import check_subset, stage_selected_subset, stage_vote_table

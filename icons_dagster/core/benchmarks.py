@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from icons_dagster.core.records import RecordFileError, benchmark_image_root, load_records, split_file
+from icons_dagster.core.records import LoadedRecords, RecordFileError, benchmark_image_root, load_records, split_file
 
 
 @dataclass(frozen=True)
@@ -17,18 +17,24 @@ class BenchmarkScan:
     invalid: dict[str, str] = field(default_factory=dict)  # folder -> why it is not registered
 
 
-def benchmark_problem(folder: Path, default_image_root: Path | None) -> str | None:
-    """Why ``folder`` cannot serve as a benchmark, or None when its validation set is usable."""
+def load_benchmark(benchmarks_dir: Path, name: str, default_image_root: Path | None) -> LoadedRecords:
+    """A benchmark's validation split, images resolved against its own images/ or the shared root."""
+    folder = Path(benchmarks_dir) / name
     val = split_file(folder, "val")
     if val is None:
-        return f"no val.json or val.jsonl in {folder}"
+        raise FileNotFoundError(f"no val.json or val.jsonl in {folder}")
+    return load_records(val, benchmark_image_root(folder, default_image_root))
+
+
+def benchmark_problem(folder: Path, default_image_root: Path | None) -> str | None:
+    """Why ``folder`` cannot serve as a benchmark, or None when its validation set is usable."""
     try:
-        loaded = load_records(val, benchmark_image_root(folder, default_image_root))
+        loaded = load_benchmark(folder.parent, folder.name, default_image_root)
     except (RecordFileError, OSError, ValueError) as error:
         return str(error)
     if not loaded.records:
         first = "; ".join(str(p) for p in loaded.problems[:3])
-        return f"{val}: no valid validation record ({len(loaded.problems)} invalid, e.g. {first})"
+        return f"{loaded.path}: no valid validation record ({len(loaded.problems)} invalid, e.g. {first})"
     return None
 
 

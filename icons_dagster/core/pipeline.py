@@ -36,7 +36,8 @@ from icons_dagster.core.influence import (
 from icons_dagster.core.model import Placement, attach_new_lora, load_base_model, load_lora, load_processor, resolve_placement
 from icons_dagster.core.pool import MANIFEST_FILE, PROBLEMS_FILE, build_manifest, records_from_manifest
 from icons_dagster.core.projection import make_projector
-from icons_dagster.core.records import LoadedRecords, benchmark_image_root, load_records, split_file
+from icons_dagster.core.benchmarks import load_benchmark
+from icons_dagster.core.records import benchmark_image_root, load_records
 from icons_dagster.core.samples import SkipLog
 from icons_dagster.core.store import ArtifactStore, save_npy, write_json
 from icons_dagster.core.warmup import checkpoint_weights, load_moments, train_warmup, warmup_indices
@@ -58,10 +59,6 @@ def _quiet(_: str) -> None:
 class StageResult:
     ref: dict[str, Any]  # fingerprint, path (relative to the store root), summary for downstream stages
     metadata: dict[str, Any] = field(default_factory=dict)  # JSON values; "plots": {name: markdown}
-
-    @property
-    def reused(self) -> bool:
-        return bool(self.ref.get("reused"))
 
 
 def _finish(store: ArtifactStore, stage: str, fp: str, directory: Path, metadata: dict, extra_ref: dict, reused: bool) -> StageResult:
@@ -331,14 +328,6 @@ def stage_train_shard(
         manifest["ref"] = {"n_samples": len(features.ids), "shard": shard}
         manifest["metadata"] = {"shard": shard, **_feature_metadata(features, gradients, gradient_type)}
     return _reuse(store, "training_gradients", fp, directory, built=True)
-
-
-def load_benchmark(benchmarks_dir: Path, name: str, default_image_root: Path | None) -> LoadedRecords:
-    folder = Path(benchmarks_dir) / name
-    val = split_file(folder, "val")
-    if val is None:
-        raise FileNotFoundError(f"benchmark {name!r}: no val.json or val.jsonl in {folder}")
-    return load_records(val, benchmark_image_root(folder, default_image_root))
 
 
 def stage_validation(
@@ -697,7 +686,8 @@ def explain_sample(store: ArtifactStore, subset_ref: dict, vote_ref: dict, sampl
         "votes": int(record["votes"]),
         "n_pool": frame.height,
         "n_selected": manifest["n_selected"],
-        "cutoff_votes": manifest["cutoff_value"],
+        "aggregation": manifest["aggregation"],
+        "cutoff_value": manifest["cutoff_value"],
         "mean_percentile_rank": float(record["mean_percentile_rank"]),
         "benchmarks": per_benchmark,
     }
@@ -707,7 +697,7 @@ def explanation_markdown(explanation: dict[str, Any]) -> str:
     verdict = "selected" if explanation["selected"] else "not selected"
     lines = [
         f"**{explanation['id']}**: {verdict}, rank {explanation['rank']} of {explanation['n_pool']} "
-        f"(the subset is the top {explanation['n_selected']}; cutoff at {explanation['cutoff_votes']} votes), "
+        f"(the subset is the top {explanation['n_selected']}; cutoff at {explanation['aggregation']} = {explanation['cutoff_value']}), "
         f"{explanation['votes']} vote(s), mean percentile rank {explanation['mean_percentile_rank']:.3f}",
         "",
         "| benchmark | influence | threshold | vote | percentile |",

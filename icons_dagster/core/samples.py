@@ -6,7 +6,7 @@ and reason: callers count and list the skips in their metadata, nothing is lost 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from icons_dagster.core.encoding import ConversationEncoder, EncodedSample, EncodingError
@@ -59,6 +59,3 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
     if batch:
         yield batch
 
-
-def by_id(records: Sequence[Record]) -> dict[str, Record]:
-    return {record.id: record for record in records}
