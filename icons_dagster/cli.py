@@ -31,7 +31,11 @@ def _progress_printer():
     return bar, on_step
 
 
-def _run(home: Path, config: dict[str, Any]) -> int:
+def _methods(choice: str) -> tuple[str, ...]:
+    return ("icons", "ofa") if choice == "both" else (choice,)
+
+
+def _run(home: Path, config: dict[str, Any], methods: tuple[str, ...] = ("icons",)) -> int:
     from icons_dagster.runner import prepare_instance_home
 
     os.environ["ICONS_NUM_SHARDS"] = str(config.get("num_shards", 4))
@@ -41,16 +45,21 @@ def _run(home: Path, config: dict[str, Any]) -> int:
 
     bar, on_step = _progress_printer()
     try:
-        summary = run_graph(home, config, on_step=on_step)
+        summary = run_graph(home, config, on_step=on_step, methods=methods)
         bar.n = bar.total
         bar.set_description("done")
         bar.close()
     except Exception:
         bar.close()
         raise
-    print(f"selected subset (LLaVA JSON): {summary['subset_json']}")
-    print(f"per-sample influence, votes and rank (Parquet): {summary['subset_parquet']}")
-    print(f"benchmarks: {', '.join(summary['benchmarks'])}")
+    if "subset_json" in summary:
+        print(f"ICONS subset (LLaVA JSON): {summary['subset_json']}")
+        print(f"per-sample influence, votes and rank (Parquet): {summary['subset_parquet']}")
+        print(f"benchmarks: {', '.join(summary['benchmarks'])}")
+    if "ofa_subset_json" in summary:
+        print(f"OFA subset (LLaVA JSON): {summary['ofa_subset_json']}")
+        print(f"per-sample selector confidence and rank (Parquet): {summary['ofa_subset_parquet']}")
+        print(f"trained OFA selector, reusable on other pools (--ofa-selector): {summary['ofa_selector']}")
     print(f"Dagster instance: {summary['dagster_home']}  (open the UI with: icons-dagster ui --home {home})")
     return 0
 
@@ -62,13 +71,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config["data"]["demo_size"] = args.size
     if args.shards:
         config["num_shards"] = args.shards
-    return _run(home, config)
+    return _run(home, config, _methods(args.method))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     home = resolve_home(args.home)
     config = read_home_config(home) if (home / "icons.json").exists() else {"data": {}, "model": {}, "settings": {}}
-    config.setdefault("data", {}).update({"pool": str(Path(args.pool).resolve()), "benchmarks": str(Path(args.benchmarks).resolve())})
+    if args.benchmarks:
+        benchmarks = Path(args.benchmarks).resolve()
+    elif args.method == "ofa":  # OFA needs no benchmark: an empty folder the sensor can watch later
+        benchmarks = home / "benchmarks"
+        benchmarks.mkdir(parents=True, exist_ok=True)
+    else:
+        print("--benchmarks is required for ICONS (--method icons or both)", file=sys.stderr)
+        return 2
+    config.setdefault("data", {}).update({"pool": str(Path(args.pool).resolve()), "benchmarks": str(benchmarks)})
     if args.image_root:
         config["data"]["image_root"] = str(Path(args.image_root).resolve())
     model = config.setdefault("model", {})
@@ -85,10 +102,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
+    ofa = config.setdefault("ofa", {})
+    for flag, key in (
+        ("ofa_embedder", "embedder"),
+        ("ofa_embedder_model", "embedder_model"),
+        ("ofa_clusters", "num_clusters"),
+        ("ofa_confidence", "confidence"),
+        ("ofa_p", "p"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            ofa[key] = value
+    if args.ofa_selector is not None:
+        ofa["selector"] = str(Path(args.ofa_selector).resolve()) if args.ofa_selector else ""
     if args.shards:
         config["num_shards"] = args.shards
     config.setdefault("num_shards", 4)
-    return _run(home, config)
+    return _run(home, config, _methods(args.method))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -183,11 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole graph on the embedded demo pool and tiny model")
     demo.add_argument("--size", choices=["default", "test"], default="default")
     demo.add_argument("--shards", type=int, help="number of training-gradient shards (default 4)")
+    demo.add_argument("--method", choices=["icons", "ofa", "both"], default="both", help="which selector(s) to run (default both)")
     demo.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="run the whole graph on your pool, benchmarks and model")
     run.add_argument("--pool", required=True, help="LLaVA-format JSON/JSONL pool")
-    run.add_argument("--benchmarks", required=True, help="folder with one sub-folder per benchmark (val.json required)")
+    run.add_argument("--benchmarks", help="folder with one sub-folder per benchmark (val.json required); ICONS needs it")
     run.add_argument("--image-root", help="folder the pool's image paths are relative to")
     run.add_argument("--model", help="hub id or local folder of an image-text-to-text checkpoint")
     run.add_argument("--revision")
@@ -209,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--train-gradient", choices=["sgd", "adam"])
     run.add_argument("--gradient-batch-size", type=int)
     run.add_argument("--shards", type=int)
+    run.add_argument("--method", choices=["icons", "ofa", "both"], default="icons", help="which selector(s) to run (default icons)")
+    run.add_argument("--ofa-embedder", choices=["minilm-pixels", "clip"], help="OFA's frozen image-text space (use clip for real images)")
+    run.add_argument("--ofa-embedder-model", help="CLIP hub id or local folder, e.g. openai/clip-vit-large-patch14")
+    run.add_argument("--ofa-clusters", type=int, help="k of the k-means pseudo labels (default 64)")
+    run.add_argument("--ofa-confidence", choices=["max_softmax", "margin", "entropy"])
+    run.add_argument("--ofa-p", type=float, help="OFA selection ratio (default 0.2)")
+    run.add_argument("--ofa-selector", help="reuse a trained selector folder (e.g. another home's exports/ofa_selector); '' trains again")
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check a pool or benchmarks without computing anything")

@@ -12,11 +12,12 @@ from typing import Any
 from dagster import Definitions, in_process_executor
 
 from icons_dagster.assets import ICONS_ASSETS
+from icons_dagster.assets.ofa import OFA_ASSETS
 from icons_dagster.automation import DEFAULT_VOTE_CRON, benchmark_folder_sensor, icons_automation_sensor, vote_job, vote_schedule
 from icons_dagster.registration import explain_sample_job, register_benchmarks_job
 from icons_dagster.core.fingerprint import ALGORITHM_VERSION, fingerprint
 from icons_dagster.partitions import train_shard_partitions
-from icons_dagster.resources import DataResource, ModelResource, SettingsResource, StoreResource
+from icons_dagster.resources import DataResource, ModelResource, OFAResource, SettingsResource, StoreResource
 from icons_dagster.resources.home import read_home_config, resolve_home
 from icons_dagster.resources.refs import ArtifactRefIOManager
 
@@ -27,6 +28,7 @@ def build_resources(home: Path, config: dict[str, Any]) -> dict[str, Any]:
         "data": DataResource(**config.get("data", {})),
         "model": ModelResource(**config.get("model", {})),
         "settings": SettingsResource(**config.get("settings", {})),
+        "ofa": OFAResource(**config.get("ofa", {})),
         "refs_io_manager": ArtifactRefIOManager(root=str(home)),
     }
 
@@ -41,13 +43,17 @@ _SETTINGS_OF = {
     "task_influence": ("settings:p", "settings:write_influence_matrix"),
     "vote_table": ("settings:p", "settings:aggregation", "settings:task_weights"),
     "selected_subset": ("settings:p", "settings:aggregation", "settings:task_weights"),
+    "ofa_embeddings": ("ofa:embedder", "ofa:embedder_model", "ofa:embedder_revision", "ofa:embedder_text", "ofa:embedder_image_weight"),
+    "ofa_pseudo_labels": ("ofa:num_clusters", "ofa:kmeans_iterations", "ofa:kmeans_seed", "ofa:selector"),
+    "ofa_selector": ("ofa:num_clusters", "ofa:hidden_dim", "ofa:epochs", "ofa:batch_size", "ofa:learning_rate", "ofa:train_seed", "ofa:selector"),
+    "ofa_selected_subset": ("ofa:confidence", "ofa:p"),
 }
 
 
 def asset_code_versions(resources: dict[str, Any], num_shards: int) -> dict[str, str]:
     """Code version of each asset = fingerprint of the settings it depends on, so the UI marks
     exactly the assets a config change affects (and their downstream) as stale."""
-    values = {f"{section}:{k}": v for section in ("data", "model", "settings") for k, v in resources[section].model_dump().items()}
+    values = {f"{section}:{k}": v for section in ("data", "model", "settings", "ofa") for k, v in resources[section].model_dump().items()}
     values["num_shards"] = num_shards
     versions = {}
     for asset, keys in _SETTINGS_OF.items():
@@ -63,7 +69,7 @@ def asset_code_versions(resources: dict[str, Any], num_shards: int) -> dict[str,
 
 def versioned_assets(resources: dict[str, Any], num_shards: int) -> list:
     versions = asset_code_versions(resources, num_shards)
-    return [a.map_asset_specs(lambda spec: spec.replace_attributes(code_version=versions[spec.key.to_user_string()])) for a in ICONS_ASSETS]
+    return [a.map_asset_specs(lambda spec: spec.replace_attributes(code_version=versions[spec.key.to_user_string()])) for a in [*ICONS_ASSETS, *OFA_ASSETS]]
 
 
 def build_definitions(home: str | Path | None = None, config: dict[str, Any] | None = None) -> Definitions:

@@ -44,11 +44,23 @@ class Step:
     partition: str | None = None
 
 
-def plan_steps(shards: list[str], benchmarks: list[str]) -> list[Step]:
-    steps = [Step("pool, warm-up subset and warm-up checkpoint", ("training_pool", "warmup_subset", "warmup_checkpoint"))]
-    steps += [Step(f"training_gradients[{s}]", ("training_gradients",), s) for s in shards]
-    steps += [Step(f"validation_gradients + task_influence[{b}]", ("validation_gradients", "task_influence"), b) for b in benchmarks]
-    steps.append(Step("vote_table and selected_subset", ("vote_table", "selected_subset")))
+METHODS = ("icons", "ofa")
+
+
+def plan_steps(shards: list[str], benchmarks: list[str], methods: tuple[str, ...] = ("icons",)) -> list[Step]:
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {unknown or methods}; choose from {METHODS}")
+    icons, ofa = "icons" in methods, "ofa" in methods
+    head = ("training_pool", "warmup_subset", "warmup_checkpoint") if icons else ("training_pool",)
+    steps = [Step("pool, warm-up subset and warm-up checkpoint" if icons else "pool", head)]
+    per_shard = (("training_gradients",) if icons else ()) + (("ofa_embeddings",) if ofa else ())
+    steps += [Step(f"{' + '.join(per_shard)}[{s}]", per_shard, s) for s in shards]
+    if icons:
+        steps += [Step(f"validation_gradients + task_influence[{b}]", ("validation_gradients", "task_influence"), b) for b in benchmarks]
+        steps.append(Step("vote_table and selected_subset", ("vote_table", "selected_subset")))
+    if ofa:
+        steps.append(Step("OFA pseudo labels, selector and subset", ("ofa_pseudo_labels", "ofa_selector", "ofa_selected_subset")))
     return steps
 
 
@@ -58,6 +70,7 @@ def run_graph(
     instance=None,
     on_step: Callable[[int, int, Step], None] | None = None,
     log_level: str = "WARNING",
+    methods: tuple[str, ...] = ("icons",),
 ) -> dict[str, Any]:
     """Register benchmarks and materialize the whole graph; returns the subset's location and stats."""
     from dagster import AssetKey, DagsterInstance, materialize
@@ -74,11 +87,11 @@ def run_graph(
     store = StoreResource(root=str(home)).store()
     paths = DataResource(**config.get("data", {})).paths(store)
     benchmarks, _ = register_benchmarks(instance, paths.benchmarks)
-    if not benchmarks:
+    if not benchmarks and "icons" in methods:
         raise ValueError(f"no benchmark with a val.json / val.jsonl under {paths.benchmarks}")
     shards = train_shard_partitions.get_partition_keys()
     assets = versioned_assets(resources, len(shards))  # code versions = settings fingerprints
-    steps = plan_steps(shards, benchmarks)
+    steps = plan_steps(shards, benchmarks, methods)
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     for index, step in enumerate(steps):
         if on_step is not None:
@@ -94,11 +107,13 @@ def run_graph(
         )
         if not result.success:
             raise RuntimeError(f"step failed: {step.label}")
-    subset = store.exports_dir / "selected_subset.json"
-    return {
-        "subset_json": str(subset),
-        "subset_parquet": str(store.exports_dir / "selected_subset.parquet"),
-        "benchmarks": benchmarks,
-        "steps": len(steps),
-        "dagster_home": os.environ.get("DAGSTER_HOME", ""),
-    }
+    exports = store.exports_dir
+    summary: dict[str, Any] = {"benchmarks": benchmarks, "steps": len(steps), "dagster_home": os.environ.get("DAGSTER_HOME", "")}
+    if "icons" in methods:
+        summary["subset_json"] = str(exports / "selected_subset.json")
+        summary["subset_parquet"] = str(exports / "selected_subset.parquet")
+    if "ofa" in methods:
+        summary["ofa_subset_json"] = str(exports / "ofa_selected_subset.json")
+        summary["ofa_subset_parquet"] = str(exports / "ofa_selected_subset.parquet")
+        summary["ofa_selector"] = str(exports / "ofa_selector")
+    return summary

@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from pathlib import Path
 
 import pytest
-from dagster import AssetRecordsFilter, DagsterInstance, SkipReason, build_sensor_context, evaluate_automation_conditions
+from dagster import AssetRecordsFilter, SkipReason, build_sensor_context, evaluate_automation_conditions
 
 from icons_dagster.assets import ICONS_ASSETS
 from icons_dagster.automation import benchmark_folder_sensor
 from icons_dagster.daemon_emulation import apply_benchmark_sensor, run_automation
 from icons_dagster.definitions import build_definitions, build_resources
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
-from icons_dagster.resources.home import DEMO_PRESET
 from icons_dagster.runner import prepare_instance_home, run_graph
+from graph_helpers import demo_config, sha, temp_instance
 
 ASSET_KEYS = [a.key for a in ICONS_ASSETS]
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def make_config(demo_paths, benchmarks: Path) -> dict:
-    config = json.loads(json.dumps(DEMO_PRESET))
-    config["data"] = {"pool": str(demo_paths.pool), "image_root": str(demo_paths.image_root), "benchmarks": str(benchmarks)}
-    config["settings"]["projection_dim"] = 256
-    return config
-
-
-def new_instance(folder: Path) -> DagsterInstance:
-    (folder / "dagster").mkdir(parents=True, exist_ok=True)
-    return DagsterInstance.local_temp(str(folder / "dagster"), overrides={"telemetry": {"enabled": False}})
 
 
 def last_storage_id(instance) -> int:
@@ -70,8 +52,8 @@ def world(demo_paths, tmp_path):
     for name in ("multiple_choice", "yes_no"):
         shutil.copytree(demo_paths.benchmarks / name, benchmarks / name)
     home = tmp_path / "home"
-    instance = new_instance(home)
-    config = make_config(demo_paths, benchmarks)
+    instance = temp_instance(home)
+    config = demo_config(demo_paths, benchmarks)
     run_graph(home, config, instance=instance)
     defs = build_definitions(home, config)
     resources = build_resources(home, config)
@@ -83,7 +65,7 @@ def from_scratch_subset(demo_paths, folder: Path, names: list[str]) -> str:
     benchmarks = folder / "benchmarks"
     for name in names:
         shutil.copytree(demo_paths.benchmarks / name, benchmarks / name)
-    summary = run_graph(folder, make_config(demo_paths, benchmarks), instance=new_instance(folder))
+    summary = run_graph(folder, demo_config(demo_paths, benchmarks), instance=temp_instance(folder))
     return sha(summary["subset_json"])
 
 

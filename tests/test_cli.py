@@ -50,8 +50,12 @@ def test_demo_command_runs_the_graph_on_a_persistent_home(tmp_path, monkeypatch,
     assert main(["--home", str(home), "demo", "--size", "test"]) == 0
     out = capsys.readouterr().out
     subset_path = home / "exports" / "selected_subset.json"
-    assert f"selected subset (LLaVA JSON): {subset_path}" in out
+    assert f"ICONS subset (LLaVA JSON): {subset_path}" in out
     assert len(json.loads(subset_path.read_text())) == 33  # floor(0.2 * 168)
+    ofa_subset = home / "exports" / "ofa_selected_subset.json"
+    assert f"OFA subset (LLaVA JSON): {ofa_subset}" in out
+    assert len(json.loads(ofa_subset.read_text())) == 33
+    assert (home / "exports" / "ofa_selector" / "selector.safetensors").is_file()
     assert read_home_config(home)["data"]["demo_size"] == "test"
     assert (home / "dagster" / "dagster.yaml").is_file()
     assert any((home / "dagster").rglob("*.db"))  # runs recorded in the home's instance
@@ -93,3 +97,20 @@ def test_run_command_on_a_given_pool_and_benchmarks(demo_paths, tmp_path, monkey
     saved = read_home_config(home)
     assert saved["model"]["lora_r"] == 4 and saved["settings"]["p"] == 0.1
     assert saved["data"]["pool"] == str(demo_paths.pool.resolve())
+
+
+def test_run_ofa_alone_reuses_a_trained_selector_without_benchmarks(demo_paths, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "unused"))
+    monkeypatch.setenv("ICONS_HOME", str(tmp_path / "unused"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    pool = ["--pool", str(demo_paths.pool), "--image-root", str(demo_paths.image_root), "--method", "ofa", "--ofa-clusters", "8"]
+    assert main(["--home", str(first), "run", *pool]) == 0, capsys.readouterr().err
+    selector = first / "exports" / "ofa_selector"
+    assert main(["--home", str(second), "run", *pool, "--ofa-selector", str(selector), "--ofa-p", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "ICONS subset" not in out
+    subset = json.loads((second / "exports" / "ofa_selected_subset.json").read_text())
+    assert len(subset) == 16  # floor(0.1 * 168)
+    assert read_home_config(second)["ofa"]["selector"] == str(selector.resolve())
+    assert not (second / "artifacts" / "warmup_checkpoint").exists()  # ICONS did not run
+    assert main(["--home", str(tmp_path / "third"), "run", "--pool", str(demo_paths.pool)]) == 2  # ICONS needs benchmarks

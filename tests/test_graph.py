@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, DagsterInstance, materialize
+from dagster import AssetKey, materialize
 
 from icons_dagster.assets import ICONS_ASSETS
+from icons_dagster.assets.ofa import OFA_ASSETS
 from icons_dagster.core.consensus import subset_size
 from icons_dagster.core.fingerprint import ALGORITHM_VERSION
 from icons_dagster.definitions import build_definitions, build_resources
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, train_shard_partitions
 from icons_dagster.resources.home import DEMO_PRESET
 from icons_dagster.runner import run_graph
+from graph_helpers import demo_config, latest_metadata, sha, temp_instance
 
 BENCHMARKS = ("multiple_choice", "yes_no")
-
-
-def config_for(demo_paths, benchmarks_dir: Path, **settings) -> dict:
-    config = json.loads(json.dumps(DEMO_PRESET))
-    config["data"] = {"pool": str(demo_paths.pool), "image_root": str(demo_paths.image_root), "benchmarks": str(benchmarks_dir)}
-    config["settings"].update({"projection_dim": 256, **settings})
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def two_benchmarks(demo_paths, tmp_path_factory) -> Path:
 def first_run(demo_paths, two_benchmarks, tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     instance = temp_instance(home)
-    config = config_for(demo_paths, two_benchmarks)
+    config = demo_config(demo_paths, two_benchmarks)
     summary = run_graph(home, config, instance=instance)
     summary["hashes"] = {name: sha(summary[name]) for name in ("subset_json", "subset_parquet")}
     summary["feature_hashes"] = feature_hashes(home)
@@ -57,27 +51,10 @@ def feature_hashes(home: Path) -> dict[str, str]:
     return hashes
 
 
-def temp_instance(folder: Path) -> DagsterInstance:
-    (folder / "dagster").mkdir(parents=True, exist_ok=True)
-    return DagsterInstance.local_temp(str(folder / "dagster"), overrides={"telemetry": {"enabled": False}})
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def latest_metadata(instance, name: str, partition: str | None = None) -> dict:
-    event = instance.get_latest_materialization_event(AssetKey(name)) if partition is None else None
-    if partition is not None:
-        records = instance.fetch_materializations(AssetKey(name), limit=100).records
-        event = next(r.event_log_entry for r in records if r.event_log_entry.dagster_event.partition == partition)
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
-
-
 def test_definitions_load_with_every_asset():
     defs = build_definitions("/tmp/unused-home", json.loads(json.dumps(DEMO_PRESET)))
     keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert keys == {a.key.to_user_string() for a in ICONS_ASSETS}
+    assert keys == {a.key.to_user_string() for a in [*ICONS_ASSETS, *OFA_ASSETS]}
     assert defs.resolve_job_def("register_benchmarks_job") is not None
     assert len(train_shard_partitions.get_partition_keys()) >= 3
 
@@ -170,14 +147,14 @@ def test_single_benchmark_partition_still_reaches_vote_as_dict(demo_paths, two_b
     instance = temp_instance(tmp_path)
     only = tmp_path / "one"
     shutil.copytree(two_benchmarks / "yes_no", only / "yes_no")
-    summary = run_graph(tmp_path, config_for(demo_paths, only), instance=instance)
+    summary = run_graph(tmp_path, demo_config(demo_paths, only), instance=instance)
     assert summary["benchmarks"] == ["yes_no"]
     assert latest_metadata(instance, "vote_table")["benchmarks"] == ["yes_no"]
 
 
 def test_missing_shard_is_a_clear_error(demo_paths, two_benchmarks, tmp_path):
     instance = temp_instance(tmp_path)
-    config = config_for(demo_paths, two_benchmarks)
+    config = demo_config(demo_paths, two_benchmarks)
     resources = build_resources(tmp_path, config)
     instance.add_dynamic_partitions(BENCHMARKS_PARTITION_NAME, ["yes_no"])
     head = materialize(ICONS_ASSETS, selection=[AssetKey("training_pool"), AssetKey("warmup_subset"), AssetKey("warmup_checkpoint")], instance=instance, resources=resources)

@@ -66,7 +66,7 @@ def _finish(store: ArtifactStore, stage: str, fp: str, directory: Path, metadata
     return StageResult(ref=ref, metadata={**metadata, "fingerprint": fp, "reused": reused})
 
 
-def _reuse(store: ArtifactStore, stage: str, fp: str, directory: Path, *, built: bool = False) -> StageResult | None:
+def reuse_artifact(store: ArtifactStore, stage: str, fp: str, directory: Path, *, built: bool = False) -> StageResult | None:
     """The complete artifact at ``directory`` as a result (``built``: it was just written)."""
     if not store.is_complete(directory):
         return None
@@ -75,7 +75,7 @@ def _reuse(store: ArtifactStore, stage: str, fp: str, directory: Path, *, built:
 
 
 @contextmanager
-def _building(store: ArtifactStore, directory: Path, stage: str, fp: str, inputs: dict) -> Iterator[tuple[Path, dict]]:
+def building_artifact(store: ArtifactStore, directory: Path, stage: str, fp: str, inputs: dict) -> Iterator[tuple[Path, dict]]:
     """Yield (tmp folder, manifest dict to fill with "metadata" and "ref"); commit on exit.
 
     ``inputs`` (the fingerprints of what this artifact was made from) is recorded in its
@@ -139,7 +139,7 @@ def stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, n
     content = file_sha256(pool_path)
     fp = fingerprint("training_pool", content=content, image_root=str(image_root), num_shards=num_shards)
     directory = store.artifact_dir("training_pool", fp)
-    if (reused := _reuse(store, "training_pool", fp, directory)) is not None:
+    if (reused := reuse_artifact(store, "training_pool", fp, directory)) is not None:
         return reused
     log(f"validating pool {pool_path}")
     loaded = load_records(pool_path, image_root)
@@ -147,7 +147,7 @@ def stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, n
         first = "; ".join(str(p) for p in loaded.problems[:3])
         raise ValueError(f"{pool_path}: no valid record ({len(loaded.problems)} invalid, e.g. {first})")
     manifest_df = build_manifest(loaded.records, num_shards)
-    with _building(store, directory, "training_pool", fp, {"pool_content_sha256": content, "image_root": str(image_root)}) as (tmp, manifest):
+    with building_artifact(store, directory, "training_pool", fp, {"pool_content_sha256": content, "image_root": str(image_root)}) as (tmp, manifest):
         manifest_df.write_parquet(tmp / MANIFEST_FILE)
         write_json(tmp / PROBLEMS_FILE, [problem_dict(p) for p in loaded.problems])
         shard_counts = dict(sorted(manifest_df.group_by("shard").len().iter_rows()))
@@ -163,7 +163,7 @@ def stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, n
             "content_sha256": content,
         }
     log(f"pool: {manifest_df.height} valid records, {len(loaded.problems)} skipped")
-    return _reuse(store, "training_pool", fp, directory, built=True)
+    return reuse_artifact(store, "training_pool", fp, directory, built=True)
 
 
 def problem_dict(problem) -> dict:
@@ -188,16 +188,16 @@ def load_pool_manifest(
 def stage_warmup_subset(store: ArtifactStore, pool_ref: dict, config: WarmupConfig) -> StageResult:
     fp = fingerprint("warmup_subset", pool=pool_ref["fingerprint"], ratio=config.ratio, seed=config.seed)
     directory = store.artifact_dir("warmup_subset", fp)
-    if (reused := _reuse(store, "warmup_subset", fp, directory)) is not None:
+    if (reused := reuse_artifact(store, "warmup_subset", fp, directory)) is not None:
         return reused
     manifest_df = load_pool_manifest(store, pool_ref, columns=["id"])
     chosen = warmup_indices(manifest_df.height, config.ratio, config.seed)
     ids = manifest_df["id"].gather(chosen)
-    with _building(store, directory, "warmup_subset", fp, {"training_pool": pool_ref["fingerprint"]}) as (tmp, manifest):
+    with building_artifact(store, directory, "warmup_subset", fp, {"training_pool": pool_ref["fingerprint"]}) as (tmp, manifest):
         pl.DataFrame({"id": ids}).write_parquet(tmp / "ids.parquet")
         manifest["ref"] = {"n_records": len(ids)}
         manifest["metadata"] = {"n_records": len(ids), "ratio": config.ratio, "seed": config.seed}
-    return _reuse(store, "warmup_subset", fp, directory, built=True)
+    return reuse_artifact(store, "warmup_subset", fp, directory, built=True)
 
 
 # -- warmup_checkpoint --------------------------------------------------------------------
@@ -218,14 +218,14 @@ def stage_warmup_checkpoint(
         "warmup_checkpoint", subset=subset_ref["fingerprint"], model=model_fingerprint_fields(model_config), lora=lora, warmup=config
     )
     directory = store.artifact_dir("warmup_checkpoint", fp)
-    if (reused := _reuse(store, "warmup_checkpoint", fp, directory)) is not None:
+    if (reused := reuse_artifact(store, "warmup_checkpoint", fp, directory)) is not None:
         return reused
     subset_ids = pl.read_parquet(store.absolute(subset_ref["path"]) / "ids.parquet")["id"]
     records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("id").is_in(subset_ids.implode())))
     encoder = models.encoder(model_config)
     placement = models.get(model_config)[2]
     skips = SkipLog()
-    with _building(store, directory, "warmup_checkpoint", fp, {"warmup_subset": subset_ref["fingerprint"], "model": model_fingerprint_fields(model_config)}) as (tmp, manifest):
+    with building_artifact(store, directory, "warmup_checkpoint", fp, {"warmup_subset": subset_ref["fingerprint"], "model": model_fingerprint_fields(model_config)}) as (tmp, manifest):
         log(f"warm-up: {len(records)} records, {config.epochs} epoch(s), {config.num_checkpoints} checkpoint(s)")
         with models.with_adapter(model_config, None, lora, config.seed) as peft_model:
             checkpoints = train_warmup(peft_model, encoder, records, config, placement, tmp, skips, progress)
@@ -244,7 +244,7 @@ def stage_warmup_checkpoint(
             "lora_alpha": lora.alpha,
             **skips.as_metadata(),
         }
-    return _reuse(store, "warmup_checkpoint", fp, directory, built=True)
+    return reuse_artifact(store, "warmup_checkpoint", fp, directory, built=True)
 
 
 # -- gradient features ----------------------------------------------------------------------
@@ -318,16 +318,16 @@ def stage_train_shard(
         gradients=gradient_fingerprint_fields(gradients, gradient_type),
     )
     directory = store.artifact_dir("training_gradients", fp, shard)
-    if (reused := _reuse(store, "training_gradients", fp, directory)) is not None:
+    if (reused := reuse_artifact(store, "training_gradients", fp, directory)) is not None:
         return reused
     records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("shard") == shard))
     log(f"{shard}: gradient features of {len(records)} records")
     features = _features(store, records, checkpoint_ref, model_config, gradients, gradient_type, models, progress)
-    with _building(store, directory, "training_gradients", fp, {"training_pool": pool_ref["fingerprint"], "warmup_checkpoint": checkpoint_ref["fingerprint"]}) as (tmp, manifest):
+    with building_artifact(store, directory, "training_gradients", fp, {"training_pool": pool_ref["fingerprint"], "warmup_checkpoint": checkpoint_ref["fingerprint"]}) as (tmp, manifest):
         features.save(tmp)
         manifest["ref"] = {"n_samples": len(features.ids), "shard": shard}
         manifest["metadata"] = {"shard": shard, **_feature_metadata(features, gradients, gradient_type)}
-    return _reuse(store, "training_gradients", fp, directory, built=True)
+    return reuse_artifact(store, "training_gradients", fp, directory, built=True)
 
 
 def stage_validation(
@@ -352,7 +352,7 @@ def stage_validation(
         gradients=gradient_fingerprint_fields(gradients, "sgd"),
     )
     directory = store.artifact_dir("validation_gradients", fp, benchmark)
-    if (reused := _reuse(store, "validation_gradients", fp, directory)) is not None:
+    if (reused := reuse_artifact(store, "validation_gradients", fp, directory)) is not None:
         return reused
     if not loaded.records:
         raise ValueError(f"benchmark {benchmark!r}: no valid validation records in {loaded.path} ({len(loaded.problems)} skipped)")
@@ -362,7 +362,7 @@ def stage_validation(
         raise ValueError(f"benchmark {benchmark!r}: every validation record was skipped: {features.skips.entries[:5]}")
     for skip_id, reason in [(p.record_id or f"#{p.index}", p.reason) for p in loaded.problems]:
         features.skips.add(skip_id, reason)
-    with _building(store, directory, "validation_gradients", fp, {"benchmark_content_sha256": loaded.content_sha256, "warmup_checkpoint": checkpoint_ref["fingerprint"]}) as (tmp, manifest):
+    with building_artifact(store, directory, "validation_gradients", fp, {"benchmark_content_sha256": loaded.content_sha256, "warmup_checkpoint": checkpoint_ref["fingerprint"]}) as (tmp, manifest):
         features.save(tmp)
         subtasks = sorted({s for s in features.subtasks if s})
         manifest["ref"] = {"n_samples": len(features.ids), "benchmark": benchmark, "content_sha256": loaded.content_sha256}
@@ -373,7 +373,7 @@ def stage_validation(
             "subtasks": subtasks,
             **_feature_metadata(features, gradients, "sgd"),
         }
-    return _reuse(store, "validation_gradients", fp, directory, built=True)
+    return reuse_artifact(store, "validation_gradients", fp, directory, built=True)
 
 
 # -- task_influence -----------------------------------------------------------------------
@@ -401,7 +401,7 @@ def stage_influence(
         full_matrix=write_full_matrix,
     )
     directory = store.artifact_dir("task_influence", fp, benchmark)
-    if (reused := _reuse(store, "task_influence", fp, directory)) is not None:
+    if (reused := reuse_artifact(store, "task_influence", fp, directory)) is not None:
         return reused
     weights = [entry["weight"] for entry in checkpoint_ref["checkpoints"]]
     val_dir = store.absolute(validation_ref["path"])
@@ -451,7 +451,7 @@ def stage_influence(
             plots.histogram_png(scores, f"{benchmark}: influence", "mean cosine to validation", threshold), "influence histogram"
         )
     metadata["plots"] = plots_md
-    with _building(store, directory, "task_influence", fp, {"training_gradients": {s: train_refs[s]["fingerprint"] for s in shards}, "validation_gradients": validation_ref["fingerprint"]}) as (tmp, manifest):
+    with building_artifact(store, directory, "task_influence", fp, {"training_gradients": {s: train_refs[s]["fingerprint"] for s in shards}, "validation_gradients": validation_ref["fingerprint"]}) as (tmp, manifest):
         frame.write_parquet(tmp / INFLUENCE_FILE)
         if write_full_matrix:
             for c in range(len(weights)):
@@ -467,7 +467,7 @@ def stage_influence(
             "validation": validation_ref["fingerprint"],
         }
         manifest["metadata"] = metadata
-    return _reuse(store, "task_influence", fp, directory, built=True)
+    return reuse_artifact(store, "task_influence", fp, directory, built=True)
 
 
 def family_column(manifest_df: pl.DataFrame, ids: list[str]) -> list[str] | None:
@@ -506,7 +506,7 @@ def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, dict], sele
         "vote_table", influence=[influence_refs[b]["fingerprint"] + "/" + b for b in benchmarks], selection=selection
     )
     directory = store.artifact_dir("vote_table", fp)
-    if (reused := _reuse(store, "vote_table", fp, directory)) is not None:
+    if (reused := reuse_artifact(store, "vote_table", fp, directory)) is not None:
         return reused
     frames = [pl.read_parquet(store.absolute(influence_refs[b]["path"]) / INFLUENCE_FILE) for b in benchmarks]
     ids = frames[0]["id"].to_list()
@@ -541,7 +541,7 @@ def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, dict], sele
             "task_overlap": plots.markdown_image(plots.heatmap_png(overlap, names, "overlap of per-task top-p voters"), "overlap"),
         },
     }
-    with _building(store, directory, "vote_table", fp, {"task_influence": {b: influence_refs[b]["fingerprint"] for b in benchmarks}}) as (tmp, manifest):
+    with building_artifact(store, directory, "vote_table", fp, {"task_influence": {b: influence_refs[b]["fingerprint"] for b in benchmarks}}) as (tmp, manifest):
         frame.write_parquet(tmp / VOTE_TABLE_FILE)
         write_json(tmp / "thresholds.json", metadata["thresholds"])
         manifest["ref"] = {
@@ -551,7 +551,7 @@ def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, dict], sele
             "benchmark_content_sha256": {b: influence_refs[b].get("benchmark_content_sha256") for b in benchmarks},
         }
         manifest["metadata"] = metadata
-    return _reuse(store, "vote_table", fp, directory, built=True)
+    return reuse_artifact(store, "vote_table", fp, directory, built=True)
 
 
 # -- selected_subset ----------------------------------------------------------------------
@@ -562,7 +562,7 @@ def stage_selected_subset(
 ) -> StageResult:
     fp = fingerprint("selected_subset", votes=vote_ref["fingerprint"], pool=pool_ref["fingerprint"], selection=selection)
     directory = store.artifact_dir("selected_subset", fp)
-    result = _reuse(store, "selected_subset", fp, directory)
+    result = reuse_artifact(store, "selected_subset", fp, directory)
     if result is None:
         result = _build_subset(store, fp, directory, pool_ref, vote_ref, selection, lineage or {})
     export_subset(store, directory)
@@ -604,21 +604,21 @@ def _build_subset(store, fp, directory, pool_ref, vote_ref, selection, lineage) 
     }
     if families is not None:
         metadata["family_shares"] = analysis.family_shares(chosen.selected, families)
-    with _building(store, directory, "selected_subset", fp, {"vote_table": vote_ref["fingerprint"], "training_pool": pool_ref["fingerprint"]}) as (tmp, manifest):
+    with building_artifact(store, directory, "selected_subset", fp, {"vote_table": vote_ref["fingerprint"], "training_pool": pool_ref["fingerprint"]}) as (tmp, manifest):
         (tmp / SUBSET_JSON).write_text("[" + ",\n".join(subset_records) + "]\n", encoding="utf-8")
         frame.sort("rank").write_parquet(tmp / SUBSET_PARQUET)
         manifest["ref"] = {"n_selected": chosen.n_selected, "benchmarks": benchmarks}
         manifest["metadata"] = metadata
-    return _reuse(store, "selected_subset", fp, directory, built=True)
+    return reuse_artifact(store, "selected_subset", fp, directory, built=True)
 
 
-def export_subset(store: ArtifactStore, directory: Path) -> dict[str, str]:
-    """Copy the subset to the stable export path (atomic per file)."""
+def export_subset(store: ArtifactStore, directory: Path, prefix: str = "") -> dict[str, str]:
+    """Copy the subset to the stable export path (atomic per file); ``prefix`` names the method."""
     store.exports_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in (SUBSET_JSON, SUBSET_PARQUET):
-        target = store.exports_dir / name
-        tmp = target.with_name(f".{name}.tmp")
+        target = store.exports_dir / f"{prefix}{name}"
+        tmp = target.with_name(f".{target.name}.tmp")
         shutil.copyfile(directory / name, tmp)
         tmp.replace(target)
         paths[name] = str(target)

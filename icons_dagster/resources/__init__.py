@@ -20,6 +20,8 @@ from icons_dagster.core.config import (
     SelectionConfig,
     WarmupConfig,
 )
+from icons_dagster.core.embedding import EmbedderConfig
+from icons_dagster.core.ofa import OFAConfig
 from icons_dagster.core.store import ArtifactStore
 
 
@@ -137,3 +139,60 @@ class SettingsResource(ConfigurableResource):
 
     def selection(self) -> SelectionConfig:
         return SelectionConfig(p=self.p, method=self.aggregation, task_weights=tuple(sorted(self.task_weights.items())))
+
+
+class OFAResource(ConfigurableResource):
+    """The OFA selector: its embedder, k-means, the selector's training, and selection.
+
+    ``selector`` (a folder with selector.json + selector.safetensors, e.g. another home's
+    ``exports/ofa_selector``) reuses a trained selector instead of training one on this pool.
+    """
+
+    embedder: str = "minilm-pixels"  # or "clip"
+    embedder_model: str = ""  # clip: hub id or local folder; minilm-pixels: "" = the packaged MiniLM
+    embedder_revision: str = ""
+    embedder_text: str = "conversation"
+    embedder_image_weight: float = 0.5  # image part's share of the joint embedding (text: the rest)
+    embedder_batch_size: int = 64
+    embedder_device: str = "auto"
+    trust_remote_code: bool = False
+    num_clusters: int = 64
+    kmeans_iterations: int = 50
+    kmeans_seed: int = 0
+    hidden_dim: int = 256
+    epochs: int = 3
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    train_seed: int = 0
+    confidence: str = "max_softmax"
+    p: float = 0.2
+    selector: str = ""
+
+    def embedder_config(self) -> EmbedderConfig:
+        return EmbedderConfig(
+            kind=self.embedder,
+            name_or_path=self.embedder_model,
+            revision=self.embedder_revision or None,
+            text=self.embedder_text,
+            image_weight=self.embedder_image_weight,
+            batch_size=self.embedder_batch_size,
+            device=self.embedder_device,
+            trust_remote_code=self.trust_remote_code,
+        )
+
+    def ofa_config(self) -> OFAConfig:
+        return OFAConfig(
+            num_clusters=self.num_clusters,
+            kmeans_iterations=self.kmeans_iterations,
+            kmeans_seed=self.kmeans_seed,
+            hidden_dim=self.hidden_dim,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            train_seed=self.train_seed,
+            confidence=self.confidence,
+            p=self.p,
+        )
+
+    def selector_source(self) -> Path | None:
+        return Path(self.selector).expanduser().resolve() if self.selector else None

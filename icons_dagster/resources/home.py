@@ -33,6 +33,10 @@ DEMO_PRESET: dict[str, Any] = {
         "gradient_batch_size": 16,
         "warmup_batch_size": 4,
     },
+    # OFA on 720 records: a dozen clusters (6 task families, multi-turn, text-only, and
+    # the image sources within families), a small selector; the pixel "image tower" knows
+    # no semantics, so it gets 20% of the joint embedding (see core/embedding.py).
+    "ofa": {"num_clusters": 12, "hidden_dim": 64, "batch_size": 32, "embedder_image_weight": 0.2},
     "num_shards": DEFAULT_NUM_SHARDS,
 }
 
@@ -51,7 +55,7 @@ def read_home_config(home: Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: malformed JSON ({error})") from error
-    unknown = sorted(set(config) - {"data", "model", "settings", "num_shards", "automation"})
+    unknown = sorted(set(config) - {"data", "model", "settings", "ofa", "num_shards", "automation"})
     if unknown:
         raise ValueError(f"{path}: unknown sections {unknown}")
     return config

@@ -1,0 +1,91 @@
+"""The ``ofa`` group: embeddings per shard, k-means pseudo labels, the selector, its subset."""
+
+
+from collections.abc import Iterator
+
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetIn, asset
+
+from icons_dagster.assets._context import output, throttled_progress
+from icons_dagster.core.ofa_pipeline import (
+    stage_ofa_embeddings,
+    stage_ofa_pseudo_labels,
+    stage_ofa_selected_subset,
+    stage_ofa_selector,
+)
+from icons_dagster.core.pipeline import check_subset
+from icons_dagster.partitions import train_shard_partitions
+from icons_dagster.resources import OFAResource, StoreResource
+from icons_dagster.resources.refs import ALL_PARTITIONS
+
+OFA_GROUP = "ofa"
+
+
+@asset(group_name=OFA_GROUP, io_manager_key="refs_io_manager", partitions_def=train_shard_partitions)
+def ofa_embeddings(context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, training_pool: dict) -> Iterator:
+    """One shard's records in the frozen image-text space (float16, unit norm)."""
+    result = stage_ofa_embeddings(
+        store.store(),
+        context.partition_key,
+        training_pool,
+        ofa.embedder_config(),
+        log=context.log.info,
+        progress=throttled_progress(context, f"ofa_embeddings[{context.partition_key}]"),
+    )
+    yield output(result)
+
+
+@asset(group_name=OFA_GROUP, io_manager_key="refs_io_manager", ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)})
+def ofa_pseudo_labels(context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, training_pool: dict, ofa_embeddings: dict) -> Iterator:
+    """Seeded k-means over the whole pool: each record's cluster is its pseudo label."""
+    result = stage_ofa_pseudo_labels(
+        store.store(),
+        training_pool,
+        ofa_embeddings,
+        ofa.ofa_config(),
+        ofa.selector_source(),
+        log=context.log.info,
+        progress=throttled_progress(context, "k-means iterations"),
+    )
+    yield output(result)
+
+
+@asset(group_name=OFA_GROUP, io_manager_key="refs_io_manager", ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)})
+def ofa_selector(context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, ofa_embeddings: dict, ofa_pseudo_labels: dict) -> Iterator:
+    """The MLP that predicts pseudo labels (trained here, or imported from ``ofa.selector``)."""
+    result = stage_ofa_selector(
+        store.store(),
+        ofa_embeddings,
+        ofa_pseudo_labels,
+        ofa.ofa_config(),
+        ofa.embedder_config(),
+        ofa.selector_source(),
+        log=context.log.info,
+        progress=throttled_progress(context, "selector epochs"),
+    )
+    yield output(result)
+
+
+@asset(
+    group_name=OFA_GROUP,
+    io_manager_key="refs_io_manager",
+    ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)},
+    check_specs=[AssetCheckSpec("subset_size", asset="ofa_selected_subset")],
+)
+def ofa_selected_subset(store: StoreResource, ofa: OFAResource, training_pool: dict, ofa_embeddings: dict, ofa_selector: dict) -> Iterator:
+    """The least-confident floor(pN) records, as LLaVA JSON + Parquet confidences."""
+    artifacts = store.store()
+    lineage = {
+        "pool": training_pool["fingerprint"],
+        "pool_source": training_pool.get("source"),
+        "selector": ofa_selector["fingerprint"],
+        "selector_imported_from": ofa_selector.get("imported_from"),
+        "embedder": ofa_selector.get("embedder"),
+        "ofa": ofa.model_dump(),
+    }
+    result = stage_ofa_selected_subset(artifacts, training_pool, ofa_embeddings, ofa_selector, ofa.ofa_config(), lineage)
+    yield output(result)
+    passed, metadata = check_subset(artifacts, result.ref, result.metadata["n_pool"], ofa.p)
+    yield AssetCheckResult(check_name="subset_size", passed=passed, metadata=metadata)
+
+
+OFA_ASSETS = [ofa_embeddings, ofa_pseudo_labels, ofa_selector, ofa_selected_subset]
