@@ -45,7 +45,7 @@ _SETTINGS_OF = {
     "selected_subset": ("settings:p", "settings:aggregation", "settings:task_weights"),
     "ofa_embeddings": ("ofa:embedder", "ofa:embedder_model", "ofa:embedder_revision", "ofa:embedder_text", "ofa:embedder_image_weight"),
     "ofa_pseudo_labels": ("ofa:num_clusters", "ofa:kmeans_iterations", "ofa:kmeans_seed", "ofa:selector"),
-    "ofa_selector": ("ofa:num_clusters", "ofa:hidden_dim", "ofa:epochs", "ofa:batch_size", "ofa:learning_rate", "ofa:train_seed", "ofa:selector"),
+    "ofa_selector": ("ofa:num_clusters", "ofa:hidden_dim", "ofa:epochs", "ofa:min_steps", "ofa:batch_size", "ofa:learning_rate", "ofa:train_seed", "ofa:selector"),
     "ofa_selected_subset": ("ofa:confidence", "ofa:p"),
 }
 

@@ -115,7 +115,7 @@ def test_least_confident_selection_and_tie_break():
 def _trained(tmp_path=None, seed: int = 0):
     centers = np.eye(16, dtype=np.float32)[:4] * 3.0
     x, truth = _blobs(80, centers, 0.5, seed=seed)
-    config = OFAConfig(num_clusters=4, hidden_dim=32, epochs=3, batch_size=32, learning_rate=1e-2, kmeans_init_sample=320)
+    config = OFAConfig(num_clusters=4, hidden_dim=32, epochs=3, min_steps=0, batch_size=32, learning_rate=1e-2, kmeans_init_sample=320)
     labels = kmeans(x, 4, seed=0).labels
     return x, truth, labels, config, train_selector(x, labels, config, "embedder-A")
 
@@ -129,13 +129,22 @@ def test_selector_learns_pseudo_labels_deterministically():
     for (name, a), (_, b) in zip(selector.model.state_dict().items(), again.model.state_dict().items(), strict=True):
         assert a.numpy().tobytes() == b.numpy().tobytes(), name
     assert [h["epoch"] for h in selector.training["history"]] == [1, 2, 3]
+    assert selector.training["steps"] == 3 * 10  # 320 records at batch 32
+
+
+def test_a_small_pool_trains_whole_epochs_until_min_steps():
+    x, _, labels, config, _ = _trained()
+    from dataclasses import replace
+
+    selector = train_selector(x, labels, replace(config, min_steps=35), "embedder-A")
+    assert selector.training["epochs"] == 4 and selector.training["steps"] == 40  # ceil(35 / 10) epochs
 
 
 def test_records_near_cluster_boundaries_are_least_confident():
     # overlapping blobs: the selector sees records on the boundaries while it trains
     centers = np.eye(16, dtype=np.float32)[:4] * 3.0
     x, _ = _blobs(100, centers, 1.0, seed=2)
-    config = OFAConfig(num_clusters=4, hidden_dim=32, epochs=3, batch_size=32, learning_rate=1e-2, kmeans_init_sample=400)
+    config = OFAConfig(num_clusters=4, hidden_dim=32, epochs=3, min_steps=0, batch_size=32, learning_rate=1e-2, kmeans_init_sample=400)
     clusters = kmeans(x, 4, seed=0)
     selector = train_selector(x, clusters.labels, config, "embedder-A")
     d = ((x[:, None, :] - clusters.centroids[None, :, :]) ** 2).sum(axis=2)

@@ -69,7 +69,8 @@ def test_pseudo_labels_follow_the_demo_families(trained):
     assert metadata["cluster_family_purity"] > 0.6
     selector_metadata = latest_metadata(instance, "ofa_selector")
     assert selector_metadata["imported"] is False
-    assert selector_metadata["final_accuracy"] > 0.5
+    assert selector_metadata["final_accuracy"] > 0.9
+    assert latest_metadata(instance, "ofa_selected_subset")["clusters_predicted"] == "12 of 12"
 
 
 def test_embeddings_are_unit_norm_and_cover_every_shard(trained, demo_records):

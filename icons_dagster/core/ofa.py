@@ -49,6 +49,9 @@ class OFAConfig:
     kmeans_seed: int = 0
     hidden_dim: int = 256
     epochs: int = 3  # "a few epochs": the selector must not memorise the pool
+    # ...but a small pool gives few steps per epoch: train at least this many steps (epochs
+    # are added). 665K records at batch 256 are 2,600 steps an epoch; 720 are 3.
+    min_steps: int = 300
     batch_size: int = 256
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
@@ -62,6 +65,7 @@ class OFAConfig:
         _require(self.kmeans_init_sample >= self.num_clusters, "kmeans_init_sample must be >= num_clusters")
         _require(self.hidden_dim >= 1 and self.batch_size >= 1, "hidden_dim and batch_size must be >= 1")
         _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _require(self.min_steps >= 0, f"min_steps must be >= 0, got {self.min_steps}")
         _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         _require(self.confidence in CONFIDENCE_MEASURES, f"confidence must be one of {CONFIDENCE_MEASURES}, got {self.confidence!r}")
         _require(0.0 < self.p <= 1.0, f"p must be in (0, 1], got {self.p}")
@@ -283,7 +287,8 @@ def train_selector(
     embedder_fingerprint: str,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainedSelector:
-    """Cross-entropy on the pseudo labels for ``config.epochs`` epochs (AdamW, seeded)."""
+    """Cross-entropy on the pseudo labels (AdamW, seeded) for ``config.epochs`` epochs, or
+    more whole epochs when that is fewer than ``config.min_steps`` optimizer steps."""
     n, dim = embeddings.shape
     _require(n == labels.shape[0], f"{n} embeddings but {labels.shape[0]} labels")
     _require(n > 0, "no embeddings to train the selector on")
@@ -296,9 +301,10 @@ def train_selector(
     x_all = torch.from_numpy(np.ascontiguousarray(embeddings))
     y_all = torch.from_numpy(labels.astype(np.int64))
     steps_per_epoch = math.ceil(n / config.batch_size)
+    epochs = max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
     history = []
     model.train()
-    for epoch in range(config.epochs):
+    for epoch in range(epochs):
         order = torch.randperm(n, generator=generator)
         total_loss, correct = 0.0, 0
         for step in range(steps_per_epoch):
@@ -314,7 +320,7 @@ def train_selector(
             correct += int((logits.detach().argmax(dim=1) == y).sum())
         history.append({"epoch": epoch + 1, "loss": total_loss / n, "accuracy": correct / n})
         if progress is not None:
-            progress(epoch + 1, config.epochs, total_loss / n)
+            progress(epoch + 1, epochs, total_loss / n)
     model.eval()
     return TrainedSelector(
         model=model,
@@ -322,7 +328,7 @@ def train_selector(
         num_clusters=k,
         hidden_dim=config.hidden_dim,
         embedder_fingerprint=embedder_fingerprint,
-        training={"config": config.selector_fields(), "n_train": n, "history": history},
+        training={"config": config.selector_fields(), "n_train": n, "epochs": epochs, "steps": epochs * steps_per_epoch, "history": history},
     )
 
 

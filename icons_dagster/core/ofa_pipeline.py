@@ -219,7 +219,7 @@ def stage_ofa_selector(
     labels_frame = pl.read_parquet(store.absolute(labels_ref["path"]) / LABELS_FILE)
     if labels_frame["id"].to_list() != ids:
         raise ValueError("ofa_pseudo_labels cover other records than ofa_embeddings: materialize ofa_pseudo_labels again")
-    log(f"training the selector on {len(ids)} records, {config.num_clusters} pseudo labels, {config.epochs} epoch(s)")
+    log(f"training the selector on {len(ids)} records, {config.num_clusters} pseudo labels")
     selector = train_selector(x, labels_frame["cluster"].to_numpy(), config, space, progress)
     selector.training["pool_records"] = len(ids)
     with building_artifact(store, directory, "ofa_selector", fp, {"ofa_pseudo_labels": labels_ref["fingerprint"], "embedder": space}) as (tmp, manifest):
@@ -230,6 +230,8 @@ def stage_ofa_selector(
             "imported": False,
             "embedder_fingerprint": space,
             "n_train": len(ids),
+            "epochs": selector.training["epochs"],
+            "steps": selector.training["steps"],
             "history": history,
             "final_accuracy": history[-1]["accuracy"],
             "parameters": int(sum(p.numel() for p in selector.model.parameters())),
@@ -315,8 +317,7 @@ def _build_ofa_subset(store, fp, directory, pool_ref, embedding_refs, selector_r
     selected_ids = frame.filter(pl.col("selected"))["id"]
     subset_records = load_pool_manifest(store, pool_ref, columns=["raw_json"], where=pl.col("id").is_in(selected_ids.implode()))
     predicted = frame["predicted_cluster"].to_numpy()
-    clusters_in_pool = np.unique(predicted)
-    clusters_in_subset = np.unique(predicted[chosen.selected])
+    clusters_predicted = len(np.unique(predicted))
     metadata: dict[str, Any] = {
         "n_selected": chosen.n_selected,
         "n_pool": len(ids),
@@ -327,7 +328,10 @@ def _build_ofa_subset(store, fp, directory, pool_ref, embedding_refs, selector_r
         "n_tied_at_cutoff": chosen.n_tied_at_cutoff,
         "n_decided_by_tiebreak": chosen.n_decided_by_tiebreak,
         "tie_break": "confidence asc, then sha256(id) asc, then id",
-        "clusters_in_subset": f"{len(clusters_in_subset)} of {len(clusters_in_pool)}",
+        # a selector that never predicts some clusters has not learned them: their records
+        # then all look uncertain and crowd the subset (train longer or at a higher rate)
+        "clusters_predicted": f"{clusters_predicted} of {selector.num_clusters}",
+        "clusters_in_subset": len(np.unique(predicted[chosen.selected])),
         "selector": selector_ref["fingerprint"],
         "selector_imported_from": selector_ref.get("imported_from"),
         "lineage": lineage,

@@ -161,6 +161,7 @@ class OFAResource(ConfigurableResource):
     kmeans_seed: int = 0
     hidden_dim: int = 256
     epochs: int = 3
+    min_steps: int = 300  # small pools: add epochs until the selector took this many steps
     batch_size: int = 256
     learning_rate: float = 1e-3
     train_seed: int = 0
@@ -187,6 +188,7 @@ class OFAResource(ConfigurableResource):
             kmeans_seed=self.kmeans_seed,
             hidden_dim=self.hidden_dim,
             epochs=self.epochs,
+            min_steps=self.min_steps,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             train_seed=self.train_seed,

@@ -34,8 +34,8 @@ DEMO_PRESET: dict[str, Any] = {
         "warmup_batch_size": 4,
     },
     # OFA on 720 records: a dozen clusters (6 task families, multi-turn, text-only, and
-    # the image sources within families), a small selector; the pixel "image tower" knows
-    # no semantics, so it gets 20% of the joint embedding (see core/embedding.py).
+    # the image sources within families) and a small selector. The pixel "image tower"
+    # knows no semantics, so it gets 20% of the joint embedding (see core/embedding.py).
     "ofa": {"num_clusters": 12, "hidden_dim": 64, "batch_size": 32, "embedder_image_weight": 0.2},
     "num_shards": DEFAULT_NUM_SHARDS,
 }
