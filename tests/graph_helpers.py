@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetCheckKey, AssetKey, DagsterInstance
 
 from icons_dagster.resources.home import DEMO_PRESET
 
@@ -34,3 +34,9 @@ def latest_metadata(instance, name: str, partition: str | None = None) -> dict:
         records = instance.fetch_materializations(AssetKey(name), limit=100).records
         event = next(r.event_log_entry for r in records if r.event_log_entry.dagster_event.partition == partition)
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def check_status(instance, asset: str, check: str) -> str:
+    """The latest execution status of an asset check ("SUCCEEDED", "FAILED", ...)."""
+    key = AssetCheckKey(AssetKey(asset), check)
+    return instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key].status.value

@@ -17,7 +17,7 @@ from icons_dagster.definitions import build_definitions, build_resources
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, train_shard_partitions
 from icons_dagster.resources.home import DEMO_PRESET
 from icons_dagster.runner import run_graph
-from graph_helpers import demo_config, latest_metadata, sha, temp_instance
+from graph_helpers import check_status, demo_config, latest_metadata, sha, temp_instance
 
 BENCHMARKS = ("multiple_choice", "yes_no")
 
@@ -86,11 +86,7 @@ def test_asset_checks_pass(first_run):
         ("vote_table", "every_registered_benchmark_voted"),
         ("selected_subset", "subset_size"),
     ]:
-        from dagster import AssetCheckKey
-
-        record = instance.event_log_storage.get_latest_asset_check_execution_by_key([AssetCheckKey(AssetKey(asset), check)])
-        execution = record[AssetCheckKey(AssetKey(asset), check)]
-        assert execution.status.value == "SUCCEEDED", (asset, check)
+        assert check_status(instance, asset, check) == "SUCCEEDED", (asset, check)
 
 
 def test_demo_has_signal_specialists_enriched_in_own_family(tmp_path):

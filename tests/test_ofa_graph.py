@@ -17,7 +17,7 @@ from icons_dagster.core.store import ArtifactStore
 from icons_dagster.demo.data import generate_demo
 from icons_dagster.resources.refs import read_ref
 from icons_dagster.runner import run_graph
-from graph_helpers import demo_config, latest_metadata, sha, temp_instance
+from graph_helpers import check_status, demo_config, latest_metadata, sha, temp_instance
 
 OFA_ONLY = ("ofa",)
 
@@ -58,6 +58,8 @@ def test_ofa_subset_is_the_least_confident_fraction(trained, demo_records):
     assert all(pool[r["id"]] == r for r in records)
     metadata = latest_metadata(instance, "ofa_selected_subset")
     assert metadata["n_selected"] == len(records)
+    assert check_status(instance, "ofa_selected_subset", "subset_size") == "SUCCEEDED"
+    assert check_status(instance, "ofa_embeddings", "embeddings_finite_unit_norm") == "SUCCEEDED"
     assert metadata["confidence_measure"] == "max_softmax"
 
 
@@ -123,3 +125,18 @@ def test_a_selector_from_another_embedder_is_refused(trained, tmp_path):
     selector = load_selector(first["ofa_selector"])
     assert selector.num_clusters == 12
     assert selector.training["pool_records"] == sum(read_ref(home, "ofa_embeddings", k)["n_samples"] for k in embeddings)
+
+
+def test_a_clip_checkpoint_folder_embeds_through_the_graph(demo_paths, demo_records, no_benchmarks, tmp_path):
+    from icons_dagster.core.embedding import embedding_text
+    from icons_dagster.demo.tiny_clip import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "tiny-clip", [embedding_text(r, "conversation") for r in demo_records], seed=0)
+    home = tmp_path / "home"
+    config = ofa_config(demo_paths, no_benchmarks, embedder="clip", embedder_model=str(clip), embedder_image_weight=0.5, num_clusters=6)
+    summary = run_graph(home, config, instance=temp_instance(home), methods=OFA_ONLY)
+    refs = [json.loads(f.read_text()) for f in sorted((home / "refs" / "ofa_embeddings").glob("*.json"))]
+    assert {ref["dim"] for ref in refs} == {2 * 16}  # image and text projections of the tiny CLIP
+    assert sum(ref["n_samples"] for ref in refs) == len(demo_records)
+    assert len(json.loads(Path(summary["ofa_subset_json"]).read_text())) == subset_size(len(demo_records), 0.2)
+    assert load_selector(summary["ofa_selector"]).input_dim == 32

@@ -7,12 +7,13 @@ from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Ass
 
 from icons_dagster.assets._context import output, throttled_progress
 from icons_dagster.core.ofa_pipeline import (
+    EMBEDDINGS_FILE,
     stage_ofa_embeddings,
     stage_ofa_pseudo_labels,
     stage_ofa_selected_subset,
     stage_ofa_selector,
 )
-from icons_dagster.core.pipeline import check_subset
+from icons_dagster.core.pipeline import check_subset, check_unit_rows
 from icons_dagster.partitions import train_shard_partitions
 from icons_dagster.resources import OFAResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS
@@ -20,11 +21,17 @@ from icons_dagster.resources.refs import ALL_PARTITIONS
 OFA_GROUP = "ofa"
 
 
-@asset(group_name=OFA_GROUP, io_manager_key="refs_io_manager", partitions_def=train_shard_partitions)
+@asset(
+    group_name=OFA_GROUP,
+    io_manager_key="refs_io_manager",
+    partitions_def=train_shard_partitions,
+    check_specs=[AssetCheckSpec("embeddings_finite_unit_norm", asset="ofa_embeddings")],
+)
 def ofa_embeddings(context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, training_pool: dict) -> Iterator:
     """One shard's records in the frozen image-text space (float16, unit norm)."""
+    artifacts = store.store()
     result = stage_ofa_embeddings(
-        store.store(),
+        artifacts,
         context.partition_key,
         training_pool,
         ofa.embedder_config(),
@@ -32,6 +39,8 @@ def ofa_embeddings(context: AssetExecutionContext, store: StoreResource, ofa: OF
         progress=throttled_progress(context, f"ofa_embeddings[{context.partition_key}]"),
     )
     yield output(result)
+    passed, metadata = check_unit_rows([artifacts.absolute(result.ref["path"]) / EMBEDDINGS_FILE])
+    yield AssetCheckResult(check_name="embeddings_finite_unit_norm", passed=passed, metadata=metadata)
 
 
 @asset(group_name=OFA_GROUP, io_manager_key="refs_io_manager", ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)})

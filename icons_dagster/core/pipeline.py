@@ -66,9 +66,15 @@ def _finish(store: ArtifactStore, stage: str, fp: str, directory: Path, metadata
     return StageResult(ref=ref, metadata={**metadata, "fingerprint": fp, "reused": reused})
 
 
+# When each stage found no artifact to reuse and started computing: "seconds" in an
+# artifact's metadata covers the work (model loads included), not only the writing.
+_STARTED: dict[Path, float] = {}
+
+
 def reuse_artifact(store: ArtifactStore, stage: str, fp: str, directory: Path, *, built: bool = False) -> StageResult | None:
     """The complete artifact at ``directory`` as a result (``built``: it was just written)."""
     if not store.is_complete(directory):
+        _STARTED[directory] = time.perf_counter()
         return None
     manifest = store.read_manifest(directory)
     return _finish(store, stage, fp, directory, manifest.get("metadata", {}), manifest.get("ref", {}), reused=not built)
@@ -82,8 +88,8 @@ def building_artifact(store: ArtifactStore, directory: Path, stage: str, fp: str
     metadata: the lineage a user reads in the UI.
     """
     manifest: dict[str, Any] = {"stage": stage, "fingerprint": fp, "metadata": {}, "ref": {}}
+    start = _STARTED.pop(directory, time.perf_counter())
     with store.writing(directory, manifest) as tmp:
-        start = time.perf_counter()
         yield tmp, manifest
         manifest["metadata"]["seconds"] = round(time.perf_counter() - start, 3)
         manifest["metadata"]["inputs"] = inputs
@@ -631,13 +637,18 @@ def export_subset(store: ArtifactStore, directory: Path, prefix: str = "") -> di
 def check_features(store: ArtifactStore, ref: dict, num_checkpoints: int, tolerance: float = 2e-3) -> tuple[bool, dict]:
     """Every stored feature is finite and unit-norm (float16 rounding within ``tolerance``)."""
     directory = store.absolute(ref["path"])
+    return check_unit_rows([directory / features_file(c) for c in range(num_checkpoints)], tolerance)
+
+
+def check_unit_rows(files: list[Path], tolerance: float = 2e-3) -> tuple[bool, dict]:
+    """Every row of every npy file is finite with norm 1 (within ``tolerance``); rows = per file."""
     worst = 0.0
     finite = True
     rows = 0
-    for c in range(num_checkpoints):
+    for path in files:
         rows = 0
         # Plain chunked reads: a memory map would count every page of the shard in RSS.
-        for chunk in iter_npy_rows(directory / features_file(c), chunk_rows=65536):
+        for chunk in iter_npy_rows(path, chunk_rows=65536):
             chunk = chunk.astype(np.float32)
             rows += chunk.shape[0]
             finite &= bool(np.isfinite(chunk).all())
