@@ -167,6 +167,11 @@ def joint_embedding(image_part: np.ndarray, text_part: np.ndarray, has_image: np
     return np.concatenate([image_part * image_scale, text_part * text_scale], axis=1).astype(np.float32)
 
 
+def _tokenized(tokenizer, texts: list[str], max_tokens: int, device):
+    """A padded, truncated tensor batch on ``device`` (both text towers tokenize alike)."""
+    return tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
+
+
 def _select_images(images: list) -> tuple[list, np.ndarray]:
     has_image = np.array([im is not None for im in images], dtype=bool)
     return [im for im in images if im is not None], has_image
@@ -373,9 +378,7 @@ class MiniLMPixelEmbedder:
 
         if not texts:
             return np.zeros((0, self.text_dim), dtype=np.float64)
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
-        ).to(self.device)
+        batch = _tokenized(self.tokenizer, texts, self.max_text_tokens, self.device)
         with torch.inference_mode():
             hidden = self.model(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -473,9 +476,7 @@ class ClipEmbedder:
 
         if not texts:
             return np.zeros((0, self.text_dim), dtype=np.float64)
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
-        ).to(self.device)
+        batch = _tokenized(self.tokenizer, texts, self.max_text_tokens, self.device)
         with torch.inference_mode():
             features = _pooled(self.model.get_text_features(**batch))
         return features.float().cpu().numpy().astype(np.float64)

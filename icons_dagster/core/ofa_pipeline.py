@@ -34,6 +34,7 @@ from icons_dagster.core.pipeline import (
     SUBSET_JSON,
     SUBSET_PARQUET,
     StageResult,
+    quiet_log,
     building_artifact,
     export_subset,
     family_column,
@@ -55,10 +56,6 @@ SELECTOR_DIR = "selector"
 EXPORT_PREFIX = "ofa_"
 
 
-def _quiet(_: str) -> None:
-    pass
-
-
 def embedder_fingerprint(config: EmbedderConfig) -> str:
     """One string naming the embedding space (what a saved selector is tied to)."""
     return fingerprint("ofa_embedder", **load_embedder(config).fingerprint_fields())
@@ -72,7 +69,7 @@ def stage_ofa_embeddings(
     shard: str,
     pool_ref: dict,
     embedder: EmbedderConfig,
-    log: Log = _quiet,
+    log: Log = quiet_log,
     progress: Progress | None = None,
 ) -> StageResult:
     space = embedder_fingerprint(embedder)
@@ -135,7 +132,7 @@ def stage_ofa_pseudo_labels(
     embedding_refs: dict[str, dict],
     config: OFAConfig,
     selector_source: Path | None = None,
-    log: Log = _quiet,
+    log: Log = quiet_log,
     progress: Progress | None = None,
 ) -> StageResult:
     """k-means clusters of the pool's embeddings: the selector's training labels."""
@@ -202,7 +199,7 @@ def stage_ofa_selector(
     config: OFAConfig,
     embedder: EmbedderConfig,
     selector_source: Path | None = None,
-    log: Log = _quiet,
+    log: Log = quiet_log,
     progress: Progress | None = None,
 ) -> StageResult:
     """Train the selector on the pseudo labels, or import a trained one (checked against the embedder)."""

@@ -51,8 +51,8 @@ SUBSET_JSON = "selected_subset.json"
 SUBSET_PARQUET = "selected_subset.parquet"
 
 
-def _quiet(_: str) -> None:
-    pass
+def quiet_log(_: str) -> None:
+    """The default log: stages run silently unless given one."""
 
 
 @dataclass
@@ -139,7 +139,7 @@ def model_fingerprint_fields(config: ModelConfig) -> dict:
 # -- training_pool ------------------------------------------------------------------------
 
 
-def stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, num_shards: int, log: Log = _quiet) -> StageResult:
+def stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, num_shards: int, log: Log = quiet_log) -> StageResult:
     from icons_dagster.core.fingerprint import file_sha256
 
     content = file_sha256(pool_path)
@@ -217,7 +217,7 @@ def stage_warmup_checkpoint(
     lora: LoraSettings,
     config: WarmupConfig,
     models: ModelCache = MODELS,
-    log: Log = _quiet,
+    log: Log = quiet_log,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> StageResult:
     fp = fingerprint(
@@ -313,7 +313,7 @@ def stage_train_shard(
     model_config: ModelConfig,
     gradients: GradientConfig,
     models: ModelCache = MODELS,
-    log: Log = _quiet,
+    log: Log = quiet_log,
     progress: Progress | None = None,
 ) -> StageResult:
     gradient_type = gradients.train_gradient
@@ -345,7 +345,7 @@ def stage_validation(
     model_config: ModelConfig,
     gradients: GradientConfig,
     models: ModelCache = MODELS,
-    log: Log = _quiet,
+    log: Log = quiet_log,
     progress: Progress | None = None,
 ) -> StageResult:
     loaded = load_benchmark(benchmarks_dir, benchmark, default_image_root)

@@ -22,7 +22,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from icons_dagster.demo.tiny_model import MANIFEST_NAME, _manifest_hash, _quiet_transformers, _swap_into_place
+from icons_dagster.demo.tiny_model import (
+    MANIFEST_NAME,
+    _manifest_hash,
+    _quiet_transformers,
+    _swap_into_place,
+    train_byte_level_bpe,
+)
 
 __all__ = ["TinyClipSpec", "build_tiny_clip"]
 
@@ -61,19 +67,10 @@ def _build_key(spec: TinyClipSpec, seed: int, texts: list[str]) -> str:
 
 
 def _train_tokenizer(corpus: list[str], spec: TinyClipSpec):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus, trainer)
+    bpe = train_byte_level_bpe(corpus, spec.vocab_size, SPECIAL_TOKENS)
     bos_id, eos_id = bpe.token_to_id(BOS), bpe.token_to_id(EOS)
     bpe.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}",

@@ -148,21 +148,29 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _train_tokenizer(corpus: list[str], spec: TinyModelSpec):
-    """Byte-level BPE (never needs <unk>) with Llama-like BOS insertion, as a fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_byte_level_bpe(texts: list[str], vocab_size: int, special_tokens):
+    """A byte-level BPE (never needs <unk>) trained on ``texts``: the tiny models' tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator([*_TEMPLATE_SNIPPETS, *corpus], trainer)
+    bpe.train_from_iterator(texts, trainer)
+    return bpe
+
+
+def _train_tokenizer(corpus: list[str], spec: TinyModelSpec):
+    """Byte-level BPE with Llama-like BOS insertion, as a fast tokenizer."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = train_byte_level_bpe([*_TEMPLATE_SNIPPETS, *corpus], spec.vocab_size, SPECIAL_TOKENS)
     bos_id = bpe.token_to_id(BOS)
     bpe.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
