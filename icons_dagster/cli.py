@@ -56,6 +56,9 @@ def _run(home: Path, config: dict[str, Any], methods: tuple[str, ...] = ("icons"
         print(f"ICONS subset (LLaVA JSON): {summary['subset_json']}")
         print(f"per-sample influence, votes and rank (Parquet): {summary['subset_parquet']}")
         print(f"benchmarks: {', '.join(summary['benchmarks'])}")
+    if "evaluation_table" in summary:
+        print(Path(summary["evaluation_table"]).read_text(encoding="utf-8"))
+        print(f"evaluation table (Markdown): {summary['evaluation_table']}")
     if "ofa_subset_json" in summary:
         print(f"OFA subset (LLaVA JSON): {summary['ofa_subset_json']}")
         print(f"per-sample selector confidence and rank (Parquet): {summary['ofa_subset_parquet']}")
@@ -72,6 +75,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.shards:
         config["num_shards"] = args.shards
     return _run(home, config, _methods(args.method))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Both selectors on the home's configuration (cached when done), then fine-tune and score each method."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    home = resolve_home(args.home)
+    if (home / "icons.json").exists():
+        config = read_home_config(home)
+    else:
+        config = json.loads(json.dumps(DEMO_PRESET))
+        config["data"]["demo_size"] = args.size
+    evaluation = config.setdefault("evaluation", {})
+    for key in ("learning_rate", "epochs", "batch_size", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            evaluation[key] = value
+    return _run(home, config, ("icons", "ofa", "evaluation"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -248,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ofa-p", type=float, help="OFA selection ratio (default 0.2)")
     run.add_argument("--ofa-selector", help="reuse a trained selector folder (e.g. another home's exports/ofa_selector); '' trains again")
     run.set_defaults(func=cmd_run)
+
+    evaluate = sub.add_parser("evaluate", help="fine-tune on every method's subset and score each benchmark's test split")
+    evaluate.add_argument("--size", choices=["default", "test"], default="default", help="demo size when the home has no config yet")
+    evaluate.add_argument("--learning-rate", type=float)
+    evaluate.add_argument("--epochs", type=int)
+    evaluate.add_argument("--batch-size", type=int)
+    evaluate.add_argument("--seed", type=int)
+    evaluate.set_defaults(func=cmd_evaluate)
 
     validate = sub.add_parser("validate", help="check a pool or benchmarks without computing anything")
     validate.add_argument("--pool")

@@ -12,12 +12,13 @@ from typing import Any
 from dagster import Definitions, in_process_executor
 
 from icons_dagster.assets import ICONS_ASSETS
+from icons_dagster.assets.evaluation import EVALUATION_ASSETS
 from icons_dagster.assets.ofa import OFA_ASSETS
 from icons_dagster.automation import DEFAULT_VOTE_CRON, benchmark_folder_sensor, icons_automation_sensor, vote_job, vote_schedule
 from icons_dagster.registration import explain_sample_job, register_benchmarks_job
 from icons_dagster.core.fingerprint import ALGORITHM_VERSION, fingerprint
 from icons_dagster.partitions import train_shard_partitions
-from icons_dagster.resources import DataResource, ModelResource, OFAResource, SettingsResource, StoreResource
+from icons_dagster.resources import DataResource, EvaluationResource, ModelResource, OFAResource, SettingsResource, StoreResource
 from icons_dagster.resources.home import read_home_config, resolve_home
 from icons_dagster.resources.refs import ArtifactRefIOManager
 
@@ -29,6 +30,7 @@ def build_resources(home: Path, config: dict[str, Any]) -> dict[str, Any]:
         "model": ModelResource(**config.get("model", {})),
         "settings": SettingsResource(**config.get("settings", {})),
         "ofa": OFAResource(**config.get("ofa", {})),
+        "evaluation": EvaluationResource(**config.get("evaluation", {})),
         "refs_io_manager": ArtifactRefIOManager(root=str(home)),
     }
 
@@ -47,13 +49,17 @@ _SETTINGS_OF = {
     "ofa_pseudo_labels": ("ofa:num_clusters", "ofa:kmeans_iterations", "ofa:kmeans_seed", "ofa:selector"),
     "ofa_selector": ("ofa:num_clusters", "ofa:hidden_dim", "ofa:epochs", "ofa:min_steps", "ofa:batch_size", "ofa:learning_rate", "ofa:train_seed", "ofa:selector"),
     "ofa_selected_subset": ("ofa:confidence", "ofa:p"),
+    "evaluation_subsets": ("settings:p",),
+    "finetuned_adapter": ("model:*", "evaluation:learning_rate", "evaluation:epochs", "evaluation:batch_size", "evaluation:seed"),
+    "benchmark_scores": ("data:benchmarks", "evaluation:max_new_tokens"),
+    "evaluation_table": (),
 }
 
 
 def asset_code_versions(resources: dict[str, Any], num_shards: int) -> dict[str, str]:
     """Code version of each asset = fingerprint of the settings it depends on, so the UI marks
     exactly the assets a config change affects (and their downstream) as stale."""
-    values = {f"{section}:{k}": v for section in ("data", "model", "settings", "ofa") for k, v in resources[section].model_dump().items()}
+    values = {f"{section}:{k}": v for section in ("data", "model", "settings", "ofa", "evaluation") for k, v in resources[section].model_dump().items()}
     values["num_shards"] = num_shards
     versions = {}
     for asset, keys in _SETTINGS_OF.items():
@@ -69,7 +75,7 @@ def asset_code_versions(resources: dict[str, Any], num_shards: int) -> dict[str,
 
 def versioned_assets(resources: dict[str, Any], num_shards: int) -> list:
     versions = asset_code_versions(resources, num_shards)
-    return [a.map_asset_specs(lambda spec: spec.replace_attributes(code_version=versions[spec.key.to_user_string()])) for a in [*ICONS_ASSETS, *OFA_ASSETS]]
+    return [a.map_asset_specs(lambda spec: spec.replace_attributes(code_version=versions[spec.key.to_user_string()])) for a in [*ICONS_ASSETS, *OFA_ASSETS, *EVALUATION_ASSETS]]
 
 
 def build_definitions(home: str | Path | None = None, config: dict[str, Any] | None = None) -> Definitions:

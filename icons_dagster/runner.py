@@ -44,7 +44,7 @@ class Step:
     partition: str | None = None
 
 
-METHODS = ("icons", "ofa")
+METHODS = ("icons", "ofa", "evaluation")
 
 
 def plan_steps(shards: list[str], benchmarks: list[str], methods: tuple[str, ...] = ("icons",)) -> list[Step]:
@@ -61,6 +61,14 @@ def plan_steps(shards: list[str], benchmarks: list[str], methods: tuple[str, ...
         steps.append(Step("vote_table and selected_subset", ("vote_table", "selected_subset")))
     if ofa:
         steps.append(Step("OFA pseudo labels, selector and subset", ("ofa_pseudo_labels", "ofa_selector", "ofa_selected_subset")))
+    if "evaluation" in methods:
+        if not (icons and ofa):
+            raise ValueError("the evaluation compares every method: run it with icons and ofa")
+        from icons_dagster.partitions import evaluation_method_partitions
+
+        steps.append(Step("evaluation subsets", ("evaluation_subsets",)))
+        steps += [Step(f"fine-tune + scores[{m}]", ("finetuned_adapter", "benchmark_scores"), m) for m in evaluation_method_partitions.get_partition_keys()]
+        steps.append(Step("evaluation table", ("evaluation_table",)))
     return steps
 
 
@@ -116,4 +124,10 @@ def run_graph(
         summary["ofa_subset_json"] = str(exports / "ofa_selected_subset.json")
         summary["ofa_subset_parquet"] = str(exports / "ofa_selected_subset.parquet")
         summary["ofa_selector"] = str(exports / "ofa_selector")
+    if "evaluation" in methods:
+        from icons_dagster.resources.refs import read_ref
+
+        table = read_ref(home, "evaluation_table")
+        summary["evaluation_table"] = str(store.absolute(table["path"]) / "evaluation_table.md")
+        summary["rel"] = table["rel"]
     return summary

@@ -10,6 +10,7 @@ import pytest
 from dagster import AssetKey, materialize
 
 from icons_dagster.assets import ICONS_ASSETS
+from icons_dagster.assets.evaluation import EVALUATION_ASSETS
 from icons_dagster.assets.ofa import OFA_ASSETS
 from icons_dagster.core.consensus import subset_size
 from icons_dagster.core.fingerprint import ALGORITHM_VERSION
@@ -54,7 +55,7 @@ def feature_hashes(home: Path) -> dict[str, str]:
 def test_definitions_load_with_every_asset():
     defs = build_definitions("/tmp/unused-home", json.loads(json.dumps(DEMO_PRESET)))
     keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert keys == {a.key.to_user_string() for a in [*ICONS_ASSETS, *OFA_ASSETS]}
+    assert keys == {a.key.to_user_string() for a in [*ICONS_ASSETS, *OFA_ASSETS, *EVALUATION_ASSETS]}
     assert defs.resolve_job_def("register_benchmarks_job") is not None
     assert len(train_shard_partitions.get_partition_keys()) >= 3
 
@@ -180,6 +181,10 @@ def test_code_versions_follow_exactly_the_settings_an_asset_depends_on():
     p["settings"]["p"] = 0.3
     lora = json.loads(json.dumps(base))
     lora["model"]["lora_r"] = 16
+    clusters = json.loads(json.dumps(base))
+    clusters["ofa"]["num_clusters"] = 7
+    recipe = json.loads(json.dumps(base))
+    recipe["evaluation"] = {"epochs": 2}
 
     def versions(config):
         return asset_code_versions(build_resources(Path("/tmp/unused"), config), 4)
@@ -188,8 +193,10 @@ def test_code_versions_follow_exactly_the_settings_an_asset_depends_on():
         return {k for k, v in versions(config).items() if v != versions(base)[k]}
 
     assert changed(seed) == {"training_gradients", "validation_gradients"}
-    assert changed(p) == {"task_influence", "vote_table", "selected_subset"}
-    assert changed(lora) == {"warmup_checkpoint"}
+    assert changed(p) == {"task_influence", "vote_table", "selected_subset", "evaluation_subsets"}
+    assert changed(lora) == {"warmup_checkpoint", "finetuned_adapter"}  # the model the evaluation tunes, too
+    assert changed(clusters) == {"ofa_pseudo_labels", "ofa_selector"}
+    assert changed(recipe) == {"finetuned_adapter"}
     assert versions(base) == versions(json.loads(json.dumps(base)))
 
 

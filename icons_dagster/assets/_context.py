@@ -37,7 +37,7 @@ def to_metadata(result: StageResult) -> dict[str, Any]:
         if key == "plots":
             for name, markdown in value.items():
                 metadata[f"plot_{name}"] = MetadataValue.md(markdown)
-        elif key == "top_samples":
+        elif key in ("top_samples", "table"):
             metadata[key] = MetadataValue.md(value)
         elif isinstance(value, (dict, list)):
             metadata[key] = MetadataValue.json(value)

@@ -17,13 +17,13 @@ class BenchmarkScan:
     invalid: dict[str, str] = field(default_factory=dict)  # folder -> why it is not registered
 
 
-def load_benchmark(benchmarks_dir: Path, name: str, default_image_root: Path | None) -> LoadedRecords:
-    """A benchmark's validation split, images resolved against its own images/ or the shared root."""
+def load_benchmark(benchmarks_dir: Path, name: str, default_image_root: Path | None, split: str = "val") -> LoadedRecords:
+    """A benchmark's split (validation by default), images resolved against its own images/ or the shared root."""
     folder = Path(benchmarks_dir) / name
-    val = split_file(folder, "val")
-    if val is None:
-        raise FileNotFoundError(f"no val.json or val.jsonl in {folder}")
-    return load_records(val, benchmark_image_root(folder, default_image_root))
+    path = split_file(folder, split)
+    if path is None:
+        raise FileNotFoundError(f"no {split}.json or {split}.jsonl in {folder}")
+    return load_records(path, benchmark_image_root(folder, default_image_root))
 
 
 def benchmark_problem(folder: Path, default_image_root: Path | None) -> str | None:

@@ -21,6 +21,7 @@ from icons_dagster.core.config import (
     WarmupConfig,
 )
 from icons_dagster.core.embedding import EmbedderConfig
+from icons_dagster.core.evaluation_pipeline import EvaluationConfig
 from icons_dagster.core.ofa import OFAConfig
 from icons_dagster.core.store import ArtifactStore
 
@@ -198,3 +199,26 @@ class OFAResource(ConfigurableResource):
 
     def selector_source(self) -> Path | None:
         return Path(self.selector).expanduser().resolve() if self.selector else None
+
+
+class EvaluationResource(ConfigurableResource):
+    """The one fine-tuning recipe every method's subset gets, and the scoring settings.
+
+    The subsets are cut at the selection's ``p`` (settings.p; OFA's ``p`` must match).
+    """
+
+    learning_rate: float = 2e-4
+    epochs: int = 1
+    batch_size: int = 4
+    seed: int = 0
+    max_new_tokens: int = 64
+
+    def evaluation_config(self, p: float) -> EvaluationConfig:
+        return EvaluationConfig(
+            p=p,
+            learning_rate=self.learning_rate,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            max_new_tokens=self.max_new_tokens,
+        )

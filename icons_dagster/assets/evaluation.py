@@ -1,0 +1,95 @@
+"""The ``evaluation`` group: every method's subset, a fine-tune on each, scores, the Rel. table."""
+
+
+from collections.abc import Iterator
+
+from dagster import AssetExecutionContext, AssetIn, asset
+
+from icons_dagster.assets._context import output, throttled_progress
+from icons_dagster.core.evaluation_pipeline import (
+    stage_benchmark_scores,
+    stage_evaluation_subsets,
+    stage_evaluation_table,
+    stage_finetune,
+)
+from icons_dagster.partitions import evaluation_method_partitions
+from icons_dagster.resources import DataResource, EvaluationResource, ModelResource, SettingsResource, StoreResource
+from icons_dagster.resources.refs import ALL_PARTITIONS
+
+EVALUATION_GROUP = "evaluation"
+
+
+@asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager")
+def evaluation_subsets(
+    store: StoreResource,
+    settings: SettingsResource,
+    evaluation: EvaluationResource,
+    training_pool: dict,
+    vote_table: dict,
+    ofa_selected_subset: dict,
+) -> Iterator:
+    """The ids each compared method trains on: full, 3 random seeds, ICONS and its aggregations, OFA."""
+    config = evaluation.evaluation_config(settings.p)
+    yield output(stage_evaluation_subsets(store.store(), training_pool, vote_table, ofa_selected_subset, config))
+
+
+@asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", partitions_def=evaluation_method_partitions)
+def finetuned_adapter(
+    context: AssetExecutionContext,
+    store: StoreResource,
+    model: ModelResource,
+    settings: SettingsResource,
+    evaluation: EvaluationResource,
+    training_pool: dict,
+    evaluation_subsets: dict,
+) -> Iterator:
+    """The base model + a LoRA trained on one method's subset with the shared recipe."""
+    artifacts = store.store()
+    result = stage_finetune(
+        artifacts,
+        context.partition_key,
+        training_pool,
+        evaluation_subsets,
+        model.checkpoint_config(artifacts),
+        model.lora_settings(),
+        evaluation.evaluation_config(settings.p),
+        log=context.log.info,
+        progress=throttled_progress(context, f"finetuned_adapter[{context.partition_key}]"),
+    )
+    yield output(result)
+
+
+@asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", partitions_def=evaluation_method_partitions)
+def benchmark_scores(
+    context: AssetExecutionContext,
+    store: StoreResource,
+    data: DataResource,
+    model: ModelResource,
+    settings: SettingsResource,
+    evaluation: EvaluationResource,
+    finetuned_adapter: dict,
+) -> Iterator:
+    """Every benchmark's test split scored with the metric that fits its answers."""
+    artifacts = store.store()
+    paths = data.paths(artifacts)
+    result = stage_benchmark_scores(
+        artifacts,
+        context.partition_key,
+        finetuned_adapter,
+        paths.benchmarks,
+        paths.image_root,
+        model.checkpoint_config(artifacts),
+        evaluation.evaluation_config(settings.p),
+        log=context.log.info,
+    )
+    yield output(result)
+
+
+@asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", ins={"benchmark_scores": AssetIn(metadata=ALL_PARTITIONS)})
+def evaluation_table(context: AssetExecutionContext, store: StoreResource, benchmark_scores: dict, evaluation_subsets: dict) -> Iterator:
+    """Paper Table 1's shape: a row per method, a column per benchmark, and Rel. (eq. 2)."""
+    result = stage_evaluation_table(store.store(), benchmark_scores, evaluation_subsets)
+    yield output(result)
+
+
+EVALUATION_ASSETS = [evaluation_subsets, finetuned_adapter, benchmark_scores, evaluation_table]

@@ -1,0 +1,452 @@
+"""Scoring a fine-tuned model on each benchmark's test split (no Dagster here).
+
+Why not greedy exact match everywhere: a small or briefly tuned model decodes
+multiple-choice questions to one letter whatever the options, and a free-form
+description never equals its reference, so exact match says "0" or "25%" about
+models that differ a lot. Instead:
+
+* closed-form answers (yes/no, option letters, a benchmark's closed set of short
+  answers) are scored by the likelihood of each candidate answer given the question
+  and image; the prediction is the most likely candidate (ties: the first listed);
+* long answers are scored by the token F1 of a greedy generation against the
+  reference;
+* every benchmark also reports the reference answers' mean per-token NLL
+  (``reference_loss``), a smooth signal that still moves when accuracies are flat;
+* a model whose predictions collapse to one answer (while the references do not) is
+  flagged, so a suspicious accuracy is not read as skill.
+
+Log-likelihoods count the answer's tokens and the end-of-turn token the chat template
+puts after it (so "Yes" and "Yes, it is" are told apart). Only the LAST assistant turn
+is scored; earlier answers of a multi-turn record are context.
+
+Cost: one forward pass per (record, candidate). A short-answer benchmark with a large
+open answer set (TextVQA, GQA) would need thousands of candidates per record; above
+``max_candidates`` it is scored by greedy exact match instead, and ``extra`` says so.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from statistics import median
+
+import numpy as np
+import torch
+
+from icons_dagster.core.encoding import IGNORE_INDEX, ConversationEncoder, EncodedSample, EncodingError, collate, per_sample_loss, to_messages
+from icons_dagster.core.records import ImageLoadError, Record, Turn, load_image
+from icons_dagster.core.samples import SkipLog
+
+__all__ = [
+    "KINDS",
+    "BenchmarkScore",
+    "answer_log_likelihoods",
+    "candidate_answers",
+    "collapsed",
+    "greedy_answer",
+    "infer_kind",
+    "normalize_answer",
+    "question_options",
+    "relative_scores",
+    "results_markdown",
+    "score_benchmark",
+    "token_f1",
+]
+
+KINDS = ("yes_no", "multiple_choice", "short_answer", "long_answer")
+METRICS = {"yes_no": "accuracy", "multiple_choice": "accuracy", "short_answer": "exact_match", "long_answer": "token_f1"}
+LONG_ANSWER_WORDS = 5  # median reference length (words) above which a benchmark is free-form
+OPTION_LETTERS = "ABCDEFGH"
+_TRAILING_PUNCTUATION = ".,;:!?\"'"
+_OPTION_LINE = re.compile(r"^\s*(?:\(([A-H])\)|([A-H])[.)])\s*\S")
+_LETTER_ANSWER = re.compile(r"^\s*(?:\(([A-Ha-h])\)|([A-Ha-h])[.)]?)\s*$")
+
+Progress = Callable[[int, int], None]
+
+
+# -- text ---------------------------------------------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, strip, drop trailing punctuation, collapse whitespace ("Yes." == "yes")."""
+    text = " ".join(str(text).lower().split())
+    return text.rstrip(_TRAILING_PUNCTUATION).strip()
+
+
+_ARTICLES = frozenset({"a", "an", "the"})
+
+
+def _f1_tokens(text: str) -> list[str]:
+    """Normalized words without punctuation or articles (as SQuAD: descriptions share many)."""
+    tokens = (token.strip(string.punctuation) for token in normalize_answer(text).split())
+    return [token for token in tokens if token and token not in _ARTICLES]
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style bag-of-tokens F1 (articles removed); both empty: 1.0, one empty: 0.0."""
+    predicted, expected = _f1_tokens(prediction), _f1_tokens(reference)
+    if not predicted or not expected:
+        return float(predicted == expected)
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _option_letter(answer: str) -> str | None:
+    """"C", "(C)", "C." or "C)" -> "C"; anything else -> None."""
+    match = _LETTER_ANSWER.match(answer)
+    if match is None:
+        return None
+    return (match.group(1) or match.group(2)).upper()
+
+
+def question_options(question: str) -> list[str]:
+    """Option letters listed one per line ("A. red", "(B) red", "C) red"), in order, once each."""
+    letters: list[str] = []
+    for line in question.splitlines():
+        match = _OPTION_LINE.match(line)
+        if match is not None:
+            letter = match.group(1) or match.group(2)
+            if letter not in letters:
+                letters.append(letter)
+    return letters
+
+
+def _reference(record: Record) -> str:
+    return record.turns[-1].text
+
+
+def _question(record: Record) -> str:
+    return record.turns[-2].text if len(record.turns) >= 2 else ""
+
+
+def infer_kind(records: Sequence[Record]) -> str:
+    """The answer format of a split, from the last answer of each record (see ``KINDS``)."""
+    if not records:
+        raise ValueError("cannot infer the answer kind of an empty split")
+    references = [_reference(r) for r in records]
+    if all(normalize_answer(a) in {"yes", "no"} for a in references):
+        return "yes_no"
+    if all(_option_letter(a) is not None for a in references) and all(len(question_options(_question(r))) >= 2 for r in records):
+        return "multiple_choice"
+    if median(len(a.split()) for a in references) > LONG_ANSWER_WORDS:
+        return "long_answer"
+    return "short_answer"
+
+
+def _cased_like(word: str, reference: str) -> str:
+    stripped = reference.strip()
+    if stripped.isupper() and len(stripped) > 1:
+        return word.upper()
+    if stripped.islower():
+        return word.lower()
+    return word.capitalize()
+
+
+def candidate_answers(kind: str, record: Record, answer_set: Sequence[str] = ()) -> list[str]:
+    """The closed set scored by likelihood, written in the reference's own format.
+
+    yes_no: "Yes"/"No" cased like the reference; multiple_choice: the question's option
+    letters in the reference's style ("(A)" when it answers "(C)"); short_answer: the
+    benchmark's answer set as given (sorted distinct references of the split).
+    """
+    if kind == "yes_no":
+        return [_cased_like("yes", _reference(record)), _cased_like("no", _reference(record))]
+    if kind == "multiple_choice":
+        letters = question_options(_question(record))
+        if not letters:
+            raise ValueError(f"record {record.id}: multiple-choice question lists no options")
+        reference = _reference(record).strip()
+        letter = _option_letter(reference)
+        if letter is None:
+            return letters
+        at = reference.upper().index(letter)
+        case = str.lower if reference[at].islower() else str.upper
+        return [reference[:at] + case(option) + reference[at + 1 :] for option in letters]
+    if kind == "short_answer":
+        if not answer_set:
+            raise ValueError("short_answer candidates need the benchmark's answer set")
+        return list(answer_set)
+    raise ValueError(f"no candidate answers for kind {kind!r} (closed-form kinds: yes_no, multiple_choice, short_answer)")
+
+
+def _same_answer(kind: str, prediction: str, reference: str) -> bool:
+    if kind == "multiple_choice":
+        letter = _option_letter(prediction)
+        return letter is not None and letter == _option_letter(reference)
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+# -- model --------------------------------------------------------------------------------
+
+
+@contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    """Dropout off and no autograd while scoring; the caller's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _record_image(record: Record):
+    return load_image(record.image_path) if record.image_path is not None else None
+
+
+def _last_answer_only(sample: EncodedSample) -> EncodedSample:
+    """Labels on the last contiguous labelled run only (the final answer); earlier answers are context."""
+    labelled = (sample.labels != IGNORE_INDEX).nonzero().flatten()
+    if labelled.numel() == 0:
+        raise EncodingError("no answer tokens")
+    positions = labelled.tolist()
+    start = positions[-1]
+    for position in reversed(positions[:-1]):
+        if position != start - 1:
+            break
+        start = position
+    labels = torch.full_like(sample.labels, IGNORE_INDEX)
+    labels[start:] = sample.labels[start:]
+    n_answer = int((labels[1:] != IGNORE_INDEX).sum())
+    return replace(sample, labels=labels, n_answer_tokens=n_answer)
+
+
+def _with_answer(record: Record, answer: str) -> tuple[Turn, ...]:
+    return record.turns[:-1] + (Turn("gpt", answer),)
+
+
+def _answer_nll(model, encoder: ConversationEncoder, placement, record: Record, answers: Sequence[str], image, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL of each answer as the record's last turn, and its number of target tokens."""
+    samples = []
+    for answer in answers:
+        sample = encoder.encode(record.id, _with_answer(record, answer), image)
+        if sample.truncated:
+            raise EncodingError(f"the record with answer {answer!r} is longer than {encoder.max_length} tokens; its likelihood would be partial")
+        samples.append(_last_answer_only(sample))
+    sums = np.empty(len(samples), dtype=np.float64)
+    counts = np.empty(len(samples), dtype=np.int64)
+    pad_id = encoder.tokenizer.pad_token_id
+    with _eval_mode(model):
+        for start in range(0, len(samples), batch_size):
+            batch = collate(samples[start : start + batch_size], pad_id)
+            logits = model(**batch.model_inputs(placement.device, placement.dtype)).logits
+            n_tokens = (batch.labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+            losses = per_sample_loss(logits, batch.labels).double().cpu()
+            sums[start : start + len(losses)] = (losses * n_tokens.double()).numpy()
+            counts[start : start + len(losses)] = n_tokens.numpy()
+    return sums, counts
+
+
+def answer_log_likelihoods(model, encoder: ConversationEncoder, placement, record: Record, candidates: Sequence[str], batch_size: int = 16, *, image=None) -> np.ndarray:
+    """log p(candidate | conversation up to the last answer, image), summed over its tokens (float64).
+
+    ``image``: the record's decoded image, to avoid decoding it again (loaded when None).
+    Raises ImageLoadError / EncodingError for a record that cannot be scored.
+    """
+    if not candidates:
+        raise ValueError("no candidate answers to score")
+    if image is None:
+        image = _record_image(record)
+    sums, _ = _answer_nll(model, encoder, placement, record, candidates, image, batch_size)
+    return -sums
+
+
+def greedy_answer(model, encoder: ConversationEncoder, placement, record: Record, max_new_tokens: int = 64, *, image=None) -> str:
+    """The model's greedy continuation after the record's last question (special tokens dropped)."""
+    if image is None:
+        image = _record_image(record)
+    messages = to_messages(record.turns[:-1], has_image=image is not None)
+    prompt = encoder.render(messages, add_generation_prompt=True)
+    if image is not None:
+        inputs = encoder.processor(text=prompt, images=[image], return_tensors="pt")
+    else:
+        inputs = encoder.processor(text=prompt, return_tensors="pt")
+    n_prompt = inputs["input_ids"].shape[1]
+    if n_prompt > encoder.max_length:
+        raise EncodingError(f"the prompt has {n_prompt} tokens, more than max_length {encoder.max_length}")
+    model_inputs = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(placement.device)
+            model_inputs[key] = value.to(placement.dtype) if value.is_floating_point() else value
+    tokenizer = encoder.tokenizer
+    with _eval_mode(model):
+        output = model.generate(
+            **model_inputs,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    return tokenizer.decode(sequences[0, n_prompt:], skip_special_tokens=True).strip()
+
+
+# -- scores -------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchmarkScore:
+    benchmark: str
+    kind: str
+    metric: str  # "accuracy", "exact_match" or "token_f1"
+    score: float  # in [0, 1]
+    n: int  # records scored
+    n_skipped: int
+    reference_loss: float  # mean per-token NLL of the reference answers (token-weighted over the split)
+    prediction_counts: dict[str, int] = field(default_factory=dict)  # normalized prediction -> count, top 10
+    collapsed: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _top_share(values: Sequence[str]) -> float:
+    if not values:
+        return 0.0
+    return Counter(normalize_answer(v) for v in values).most_common(1)[0][1] / len(values)
+
+
+def collapsed(predictions: Sequence[str], threshold: float = 0.8, *, references: Sequence[str] | None = None, margin: float = 0.2) -> bool:
+    """True when one normalized prediction takes >= ``threshold`` of them AND more than the
+    references' own most common answer plus ``margin`` (a split that is 90% "Yes" is not a
+    collapse when the model says "Yes" 90% of the time). Without references only the threshold counts.
+    """
+    if not predictions:
+        return False
+    share = _top_share(predictions)
+    reference_share = _top_share(references) if references else 0.0
+    return share >= threshold and share > reference_share + margin
+
+
+def score_benchmark(
+    model,
+    encoder: ConversationEncoder,
+    placement,
+    name: str,
+    records: Sequence[Record],
+    skips: SkipLog | None = None,
+    progress: Progress | None = None,
+    max_new_tokens: int = 64,
+    *,
+    batch_size: int = 16,
+    max_candidates: int = 64,
+) -> BenchmarkScore:
+    """Score one benchmark split (see the module docstring for the metric of each kind).
+
+    Records whose image cannot be decoded or that cannot be encoded are skipped and added
+    to ``skips`` (and listed in ``extra["skipped"]``); a split with nothing scorable raises.
+    """
+    skips = skips if skips is not None else SkipLog()
+    kind = infer_kind(records)
+    references_all = [_reference(r) for r in records]
+    answer_set = sorted(set(references_all)) if kind == "short_answer" else []
+    by_likelihood = kind != "long_answer" and not (kind == "short_answer" and len(answer_set) > max_candidates)
+    metric = METRICS[kind]
+    extra: dict = {"scored_by": "likelihood" if by_likelihood else "greedy"}
+    if kind == "short_answer":
+        extra["answer_set_size"] = len(answer_set)
+
+    skipped: list[dict] = []
+    predictions: list[str] = []
+    references: list[str] = []
+    scores: list[float] = []
+    nll_sum, nll_tokens = 0.0, 0
+    for done, record in enumerate(records, start=1):
+        reference = _reference(record)
+        try:
+            image = _record_image(record)
+            if by_likelihood:
+                candidates = candidate_answers(kind, record, answer_set)
+                texts = list(candidates) if reference in candidates else [*candidates, reference]
+                sums, counts = _answer_nll(model, encoder, placement, record, texts, image, batch_size)
+                at = texts.index(reference)
+                prediction = candidates[int(np.argmax(-sums[: len(candidates)]))]
+                ref_sum, ref_count = float(sums[at]), int(counts[at])
+                record_score = float(_same_answer(kind, prediction, reference))
+            else:
+                sums, counts = _answer_nll(model, encoder, placement, record, [reference], image, batch_size)
+                ref_sum, ref_count = float(sums[0]), int(counts[0])
+                prediction = greedy_answer(model, encoder, placement, record, max_new_tokens, image=image)
+                if kind == "long_answer":
+                    record_score = token_f1(prediction, reference)
+                else:
+                    record_score = float(normalize_answer(prediction) == normalize_answer(reference))
+        except (ImageLoadError, EncodingError) as error:
+            skips.add(record.id, str(error))
+            skipped.append({"id": record.id, "reason": str(error)})
+        else:
+            predictions.append(prediction)
+            references.append(reference)
+            scores.append(record_score)
+            nll_sum += ref_sum
+            nll_tokens += ref_count
+        if progress is not None:
+            progress(done, len(records))
+
+    if not scores:
+        first = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
+        raise ValueError(f"benchmark {name}: no record could be scored ({len(skipped)} skipped, e.g. {first})")
+    counts_top = dict(Counter(normalize_answer(p) for p in predictions).most_common(10))
+    extra["skipped"] = skipped[:50]
+    extra["reference_top_share"] = _top_share(references)
+    extra["prediction_top_share"] = _top_share(predictions)
+    return BenchmarkScore(
+        benchmark=name,
+        kind=kind,
+        metric=metric,
+        score=float(np.mean(scores)),
+        n=len(scores),
+        n_skipped=len(skipped),
+        reference_loss=nll_sum / max(nll_tokens, 1),
+        prediction_counts=counts_top,
+        collapsed=collapsed(predictions, references=references),
+        extra=extra,
+    )
+
+
+# -- tables -------------------------------------------------------------------------------
+
+
+def relative_scores(table: dict[str, dict[str, float]], full: str = "full") -> dict[str, float]:
+    """ICONS eq. 2: Rel(m) = mean over benchmarks b of score(m, b) / score(full, b), as a fraction.
+
+    The benchmarks are those of the ``full`` row; one where the full-data model scores 0
+    has no defined ratio and is left out of every method's mean. A method missing one of
+    the used benchmarks raises KeyError, as does a table without the ``full`` row.
+    """
+    if full not in table:
+        raise KeyError(f"no {full!r} row in the results table (methods: {sorted(table)}); relative scores need the full-data model")
+    used = [b for b, s in table[full].items() if s != 0]
+    if not used:
+        raise ValueError(f"the {full!r} row scores 0 on every benchmark; no relative score is defined")
+    rel: dict[str, float] = {}
+    for method, row in table.items():
+        missing = [b for b in used if b not in row]
+        if missing:
+            raise KeyError(f"method {method!r} has no score for benchmark(s) {missing}")
+        rel[method] = float(np.mean([row[b] / table[full][b] for b in used]))
+    return rel
+
+
+def results_markdown(table: dict[str, dict[str, float]], rel: dict[str, float], benchmarks: Sequence[str]) -> str:
+    """One row per method, one column per benchmark (3 decimals), and Rel. in percent (1 decimal)."""
+
+    def cell(value: float | None, fmt: str) -> str:
+        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+    lines = [
+        "| Method | " + " | ".join(benchmarks) + " | Rel. (%) |",
+        "|---|" + "---:|" * (len(benchmarks) + 1),
+    ]
+    for method, row in table.items():
+        scores = [cell(row.get(b), ".3f") for b in benchmarks]
+        relative = rel.get(method)
+        lines.append(f"| {method} | " + " | ".join(scores) + f" | {cell(None if relative is None else 100 * relative, '.1f')} |")
+    return "\n".join(lines)

@@ -1,0 +1,306 @@
+"""The evaluation stages: each method's subset, a fine-tune on it, every benchmark scored, one table.
+
+A selector is only as good as the model trained on what it selects. For every method the
+same base model gets the same LoRA recipe (the warm-up trainer: AdamW, cosine, one epoch by
+default) on the method's subset; then every benchmark's test split is scored with the
+metric that fits its answers (``core/evaluation.py``), and the table gives Rel. (paper
+eq. 2: mean over benchmarks of score / full-data score).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from icons_dagster.core import consensus
+from icons_dagster.core.benchmarks import load_benchmark
+from icons_dagster.core.config import LoraSettings, ModelConfig, WarmupConfig
+from icons_dagster.core.evaluation import relative_scores, results_markdown, score_benchmark
+from icons_dagster.core.fingerprint import fingerprint
+from icons_dagster.core.pipeline import (
+    MODELS,
+    SUBSET_PARQUET,
+    VOTE_TABLE_FILE,
+    ModelCache,
+    StageResult,
+    building_artifact,
+    load_pool_manifest,
+    model_fingerprint_fields,
+    quiet_log,
+    reuse_artifact,
+)
+from icons_dagster.core.pool import records_from_manifest
+from icons_dagster.core.records import split_file
+from icons_dagster.core.samples import SkipLog
+from icons_dagster.core.store import write_json
+
+Log = Callable[[str], None]
+
+SUBSETS_FILE = "subsets.parquet"
+SCORES_FILE = "scores.json"
+TABLE_FILE = "evaluation_table.parquet"
+TABLE_MARKDOWN = "evaluation_table.md"
+# Table 6's aggregations, each selected from the same vote table with the same tie-break.
+ICONS_METHODS = {"icons": "vote", "icons-mean": "mean", "icons-max": "max", "icons-rank": "rank", "icons-norm": "norm"}
+DEFAULT_METHODS = ("full", "random-0", "random-1", "random-2", *ICONS_METHODS, "ofa")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Which methods are compared and the one fine-tuning recipe they all get."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    p: float = 0.2
+    learning_rate: float = 2e-4
+    epochs: int = 1
+    batch_size: int = 4
+    seed: int = 0
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        for method in self.methods:
+            if method not in ICONS_METHODS and method not in ("full", "ofa") and _random_seed(method) is None:
+                raise ValueError(f"unknown evaluation method {method!r}: full, random-<seed>, {', '.join(ICONS_METHODS)}, ofa")
+        if "full" not in self.methods:
+            raise ValueError("the evaluation needs the 'full' method: Rel. divides by the full-data score")
+
+    def recipe(self) -> WarmupConfig:
+        """The fine-tune recipe (the warm-up trainer on a whole subset: ratio 1, one checkpoint)."""
+        return WarmupConfig(
+            ratio=1.0, seed=self.seed, learning_rate=self.learning_rate, epochs=self.epochs, num_checkpoints=1, batch_size=self.batch_size
+        )
+
+
+def _random_seed(method: str) -> int | None:
+    if method.startswith("random-") and method[len("random-") :].isdigit():
+        return int(method[len("random-") :])
+    return None
+
+
+# -- evaluation_subsets ---------------------------------------------------------------------
+
+
+def method_subset(method: str, ids: list[str], p: float, vote_frame: pl.DataFrame | None, ofa_frame: pl.DataFrame | None) -> list[str]:
+    """The ids one method trains on (``ids`` is the pool in manifest order)."""
+    if method == "full":
+        return list(ids)
+    seed = _random_seed(method)
+    if seed is not None:
+        rng = np.random.Generator(np.random.PCG64(seed))
+        chosen = np.sort(rng.choice(len(ids), size=consensus.subset_size(len(ids), p), replace=False))
+        return [ids[i] for i in chosen]
+    if method in ICONS_METHODS:
+        if vote_frame is None:
+            raise ValueError(f"method {method!r} needs the ICONS vote table")
+        benchmarks = [c.removeprefix("influence__") for c in vote_frame.columns if c.startswith("influence__")]
+        scores = np.stack([vote_frame[f"influence__{b}"].to_numpy() for b in benchmarks], axis=1)
+        chosen = consensus.select(vote_frame["id"].to_list(), scores, p, method=ICONS_METHODS[method])
+        return vote_frame.filter(pl.Series(chosen.selected))["id"].to_list()
+    if method == "ofa":
+        if ofa_frame is None:
+            raise ValueError("method 'ofa' needs the OFA subset")
+        chosen = ofa_frame.filter(pl.col("selected"))["id"]
+        if len(chosen) != consensus.subset_size(ofa_frame.height, p):
+            raise ValueError(f"the OFA subset holds {len(chosen)} records, not floor(p N) for p = {p}: set ofa.p = {p}")
+        return chosen.to_list()
+    raise ValueError(f"unknown method {method!r}")
+
+
+def stage_evaluation_subsets(
+    store, pool_ref: dict, vote_ref: dict | None, ofa_ref: dict | None, config: EvaluationConfig
+) -> StageResult:
+    fp = fingerprint(
+        "evaluation_subsets",
+        pool=pool_ref["fingerprint"],
+        votes=vote_ref["fingerprint"] if vote_ref else None,
+        ofa=ofa_ref["fingerprint"] if ofa_ref else None,
+        methods=list(config.methods),
+        p=config.p,
+    )
+    directory = store.artifact_dir("evaluation_subsets", fp)
+    if (reused := reuse_artifact(store, "evaluation_subsets", fp, directory)) is not None:
+        return reused
+    ids = load_pool_manifest(store, pool_ref, columns=["id"])["id"].to_list()
+    vote_frame = pl.read_parquet(store.absolute(vote_ref["path"]) / VOTE_TABLE_FILE) if vote_ref else None
+    ofa_frame = pl.read_parquet(store.absolute(ofa_ref["path"]) / SUBSET_PARQUET) if ofa_ref else None
+    rows: dict[str, list] = {"method": [], "id": []}
+    sizes = {}
+    for method in config.methods:
+        chosen = method_subset(method, ids, config.p, vote_frame, ofa_frame)
+        rows["method"] += [method] * len(chosen)
+        rows["id"] += chosen
+        sizes[method] = len(chosen)
+    inputs = {"training_pool": pool_ref["fingerprint"], "vote_table": vote_ref and vote_ref["fingerprint"], "ofa_selected_subset": ofa_ref and ofa_ref["fingerprint"]}
+    with building_artifact(store, directory, "evaluation_subsets", fp, inputs) as (tmp, manifest):
+        pl.DataFrame(rows, schema={"method": pl.String, "id": pl.String}).write_parquet(tmp / SUBSETS_FILE)
+        manifest["ref"] = {"sizes": sizes, "methods": list(config.methods)}
+        manifest["metadata"] = {"sizes": sizes, "p": config.p}
+    return reuse_artifact(store, "evaluation_subsets", fp, directory, built=True)
+
+
+# -- finetuned_adapter ----------------------------------------------------------------------
+
+
+def stage_finetune(
+    store,
+    method: str,
+    pool_ref: dict,
+    subsets_ref: dict,
+    model_config: ModelConfig,
+    lora: LoraSettings,
+    config: EvaluationConfig,
+    models: ModelCache = MODELS,
+    log: Log = quiet_log,
+    progress=None,
+) -> StageResult:
+    """The base model + a fresh LoRA trained on one method's subset with the shared recipe."""
+    subset = pl.read_parquet(store.absolute(subsets_ref["path"]) / SUBSETS_FILE).filter(pl.col("method") == method)["id"]
+    if subset.len() == 0:
+        raise ValueError(f"evaluation_subsets has no records for method {method!r} (methods: {subsets_ref.get('methods')})")
+    recipe = config.recipe()
+    fp = fingerprint(
+        "finetuned_adapter",
+        subset=fingerprint("ids", ids=subset.to_list()),
+        pool=pool_ref["fingerprint"],
+        model=model_fingerprint_fields(model_config),
+        lora=lora,
+        recipe=recipe,
+    )
+    directory = store.artifact_dir("finetuned_adapter", fp, method)
+    if (reused := reuse_artifact(store, "finetuned_adapter", fp, directory)) is not None:
+        return reused
+    from icons_dagster.core.warmup import train_warmup
+
+    records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("id").is_in(subset.implode())))
+    log(f"{method}: fine-tuning on {len(records)} records, {recipe.epochs} epoch(s)")
+    skips = SkipLog()
+    with building_artifact(store, directory, "finetuned_adapter", fp, {"evaluation_subsets": subsets_ref["fingerprint"]}) as (tmp, manifest):
+        with models.with_adapter(model_config, None, lora, recipe.seed) as peft_model:
+            checkpoints = train_warmup(peft_model, models.encoder(model_config), records, recipe, models.get(model_config)[2], tmp, skips, progress)
+        manifest["ref"] = {"method": method, "adapter": "checkpoint-0/adapter", "n_records": len(records), "steps": checkpoints[-1].step}
+        manifest["metadata"] = {"method": method, "n_records": len(records), "steps": checkpoints[-1].step, **skips.as_metadata()}
+    return reuse_artifact(store, "finetuned_adapter", fp, directory, built=True)
+
+
+# -- benchmark_scores -----------------------------------------------------------------------
+
+
+def test_benchmarks(benchmarks_dir: Path) -> list[str]:
+    """Benchmarks with a test split beside their validation split, sorted."""
+    root = Path(benchmarks_dir)
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and split_file(p, "val") and split_file(p, "test"))
+
+
+def stage_benchmark_scores(
+    store,
+    method: str,
+    adapter_ref: dict,
+    benchmarks_dir: Path,
+    default_image_root: Path | None,
+    model_config: ModelConfig,
+    config: EvaluationConfig,
+    models: ModelCache = MODELS,
+    log: Log = quiet_log,
+) -> StageResult:
+    """Every benchmark's test split scored with the method's fine-tuned model."""
+    names = test_benchmarks(benchmarks_dir)
+    if not names:
+        raise ValueError(f"no benchmark under {benchmarks_dir} has a test split (test.json beside val.json)")
+    loaded = {name: load_benchmark(benchmarks_dir, name, default_image_root, split="test") for name in names}
+    fp = fingerprint(
+        "benchmark_scores",
+        adapter=adapter_ref["fingerprint"],
+        tests={name: loaded[name].content_sha256 for name in names},
+        max_new_tokens=config.max_new_tokens,
+    )
+    directory = store.artifact_dir("benchmark_scores", fp, method)
+    if (reused := reuse_artifact(store, "benchmark_scores", fp, directory)) is not None:
+        return reused
+    adapter_dir = store.absolute(adapter_ref["path"]) / adapter_ref["adapter"]
+    encoder = models.encoder(model_config)
+    placement = models.get(model_config)[2]
+    scores = {}
+    with models.with_adapter(model_config, adapter_dir) as model:
+        for name in names:
+            log(f"{method}: scoring {name} ({len(loaded[name].records)} test records)")
+            skips = SkipLog()
+            for problem in loaded[name].problems:
+                skips.add(problem.record_id or f"#{problem.index}", problem.reason)
+            result = score_benchmark(model, encoder, placement, name, list(loaded[name].records), skips=skips, max_new_tokens=config.max_new_tokens)
+            scores[name] = {**_score_dict(result), **skips.as_metadata()}
+    with building_artifact(store, directory, "benchmark_scores", fp, {"finetuned_adapter": adapter_ref["fingerprint"]}) as (tmp, manifest):
+        write_json(tmp / SCORES_FILE, scores)
+        manifest["ref"] = {
+            "method": method,
+            "scores": {name: s["score"] for name, s in scores.items()},
+            "collapsed": [name for name, s in scores.items() if s["collapsed"]],
+        }
+        manifest["metadata"] = {
+            "method": method,
+            "scores": {name: s["score"] for name, s in scores.items()},
+            "metrics": {name: s["metric"] for name, s in scores.items()},
+            "collapsed": [name for name, s in scores.items() if s["collapsed"]],
+            "reference_loss": {name: s["reference_loss"] for name, s in scores.items()},
+        }
+    return reuse_artifact(store, "benchmark_scores", fp, directory, built=True)
+
+
+def _score_dict(result) -> dict[str, Any]:
+    return {
+        "kind": result.kind,
+        "metric": result.metric,
+        "score": float(result.score),
+        "n": result.n,
+        "reference_loss": float(result.reference_loss),
+        "collapsed": bool(result.collapsed),
+        "prediction_counts": result.prediction_counts,
+    }
+
+
+# -- evaluation_table -----------------------------------------------------------------------
+
+
+def random_summary(table: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and (population) std over the random-<seed> rows, per benchmark."""
+    rows = [scores for method, scores in table.items() if _random_seed(method) is not None]
+    if not rows:
+        return {}, {}
+    names = sorted(rows[0])
+    values = np.array([[r[b] for b in names] for r in rows])
+    return dict(zip(names, values.mean(axis=0).tolist(), strict=True)), dict(zip(names, values.std(axis=0).tolist(), strict=True))
+
+
+def stage_evaluation_table(store, score_refs: dict[str, dict], subsets_ref: dict) -> StageResult:
+    methods = list(score_refs)
+    fp = fingerprint("evaluation_table", scores={m: score_refs[m]["fingerprint"] for m in sorted(methods)})
+    directory = store.artifact_dir("evaluation_table", fp)
+    if (reused := reuse_artifact(store, "evaluation_table", fp, directory)) is not None:
+        return reused
+    table = {m: dict(score_refs[m]["scores"]) for m in methods}
+    mean, std = random_summary(table)
+    if mean:
+        table["random (mean)"] = mean
+    rel = relative_scores(table)
+    benchmarks = sorted(next(iter(table.values())))
+    markdown = results_markdown(table, rel, benchmarks)
+    if std:
+        markdown += "\n\nrandom std over seeds: " + ", ".join(f"{b} {std[b]:.3f}" for b in benchmarks)
+    collapsed = {m: score_refs[m].get("collapsed", []) for m in methods if score_refs[m].get("collapsed")}
+    if collapsed:
+        # a model answering (nearly) everything alike measures nothing on that benchmark
+        markdown += "\n\ncollapsed predictions (one answer for >= 80% of a benchmark): " + "; ".join(
+            f"{m}: {', '.join(names)}" for m, names in sorted(collapsed.items())
+        )
+    rows = [{"method": m, "benchmark": b, "score": table[m][b], "rel": rel.get(m)} for m in table for b in benchmarks]
+    with building_artifact(store, directory, "evaluation_table", fp, {"benchmark_scores": {m: score_refs[m]["fingerprint"] for m in methods}}) as (tmp, manifest):
+        pl.DataFrame(rows).write_parquet(tmp / TABLE_FILE)
+        (tmp / TABLE_MARKDOWN).write_text(markdown + "\n", encoding="utf-8")
+        manifest["ref"] = {"rel": rel, "methods": list(table)}
+        manifest["metadata"] = {"table": markdown, "rel": rel, "subset_sizes": subsets_ref.get("sizes", {}), "collapsed": collapsed}
+    return reuse_artifact(store, "evaluation_table", fp, directory, built=True)
+

@@ -1,0 +1,113 @@
+"""The ``evaluation`` group end to end on the test-size demo: subsets, fine-tunes, scores, Rel. table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from icons_dagster.core.consensus import subset_size
+from icons_dagster.core.evaluation_pipeline import DEFAULT_METHODS, SCORES_FILE, SUBSETS_FILE, TABLE_FILE
+from icons_dagster.resources.refs import read_ref
+from icons_dagster.runner import run_graph
+from graph_helpers import demo_config, latest_metadata, temp_instance
+
+EXPECTED_METRICS = {
+    "counting": "exact_match",
+    "long_answer": "token_f1",
+    "multiple_choice": "accuracy",
+    "text_in_image": "exact_match",
+    "vqa_short": "exact_match",
+    "yes_no": "accuracy",
+}
+
+
+@pytest.fixture(scope="module")
+def evaluated(demo_paths, tmp_path_factory):
+    home = tmp_path_factory.mktemp("eval_home")
+    instance = temp_instance(home)
+    summary = run_graph(home, demo_config(demo_paths, demo_paths.benchmarks), instance=instance, methods=("icons", "ofa", "evaluation"))
+    return home, instance, summary
+
+
+def _subsets(home: Path) -> pl.DataFrame:
+    return pl.read_parquet(home / read_ref(home, "evaluation_subsets")["path"] / SUBSETS_FILE)
+
+
+def test_each_method_trains_on_its_own_selection(evaluated, demo_records):
+    home, _, _ = evaluated
+    subsets = _subsets(home)
+    by_method = {m: subsets.filter(pl.col("method") == m)["id"].to_list() for m in DEFAULT_METHODS}
+    n = len(demo_records)
+    assert len(by_method["full"]) == n
+    m = subset_size(n, 0.2)
+    assert all(len(by_method[k]) == m for k in DEFAULT_METHODS if k != "full")
+    # the evaluated ICONS and OFA subsets are the ones the selectors exported
+    icons = pl.read_parquet(home / "exports" / "selected_subset.parquet").filter(pl.col("selected"))["id"]
+    ofa = pl.read_parquet(home / "exports" / "ofa_selected_subset.parquet").filter(pl.col("selected"))["id"]
+    assert set(by_method["icons"]) == set(icons.to_list())
+    assert set(by_method["ofa"]) == set(ofa.to_list())
+    # three random seeds draw three different subsets
+    assert len({tuple(sorted(by_method[f"random-{s}"])) for s in range(3)}) == 3
+
+
+def test_one_recipe_one_epoch_per_method(evaluated, demo_records):
+    home, instance, _ = evaluated
+    full = latest_metadata(instance, "finetuned_adapter", "full")
+    assert full["n_records"] == len(demo_records)
+    assert full["steps"] == math.ceil(len(demo_records) / 4)  # one epoch at batch 4
+    icons = latest_metadata(instance, "finetuned_adapter", "icons")
+    assert icons["steps"] == math.ceil(subset_size(len(demo_records), 0.2) / 4)
+
+
+def test_every_benchmark_scored_with_the_metric_that_fits(evaluated):
+    home, _, _ = evaluated
+    ref = read_ref(home, "benchmark_scores", "full")
+    scores = json.loads((home / ref["path"] / SCORES_FILE).read_text())
+    assert {name: s["metric"] for name, s in scores.items()} == EXPECTED_METRICS
+    for name, s in scores.items():
+        assert 0.0 <= s["score"] <= 1.0 and s["n"] == 8, name
+        assert s["reference_loss"] > 0.0
+
+
+def test_table_has_every_method_and_rel_relative_to_full(evaluated):
+    home, instance, summary = evaluated
+    table = pl.read_parquet(home / read_ref(home, "evaluation_table")["path"] / TABLE_FILE)
+    assert set(table["method"].unique()) == {*DEFAULT_METHODS, "random (mean)"}
+    rel = summary["rel"]
+    assert rel["full"] == pytest.approx(1.0)
+    # Rel. (eq. 2) recomputed from the table: mean over benchmarks with a non-zero full score
+    full = dict(table.filter(pl.col("method") == "full").select("benchmark", "score").iter_rows())
+    icons = dict(table.filter(pl.col("method") == "icons").select("benchmark", "score").iter_rows())
+    kept = [b for b in full if full[b] > 0]
+    assert rel["icons"] == pytest.approx(sum(icons[b] / full[b] for b in kept) / len(kept))
+    # the random row is the mean of the three seeds
+    seeds = [dict(table.filter(pl.col("method") == f"random-{s}").select("benchmark", "score").iter_rows()) for s in range(3)]
+    mean = dict(table.filter(pl.col("method") == "random (mean)").select("benchmark", "score").iter_rows())
+    for b in full:
+        assert mean[b] == pytest.approx(sum(s[b] for s in seeds) / 3)
+    markdown = Path(summary["evaluation_table"]).read_text()
+    assert "| full |" in markdown and "Rel." in markdown
+    assert latest_metadata(instance, "evaluation_table")["rel"]["full"] == pytest.approx(1.0)
+
+
+def test_method_subsets_by_hand():
+    from icons_dagster.core.evaluation_pipeline import EvaluationConfig, method_subset
+
+    ids = [f"r{i}" for i in range(10)]
+    votes = pl.DataFrame({"id": ids, "influence__a": [float(i) for i in range(10)], "influence__b": [float(-i) for i in range(10)]})
+    # "max" of the raw scores: max(i, -i) = i, so the top 2 are r9 and r8
+    assert sorted(method_subset("icons-max", ids, 0.2, votes, None)) == ["r8", "r9"]
+    assert method_subset("random-4", ids, 0.3, None, None) == method_subset("random-4", ids, 0.3, None, None)
+    assert len(method_subset("random-4", ids, 0.3, None, None)) == 3
+    ofa = pl.DataFrame({"id": ids, "selected": [i < 3 for i in range(10)]})
+    assert method_subset("ofa", ids, 0.3, None, ofa) == ["r0", "r1", "r2"]
+    with pytest.raises(ValueError, match="ofa.p"):
+        method_subset("ofa", ids, 0.2, None, ofa)
+    with pytest.raises(ValueError, match="unknown evaluation method"):
+        EvaluationConfig(methods=("full", "greedy"))
+    with pytest.raises(ValueError, match="'full'"):
+        EvaluationConfig(methods=("icons",))
