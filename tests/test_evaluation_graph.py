@@ -111,3 +111,18 @@ def test_method_subsets_by_hand():
         EvaluationConfig(methods=("full", "greedy"))
     with pytest.raises(ValueError, match="'full'"):
         EvaluationConfig(methods=("icons",))
+
+
+def test_subsets_report_overlap_coverage_and_family_shares(evaluated):
+    home, instance, _ = evaluated
+    metadata = latest_metadata(instance, "evaluation_subsets")
+    overlap = metadata["method_overlap"]
+    assert overlap["icons"]["icons"] == 1.0
+    # the ICONS vote subset keeps, by construction, every sample with the top vote count;
+    # its coverage of each benchmark's voters is at least as high as a random draw's on average
+    coverage = metadata["benchmark_coverage"]
+    mean = {m: sum(c.values()) / len(c) for m, c in coverage.items()}
+    assert mean["icons"] > (mean["random-0"] + mean["random-1"] + mean["random-2"]) / 3
+    shares = metadata["family_shares"]
+    assert all(abs(sum(s.values()) - 1.0) < 1e-2 for s in shares.values())
+    assert set(shares) == set(DEFAULT_METHODS)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from icons_dagster.core import consensus
+from icons_dagster.core import analysis, consensus, plots
 from icons_dagster.core.benchmarks import load_benchmark
 from icons_dagster.core.config import LoraSettings, ModelConfig, WarmupConfig
 from icons_dagster.core.evaluation import relative_scores, results_markdown, score_benchmark
@@ -29,6 +29,7 @@ from icons_dagster.core.pipeline import (
     ModelCache,
     StageResult,
     building_artifact,
+    family_column,
     load_pool_manifest,
     model_fingerprint_fields,
     quiet_log,
@@ -136,11 +137,45 @@ def stage_evaluation_subsets(
         rows["id"] += chosen
         sizes[method] = len(chosen)
     inputs = {"training_pool": pool_ref["fingerprint"], "vote_table": vote_ref and vote_ref["fingerprint"], "ofa_selected_subset": ofa_ref and ofa_ref["fingerprint"]}
+    frame = pl.DataFrame(rows, schema={"method": pl.String, "id": pl.String})
+    metadata = {"sizes": sizes, "p": config.p, **subset_composition(store, pool_ref, ids, frame, vote_frame)}
     with building_artifact(store, directory, "evaluation_subsets", fp, inputs) as (tmp, manifest):
-        pl.DataFrame(rows, schema={"method": pl.String, "id": pl.String}).write_parquet(tmp / SUBSETS_FILE)
+        frame.write_parquet(tmp / SUBSETS_FILE)
         manifest["ref"] = {"sizes": sizes, "methods": list(config.methods)}
-        manifest["metadata"] = {"sizes": sizes, "p": config.p}
+        manifest["metadata"] = metadata
     return reuse_artifact(store, "evaluation_subsets", fp, directory, built=True)
+
+
+def subset_composition(store, pool_ref: dict, ids: list[str], frame: pl.DataFrame, vote_frame: pl.DataFrame | None) -> dict[str, Any]:
+    """What each method's subset holds: overlaps between methods (Figure 5), each benchmark's
+    coverage (share of its specialist top-p voters kept) and, on pools with task families,
+    each family's share: the Appendix D risk that a consensus drops whole families."""
+    position = {record_id: i for i, record_id in enumerate(ids)}
+    masks = {}
+    for method in frame["method"].unique(maintain_order=True).to_list():
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[[position[i] for i in frame.filter(pl.col("method") == method)["id"].to_list()]] = True
+        masks[method] = mask
+    selected_methods = {m: mask for m, mask in masks.items() if m != "full"}
+    names, overlap = analysis.overlap_matrix(selected_methods)
+    composition: dict[str, Any] = {
+        "method_overlap": {a: {b: round(float(overlap[i, j]), 3) for j, b in enumerate(names)} for i, a in enumerate(names)},
+        "plots": {"method_overlap": plots.markdown_image(plots.heatmap_png(overlap, names, "overlap |A ∩ B| / |A| of method subsets"), "overlap")},
+    }
+    if vote_frame is not None:
+        benchmarks = [c.removeprefix("vote__") for c in vote_frame.columns if c.startswith("vote__")]
+        order = np.array([position[i] for i in vote_frame["id"].to_list()])
+        votes = np.stack([vote_frame[f"vote__{b}"].to_numpy() for b in benchmarks], axis=1)
+        composition["benchmark_coverage"] = {
+            m: {b: round(v, 3) for b, v in analysis.benchmark_coverage(mask[order], votes, benchmarks).items()}
+            for m, mask in selected_methods.items()
+        }
+    families = family_column(load_pool_manifest(store, pool_ref, columns=["id", "family"]), ids)
+    if families is not None:
+        composition["family_shares"] = {
+            m: {f: round(v, 3) for f, v in analysis.family_shares(mask, families).items()} for m, mask in masks.items()
+        }
+    return composition
 
 
 # -- finetuned_adapter ----------------------------------------------------------------------
