@@ -91,6 +91,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             evaluation[key] = value
+    if args.equal_steps is not None:
+        evaluation["equal_steps"] = args.equal_steps
     return _run(home, config, ("icons", "ofa", "evaluation"))
 
 
@@ -275,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--epochs", type=int)
     evaluate.add_argument("--batch-size", type=int)
     evaluate.add_argument("--seed", type=int)
+    evaluate.add_argument("--equal-steps", action=argparse.BooleanOptionalAction, default=None, help="train every subset about as many steps as the full data")
     evaluate.set_defaults(func=cmd_evaluate)
 
     validate = sub.add_parser("validate", help="check a pool or benchmarks without computing anything")

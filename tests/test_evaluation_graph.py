@@ -107,6 +107,9 @@ def test_method_subsets_by_hand():
     assert method_subset("ofa", ids, 0.3, None, ofa) == ["r0", "r1", "r2"]
     with pytest.raises(ValueError, match="ofa.p"):
         method_subset("ofa", ids, 0.2, None, ofa)
+    assert EvaluationConfig(epochs=1).recipe(20, 100).epochs == 1  # the paper's recipe: one epoch per subset
+    assert EvaluationConfig(epochs=1, equal_steps=True).recipe(20, 100).epochs == 5  # 100 / 20
+    assert EvaluationConfig(epochs=2, equal_steps=True).recipe(100, 100).epochs == 2
     with pytest.raises(ValueError, match="unknown evaluation method"):
         EvaluationConfig(methods=("full", "greedy"))
     with pytest.raises(ValueError, match="'full'"):

@@ -62,6 +62,9 @@ class EvaluationConfig:
     batch_size: int = 4
     seed: int = 0
     max_new_tokens: int = 64
+    # False: the paper's recipe, ``epochs`` over each subset. True: every subset is trained
+    # for about as many steps as the full data gets (epochs x N / |subset|, rounded).
+    equal_steps: bool = False
 
     def __post_init__(self) -> None:
         for method in self.methods:
@@ -70,10 +73,11 @@ class EvaluationConfig:
         if "full" not in self.methods:
             raise ValueError("the evaluation needs the 'full' method: Rel. divides by the full-data score")
 
-    def recipe(self) -> WarmupConfig:
+    def recipe(self, n_subset: int, n_pool: int) -> WarmupConfig:
         """The fine-tune recipe (the warm-up trainer on a whole subset: ratio 1, one checkpoint)."""
+        epochs = max(self.epochs, round(self.epochs * n_pool / max(1, n_subset))) if self.equal_steps else self.epochs
         return WarmupConfig(
-            ratio=1.0, seed=self.seed, learning_rate=self.learning_rate, epochs=self.epochs, num_checkpoints=1, batch_size=self.batch_size
+            ratio=1.0, seed=self.seed, learning_rate=self.learning_rate, epochs=epochs, num_checkpoints=1, batch_size=self.batch_size
         )
 
 
@@ -197,7 +201,7 @@ def stage_finetune(
     subset = pl.read_parquet(store.absolute(subsets_ref["path"]) / SUBSETS_FILE).filter(pl.col("method") == method)["id"]
     if subset.len() == 0:
         raise ValueError(f"evaluation_subsets has no records for method {method!r} (methods: {subsets_ref.get('methods')})")
-    recipe = config.recipe()
+    recipe = config.recipe(subset.len(), pool_ref["n_records"])
     fp = fingerprint(
         "finetuned_adapter",
         subset=fingerprint("ids", ids=subset.to_list()),
@@ -218,7 +222,14 @@ def stage_finetune(
         with models.with_adapter(model_config, None, lora, recipe.seed) as peft_model:
             checkpoints = train_warmup(peft_model, models.encoder(model_config), records, recipe, models.get(model_config)[2], tmp, skips, progress)
         manifest["ref"] = {"method": method, "adapter": "checkpoint-0/adapter", "n_records": len(records), "steps": checkpoints[-1].step}
-        manifest["metadata"] = {"method": method, "n_records": len(records), "steps": checkpoints[-1].step, **skips.as_metadata()}
+        manifest["metadata"] = {
+            "method": method,
+            "n_records": len(records),
+            "epochs": recipe.epochs,
+            "steps": checkpoints[-1].step,
+            "schedule": "equal steps" if config.equal_steps else f"{config.epochs} epoch(s) per subset",
+            **skips.as_metadata(),
+        }
     return reuse_artifact(store, "finetuned_adapter", fp, directory, built=True)
 
 

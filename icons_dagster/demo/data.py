@@ -36,6 +36,7 @@ __all__ = [
     "DemoPaths",
     "DemoSize",
     "demo_corpus",
+    "generate_alignment_data",
     "generate_demo",
 ]
 
@@ -847,3 +848,181 @@ def generate_demo(out_dir: str | Path, size: str | DemoSize = "default", seed: i
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return paths
+
+
+# --------------------------------------------------------------------------- stage-1 alignment data
+# Caption records for the tiny model's "stage 1" (LLaVA's feature-alignment pre-training):
+# the same renderers and describers as the pool, but separate random streams ("align" keys),
+# separate digit scans, and a pixel check against the demo's own images, so the pool and the
+# benchmarks never leak into pre-training.
+
+ALIGN_FORMAT_VERSION = 1
+ALIGN_FILE = "align.json"
+ALIGN_MANIFEST = "manifest.json"
+ALIGN_PROMPTS: tuple[str, ...] = (
+    "Describe the image briefly.",
+    "What is in the image?",
+    "Give a short description of the image.",
+    "Write a caption for the image.",
+)
+# Kinds of alignment image, in proportion (grid scenes twice: they carry most of the words).
+_ALIGN_KINDS = ("single", "grid", "grid", "photo", "text", "digit")
+# load_digits has >= 86 scans per label in each half and the demo uses ordinals < DIGIT_ORDINALS,
+# so ordinals DIGIT_ORDINALS..85 of either half are never shown by the pool or the benchmarks.
+_ALIGN_DIGIT_ORDINALS = range(DIGIT_ORDINALS, 86)
+
+
+def _describe_text(spec: _TextImage) -> str:
+    return f"The image shows the text {spec.text}."
+
+
+def _describe_digit(spec: _DigitImage) -> str:
+    return f"The image shows the digit {spec.label}."
+
+
+def _align_item(kind: str, rng: random.Random, seed_rng: random.Random) -> tuple[_ImageSpec, str]:
+    """One (image recipe, caption) pair of the given kind."""
+    if kind == "single":
+        scene = _single_shape(rng, seed_rng)
+        return scene, _describe_scene(scene)
+    if kind == "grid":
+        scene = _grid_scene(rng, _random_items(rng, rng.randint(1, 6)), seed_rng)
+        return scene, _describe_scene(scene)
+    if kind == "photo":
+        crop = _photo_crop(rng)
+        return crop, _describe_photo(crop)
+    ink, paper = _contrasting_pair(rng)
+    if kind == "digit":
+        digit = _DigitImage(rng.randrange(10), rng.choice(_ALIGN_DIGIT_ORDINALS), rng.random() < 0.5, ink, paper)
+        return digit, _describe_digit(digit)
+    text = rng.choice(WORDS) if rng.random() < 0.5 else str(rng.randint(10, 999))
+    spec = _TextImage(
+        text=text,
+        ink=ink,
+        paper=paper,
+        dx=round(rng.uniform(-0.06, 0.06), 4),
+        dy=round(rng.uniform(-0.15, 0.15), 4),
+        fill=round(rng.uniform(0.7, 0.9), 4),
+    )
+    return spec, _describe_text(spec)
+
+
+def _align_drafts(n: int, seed: int) -> list[_Draft]:
+    rng = _rng(seed, "align", "items")
+    seed_rng = _rng(seed, "align", "pixels")
+    kinds = _balanced(_ALIGN_KINDS, n, rng)
+    positions = _balanced(("start", "end"), n, rng)
+    drafts = []
+    for i, (kind, pos) in enumerate(zip(kinds, positions, strict=True)):
+        spec, caption = _align_item(kind, rng, seed_rng)
+        record = {
+            "id": f"align-{i:06d}",
+            "image": f"align/{i:06d}.png",
+            "conversations": [
+                {"from": "human", "value": _human(rng.choice(ALIGN_PROMPTS), pos)},
+                {"from": "gpt", "value": caption},
+            ],
+            "family": "alignment",
+            "kind": "scene" if kind in ("single", "grid") else kind,
+        }
+        drafts.append(_Draft(record, spec))
+    return drafts
+
+
+def _demo_image_hashes(seed: int) -> set[bytes]:
+    """Pixel hashes of every image the demo writes for ``seed`` (all DEMO_SIZES), as written."""
+    hashes: set[bytes] = set()
+    for size in DEMO_SIZES.values():
+        n = size.image_size
+        pool_hashes = {hashlib.sha256(_render(d.image, n).tobytes()).digest() for d in _pool_drafts(size, seed) if d.image is not None}
+        hashes |= pool_hashes
+        for splits in _benchmark_drafts(size, seed).values():
+            for split in SPLITS:
+                for d in splits[split]:  # the same nudging as _write_all
+                    img = _render(d.image, n)
+                    attempt = 0
+                    while hashlib.sha256(img.tobytes()).digest() in pool_hashes:
+                        img = _nudge(img, _stream_seed(seed, d.record["id"], attempt))
+                        attempt += 1
+                    hashes.add(hashlib.sha256(img.tobytes()).digest())
+    return hashes
+
+
+def _align_manifest(n: int, seed: int, image_size: int, demo_seed: int) -> dict[str, Any]:
+    return {"format": ALIGN_FORMAT_VERSION, "n": n, "seed": seed, "image_size": image_size, "demo_seed": demo_seed}
+
+
+def _align_complete(root: Path, manifest: dict[str, Any]) -> bool:
+    if not (root / "DONE").is_file():
+        return False
+    try:
+        with open(root / ALIGN_MANIFEST, encoding="utf-8") as fh:
+            return json.load(fh) == manifest
+    except (OSError, ValueError):
+        return False
+
+
+def _write_alignment(tmp: Path, n: int, seed: int, image_size: int, demo_seed: int) -> None:
+    taken = _demo_image_hashes(demo_seed)
+    drafts = _align_drafts(n, seed)
+    for d in drafts:
+        img = _render(d.image, image_size)
+        attempt = 0
+        while hashlib.sha256(img.tobytes()).digest() in taken:  # a demo image, or an earlier caption's
+            img = _nudge(img, _stream_seed(seed, "align", d.record["id"], attempt))
+            attempt += 1
+        taken.add(hashlib.sha256(img.tobytes()).digest())
+        path = tmp / "images" / d.record["image"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_png_bytes(img))
+    _dump_json(tmp / ALIGN_FILE, [_final(d) for d in drafts])
+
+
+def generate_alignment_data(
+    out_dir: str | Path, n: int, seed: int = 1000, *, image_size: int = 32, demo_seed: int = 0
+) -> Path:
+    """Write ``n`` caption records for stage-1 pre-training; return the folder holding them.
+
+    Why separate data: the tiny model must learn to connect images to text before LoRA
+    instruction tuning (LLaVA's stage 1), and that must not see the pool or the benchmarks.
+    Images come from the pool's renderers and captions from its describers, on "align"
+    random streams; no image repeats one the demo writes for ``demo_seed`` (any DEMO_SIZES)
+    or an earlier caption's. The folder holds ``align.json`` and ``images/`` (load it with
+    ``load_records(folder / "align.json", folder / "images")``). Byte-identical for equal
+    arguments, idempotent (``DONE`` + matching ``manifest.json``) and built in a temporary
+    folder swapped in with ``os.replace``, like :func:`generate_demo`.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+    out = Path(out_dir)
+    manifest = _align_manifest(n, seed, image_size, demo_seed)
+    if _align_complete(out, manifest):
+        return out
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_alignment(tmp, n, seed, image_size, demo_seed)
+        _dump_json(tmp / ALIGN_MANIFEST, manifest)
+        (tmp / "DONE").write_text("ok\n", encoding="utf-8")  # written last: marks completeness
+        if _align_complete(out, manifest):  # a concurrent run finished first
+            shutil.rmtree(tmp)
+            return out
+        old = None
+        if out.exists():
+            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -212,6 +212,7 @@ class EvaluationResource(ConfigurableResource):
     batch_size: int = 4
     seed: int = 0
     max_new_tokens: int = 64
+    equal_steps: bool = False  # True: every subset trains about as many steps as the full data
 
     def evaluation_config(self, p: float) -> EvaluationConfig:
         return EvaluationConfig(
@@ -221,4 +222,5 @@ class EvaluationResource(ConfigurableResource):
             batch_size=self.batch_size,
             seed=self.seed,
             max_new_tokens=self.max_new_tokens,
+            equal_steps=self.equal_steps,
         )
