@@ -129,3 +129,22 @@ def test_subsets_report_overlap_coverage_and_family_shares(evaluated):
     shares = metadata["family_shares"]
     assert all(abs(sum(s.values()) - 1.0) < 1e-2 for s in shares.values())
     assert set(shares) == set(DEFAULT_METHODS)
+
+
+def test_direct_merge_is_the_size_weighted_mean_of_influences():
+    from icons_dagster.core.evaluation_pipeline import direct_merge_scores
+
+    votes = pl.DataFrame({"id": ["a", "b"], "influence__x": [0.3, -0.1], "influence__y": [0.0, 0.5]})
+    # x has 3 validation records, y has 1: (3 * 0.3 + 1 * 0.0) / 4 and (3 * -0.1 + 0.5) / 4
+    assert direct_merge_scores(votes, {"x": 3, "y": 1}).tolist() == pytest.approx([0.225, 0.05])
+
+
+def test_text_similarity_prefers_the_records_that_read_like_each_benchmark():
+    from icons_dagster.core.evaluation_pipeline import text_similarity_scores
+
+    pool = ["Is there a red square? Yes", "How many circles are there? three", "Describe the image in detail. A cat."]
+    names, scores = text_similarity_scores(pool, {"count": ["How many squares are there? two"], "yn": ["Is there a blue circle? No"]})
+    assert names == ["count", "yn"]
+    assert scores.shape == (3, 2)
+    assert scores[:, 0].argmax() == 1 and scores[:, 1].argmax() == 0
+    assert (scores >= 0).all() and (scores <= 1 + 1e-9).all()

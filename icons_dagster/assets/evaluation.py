@@ -22,15 +22,19 @@ EVALUATION_GROUP = "evaluation"
 @asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager")
 def evaluation_subsets(
     store: StoreResource,
+    data: DataResource,
     settings: SettingsResource,
     evaluation: EvaluationResource,
     training_pool: dict,
     vote_table: dict,
     ofa_selected_subset: dict,
 ) -> Iterator:
-    """The ids each compared method trains on: full, 3 random seeds, ICONS and its aggregations, OFA."""
+    """The ids each compared method trains on: full, 3 random seeds, ICONS and its aggregations,
+    direct-merge, the TF-IDF vote, OFA."""
+    artifacts = store.store()
+    paths = data.paths(artifacts)
     config = evaluation.evaluation_config(settings.p)
-    yield output(stage_evaluation_subsets(store.store(), training_pool, vote_table, ofa_selected_subset, config))
+    yield output(stage_evaluation_subsets(artifacts, training_pool, vote_table, ofa_selected_subset, config, paths.benchmarks, paths.image_root))
 
 
 @asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", partitions_def=evaluation_method_partitions)

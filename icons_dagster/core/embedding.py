@@ -41,8 +41,7 @@ import json
 import math
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -50,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from icons_dagster.core.fingerprint import file_sha256
+from icons_dagster.core.model import no_progress_bars
 from icons_dagster.core.records import HUMAN, IMAGE_TOKEN, ImageLoadError, Record, load_image
 from icons_dagster.core.samples import SkipLog, batched
 
@@ -193,20 +193,6 @@ def _resolve_device(device: str):
     return torch.device(device)
 
 
-@contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """No 'Loading weights' progress bars while a frozen encoder loads."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _pooled(output) -> "Any":
     """transformers 5 returns a model output from ``get_*_features``; older versions a tensor."""
     pooled = getattr(output, "pooler_output", None)
@@ -341,7 +327,7 @@ class MiniLMPixelEmbedder:
             _check_mean_pooling(Path(source))
         self.device = _resolve_device(config.device)
         load_kwargs = dict(revision=config.revision, trust_remote_code=config.trust_remote_code, local_files_only=local)
-        with _quiet_loading():
+        with no_progress_bars():
             self.tokenizer = AutoTokenizer.from_pretrained(source, **load_kwargs)
             self.model = AutoModel.from_pretrained(source, dtype=torch.float32, **load_kwargs)
         self.model.to(self.device)
@@ -427,7 +413,7 @@ class ClipEmbedder:
         load_kwargs = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
         if local:
             load_kwargs["local_files_only"] = True
-        with _quiet_loading():
+        with no_progress_bars():
             self.processor = AutoProcessor.from_pretrained(config.name_or_path, **load_kwargs)
             self.model = AutoModel.from_pretrained(config.name_or_path, dtype=dtype, **load_kwargs)
         if not (hasattr(self.model, "get_text_features") and hasattr(self.model, "get_image_features")):

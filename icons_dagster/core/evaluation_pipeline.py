@@ -48,7 +48,10 @@ TABLE_FILE = "evaluation_table.parquet"
 TABLE_MARKDOWN = "evaluation_table.md"
 # Table 6's aggregations, each selected from the same vote table with the same tie-break.
 ICONS_METHODS = {"icons": "vote", "icons-mean": "mean", "icons-max": "max", "icons-rank": "rank", "icons-norm": "norm"}
-DEFAULT_METHODS = ("full", "random-0", "random-1", "random-2", *ICONS_METHODS, "ofa")
+# direct-merge: Table 7 (one merged validation set); text-vote: the same vote over TF-IDF
+# similarity to each validation set, to learn what gradients add beyond surface text.
+BASELINES = ("direct-merge", "text-vote")
+DEFAULT_METHODS = ("full", "random-0", "random-1", "random-2", *ICONS_METHODS, *BASELINES, "ofa")
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,8 @@ class EvaluationConfig:
 
     def __post_init__(self) -> None:
         for method in self.methods:
-            if method not in ICONS_METHODS and method not in ("full", "ofa") and _random_seed(method) is None:
-                raise ValueError(f"unknown evaluation method {method!r}: full, random-<seed>, {', '.join(ICONS_METHODS)}, ofa")
+            if method not in (*ICONS_METHODS, *BASELINES, "full", "ofa") and _random_seed(method) is None:
+                raise ValueError(f"unknown evaluation method {method!r}: full, random-<seed>, {', '.join((*ICONS_METHODS, *BASELINES))}, ofa")
         if "full" not in self.methods:
             raise ValueError("the evaluation needs the 'full' method: Rel. divides by the full-data score")
 
@@ -90,8 +93,53 @@ def _random_seed(method: str) -> int | None:
 # -- evaluation_subsets ---------------------------------------------------------------------
 
 
-def method_subset(method: str, ids: list[str], p: float, vote_frame: pl.DataFrame | None, ofa_frame: pl.DataFrame | None) -> list[str]:
-    """The ids one method trains on (``ids`` is the pool in manifest order)."""
+def direct_merge_scores(vote_frame: pl.DataFrame, n_validation: dict[str, int]) -> np.ndarray:
+    """Influence against all validation sets merged into one (paper Table 7).
+
+    Features are unit-norm, so a record's mean cosine to the merged set is the size-weighted
+    mean of its per-benchmark mean cosines: sum_k n_k I_k / sum_k n_k (exact for benchmarks
+    without subtask groups; with groups, each I_k is already a mean over group means).
+    """
+    benchmarks = sorted(n_validation)
+    weights = np.array([n_validation[b] for b in benchmarks], dtype=np.float64)
+    scores = np.stack([vote_frame[f"influence__{b}"].to_numpy() for b in benchmarks], axis=1)
+    return scores @ weights / weights.sum()
+
+
+def text_similarity_scores(pool_texts: list[str], validation_texts: dict[str, list[str]]) -> tuple[list[str], np.ndarray]:
+    """[N, K] mean TF-IDF cosine of each pool text to each benchmark's validation texts.
+
+    One vocabulary fitted on the pool and every validation text (deterministic); rows are
+    L2-normalized, so the mean cosine is the dot product with the mean validation row.
+    """
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    benchmarks = sorted(validation_texts)
+    vectorizer = TfidfVectorizer(lowercase=True, token_pattern=r"(?u)\b\w+\b", ngram_range=(1, 2), min_df=1)
+    vectorizer.fit(pool_texts + [t for b in benchmarks for t in validation_texts[b]])
+    pool = vectorizer.transform(pool_texts)
+    means = np.stack([np.asarray(vectorizer.transform(validation_texts[b]).mean(axis=0)).ravel() for b in benchmarks], axis=1)
+    return benchmarks, np.asarray(pool @ means, dtype=np.float64)
+
+
+def method_subset(
+    method: str,
+    ids: list[str],
+    p: float,
+    vote_frame: pl.DataFrame | None,
+    ofa_frame: pl.DataFrame | None,
+    baseline_scores: dict[str, np.ndarray] | None = None,
+) -> list[str]:
+    """The ids one method trains on (``ids`` is the pool in manifest order).
+
+    ``baseline_scores``: "direct-merge" [N] and "text-vote" [N, K] scores in ``ids`` order.
+    """
+    if method in BASELINES:
+        if not baseline_scores or method not in baseline_scores:
+            raise ValueError(f"method {method!r} needs its scores (the vote table and the benchmarks' validation sets)")
+        scores = baseline_scores[method]
+        chosen = consensus.select(ids, scores.reshape(len(ids), -1), p, method="vote" if method == "text-vote" else "mean")
+        return [ids[i] for i in np.flatnonzero(chosen.selected)]
     if method == "full":
         return list(ids)
     seed = _random_seed(method)
@@ -117,13 +165,23 @@ def method_subset(method: str, ids: list[str], p: float, vote_frame: pl.DataFram
 
 
 def stage_evaluation_subsets(
-    store, pool_ref: dict, vote_ref: dict | None, ofa_ref: dict | None, config: EvaluationConfig
+    store,
+    pool_ref: dict,
+    vote_ref: dict | None,
+    ofa_ref: dict | None,
+    config: EvaluationConfig,
+    benchmarks_dir: Path | None = None,
+    default_image_root: Path | None = None,
 ) -> StageResult:
+    validation = {}
+    if vote_ref and benchmarks_dir is not None:
+        validation = {b: load_benchmark(benchmarks_dir, b, default_image_root) for b in vote_ref["benchmarks"]}
     fp = fingerprint(
         "evaluation_subsets",
         pool=pool_ref["fingerprint"],
         votes=vote_ref["fingerprint"] if vote_ref else None,
         ofa=ofa_ref["fingerprint"] if ofa_ref else None,
+        validation={b: loaded.content_sha256 for b, loaded in validation.items()},
         methods=list(config.methods),
         p=config.p,
     )
@@ -133,10 +191,11 @@ def stage_evaluation_subsets(
     ids = load_pool_manifest(store, pool_ref, columns=["id"])["id"].to_list()
     vote_frame = pl.read_parquet(store.absolute(vote_ref["path"]) / VOTE_TABLE_FILE) if vote_ref else None
     ofa_frame = pl.read_parquet(store.absolute(ofa_ref["path"]) / SUBSET_PARQUET) if ofa_ref else None
+    baseline_scores = _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation)
     rows: dict[str, list] = {"method": [], "id": []}
     sizes = {}
     for method in config.methods:
-        chosen = method_subset(method, ids, config.p, vote_frame, ofa_frame)
+        chosen = method_subset(method, ids, config.p, vote_frame, ofa_frame, baseline_scores)
         rows["method"] += [method] * len(chosen)
         rows["id"] += chosen
         sizes[method] = len(chosen)
@@ -148,6 +207,25 @@ def stage_evaluation_subsets(
         manifest["ref"] = {"sizes": sizes, "methods": list(config.methods)}
         manifest["metadata"] = metadata
     return reuse_artifact(store, "evaluation_subsets", fp, directory, built=True)
+
+
+def _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation) -> dict[str, np.ndarray]:
+    """Direct-merge and text-similarity scores, in ``ids`` order (empty without a vote table)."""
+    if vote_frame is None or not validation:
+        return {}
+    from icons_dagster.core.embedding import embedding_text
+
+    position = {record_id: i for i, record_id in enumerate(vote_frame["id"].to_list())}
+    order = np.array([position[i] for i in ids])
+    sizes = {}
+    for b, fp in vote_ref["influence"].items():
+        sizes[b] = int(store.read_manifest(store.artifact_dir("task_influence", fp, b))["metadata"]["n_validation"])
+    pool_records = records_from_manifest(load_pool_manifest(store, pool_ref))
+    text_of = {r.id: embedding_text(r, "conversation") for r in pool_records}
+    _, text_scores = text_similarity_scores(
+        [text_of[i] for i in ids], {b: [embedding_text(r, "conversation") for r in loaded.records] for b, loaded in validation.items()}
+    )
+    return {"direct-merge": direct_merge_scores(vote_frame, sizes)[order], "text-vote": text_scores}
 
 
 def subset_composition(store, pool_ref: dict, ids: list[str], frame: pl.DataFrame, vote_frame: pl.DataFrame | None) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,20 @@ import torch
 from icons_dagster.core.config import LoraSettings, ModelConfig
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """Hide transformers' "Loading weights" / "Writing shards" bars (every load and save)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @dataclass(frozen=True)

@@ -135,17 +135,11 @@ def spec_hash(spec: TinyModelSpec, corpus: Iterable[str]) -> str:
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Hide progress bars and the 'no torchvision, using PIL' notice during the build only."""
-    from transformers.utils import logging as hf_logging
+    from icons_dagster.core.model import no_progress_bars
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torchvision.*")
-            yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    with no_progress_bars(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torchvision.*")
+        yield
 
 
 def train_byte_level_bpe(texts: list[str], vocab_size: int, special_tokens):

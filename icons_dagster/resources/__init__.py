@@ -80,10 +80,20 @@ class ModelResource(ConfigurableResource):
     lora_alpha: int = 256
     lora_dropout: float = 0.05
     lora_target_modules: str = DEFAULT_LORA_TARGET
+    # Demo model only (empty name_or_path): 0 = the random tiny LLaVA; N > 0 = that model after
+    # N steps of stage-1 alignment on separate generated captions (built once, cached), so
+    # instruction tuning starts from a model that already connects images to text.
+    demo_stage1_steps: int = 0
 
     def checkpoint_config(self, store: ArtifactStore) -> ModelConfig:
         name = self.name_or_path
-        if not name:
+        if not name and self.demo_stage1_steps > 0:
+            from icons_dagster.demo.stage1 import ensure_stage1_model
+
+            # about five passes over the captions, 500 to 4,000 of them
+            n_records = min(4000, max(500, self.demo_stage1_steps * 16 // 5))
+            name = str(ensure_stage1_model(store.demo_dir, self.demo_stage1_steps, n_records))
+        elif not name:
             from icons_dagster.demo.build import ensure_demo_model
 
             name = str(ensure_demo_model(store.demo_dir))
