@@ -50,7 +50,7 @@ _SETTINGS_OF = {
     "ofa_selector": ("ofa:num_clusters", "ofa:hidden_dim", "ofa:epochs", "ofa:min_steps", "ofa:batch_size", "ofa:learning_rate", "ofa:train_seed", "ofa:selector"),
     "ofa_selected_subset": ("ofa:confidence", "ofa:p"),
     "evaluation_subsets": ("settings:p",),
-    "finetuned_adapter": ("model:*", "evaluation:learning_rate", "evaluation:epochs", "evaluation:batch_size", "evaluation:seed", "evaluation:equal_steps"),
+    "finetuned_adapter": ("model:*", "evaluation:learning_rate", "evaluation:epochs", "evaluation:batch_size", "evaluation:seed", "evaluation:equal_steps", "evaluation:lora_r", "evaluation:lora_alpha"),
     "benchmark_scores": ("data:benchmarks", "evaluation:max_new_tokens"),
     "evaluation_table": (),
 }

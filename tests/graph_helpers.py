@@ -17,6 +17,7 @@ def demo_config(demo_paths, benchmarks_dir: Path, **settings) -> dict:
     config["data"] = {"pool": str(demo_paths.pool), "image_root": str(demo_paths.image_root), "benchmarks": str(benchmarks_dir)}
     config["settings"].update({"projection_dim": 256, **settings})
     config["model"]["demo_stage1_steps"] = 0  # the random tiny model: graph tests check plumbing, not learning
+    config["evaluation"] = {"batch_size": 4}  # one epoch of the warm-up's LoRA: fast
     return config
 
 

@@ -55,7 +55,7 @@ def finetuned_adapter(
         training_pool,
         evaluation_subsets,
         model.checkpoint_config(artifacts),
-        model.lora_settings(),
+        evaluation.lora_settings(model.lora_settings()),
         evaluation.evaluation_config(settings.p),
         log=context.log.info,
         progress=throttled_progress(context, f"finetuned_adapter[{context.partition_key}]"),

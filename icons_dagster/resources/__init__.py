@@ -223,6 +223,14 @@ class EvaluationResource(ConfigurableResource):
     seed: int = 0
     max_new_tokens: int = 64
     equal_steps: bool = False  # True: every subset trains about as many steps as the full data
+    lora_r: int = 0  # the fine-tune's LoRA rank and alpha; 0 = the model's (the warm-up's) LoRA
+    lora_alpha: int = 0
+
+    def lora_settings(self, model_lora: LoraSettings) -> LoraSettings:
+        """The LoRA every method's fine-tune gets (the selection's own LoRA unless set here)."""
+        if not self.lora_r:
+            return model_lora
+        return LoraSettings(self.lora_r, self.lora_alpha or 2 * self.lora_r, model_lora.dropout, model_lora.target_modules)
 
     def evaluation_config(self, p: float) -> EvaluationConfig:
         return EvaluationConfig(
