@@ -769,14 +769,46 @@ def _manifest(size: DemoSize, seed: int) -> dict[str, Any]:
     return {"format": FORMAT_VERSION, "seed": seed, "size": asdict(size)}
 
 
-def _is_complete(root: Path, manifest: dict[str, Any]) -> bool:
+def _is_complete(root: Path, manifest: dict[str, Any], manifest_name: str = "demo.json") -> bool:
     if not (root / "DONE").is_file():
         return False
     try:
-        with open(root / "demo.json", encoding="utf-8") as fh:
+        with open(root / manifest_name, encoding="utf-8") as fh:
             return json.load(fh) == manifest
     except (OSError, ValueError):
         return False
+
+
+def _build_folder(out: Path, manifest: dict[str, Any], manifest_name: str, write) -> None:
+    """Run ``write(tmp)`` in ``<out>.tmp-<pid>``, mark it complete, and swap it into place.
+
+    Crash-safe: readers only ever see a complete folder (``DONE`` is written last), and a
+    folder a concurrent run finished first is kept.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _dump_json(tmp / manifest_name, manifest)
+        (tmp / "DONE").write_text("ok\n", encoding="utf-8")  # written last: marks completeness
+        if _is_complete(out, manifest, manifest_name):  # a concurrent run finished first
+            shutil.rmtree(tmp)
+            return
+        old = None
+        if out.exists():  # stale/partial/different folder: move aside, then swap
+            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _write_all(tmp: Path, size: DemoSize, seed: int) -> None:
@@ -820,33 +852,8 @@ def generate_demo(out_dir: str | Path, size: str | DemoSize = "default", seed: i
     paths = DemoPaths.for_root(out_dir)
     out = paths.root
     manifest = _manifest(size, seed)
-    if _is_complete(out, manifest):
-        return paths
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        _write_all(tmp, size, seed)
-        _dump_json(tmp / "demo.json", manifest)
-        (tmp / "DONE").write_text("ok\n", encoding="utf-8")  # written last: marks completeness
-        if _is_complete(out, manifest):  # a concurrent run finished first
-            shutil.rmtree(tmp)
-            return paths
-        old = None
-        if out.exists():  # stale/partial/different demo: move aside, then swap
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if not _is_complete(out, manifest):
+        _build_folder(out, manifest, "demo.json", lambda tmp: _write_all(tmp, size, seed))
     return paths
 
 
@@ -952,16 +959,6 @@ def _align_manifest(n: int, seed: int, image_size: int, demo_seed: int) -> dict[
     return {"format": ALIGN_FORMAT_VERSION, "n": n, "seed": seed, "image_size": image_size, "demo_seed": demo_seed}
 
 
-def _align_complete(root: Path, manifest: dict[str, Any]) -> bool:
-    if not (root / "DONE").is_file():
-        return False
-    try:
-        with open(root / ALIGN_MANIFEST, encoding="utf-8") as fh:
-            return json.load(fh) == manifest
-    except (OSError, ValueError):
-        return False
-
-
 def _write_alignment(tmp: Path, n: int, seed: int, image_size: int, demo_seed: int) -> None:
     taken = _demo_image_hashes(demo_seed)
     drafts = _align_drafts(n, seed)
@@ -998,31 +995,6 @@ def generate_alignment_data(
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
     out = Path(out_dir)
     manifest = _align_manifest(n, seed, image_size, demo_seed)
-    if _align_complete(out, manifest):
-        return out
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        _write_alignment(tmp, n, seed, image_size, demo_seed)
-        _dump_json(tmp / ALIGN_MANIFEST, manifest)
-        (tmp / "DONE").write_text("ok\n", encoding="utf-8")  # written last: marks completeness
-        if _align_complete(out, manifest):  # a concurrent run finished first
-            shutil.rmtree(tmp)
-            return out
-        old = None
-        if out.exists():
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if not _is_complete(out, manifest, ALIGN_MANIFEST):
+        _build_folder(out, manifest, ALIGN_MANIFEST, lambda tmp: _write_alignment(tmp, n, seed, image_size, demo_seed))
     return out

@@ -16,19 +16,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from icons_dagster.demo.tiny_model import (
-    MANIFEST_NAME,
-    _manifest_hash,
-    _quiet_transformers,
-    _swap_into_place,
-    train_byte_level_bpe,
-)
+from icons_dagster.demo.tiny_model import build_checkpoint_folder, save_seeded_model, train_byte_level_bpe
 
 __all__ = ["TinyClipSpec", "build_tiny_clip"]
 
@@ -89,7 +81,6 @@ def _train_tokenizer(corpus: list[str], spec: TinyClipSpec):
 
 
 def _build(out: Path, corpus: list[str], spec: TinyClipSpec, seed: int) -> None:
-    import torch
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPVisionConfig
 
     try:  # transformers 5 without torchvision: the PIL backend is the real one
@@ -122,13 +113,7 @@ def _build(out: Path, corpus: list[str], spec: TinyClipSpec, seed: int) -> None:
         vision_config=CLIPVisionConfig(image_size=spec.image_size, patch_size=spec.patch_size, **shared),
         projection_dim=spec.projection_dim,
     )
-    # Seeded init => identical bytes for identical inputs; fork_rng leaves the caller's RNG untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config)
-    model.eval()
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
+    save_seeded_model(CLIPModel, config, seed, processor, out)
 
 
 def build_tiny_clip(out_dir: str | Path, corpus: Iterable[str], seed: int = 0, spec: TinyClipSpec = TinyClipSpec()) -> Path:
@@ -138,21 +123,7 @@ def build_tiny_clip(out_dir: str | Path, corpus: Iterable[str], seed: int = 0, s
     otherwise built in a temporary sibling folder and swapped into place (like
     ``build_tiny_llava``). ``EmbedderConfig(kind="clip", name_or_path=str(out))`` loads it.
     """
-    out = Path(out_dir)
     texts = [str(t) for t in corpus]
     key = _build_key(spec, seed, texts)
-    if _manifest_hash(out) == key:
-        return out
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        with _quiet_transformers():
-            _build(tmp, texts, spec, seed)
-        manifest = {"hash": key, "kind": "tiny-clip", "build_version": BUILD_VERSION, "seed": seed,
-                    "spec": dataclasses.asdict(spec), "num_texts": len(texts)}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _swap_into_place(tmp, out, key)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    manifest = {"kind": "tiny-clip", "build_version": BUILD_VERSION, "seed": seed, "spec": dataclasses.asdict(spec), "num_texts": len(texts)}
+    return build_checkpoint_folder(Path(out_dir), key, manifest, lambda tmp: _build(tmp, texts, spec, seed))

@@ -188,7 +188,6 @@ def _train_tokenizer(corpus: list[str], spec: TinyModelSpec):
 
 def _build(out: Path, corpus: list[str], spec: TinyModelSpec) -> None:
     """Build tokenizer, processor and model and save them into ``out``."""
-    import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     try:  # transformers 5 without torchvision: the PIL backend is the real one
@@ -240,10 +239,19 @@ def _build(out: Path, corpus: list[str], spec: TinyModelSpec) -> None:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    # Seeded init => identical bytes for identical inputs; fork_rng leaves the caller's RNG untouched.
+    save_seeded_model(LlavaForConditionalGeneration, config, spec.seed, processor, out)
+
+
+def save_seeded_model(model_class, config, seed: int, processor, out: Path) -> None:
+    """Initialise ``model_class(config)`` from ``seed`` and save it with its processor.
+
+    Seeded init => identical bytes for identical inputs; fork_rng leaves the caller's RNG untouched.
+    """
+    import torch
+
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = LlavaForConditionalGeneration(config)
+        torch.manual_seed(seed)
+        model = model_class(config)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
@@ -257,26 +265,30 @@ def build_tiny_llava(out_dir: str | Path, corpus: Iterable[str], spec: TinyModel
     so readers never see a half-written checkpoint. Deterministic: the same spec and
     corpus give byte-identical ``model.safetensors``.
     """
-    out = Path(out_dir)
     texts = [str(t) for t in corpus]
     key = spec_hash(spec, texts)
+    manifest = {
+        "build_version": BUILD_VERSION,
+        "spec": dataclasses.asdict(spec),
+        "num_texts": len(texts),
+        "num_image_tokens": spec.num_image_tokens,
+    }
+    return build_checkpoint_folder(Path(out_dir), key, manifest, lambda tmp: _build(tmp, texts, spec))
+
+
+def build_checkpoint_folder(out: Path, key: str, manifest: dict, build) -> Path:
+    """Reuse ``out`` when its manifest carries ``key``; else ``build(tmp)`` in ``<out>.tmp-<pid>``,
+    write the manifest (with ``hash = key``) and swap the folder into place, so readers never
+    see a half-written checkpoint."""
     if _manifest_hash(out) == key:
         return out
-
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         with _quiet_transformers():
-            _build(tmp, texts, spec)
-        manifest = {
-            "hash": key,
-            "build_version": BUILD_VERSION,
-            "spec": dataclasses.asdict(spec),
-            "num_texts": len(texts),
-            "num_image_tokens": spec.num_image_tokens,
-        }
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            build(tmp)
+        (tmp / MANIFEST_NAME).write_text(json.dumps({"hash": key, **manifest}, indent=2, sort_keys=True) + "\n")
         _swap_into_place(tmp, out, key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
