@@ -100,6 +100,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             evaluation[key] = value
     if args.equal_steps is not None:
         evaluation["equal_steps"] = args.equal_steps
+    if args.methods is not None:
+        evaluation["methods"] = [m for m in args.methods.split(",") if m] if args.methods != "all" else []
     return _run(home, config, ("icons", "ofa", "evaluation"))
 
 
@@ -127,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.trust_remote_code:
         model["trust_remote_code"] = True
     settings = config.setdefault("settings", {})
-    for key in ("p", "warmup_ratio", "projection_dim", "projection_seed", "projector", "train_gradient", "gradient_batch_size", "epochs", "num_checkpoints", "learning_rate"):
+    for key in ("p", "aggregation", "tiebreak", "coverage", "warmup_ratio", "projection_dim", "projection_seed", "projector", "train_gradient", "gradient_batch_size", "epochs", "num_checkpoints", "learning_rate"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
@@ -259,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lora-dropout", type=float)
     run.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code (off by default)")
     run.add_argument("--p", type=float, help="selection ratio (default 0.2)")
+    run.add_argument("--aggregation", choices=["vote", "mean", "max", "rank", "norm"], help="how benchmarks' influences combine (default vote)")
+    run.add_argument("--tiebreak", choices=["mean-rank", "max-rank"], help="order of records with equal aggregates (default mean-rank)")
+    run.add_argument("--coverage", type=float, help="share of the subset reserved for each benchmark's own top records (default 0.5; 0 = the paper's vote)")
     run.add_argument("--warmup-ratio", type=float)
     run.add_argument("--epochs", type=int)
     run.add_argument("--num-checkpoints", type=int)
@@ -284,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--epochs", type=int)
     evaluate.add_argument("--batch-size", type=int)
     evaluate.add_argument("--seed", type=int)
+    evaluate.add_argument("--methods", help="comma-separated methods to compare (default all: full, random-0/1/2, icons, ...); 'all' resets")
     evaluate.add_argument("--equal-steps", action=argparse.BooleanOptionalAction, default=None, help="train every subset about as many steps as the full data")
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -43,16 +43,16 @@ _SETTINGS_OF = {
     "training_gradients": ("settings:projector", "settings:projection_dim", "settings:projection_seed", "settings:train_gradient", "settings:gradient_batch_size"),
     "validation_gradients": ("data:benchmarks", "settings:projector", "settings:projection_dim", "settings:projection_seed", "settings:gradient_batch_size"),
     "task_influence": ("settings:p", "settings:write_influence_matrix"),
-    "vote_table": ("settings:p", "settings:aggregation", "settings:task_weights"),
-    "selected_subset": ("settings:p", "settings:aggregation", "settings:task_weights"),
+    "vote_table": ("settings:p", "settings:aggregation", "settings:task_weights", "settings:tiebreak", "settings:coverage"),
+    "selected_subset": ("settings:p", "settings:aggregation", "settings:task_weights", "settings:tiebreak", "settings:coverage"),
     "ofa_embeddings": ("ofa:embedder", "ofa:embedder_model", "ofa:embedder_revision", "ofa:embedder_text", "ofa:embedder_image_weight"),
     "ofa_pseudo_labels": ("ofa:num_clusters", "ofa:kmeans_iterations", "ofa:kmeans_seed", "ofa:selector"),
     "ofa_selector": ("ofa:num_clusters", "ofa:hidden_dim", "ofa:epochs", "ofa:min_steps", "ofa:batch_size", "ofa:learning_rate", "ofa:train_seed", "ofa:selector"),
     "ofa_selected_subset": ("ofa:confidence", "ofa:p"),
-    "evaluation_subsets": ("settings:p",),
+    "evaluation_subsets": ("settings:p", "evaluation:methods"),
     "finetuned_adapter": ("model:*", "evaluation:learning_rate", "evaluation:epochs", "evaluation:batch_size", "evaluation:seed", "evaluation:equal_steps", "evaluation:lora_r", "evaluation:lora_alpha"),
     "benchmark_scores": ("data:benchmarks", "evaluation:max_new_tokens"),
-    "evaluation_table": (),
+    "evaluation_table": ("evaluation:methods",),
 }
 
 

@@ -47,7 +47,9 @@ class Step:
 METHODS = ("icons", "ofa", "evaluation")
 
 
-def plan_steps(shards: list[str], benchmarks: list[str], methods: tuple[str, ...] = ("icons",)) -> list[Step]:
+def plan_steps(
+    shards: list[str], benchmarks: list[str], methods: tuple[str, ...] = ("icons",), evaluation_methods: tuple[str, ...] = ()
+) -> list[Step]:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
         raise ValueError(f"unknown method(s) {unknown or methods}; choose from {METHODS}")
@@ -67,7 +69,8 @@ def plan_steps(shards: list[str], benchmarks: list[str], methods: tuple[str, ...
         from icons_dagster.partitions import evaluation_method_partitions
 
         steps.append(Step("evaluation subsets", ("evaluation_subsets",)))
-        steps += [Step(f"fine-tune + scores[{m}]", ("finetuned_adapter", "benchmark_scores"), m) for m in evaluation_method_partitions.get_partition_keys()]
+        keys = evaluation_methods or tuple(evaluation_method_partitions.get_partition_keys())
+        steps += [Step(f"fine-tune + scores[{m}]", ("finetuned_adapter", "benchmark_scores"), m) for m in keys]
         steps.append(Step("evaluation table", ("evaluation_table",)))
     return steps
 
@@ -99,7 +102,7 @@ def run_graph(
         raise ValueError(f"no benchmark with a val.json / val.jsonl under {paths.benchmarks}")
     shards = train_shard_partitions.get_partition_keys()
     assets = versioned_assets(resources, len(shards))  # code versions = settings fingerprints
-    steps = plan_steps(shards, benchmarks, methods)
+    steps = plan_steps(shards, benchmarks, methods, resources["evaluation"].method_list())
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     for index, step in enumerate(steps):
         if on_step is not None:

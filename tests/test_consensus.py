@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from icons_dagster.core.analysis import top_fraction_mask
 from icons_dagster.core.consensus import (
     Selection,
     aggregate,
@@ -323,3 +324,71 @@ def test_norm_matches_two_full_sorts():
         for c in range(k):
             want += z[:, c]
         np.testing.assert_array_equal(aggregate(s, "norm"), want / k)
+
+
+# --- tie-break rule and coverage reserve ----------------------------------------------
+
+
+def test_max_rank_tiebreak_prefers_a_specialists_favourite():
+    # method mean, N = 4, p = 0.5 -> m = 2. Means: a 5/3, c 0.5, d 0.5, e 0.0667.
+    # a is in; c and d tie at 0.5. Ascending positions per column:
+    #   col0: e0 c1 a2 d3   col1: d0 e1 c2 a3   col2: d0 e1 c2 a3
+    # rank sums: c 1+2+2 = 5 > d 3+0+0 = 3 -> mean-rank keeps c;
+    # max ranks: c 2 < d 3 -> max-rank keeps d (benchmark 0's favourite).
+    ids = ["a", "c", "d", "e"]
+    s = np.array([[1.0, 2.0, 2.0], [0.5, 0.5, 0.5], [1.5, 0.0, 0.0], [0.0, 0.1, 0.1]])
+    mean_rank = select(ids, s, 0.5, method="mean")
+    max_rank = select(ids, s, 0.5, method="mean", tiebreak="max-rank")
+    assert [ids[i] for i in np.flatnonzero(mean_rank.selected)] == ["a", "c"]
+    assert [ids[i] for i in np.flatnonzero(max_rank.selected)] == ["a", "d"]
+    assert mean_rank.n_decided_by_tiebreak == max_rank.n_decided_by_tiebreak == 1
+    with pytest.raises(ValueError, match="tiebreak"):
+        select(ids, s, 0.5, tiebreak="min-rank")
+
+
+# N = 6, K = 2, p = 0.5 -> m = 3. Benchmark 1's favourite d is the worst on benchmark 0.
+COVER_IDS = ["a", "b", "c", "d", "e", "f"]
+COVER_SCORES = np.array([[9.0, 7.0], [8.0, 8.0], [10.0, 6.0], [0.0, 9.0], [1.0, 5.0], [2.0, 1.0]])
+
+
+def test_coverage_reserves_each_benchmarks_top_records():
+    # Plain vote: col0 top 3 = c, a, b; col1 top 3 = d, b, a -> votes a 2, b 2, c 1, d 1.
+    # Rank sums: a 4+3 = 7, b 3+4 = 7, c 5+2 = 7, d 0+5 = 5 -> {a, b, c}.
+    plain = select(COVER_IDS, COVER_SCORES, 0.5)
+    assert {COVER_IDS[i] for i in np.flatnonzero(plain.selected)} == {"a", "b", "c"}
+    assert plain.n_reserved == plain.n_by_coverage == 0
+    # coverage 2/3: q = floor(2/3 * 3 / 2) = 1 place per benchmark: c (col0) and d (col1).
+    # The one place left goes to the plain order's first: a or b (equal votes and rank
+    # sums), decided by the sha256 prefix: b 3e23e8160039594a < a ca978112ca1bbdca -> b.
+    covered = select(COVER_IDS, COVER_SCORES, 0.5, coverage=2 / 3)
+    assert {COVER_IDS[i] for i in np.flatnonzero(covered.selected)} == {"b", "c", "d"}
+    assert [COVER_IDS[i] for i in covered.order[:2]] == ["c", "d"]  # reserved, in plain order
+    assert covered.n_reserved == 2 and covered.n_by_coverage == 1  # d was out before
+    assert covered.cutoff_score == 2.0 and covered.n_tied_at_cutoff == 2 and covered.n_decided_by_tiebreak == 1
+    # coverage 1 reserves floor(1.5) = 1 as well; coverage 0 is the plain selection
+    np.testing.assert_array_equal(select(COVER_IDS, COVER_SCORES, 0.5, coverage=1).selected, covered.selected)
+    np.testing.assert_array_equal(select(COVER_IDS, COVER_SCORES, 0.5, coverage=0).order, plain.order)
+    with pytest.raises(ValueError, match="coverage"):
+        select(COVER_IDS, COVER_SCORES, 0.5, coverage=1.5)
+
+
+@pytest.mark.parametrize("tiebreak", ["mean-rank", "max-rank"])
+@pytest.mark.parametrize("coverage", [0.0, 0.3, 1.0])
+def test_coverage_properties_and_permutation_invariance(tiebreak, coverage):
+    rng = np.random.default_rng(5)
+    n, k, p = 400, 4, 0.2
+    s = rng.integers(0, 9, size=(n, k)).astype(np.float64) / 9  # many ties
+    ids = [f"id-{i:04d}" for i in range(n)]
+    base = select(ids, s, p, tiebreak=tiebreak, coverage=coverage)
+    m = subset_size(n, p)
+    q = int(coverage * m / k)
+    assert base.selected.sum() == m
+    for c in range(k):
+        # every benchmark's own top q is in the subset (the same hash tie-break as analysis)
+        top = top_fraction_mask(s[:, c], q / n, ids) if q else np.zeros(n, dtype=bool)
+        assert np.all(base.selected[top])
+    assert base.n_reserved <= k * q
+    for _ in range(3):
+        perm = rng.permutation(n)
+        sel = select([ids[i] for i in perm], s[perm], p, tiebreak=tiebreak, coverage=coverage)
+        assert [ids[perm[i]] for i in sel.order] == [ids[i] for i in base.order]

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from icons_dagster.core.consensus import subset_size
+from icons_dagster.core.consensus import select, subset_size
 from icons_dagster.core.evaluation_pipeline import DEFAULT_METHODS, SCORES_FILE, SUBSETS_FILE, TABLE_FILE
 from icons_dagster.resources.refs import read_ref
 from icons_dagster.runner import run_graph
@@ -44,14 +44,35 @@ def test_each_method_trains_on_its_own_selection(evaluated, demo_records):
     n = len(demo_records)
     assert len(by_method["full"]) == n
     m = subset_size(n, 0.2)
-    assert all(len(by_method[k]) == m for k in DEFAULT_METHODS if k != "full")
+    assert all(len(by_method[k]) == m for k in DEFAULT_METHODS if k not in ("full", "specialist"))
     # the evaluated ICONS and OFA subsets are the ones the selectors exported
     icons = pl.read_parquet(home / "exports" / "selected_subset.parquet").filter(pl.col("selected"))["id"]
     ofa = pl.read_parquet(home / "exports" / "ofa_selected_subset.parquet").filter(pl.col("selected"))["id"]
     assert set(by_method["icons"]) == set(icons.to_list())
+    # the paper's rule is the vote without the coverage reserve (the default reserves 0.5)
+    votes_frame = pl.read_parquet(home / read_ref(home, "vote_table")["path"] / "vote_table.parquet")
+    scores = votes_frame.select(pl.selectors.starts_with("influence__")).to_numpy()
+    paper = select(votes_frame["id"].to_list(), scores, 0.2, coverage=0.0)
+    assert set(by_method["icons-paper"]) == set(votes_frame.filter(pl.Series(paper.selected))["id"])
+    assert set(by_method["icons-cover-50"]) == set(by_method["icons"])
     assert set(by_method["ofa"]) == set(ofa.to_list())
     # three random seeds draw three different subsets
     assert len({tuple(sorted(by_method[f"random-{s}"])) for s in range(3)}) == 3
+    # a specialist per benchmark: that benchmark's own top m records by its influence alone
+    votes = pl.read_parquet(home / read_ref(home, "vote_table")["path"] / "vote_table.parquet")
+    specialists = subsets.filter(pl.col("method") == "specialist")
+    assert sorted(specialists["part"].unique()) == sorted(EXPECTED_METRICS)
+    for benchmark, group in specialists.group_by("part"):
+        top = votes.sort([f"influence__{benchmark[0]}", "id"], descending=[True, False]).head(m)
+        # ties at the cut are broken by id hash, so compare the records strictly above the cut
+        cut = top[f"influence__{benchmark[0]}"][-1]
+        assert set(top.filter(pl.col(f"influence__{benchmark[0]}") > cut)["id"]) <= set(group["id"])
+        assert group.height == m
+    # the coverage variant keeps every benchmark's top floor(0.5 m / K) records; the plain vote need not
+    quota = int(0.5 * m / len(EXPECTED_METRICS))
+    for benchmark in EXPECTED_METRICS:
+        top = votes.sort(f"influence__{benchmark}", descending=True).head(quota)
+        assert set(top["id"]) <= set(by_method["icons-cover-50"]), benchmark
 
 
 def test_one_recipe_one_epoch_per_method(evaluated, demo_records):
@@ -61,6 +82,8 @@ def test_one_recipe_one_epoch_per_method(evaluated, demo_records):
     assert full["steps"] == math.ceil(len(demo_records) / 4)  # one epoch at batch 4
     icons = latest_metadata(instance, "finetuned_adapter", "icons")
     assert icons["steps"] == math.ceil(subset_size(len(demo_records), 0.2) / 4)
+    specialist = latest_metadata(instance, "finetuned_adapter", "specialist")
+    assert specialist["steps"] == {b: icons["steps"] for b in EXPECTED_METRICS}  # one LoRA per benchmark
 
 
 def test_every_benchmark_scored_with_the_metric_that_fits(evaluated):
@@ -101,17 +124,24 @@ def test_method_subsets_by_hand():
     votes = pl.DataFrame({"id": ids, "influence__a": [float(i) for i in range(10)], "influence__b": [float(-i) for i in range(10)]})
     # "max" of the raw scores: max(i, -i) = i, so the top 2 are r9 and r8
     assert sorted(method_subset("icons-max", ids, 0.2, votes, None)) == ["r8", "r9"]
+    # the vote gives r0, r1, r8, r9 one vote each and equal rank sums (i + 9 - i): the id hash
+    # decides; icons-cover-100 reserves floor(1.0 * 2 / 2) = 1 place per benchmark: r9 (a), r0 (b)
+    assert sorted(method_subset("icons-cover-100", ids, 0.2, votes, None)) == ["r0", "r9"]
+    assert len(set(method_subset("icons-paper", ids, 0.2, votes, None)) & {"r0", "r1", "r8", "r9"}) == 2
     assert method_subset("random-4", ids, 0.3, None, None) == method_subset("random-4", ids, 0.3, None, None)
     assert len(method_subset("random-4", ids, 0.3, None, None)) == 3
     ofa = pl.DataFrame({"id": ids, "selected": [i < 3 for i in range(10)]})
-    assert method_subset("ofa", ids, 0.3, None, ofa) == ["r0", "r1", "r2"]
+    assert method_subset("ofa", ids, 0.3, None, {"ofa": ofa}) == ["r0", "r1", "r2"]
     with pytest.raises(ValueError, match="ofa.p"):
-        method_subset("ofa", ids, 0.2, None, ofa)
+        method_subset("ofa", ids, 0.2, None, {"ofa": ofa})
+    with pytest.raises(ValueError, match="settings.p"):
+        method_subset("icons", ids, 0.2, None, {"icons": ofa})
     assert EvaluationConfig(epochs=1).recipe(20, 100).epochs == 1  # the paper's recipe: one epoch per subset
     assert EvaluationConfig(epochs=1, equal_steps=True).recipe(20, 100).epochs == 5  # 100 / 20
     assert EvaluationConfig(epochs=2, equal_steps=True).recipe(100, 100).epochs == 2
-    with pytest.raises(ValueError, match="unknown evaluation method"):
-        EvaluationConfig(methods=("full", "greedy"))
+    for bad in ("greedy", "icons-cover-0", "icons-cover-101", "icons-cover-x"):
+        with pytest.raises(ValueError, match="unknown evaluation method"):
+            EvaluationConfig(methods=("full", bad))
     with pytest.raises(ValueError, match="'full'"):
         EvaluationConfig(methods=("icons",))
 
@@ -128,7 +158,7 @@ def test_subsets_report_overlap_coverage_and_family_shares(evaluated):
     assert mean["icons"] > (mean["random-0"] + mean["random-1"] + mean["random-2"]) / 3
     shares = metadata["family_shares"]
     assert all(abs(sum(s.values()) - 1.0) < 1e-2 for s in shares.values())
-    assert set(shares) == set(DEFAULT_METHODS)
+    assert set(shares) == {m for m in DEFAULT_METHODS if m != "specialist"} | {f"specialist:{b}" for b in EXPECTED_METRICS}
 
 
 def test_direct_merge_is_the_size_weighted_mean_of_influences():

@@ -14,7 +14,7 @@ from icons_dagster.core.evaluation_pipeline import (
 )
 from icons_dagster.partitions import evaluation_method_partitions
 from icons_dagster.resources import DataResource, EvaluationResource, ModelResource, SettingsResource, StoreResource
-from icons_dagster.resources.refs import ALL_PARTITIONS
+from icons_dagster.resources.refs import MATERIALIZED_PARTITIONS
 
 EVALUATION_GROUP = "evaluation"
 
@@ -27,14 +27,16 @@ def evaluation_subsets(
     evaluation: EvaluationResource,
     training_pool: dict,
     vote_table: dict,
+    selected_subset: dict,
     ofa_selected_subset: dict,
 ) -> Iterator:
-    """The ids each compared method trains on: full, 3 random seeds, ICONS and its aggregations,
-    direct-merge, the TF-IDF vote, OFA."""
+    """The ids each compared method trains on: full, 3 random seeds, the exported ICONS subset,
+    the paper's vote and its variants, direct-merge, the TF-IDF vote, OFA, the specialists."""
     artifacts = store.store()
     paths = data.paths(artifacts)
     config = evaluation.evaluation_config(settings.p)
-    yield output(stage_evaluation_subsets(artifacts, training_pool, vote_table, ofa_selected_subset, config, paths.benchmarks, paths.image_root))
+    exported = {"icons": selected_subset, "ofa": ofa_selected_subset}
+    yield output(stage_evaluation_subsets(artifacts, training_pool, vote_table, exported, config, paths.benchmarks, paths.image_root))
 
 
 @asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", partitions_def=evaluation_method_partitions)
@@ -89,10 +91,16 @@ def benchmark_scores(
     yield output(result)
 
 
-@asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", ins={"benchmark_scores": AssetIn(metadata=ALL_PARTITIONS)})
-def evaluation_table(context: AssetExecutionContext, store: StoreResource, benchmark_scores: dict, evaluation_subsets: dict) -> Iterator:
-    """Paper Table 1's shape: a row per method, a column per benchmark, and Rel. (eq. 2)."""
-    result = stage_evaluation_table(store.store(), benchmark_scores, evaluation_subsets)
+@asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", ins={"benchmark_scores": AssetIn(metadata=MATERIALIZED_PARTITIONS)})
+def evaluation_table(
+    store: StoreResource, settings: SettingsResource, evaluation: EvaluationResource, benchmark_scores: dict, evaluation_subsets: dict
+) -> Iterator:
+    """Paper Table 1's shape: a row per configured method, a column per benchmark, and Rel. (eq. 2)."""
+    methods = evaluation.evaluation_config(settings.p).methods
+    missing = [m for m in methods if m not in benchmark_scores]
+    if missing:
+        raise ValueError(f"benchmark_scores has not been materialized for {missing}: materialize those partitions first")
+    result = stage_evaluation_table(store.store(), {m: benchmark_scores[m] for m in methods}, evaluation_subsets)
     yield output(result)
 
 

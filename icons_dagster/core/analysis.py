@@ -8,16 +8,12 @@ voters survive into the final consensus set. All functions are pure numpy.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 
 import numpy as np
 
-
-def _id_hash_key(record_id: str) -> int:
-    """First 8 bytes of sha256(id) big-endian: a tie-break independent of input order."""
-    return int.from_bytes(hashlib.sha256(record_id.encode("utf-8")).digest()[:8], "big")
+from icons_dagster.core.consensus import top_k_mask
 
 
 def top_fraction_mask(scores: np.ndarray, p: float, ids: Sequence[str]) -> np.ndarray:
@@ -32,21 +28,11 @@ def top_fraction_mask(scores: np.ndarray, p: float, ids: Sequence[str]) -> np.nd
         raise ValueError(f"scores has {n} entries but ids has {len(ids)}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
-    mask = np.zeros(n, dtype=bool)
     if n == 0:
-        return mask
-    k = max(1, min(n, int(math.floor(p * n))))
+        return np.zeros(0, dtype=bool)
     if np.isnan(scores).any():
         raise ValueError("scores contain NaN")
-    # Only the ties at the cut value need the hash; everything strictly above is in.
-    cut = np.partition(scores, n - k)[n - k]  # k-th highest score
-    above = scores > cut
-    mask[above] = True
-    need = k - int(above.sum())
-    tied = np.flatnonzero(scores == cut)
-    tied = sorted(tied.tolist(), key=lambda i: (_id_hash_key(ids[i]), ids[i]))
-    mask[tied[:need]] = True
-    return mask
+    return top_k_mask(ids, scores, max(1, min(n, int(math.floor(p * n)))))
 
 
 def overlap_matrix(masks: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:

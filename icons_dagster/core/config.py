@@ -100,10 +100,17 @@ class SelectionConfig:
     p: float = 0.2
     method: str = "vote"  # vote | mean | max | rank | norm
     task_weights: tuple[tuple[str, float], ...] = field(default_factory=tuple)  # optional weighted voting
+    tiebreak: str = "mean-rank"  # or "max-rank": how records with equal aggregates are ordered
+    # share of the subset reserved for each benchmark's own top records (consensus.py);
+    # 0 is the paper's rule. 0.5: on the demo the paper's vote drops whole task families and
+    # scores below random at every ratio, seed, warm-up and dimension (bench/RESULTS.md).
+    coverage: float = 0.5
 
     def __post_init__(self) -> None:
         _require(0.0 < self.p <= 1.0, f"selection ratio p must be in (0, 1], got {self.p}")
         _require(self.method in {"vote", "mean", "max", "rank", "norm"}, f"unknown aggregation {self.method!r}")
+        _require(self.tiebreak in {"mean-rank", "max-rank"}, f"tiebreak must be mean-rank or max-rank, got {self.tiebreak!r}")
+        _require(0.0 <= self.coverage <= 1.0, f"coverage must be in [0, 1], got {self.coverage}")
 
     def weights_for(self, benchmarks: list[str]) -> list[float] | None:
         if not self.task_weights:

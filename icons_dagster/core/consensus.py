@@ -24,6 +24,15 @@ Definitions fixed here (the paper leaves them open):
   With K benchmarks the vote has only K+1 levels, so step 2 decides most of the cut:
   among samples with equal votes, those ranked higher on average across benchmarks
   win. Ids must be unique, which makes the order total and independent of row order.
+  ``tiebreak="max-rank"`` uses the best single-benchmark percentile rank in step 2
+  instead (a specialist's favourite beats an all-round middling record).
+
+Coverage (our addition, paper Appendix D's risk): a consensus rewards records that
+resemble several benchmarks, and a family of records that serves only one benchmark can
+vanish. ``coverage = c`` reserves q = floor(c * m / K) places per benchmark: each
+benchmark's own q highest-influence records (its specialist ranking, ties by
+``id_hash``) are selected first, whatever their aggregate; the other places are filled in
+the order above. c = 0 is the paper's consensus; c = 1 is a union of specialists.
 """
 
 from __future__ import annotations
@@ -38,6 +47,9 @@ import numpy as np
 
 __all__ = [
     "METHODS",
+    "TIEBREAKS",
+    "coverage_quota",
+    "top_k_mask",
     "subset_size",
     "vote_thresholds",
     "votes",
@@ -49,6 +61,7 @@ __all__ = [
 ]
 
 METHODS = ("vote", "mean", "max", "rank", "norm")
+TIEBREAKS = ("mean-rank", "max-rank")
 
 
 def _as_fraction(p) -> Fraction:
@@ -237,19 +250,49 @@ def id_hash(ids: Sequence[str]) -> np.ndarray:
     return np.frombuffer(buf, dtype=">u8").astype(np.uint64)
 
 
-def _selection_order(ids: Sequence[str], agg: np.ndarray, r2sum: np.ndarray) -> np.ndarray:
-    """Row indices sorted by (-agg, -r2sum, id_hash, id): the module docstring's order.
+def top_k_mask(ids: Sequence[str], column, k: int) -> np.ndarray:
+    """[N] bool: the k highest values of one column; ties at the cut by ``id_hash``, then id.
 
-    The same permutation as ``np.lexsort([id_hash(ids), -r2sum, -agg])`` (plus the id
+    Only rows tied at the cut value are hashed.
+    """
+    col = np.asarray(column)
+    n = col.shape[0]
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    mask = np.zeros(n, dtype=bool)
+    if k == 0:
+        return mask
+    cut = np.partition(col, n - k)[n - k]  # the k-th largest
+    above = col > cut
+    mask[above] = True
+    tied = np.flatnonzero(col == cut)
+    hashes = id_hash([ids[i] for i in tied.tolist()])
+    ranked = sorted(range(len(tied)), key=lambda j: (int(hashes[j]), ids[tied[j]]))
+    mask[tied[ranked[: k - int(above.sum())]]] = True
+    return mask
+
+
+def coverage_quota(m: int, k: int, coverage: float) -> int:
+    """q = floor(coverage * m / k): places reserved for each benchmark's own top records."""
+    fc = _as_fraction(coverage)
+    if not 0 <= fc <= 1:
+        raise ValueError(f"coverage must be in [0, 1], got {coverage!r}")
+    return int(fc * m / k + _SLACK)
+
+
+def _selection_order(ids: Sequence[str], agg: np.ndarray, secondary: np.ndarray) -> np.ndarray:
+    """Row indices sorted by (-agg, -secondary, id_hash, id): the module docstring's order.
+
+    The same permutation as ``np.lexsort([id_hash(ids), -secondary, -agg])`` (plus the id
     string after a hash collision), but the hash is only computed for rows whose
-    (agg, r2sum) pair another row shares: the hash orders nothing else. At 665K rows
+    (agg, secondary) pair another row shares: the hash orders nothing else. At 665K rows
     and 10 benchmarks that is ~5% of the rows, and hashing was half of ``select``.
     """
     n = agg.shape[0]
-    order = np.lexsort([-r2sum, -agg])  # stable: equal pairs stay in row order for now
+    order = np.lexsort([-secondary, -agg])  # stable: equal pairs stay in row order for now
     if n < 2:
         return order
-    a, r = agg[order], r2sum[order]
+    a, r = agg[order], secondary[order]
     same = (a[1:] == a[:-1]) & (r[1:] == r[:-1])  # position i+1 continues i's run
     if not same.any():
         return order
@@ -285,12 +328,18 @@ class Selection:
     cutoff_score: float  # aggregate value of the last selected sample
     n_tied_at_cutoff: int  # rows whose aggregate equals cutoff_score (selected or not)
     n_decided_by_tiebreak: int  # selected rows at cutoff_score while others at it were left out
+    n_reserved: int = 0  # rows selected first as some benchmark's own top-q (coverage > 0)
+    n_by_coverage: int = 0  # of those, rows the plain order would have left out
 
 
-def select(ids: Sequence[str], scores, p: float, method: str = "vote", weights=None) -> Selection:
+def select(
+    ids: Sequence[str], scores, p: float, method: str = "vote", weights=None, tiebreak: str = "mean-rank", coverage: float = 0.0
+) -> Selection:
     """Top m = subset_size(N, p) rows by ``aggregate(scores, method, p, weights)``.
 
-    The order is the one in the module docstring; ``ids`` must be unique strings.
+    The order is the one in the module docstring (``tiebreak`` picks step 2); with
+    ``coverage`` > 0 each benchmark's reserved top records come first. ``ids`` must be
+    unique strings.
     """
     s = _check_scores(scores)
     n, _ = s.shape
@@ -301,19 +350,35 @@ def select(ids: Sequence[str], scores, p: float, method: str = "vote", weights=N
         raise TypeError("ids must be strings")
     if len(set(ids)) != n:
         raise ValueError("ids must be unique (a duplicated id makes the order depend on row order)")
+    if tiebreak not in TIEBREAKS:
+        raise ValueError(f"unknown tiebreak {tiebreak!r}; choose from {TIEBREAKS}")
     m = subset_size(n, p)
+    quota = coverage_quota(m, s.shape[1], coverage)
     r2 = _rank_sums2(s)
-    r2sum = r2.sum(axis=1)  # exact integer, proportional to the mean percentile rank
+    # exact integers: the rank sum is proportional to the mean percentile rank
+    secondary = r2.sum(axis=1) if tiebreak == "mean-rank" else r2.max(axis=1)
     if method == "rank" and weights is None:
         agg = _mean_rank_from_sums(r2, n)  # same as aggregate(s, "rank"), computed once
     else:
         agg = aggregate(s, method, p=p, weights=weights)
-    order = _selection_order(ids, agg, r2sum)
+    order = _selection_order(ids, agg, secondary)
+    reserved = np.zeros(n, dtype=bool)
+    for c in range(s.shape[1] if quota else 0):
+        reserved |= top_k_mask(ids, s[:, c], quota)
+    n_by_coverage = 0
+    if reserved.any():
+        plain_selected = np.zeros(n, dtype=bool)
+        plain_selected[order[:m]] = True
+        n_by_coverage = int((reserved & ~plain_selected).sum())
+        # reserved rows first, each part in the plain order (a stable partition)
+        order = np.concatenate([order[reserved[order]], order[~reserved[order]]])
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(1, n + 1, dtype=np.int64)
     selected = rank <= m
+    # the cut is made among the rows that compete for the places left after the reserve
+    competing = ~reserved
     cutoff = float(agg[order[m - 1]])
-    at_cut = agg == cutoff
+    at_cut = (agg == cutoff) & competing
     n_tied = int(at_cut.sum())
     left_out_at_cut = int((at_cut & ~selected).sum())
     decided = int((at_cut & selected).sum()) if left_out_at_cut else 0
@@ -325,4 +390,6 @@ def select(ids: Sequence[str], scores, p: float, method: str = "vote", weights=N
         cutoff_score=cutoff,
         n_tied_at_cutoff=n_tied,
         n_decided_by_tiebreak=decided,
+        n_reserved=int(reserved.sum()),
+        n_by_coverage=n_by_coverage,
     )

@@ -46,12 +46,27 @@ SUBSETS_FILE = "subsets.parquet"
 SCORES_FILE = "scores.json"
 TABLE_FILE = "evaluation_table.parquet"
 TABLE_MARKDOWN = "evaluation_table.md"
-# Table 6's aggregations, each selected from the same vote table with the same tie-break.
-ICONS_METHODS = {"icons": "vote", "icons-mean": "mean", "icons-max": "max", "icons-rank": "rank", "icons-norm": "norm"}
+# icons: the subset the ICONS graph exported (the selection as configured: by default the
+# vote with coverage 0.5). icons-paper: the paper's rule exactly (vote, mean-rank tie-break,
+# no coverage reserve); Table 6's aggregations with the same rule.
+EXPORTED = ("icons", "ofa")  # subsets an upstream selector wrote; the evaluation reads them
+ICONS_METHODS = {"icons-paper": "vote", "icons-mean": "mean", "icons-max": "max", "icons-rank": "rank", "icons-norm": "norm"}
+# The vote with the other tie-break at the cutoff (best single-benchmark percentile rank).
+MAX_RANK_METHOD = "icons-maxrank"
+# icons-cover-<percent>: the vote with that share of the subset reserved for each
+# benchmark's own top records (consensus ``coverage``), the Appendix D remedy.
+COVER_PREFIX = "icons-cover-"
 # direct-merge: Table 7 (one merged validation set); text-vote: the same vote over TF-IDF
 # similarity to each validation set, to learn what gradients add beyond surface text.
 BASELINES = ("direct-merge", "text-vote")
-DEFAULT_METHODS = ("full", "random-0", "random-1", "random-2", *ICONS_METHODS, *BASELINES, "ofa")
+# Table 3: one model per benchmark, trained on that benchmark's own top-p records and
+# scored on that benchmark only (one row, the diagonal of the specialists' matrix).
+SPECIALIST = "specialist"
+DEFAULT_METHODS = (
+    "full", "random-0", "random-1", "random-2", "icons", *ICONS_METHODS, MAX_RANK_METHOD,
+    f"{COVER_PREFIX}25", f"{COVER_PREFIX}50", f"{COVER_PREFIX}100",
+    *BASELINES, "ofa", SPECIALIST,
+)
 
 
 @dataclass(frozen=True)
@@ -71,8 +86,12 @@ class EvaluationConfig:
 
     def __post_init__(self) -> None:
         for method in self.methods:
-            if method not in (*ICONS_METHODS, *BASELINES, "full", "ofa") and _random_seed(method) is None:
-                raise ValueError(f"unknown evaluation method {method!r}: full, random-<seed>, {', '.join((*ICONS_METHODS, *BASELINES))}, ofa")
+            known = method in (*EXPORTED, *ICONS_METHODS, MAX_RANK_METHOD, *BASELINES, "full", SPECIALIST)
+            if not known and _random_seed(method) is None and _coverage(method) is None:
+                raise ValueError(
+                    f"unknown evaluation method {method!r}: full, random-<seed>, icons, {', '.join(ICONS_METHODS)}, "
+                    f"{MAX_RANK_METHOD}, {COVER_PREFIX}<percent>, {', '.join(BASELINES)}, ofa, {SPECIALIST}"
+                )
         if "full" not in self.methods:
             raise ValueError("the evaluation needs the 'full' method: Rel. divides by the full-data score")
 
@@ -87,6 +106,14 @@ class EvaluationConfig:
 def _random_seed(method: str) -> int | None:
     if method.startswith("random-") and method[len("random-") :].isdigit():
         return int(method[len("random-") :])
+    return None
+
+
+def _coverage(method: str) -> float | None:
+    """icons-cover-<percent> -> percent / 100 (1..100), else None."""
+    rest = method.removeprefix(COVER_PREFIX)
+    if method.startswith(COVER_PREFIX) and rest.isdigit() and 1 <= int(rest) <= 100:
+        return int(rest) / 100
     return None
 
 
@@ -122,16 +149,30 @@ def text_similarity_scores(pool_texts: list[str], validation_texts: dict[str, li
     return benchmarks, np.asarray(pool @ means, dtype=np.float64)
 
 
+def _influence_columns(vote_frame: pl.DataFrame) -> tuple[list[str], np.ndarray]:
+    benchmarks = [c.removeprefix("influence__") for c in vote_frame.columns if c.startswith("influence__")]
+    return benchmarks, np.stack([vote_frame[f"influence__{b}"].to_numpy() for b in benchmarks], axis=1)
+
+
+def specialist_subsets(vote_frame: pl.DataFrame, p: float) -> dict[str, list[str]]:
+    """Each benchmark's own top-p records by its influence alone (paper Table 3's specialists)."""
+    ids = vote_frame["id"].to_list()
+    benchmarks, scores = _influence_columns(vote_frame)
+    m = consensus.subset_size(len(ids), p)
+    return {b: [ids[i] for i in np.flatnonzero(consensus.top_k_mask(ids, scores[:, k], m))] for k, b in enumerate(benchmarks)}
+
+
 def method_subset(
     method: str,
     ids: list[str],
     p: float,
     vote_frame: pl.DataFrame | None,
-    ofa_frame: pl.DataFrame | None,
+    exported: dict[str, pl.DataFrame] | None = None,
     baseline_scores: dict[str, np.ndarray] | None = None,
 ) -> list[str]:
     """The ids one method trains on (``ids`` is the pool in manifest order).
 
+    ``exported``: the subset frames (id, selected) the ICONS and OFA graphs wrote.
     ``baseline_scores``: "direct-merge" [N] and "text-vote" [N, K] scores in ``ids`` order.
     """
     if method in BASELINES:
@@ -147,19 +188,27 @@ def method_subset(
         rng = np.random.Generator(np.random.PCG64(seed))
         chosen = np.sort(rng.choice(len(ids), size=consensus.subset_size(len(ids), p), replace=False))
         return [ids[i] for i in chosen]
-    if method in ICONS_METHODS:
+    if method in ICONS_METHODS or method == MAX_RANK_METHOD or _coverage(method) is not None:
         if vote_frame is None:
             raise ValueError(f"method {method!r} needs the ICONS vote table")
-        benchmarks = [c.removeprefix("influence__") for c in vote_frame.columns if c.startswith("influence__")]
-        scores = np.stack([vote_frame[f"influence__{b}"].to_numpy() for b in benchmarks], axis=1)
-        chosen = consensus.select(vote_frame["id"].to_list(), scores, p, method=ICONS_METHODS[method])
+        benchmarks, scores = _influence_columns(vote_frame)
+        chosen = consensus.select(
+            vote_frame["id"].to_list(),
+            scores,
+            p,
+            method=ICONS_METHODS.get(method, "vote"),
+            tiebreak="max-rank" if method == MAX_RANK_METHOD else "mean-rank",
+            coverage=_coverage(method) or 0.0,
+        )
         return vote_frame.filter(pl.Series(chosen.selected))["id"].to_list()
-    if method == "ofa":
-        if ofa_frame is None:
-            raise ValueError("method 'ofa' needs the OFA subset")
-        chosen = ofa_frame.filter(pl.col("selected"))["id"]
-        if len(chosen) != consensus.subset_size(ofa_frame.height, p):
-            raise ValueError(f"the OFA subset holds {len(chosen)} records, not floor(p N) for p = {p}: set ofa.p = {p}")
+    if method in EXPORTED:
+        frame = (exported or {}).get(method)
+        if frame is None:
+            raise ValueError(f"method {method!r} needs the subset the {method.upper()} graph exported")
+        chosen = frame.filter(pl.col("selected"))["id"]
+        if len(chosen) != consensus.subset_size(frame.height, p):
+            setting = "ofa.p" if method == "ofa" else "settings.p"
+            raise ValueError(f"the {method} subset holds {len(chosen)} records, not floor(p N) for p = {p}: set {setting} = {p}")
         return chosen.to_list()
     raise ValueError(f"unknown method {method!r}")
 
@@ -168,11 +217,13 @@ def stage_evaluation_subsets(
     store,
     pool_ref: dict,
     vote_ref: dict | None,
-    ofa_ref: dict | None,
+    exported_refs: dict[str, dict | None],
     config: EvaluationConfig,
     benchmarks_dir: Path | None = None,
     default_image_root: Path | None = None,
 ) -> StageResult:
+    """Every method's ids; ``exported_refs``: the ICONS and OFA subsets ({"icons": ref, "ofa": ref})."""
+    exported_refs = {m: ref for m, ref in exported_refs.items() if ref}
     validation = {}
     if vote_ref and benchmarks_dir is not None:
         validation = {b: load_benchmark(benchmarks_dir, b, default_image_root) for b in vote_ref["benchmarks"]}
@@ -180,7 +231,7 @@ def stage_evaluation_subsets(
         "evaluation_subsets",
         pool=pool_ref["fingerprint"],
         votes=vote_ref["fingerprint"] if vote_ref else None,
-        ofa=ofa_ref["fingerprint"] if ofa_ref else None,
+        exported={m: ref["fingerprint"] for m, ref in sorted(exported_refs.items())},
         validation={b: loaded.content_sha256 for b, loaded in validation.items()},
         methods=list(config.methods),
         p=config.p,
@@ -190,17 +241,28 @@ def stage_evaluation_subsets(
         return reused
     ids = load_pool_manifest(store, pool_ref, columns=["id"])["id"].to_list()
     vote_frame = pl.read_parquet(store.absolute(vote_ref["path"]) / VOTE_TABLE_FILE) if vote_ref else None
-    ofa_frame = pl.read_parquet(store.absolute(ofa_ref["path"]) / SUBSET_PARQUET) if ofa_ref else None
+    exported = {m: pl.read_parquet(store.absolute(ref["path"]) / SUBSET_PARQUET, columns=["id", "selected"]) for m, ref in exported_refs.items()}
     baseline_scores = _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation)
-    rows: dict[str, list] = {"method": [], "id": []}
+    rows: dict[str, list] = {"method": [], "part": [], "id": []}
     sizes = {}
     for method in config.methods:
-        chosen = method_subset(method, ids, config.p, vote_frame, ofa_frame, baseline_scores)
-        rows["method"] += [method] * len(chosen)
-        rows["id"] += chosen
-        sizes[method] = len(chosen)
-    inputs = {"training_pool": pool_ref["fingerprint"], "vote_table": vote_ref and vote_ref["fingerprint"], "ofa_selected_subset": ofa_ref and ofa_ref["fingerprint"]}
-    frame = pl.DataFrame(rows, schema={"method": pl.String, "id": pl.String})
+        if method == SPECIALIST:
+            if vote_frame is None:
+                raise ValueError("method 'specialist' needs the ICONS vote table")
+            parts = specialist_subsets(vote_frame, config.p)
+        else:
+            parts = {None: method_subset(method, ids, config.p, vote_frame, exported, baseline_scores)}
+        for part, chosen in parts.items():
+            rows["method"] += [method] * len(chosen)
+            rows["part"] += [part] * len(chosen)
+            rows["id"] += chosen
+        sizes[method] = len(next(iter(parts.values())))
+    inputs = {
+        "training_pool": pool_ref["fingerprint"],
+        "vote_table": vote_ref and vote_ref["fingerprint"],
+        **{f"{m}_subset": ref["fingerprint"] for m, ref in exported_refs.items()},
+    }
+    frame = pl.DataFrame(rows, schema={"method": pl.String, "part": pl.String, "id": pl.String})
     metadata = {"sizes": sizes, "p": config.p, **subset_composition(store, pool_ref, ids, frame, vote_frame)}
     with building_artifact(store, directory, "evaluation_subsets", fp, inputs) as (tmp, manifest):
         frame.write_parquet(tmp / SUBSETS_FILE)
@@ -234,10 +296,10 @@ def subset_composition(store, pool_ref: dict, ids: list[str], frame: pl.DataFram
     each family's share: the Appendix D risk that a consensus drops whole families."""
     position = {record_id: i for i, record_id in enumerate(ids)}
     masks = {}
-    for method in frame["method"].unique(maintain_order=True).to_list():
+    for (method, part), group in frame.group_by(["method", "part"], maintain_order=True):
         mask = np.zeros(len(ids), dtype=bool)
-        mask[[position[i] for i in frame.filter(pl.col("method") == method)["id"].to_list()]] = True
-        masks[method] = mask
+        mask[[position[i] for i in group["id"].to_list()]] = True
+        masks[method if part is None else f"{method}:{part}"] = mask
     selected_methods = {m: mask for m, mask in masks.items() if m != "full"}
     names, overlap = analysis.overlap_matrix(selected_methods)
     composition: dict[str, Any] = {
@@ -275,36 +337,48 @@ def stage_finetune(
     log: Log = quiet_log,
     progress=None,
 ) -> StageResult:
-    """The base model + a fresh LoRA trained on one method's subset with the shared recipe."""
-    subset = pl.read_parquet(store.absolute(subsets_ref["path"]) / SUBSETS_FILE).filter(pl.col("method") == method)["id"]
-    if subset.len() == 0:
+    """The base model + a fresh LoRA trained on one method's subset with the shared recipe.
+
+    A method with parts (the specialists: one subset per benchmark) gets one LoRA per part,
+    each in its own folder; ``ref["adapters"]`` maps part (or the method) to the adapter.
+    """
+    subsets = pl.read_parquet(store.absolute(subsets_ref["path"]) / SUBSETS_FILE).filter(pl.col("method") == method)
+    if subsets.height == 0:
         raise ValueError(f"evaluation_subsets has no records for method {method!r} (methods: {subsets_ref.get('methods')})")
-    recipe = config.recipe(subset.len(), pool_ref["n_records"])
+    parts = {part or method: group["id"] for (part,), group in subsets.group_by(["part"], maintain_order=True)}
+    recipes = {name: config.recipe(ids.len(), pool_ref["n_records"]) for name, ids in parts.items()}
     fp = fingerprint(
         "finetuned_adapter",
-        subset=fingerprint("ids", ids=subset.to_list()),
+        subsets={name: fingerprint("ids", ids=ids.to_list()) for name, ids in parts.items()},
         pool=pool_ref["fingerprint"],
         model=model_fingerprint_fields(model_config),
         lora=lora,
-        recipe=recipe,
+        recipes=recipes,
     )
     directory = store.artifact_dir("finetuned_adapter", fp, method)
     if (reused := reuse_artifact(store, "finetuned_adapter", fp, directory)) is not None:
         return reused
     from icons_dagster.core.warmup import train_warmup
 
-    records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("id").is_in(subset.implode())))
-    log(f"{method}: fine-tuning on {len(records)} records, {recipe.epochs} epoch(s)")
     skips = SkipLog()
+    adapters, steps, sizes = {}, {}, {}
     with building_artifact(store, directory, "finetuned_adapter", fp, {"evaluation_subsets": subsets_ref["fingerprint"]}) as (tmp, manifest):
-        with models.with_adapter(model_config, None, lora, recipe.seed) as peft_model:
-            checkpoints = train_warmup(peft_model, models.encoder(model_config), records, recipe, models.get(model_config)[2], tmp, skips, progress)
-        manifest["ref"] = {"method": method, "adapter": "checkpoint-0/adapter", "n_records": len(records), "steps": checkpoints[-1].step}
+        for name, ids in parts.items():
+            records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("id").is_in(ids.implode())))
+            out = tmp if name == method else tmp / name
+            log(f"{method}{'' if name == method else f'[{name}]'}: fine-tuning on {len(records)} records, {recipes[name].epochs} epoch(s)")
+            with models.with_adapter(model_config, None, lora, recipes[name].seed) as peft_model:
+                checkpoints = train_warmup(
+                    peft_model, models.encoder(model_config), records, recipes[name], models.get(model_config)[2], out, skips, progress
+                )
+            adapters[name] = str((out / "checkpoint-0" / "adapter").relative_to(tmp))
+            steps[name], sizes[name] = checkpoints[-1].step, len(records)
+        manifest["ref"] = {"method": method, "adapters": adapters, "n_records": sizes, "steps": steps}
         manifest["metadata"] = {
             "method": method,
-            "n_records": len(records),
-            "epochs": recipe.epochs,
-            "steps": checkpoints[-1].step,
+            "n_records": sizes if len(parts) > 1 else sizes[method],
+            "epochs": {name: r.epochs for name, r in recipes.items()} if len(parts) > 1 else recipes[method].epochs,
+            "steps": steps if len(parts) > 1 else steps[method],
             "schedule": "equal steps" if config.equal_steps else f"{config.epochs} epoch(s) per subset",
             **skips.as_metadata(),
         }
@@ -345,18 +419,26 @@ def stage_benchmark_scores(
     directory = store.artifact_dir("benchmark_scores", fp, method)
     if (reused := reuse_artifact(store, "benchmark_scores", fp, directory)) is not None:
         return reused
-    adapter_dir = store.absolute(adapter_ref["path"]) / adapter_ref["adapter"]
+    adapters = adapter_ref["adapters"]
+    if method not in adapters:  # one adapter per benchmark: each scores its own benchmark only
+        missing = [name for name in names if name not in adapters]
+        if missing:
+            raise ValueError(f"{method}: no adapter for benchmark(s) {missing}: register them so they have influence scores")
     encoder = models.encoder(model_config)
     placement = models.get(model_config)[2]
     scores = {}
-    with models.with_adapter(model_config, adapter_dir) as model:
-        for name in names:
-            log(f"{method}: scoring {name} ({len(loaded[name].records)} test records)")
-            skips = SkipLog()
-            for problem in loaded[name].problems:
-                skips.add(problem.record_id or f"#{problem.index}", problem.reason)
-            result = score_benchmark(model, encoder, placement, name, list(loaded[name].records), skips=skips, max_new_tokens=config.max_new_tokens)
-            scores[name] = {**_score_dict(result), **skips.as_metadata()}
+    by_adapter: dict[str, list[str]] = {}
+    for name in names:
+        by_adapter.setdefault(adapters.get(method) or adapters[name], []).append(name)
+    for adapter, benchmark_names in by_adapter.items():
+        with models.with_adapter(model_config, store.absolute(adapter_ref["path"]) / adapter) as model:
+            for name in benchmark_names:
+                log(f"{method}: scoring {name} ({len(loaded[name].records)} test records)")
+                skips = SkipLog()
+                for problem in loaded[name].problems:
+                    skips.add(problem.record_id or f"#{problem.index}", problem.reason)
+                result = score_benchmark(model, encoder, placement, name, list(loaded[name].records), skips=skips, max_new_tokens=config.max_new_tokens)
+                scores[name] = {**_score_dict(result), **skips.as_metadata()}
     with building_artifact(store, directory, "benchmark_scores", fp, {"finetuned_adapter": adapter_ref["fingerprint"]}) as (tmp, manifest):
         write_json(tmp / SCORES_FILE, scores)
         manifest["ref"] = {
@@ -414,6 +496,8 @@ def stage_evaluation_table(store, score_refs: dict[str, dict], subsets_ref: dict
     markdown = results_markdown(table, rel, benchmarks)
     if std:
         markdown += "\n\nrandom std over seeds: " + ", ".join(f"{b} {std[b]:.3f}" for b in benchmarks)
+    if SPECIALIST in table:
+        markdown += "\n\nspecialist: each benchmark scored by its own model, trained on that benchmark's top-p records (Table 3)"
     collapsed = {m: score_refs[m].get("collapsed", []) for m in methods if score_refs[m].get("collapsed")}
     if collapsed:
         # a model answering (nearly) everything alike measures nothing on that benchmark

@@ -580,7 +580,15 @@ def _build_subset(store, fp, directory, pool_ref, vote_ref, selection, lineage) 
     benchmarks = vote_ref["benchmarks"]
     ids = frame["id"].to_list()
     scores = np.stack([frame[f"influence__{b}"].to_numpy() for b in benchmarks], axis=1)
-    chosen = consensus.select(ids, scores, selection.p, method=selection.method, weights=selection.weights_for(benchmarks))
+    chosen = consensus.select(
+        ids,
+        scores,
+        selection.p,
+        method=selection.method,
+        weights=selection.weights_for(benchmarks),
+        tiebreak=selection.tiebreak,
+        coverage=selection.coverage,
+    )
     frame = frame.with_columns(pl.Series("rank", chosen.rank), pl.Series("selected", chosen.selected))
     selected_ids = frame.filter(pl.col("selected"))["id"]
     # Original records, untouched, in pool order: LLaVA's training script shuffles itself.
@@ -596,7 +604,10 @@ def _build_subset(store, fp, directory, pool_ref, vote_ref, selection, lineage) 
         "cutoff_value": chosen.cutoff_score,
         "n_tied_at_cutoff": chosen.n_tied_at_cutoff,
         "n_decided_by_tiebreak": chosen.n_decided_by_tiebreak,
-        "tie_break": "aggregate desc, then mean per-benchmark percentile rank desc, then sha256(id) asc, then id",
+        "tie_break": f"aggregate desc, then {selection.tiebreak.replace('-rank', '')} per-benchmark percentile rank desc, then sha256(id) asc, then id",
+        "coverage": selection.coverage,
+        "n_reserved": chosen.n_reserved,
+        "n_by_coverage": chosen.n_by_coverage,
         "benchmark_coverage": analysis.benchmark_coverage(chosen.selected, voted, benchmarks),
         "selected_votes_histogram": {
             str(v): int(((frame["votes"].to_numpy() == v) & chosen.selected).sum()) for v in range(len(benchmarks) + 1)

@@ -127,6 +127,8 @@ class SettingsResource(ConfigurableResource):
     p: float = 0.2
     aggregation: str = "vote"
     task_weights: dict[str, float] = {}
+    tiebreak: str = "mean-rank"
+    coverage: float = 0.5  # 0 = the paper's vote exactly
     write_influence_matrix: bool = False  # also store each benchmark's full |D| x |V| matrix
 
     def warmup(self) -> WarmupConfig:
@@ -149,7 +151,13 @@ class SettingsResource(ConfigurableResource):
         )
 
     def selection(self) -> SelectionConfig:
-        return SelectionConfig(p=self.p, method=self.aggregation, task_weights=tuple(sorted(self.task_weights.items())))
+        return SelectionConfig(
+            p=self.p,
+            method=self.aggregation,
+            task_weights=tuple(sorted(self.task_weights.items())),
+            tiebreak=self.tiebreak,
+            coverage=self.coverage,
+        )
 
 
 class OFAResource(ConfigurableResource):
@@ -225,6 +233,15 @@ class EvaluationResource(ConfigurableResource):
     equal_steps: bool = False  # True: every subset trains about as many steps as the full data
     lora_r: int = 0  # the fine-tune's LoRA rank and alpha; 0 = the model's (the warm-up's) LoRA
     lora_alpha: int = 0
+    methods: list[str] = []  # which methods to compare (a subset of the partitions); [] = all
+
+    def method_list(self) -> tuple[str, ...]:
+        from icons_dagster.core.evaluation_pipeline import DEFAULT_METHODS
+
+        unknown = [m for m in self.methods if m not in DEFAULT_METHODS]
+        if unknown:
+            raise ValueError(f"evaluation.methods {unknown} are not evaluation partitions; choose from {list(DEFAULT_METHODS)}")
+        return tuple(m for m in DEFAULT_METHODS if m in self.methods) if self.methods else DEFAULT_METHODS
 
     def lora_settings(self, model_lora: LoraSettings) -> LoraSettings:
         """The LoRA every method's fine-tune gets (the selection's own LoRA unless set here)."""
@@ -234,6 +251,7 @@ class EvaluationResource(ConfigurableResource):
 
     def evaluation_config(self, p: float) -> EvaluationConfig:
         return EvaluationConfig(
+            methods=self.method_list(),
             p=p,
             learning_rate=self.learning_rate,
             epochs=self.epochs,

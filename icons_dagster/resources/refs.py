@@ -5,7 +5,8 @@ return a reference dict (fingerprint, path relative to the store root, counts). 
 manager keeps that dict as JSON, never a pickle. A downstream input declared with
 ``ALL_PARTITIONS`` metadata always receives ``{partition_key: ref}``, even when one
 partition is mapped (UPathIOManager would hand over a bare object then); a missing
-upstream partition is a clear error naming it.
+upstream partition is a clear error naming it. ``MATERIALIZED_PARTITIONS`` hands over only
+the partitions materialized so far (the asset decides which it needs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dagster import ConfigurableIOManager, InputContext, OutputContext
 from icons_dagster.core.store import write_json
 
 ALL_PARTITIONS = {"all_partitions": True}
+MATERIALIZED_PARTITIONS = {"all_partitions": True, "materialized_only": True}
 UNPARTITIONED = "__unpartitioned__"
 
 
@@ -52,7 +54,10 @@ class ArtifactRefIOManager(ConfigurableIOManager):
         if not context.has_asset_partitions:
             return self._read(asset_path, None, name)
         keys = list(context.asset_partition_keys)
-        if (context.definition_metadata or {}).get("all_partitions"):
+        metadata = context.definition_metadata or {}
+        if metadata.get("all_partitions"):
+            if metadata.get("materialized_only"):
+                keys = [key for key in keys if self._path(asset_path, key).is_file()]
             return {key: self._read(asset_path, key, name) for key in sorted(keys)}
         if len(keys) != 1:
             raise ValueError(f"input {name} maps {len(keys)} partitions; declare it with ALL_PARTITIONS metadata")
