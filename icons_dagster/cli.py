@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from icons_dagster.demo.data import DEMO_SIZES
 from icons_dagster.resources.home import DEMO_PRESET, read_home_config, resolve_home, write_home_config
 
 
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the whole graph on the embedded demo pool and tiny model")
-    demo.add_argument("--size", choices=["default", "test"], default="default")
+    demo.add_argument("--size", choices=sorted(DEMO_SIZES), default="default")
     demo.add_argument("--shards", type=int, help="number of training-gradient shards (default 4)")
     demo.add_argument("--method", choices=["icons", "ofa", "both"], default="both", help="which selector(s) to run (default both)")
     demo.set_defaults(func=cmd_demo)
@@ -284,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     evaluate = sub.add_parser("evaluate", help="fine-tune on every method's subset and score each benchmark's test split")
-    evaluate.add_argument("--size", choices=["default", "test"], default="default", help="demo size when the home has no config yet")
+    evaluate.add_argument("--size", choices=sorted(DEMO_SIZES), default="default", help="demo size when the home has no config yet (large: 2,640 records)")
     evaluate.add_argument("--learning-rate", type=float)
     evaluate.add_argument("--epochs", type=int)
     evaluate.add_argument("--batch-size", type=int)

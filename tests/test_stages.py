@@ -84,8 +84,13 @@ def test_influence_sums_checkpoints_by_lr_weight_with_adam_features(two_checkpoi
     assert sorted(frame["id"].to_list()) == sorted(r["id"] for r in json.loads(demo_paths.pool.read_text()))
 
     votes = stage_vote_table(store, {"yes_no": influence}, SelectionConfig(p=0.2)).ref
-    subset = stage_selected_subset(store, pool, votes, SelectionConfig(p=0.2)).ref
-    assert subset["n_selected"] == int(0.2 * frame.height)
+    result = stage_selected_subset(store, pool, votes, SelectionConfig(p=0.2))
+    assert result.ref["n_selected"] == int(0.2 * frame.height)
+    # the default coverage reserve (0.5) of one benchmark is its own top half of the cut,
+    # which its vote keeps anyway: the reserve adds nothing with a single benchmark
+    metadata = result.metadata
+    assert metadata["coverage"] == 0.5
+    assert metadata["n_reserved"] == int(0.5 * int(0.2 * frame.height)) and metadata["n_by_coverage"] == 0
 
 
 def test_store_never_trusts_a_half_written_artifact(tmp_path):

@@ -48,7 +48,8 @@ def selected_subset(
     warmup_checkpoint: dict,
     vote_table: dict,
 ) -> Iterator:
-    """The top floor(pN) by votes with the documented tie-break, as LLaVA JSON + Parquet."""
+    """The top floor(pN) by votes (after each benchmark's coverage reserve) with the documented
+    tie-break, as LLaVA JSON + Parquet."""
     artifacts = store.store()
     lineage = {
         "pool": training_pool["fingerprint"],

@@ -71,6 +71,9 @@ class DemoSize:
 DEMO_SIZES: dict[str, DemoSize] = {
     "default": DemoSize(pool_per_family=100, multi_turn=60, text_only=60, val_per_benchmark=16, test_per_benchmark=40),
     "test": DemoSize(pool_per_family=24, multi_turn=12, text_only=12, val_per_benchmark=6, test_per_benchmark=8),
+    # the evaluation's larger pool: each family (400) is several times what a 20% cut of a
+    # family-balanced subset holds, so a selector has real choices (same benchmarks)
+    "large": DemoSize(pool_per_family=400, multi_turn=120, text_only=120, val_per_benchmark=16, test_per_benchmark=40),
 }
 
 
