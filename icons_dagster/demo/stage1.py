@@ -152,8 +152,12 @@ def train_stage1(
     progress: Callable[[int, int, float], None] | None = None,
     *,
     num_threads: int | None = None,
+    freeze_language_model: bool = False,
 ) -> Path:
     """Train projector + language model (vision tower frozen) on caption records; save a checkpoint.
+
+    ``freeze_language_model``: train the projector only (LLaVA's own stage 1, for a
+    pretrained language model such as SmolLM2).
 
     Records are visited in a seeded shuffled order, epoch after epoch, until ``steps``
     optimizer steps are done. ``out_dir`` gets ``save_pretrained`` weights (safetensors),
@@ -172,13 +176,14 @@ def train_stage1(
         pad_id = encoder.tokenizer.pad_token_id
 
         trainable = []
+        frozen = _is_vision if not freeze_language_model else (lambda name: "multi_modal_projector" not in name)
         for name, param in model.named_parameters():
-            param.requires_grad_(not _is_vision(name))
+            param.requires_grad_(not frozen(name))
             if param.requires_grad:
                 trainable.append(param)
         model.train()
         for name, module in model.named_modules():
-            if _is_vision(name):
+            if name and frozen(name) and not any(p.requires_grad for p in module.parameters()):
                 module.eval()  # frozen: no dropout or other train-mode behaviour
         optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         order_rng = np.random.default_rng(seed)
@@ -222,7 +227,7 @@ def train_stage1(
         "n_records": len(records),
         "n_encoded": len(samples),
         "skips": skips.as_metadata(),
-        "trained": "multi_modal_projector + language_model + lm_head (vision tower frozen)",
+        "trained": "multi_modal_projector" + ("" if freeze_language_model else " + language_model + lm_head") + " (vision tower frozen)",
         "trainable_parameters": int(sum(p.numel() for p in trainable)),
         "first_loss": losses[0],
         "final_loss": losses[-1],

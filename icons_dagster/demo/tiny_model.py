@@ -59,8 +59,9 @@ SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IMAGE_TOKEN)
 
 # Jinja chat template (see module docstring). It uses ``eos_token`` from the render context,
 # which both the tokenizer and the processor supply.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
+# Inside the loop over messages: sets ``body`` to the message's text, image parts rendered
+# as the image token and parts joined by newlines (shared with demo/smollm2.py's ChatML).
+MESSAGE_BODY_JINJA = (
     "{%- if message['content'] is string -%}"
     "{%- set body = message['content'] -%}"
     "{%- else -%}"
@@ -74,7 +75,11 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- set body = ns.body -%}"
     "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}{{ 'USER: ' + body }}"
+)
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    + MESSAGE_BODY_JINJA
+    + "{%- if message['role'] == 'user' -%}{{ 'USER: ' + body }}"
     "{%- elif message['role'] == 'assistant' -%}{{ ' ASSISTANT: ' + body + eos_token }}"
     "{%- else -%}{{ body + ' ' }}"
     "{%- endif -%}"
@@ -186,39 +191,51 @@ def _train_tokenizer(corpus: list[str], spec: TinyModelSpec):
     return tok
 
 
-def _build(out: Path, corpus: list[str], spec: TinyModelSpec) -> None:
-    """Build tokenizer, processor and model and save them into ``out``."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+def llava_processor(spec: TinyModelSpec, tokenizer, chat_template: str):
+    """A LlavaProcessor for the tiny vision tower: images resized straight to a square (no
+    shortest-edge/aspect surprises), so any image gives exactly spec.num_image_tokens tokens."""
+    from transformers import LlavaProcessor
 
     try:  # transformers 5 without torchvision: the PIL backend is the real one
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as _ImageProcessor
     except ImportError:  # pragma: no cover - older layouts
         from transformers import CLIPImageProcessor as _ImageProcessor
 
-    tokenizer = _train_tokenizer(corpus, spec)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     square = {"height": spec.image_size, "width": spec.image_size}
-    # Resize straight to a square (no shortest-edge/aspect surprises), so any image gives
-    # exactly spec.num_image_tokens tokens; the centre crop is then a no-op.
-    image_processor = _ImageProcessor(size=dict(square), crop_size=dict(square), do_resize=True, do_center_crop=True)
-    processor = LlavaProcessor(
-        image_processor=image_processor,
+    return LlavaProcessor(
+        image_processor=_ImageProcessor(size=dict(square), crop_size=dict(square), do_resize=True, do_center_crop=True),
         tokenizer=tokenizer,
         patch_size=spec.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by "default"
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
+
+
+def vision_config(spec: TinyModelSpec):
+    """The tiny CLIP vision tower's config (the tiny LLaVA's and the SmolLM2 LLaVA's)."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        hidden_size=spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        intermediate_size=spec.vision_intermediate,
+        projection_dim=spec.vision_hidden,
+    )
+
+
+def _build(out: Path, corpus: list[str], spec: TinyModelSpec) -> None:
+    """Build tokenizer, processor and model and save them into ``out``."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = _train_tokenizer(corpus, spec)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    processor = llava_processor(spec, tokenizer, CHAT_TEMPLATE)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            image_size=spec.image_size,
-            patch_size=spec.patch_size,
-            hidden_size=spec.vision_hidden,
-            num_hidden_layers=spec.vision_layers,
-            num_attention_heads=spec.vision_heads,
-            intermediate_size=spec.vision_intermediate,
-            projection_dim=spec.vision_hidden,
-        ),
+        vision_config=vision_config(spec),
         text_config=LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=spec.text_hidden,
