@@ -183,6 +183,18 @@ class _TextImage:
     fill: float  # fraction of the image width the text spans
 
 
+def _jittered_text(rng: random.Random, text: str, ink: tuple[int, int, int], paper: tuple[int, int, int]) -> _TextImage:
+    """``text`` at a random placement and size (the pool's, benchmarks' and captions' text images)."""
+    return _TextImage(
+        text=text,
+        ink=ink,
+        paper=paper,
+        dx=round(rng.uniform(-0.06, 0.06), 4),
+        dy=round(rng.uniform(-0.15, 0.15), 4),
+        fill=round(rng.uniform(0.7, 0.9), 4),
+    )
+
+
 @dataclass(frozen=True)
 class _DigitImage:
     label: int  # the digit shown
@@ -414,14 +426,7 @@ def _gen_text_in_image(rng: random.Random, seed_rng: random.Random, kind: str, b
     else:
         answer = str(rng.randint(10, 999))
         wrong = str((int(answer) + rng.randint(1, 89)) % 990 + 10)
-    spec = _TextImage(
-        text=answer,
-        ink=ink,
-        paper=paper,
-        dx=round(rng.uniform(-0.06, 0.06), 4),
-        dy=round(rng.uniform(-0.15, 0.15), 4),
-        fill=round(rng.uniform(0.7, 0.9), 4),
-    )
+    spec = _jittered_text(rng, answer, ink, paper)
     return f"What text is written in the image?\n{OCR_SUFFIX}", answer, wrong, spec, None
 
 
@@ -906,14 +911,7 @@ def _align_item(kind: str, rng: random.Random, seed_rng: random.Random) -> tuple
         digit = _DigitImage(rng.randrange(10), rng.choice(_ALIGN_DIGIT_ORDINALS), rng.random() < 0.5, ink, paper)
         return digit, _describe_digit(digit)
     text = rng.choice(WORDS) if rng.random() < 0.5 else str(rng.randint(10, 999))
-    spec = _TextImage(
-        text=text,
-        ink=ink,
-        paper=paper,
-        dx=round(rng.uniform(-0.06, 0.06), 4),
-        dy=round(rng.uniform(-0.15, 0.15), 4),
-        fill=round(rng.uniform(0.7, 0.9), 4),
-    )
+    spec = _jittered_text(rng, text, ink, paper)
     return spec, _describe_text(spec)
 
 
