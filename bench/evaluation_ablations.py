@@ -29,7 +29,7 @@ os.environ.setdefault("ICONS_NUM_SHARDS", "4")  # the demo preset's; read when t
 
 import polars as pl  # noqa: E402
 
-from icons_dagster.core.evaluation import relative_scores  # noqa: E402
+from icons_dagster.core.evaluation import informative_benchmarks, relative_scores  # noqa: E402
 from icons_dagster.core.evaluation_pipeline import (  # noqa: E402
     SUBSETS_FILE,
     stage_benchmark_scores,
@@ -61,8 +61,9 @@ def run_icons(home: Path, config: dict, instance) -> tuple[dict, dict]:
     return read_ref(home, "training_pool"), read_ref(home, "vote_table")
 
 
-def evaluate(home: Path, config: dict, pool_ref: dict, vote_ref: dict, methods: tuple[str, ...], p: float) -> tuple[dict, dict]:
-    """{method: {benchmark: score}} and {method: set of ids} for ``methods`` at ratio ``p``."""
+def evaluate(home: Path, config: dict, pool_ref: dict, vote_ref: dict, methods: tuple[str, ...], p: float) -> tuple[dict, dict, list]:
+    """{method: {benchmark: score}}, {method: set of ids} for ``methods`` at ratio ``p``, and the
+    benchmarks Rel. averages (where the full-data model beats chance)."""
     resources = build_resources(home, config)
     store = resources["store"].store()
     paths = resources["data"].paths(store)
@@ -71,27 +72,29 @@ def evaluate(home: Path, config: dict, pool_ref: dict, vote_ref: dict, methods: 
     evaluation = dataclasses.replace(resources["evaluation"].evaluation_config(p), methods=methods)
     subsets = stage_evaluation_subsets(store, pool_ref, vote_ref, {}, evaluation, paths.benchmarks, paths.image_root).ref
     frame = pl.read_parquet(store.absolute(subsets["path"]) / SUBSETS_FILE)
-    scores, chosen = {}, {}
+    scores, chosen, informative = {}, {}, []
     for method in methods:
         adapter = stage_finetune(store, method, pool_ref, subsets, model_config, lora, evaluation).ref
         result = stage_benchmark_scores(store, method, adapter, paths.benchmarks, paths.image_root, model_config, evaluation).ref
         scores[method] = result["scores"]
         chosen[method] = set(frame.filter(pl.col("method") == method)["id"].to_list())
-    return scores, chosen
+        if method == "full":
+            informative = informative_benchmarks(result["scores"], result["chance"], result["n"])[0]
+    return scores, chosen, informative
 
 
 def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b)
 
 
-def rel_rows(scores: dict) -> dict:
-    """Rel. per method, with the three random seeds' mean as 'random'."""
+def rel_rows(scores: dict, informative: list[str]) -> tuple[dict, dict]:
+    """Rel. per method over the informative benchmarks and over all (with the random seeds' mean as 'random')."""
     table = dict(scores)
     seeds = [m for m in scores if m.startswith("random-")]
     if seeds:
         benchmarks = list(scores[seeds[0]])
         table["random"] = {b: sum(scores[m][b] for m in seeds) / len(seeds) for b in benchmarks}
-    return relative_scores(table)
+    return relative_scores(table, benchmarks=informative), relative_scores(table)
 
 
 def main() -> None:
@@ -114,15 +117,17 @@ def main() -> None:
 
     base_config = demo_config()
     pool_ref, base_votes = run_icons(home, base_config, instance)
-    base_scores, base_chosen = evaluate(home, base_config, pool_ref, base_votes, ("full", *ICONS_VARIANTS), 0.2)
+    base_scores, base_chosen, informative = evaluate(home, base_config, pool_ref, base_votes, ("full", *ICONS_VARIANTS), 0.2)
     full = base_scores["full"]
+    results["rel_benchmarks"] = informative
 
     if "ratio" in parts:
         t = time.perf_counter()
         results["ratio"] = {}
         for p in RATIOS:
-            scores, _ = evaluate(home, base_config, pool_ref, base_votes, ("full", "random-0", "random-1", "random-2", *ICONS_VARIANTS), p)
-            results["ratio"][str(p)] = {"scores": scores, "rel": rel_rows(scores)}
+            scores, _, _ = evaluate(home, base_config, pool_ref, base_votes, ("full", "random-0", "random-1", "random-2", *ICONS_VARIANTS), p)
+            rel, rel_all = rel_rows(scores, informative)
+            results["ratio"][str(p)] = {"scores": scores, "rel": rel, "rel_all": rel_all}
             print(f"p={p}: " + ", ".join(f"{m} {r * 100:.1f}" for m, r in results["ratio"][str(p)]["rel"].items()), flush=True)
         results["seconds"]["ratio"] = round(time.perf_counter() - t, 1)
 
@@ -140,12 +145,13 @@ def main() -> None:
             settings = {k: value for k in (keys if isinstance(keys, tuple) else (keys,))}
             config = demo_config(**settings)
             _, votes = run_icons(home, config, instance)
-            scores, chosen = evaluate(home, config, pool_ref, votes, ("full", *ICONS_VARIANTS), 0.2)
+            scores, chosen, _ = evaluate(home, config, pool_ref, votes, ("full", *ICONS_VARIANTS), 0.2)
             scores["full"] = full
-            rel = relative_scores(scores)
+            rel, rel_all = rel_rows(scores, informative)
             results[name][str(value)] = {
                 "scores": scores,
                 "rel": rel,
+                "rel_all": rel_all,
                 "jaccard_vs_default": {m: round(jaccard(chosen[m], base_chosen[m]), 3) for m in ICONS_VARIANTS},
             }
             print(f"{name}={value}: " + ", ".join(f"{m} {r * 100:.1f}" for m, r in rel.items()), results[name][str(value)]["jaccard_vs_default"], flush=True)

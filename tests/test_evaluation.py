@@ -21,6 +21,8 @@ from icons_dagster.core.evaluation import (
     infer_kind,
     normalize_answer,
     question_options,
+    chance_threshold,
+    informative_benchmarks,
     relative_scores,
     results_markdown,
     score_benchmark,
@@ -211,6 +213,7 @@ def test_multiple_choice_score_is_argmax_accuracy(scorer, splits):
     assert result.reference_loss == pytest.approx(nll / tokens, rel=1e-5)
     assert set(result.prediction_counts) <= {"a", "b", "c", "d"}
     assert sum(result.prediction_counts.values()) == len(records)
+    assert result.chance == pytest.approx(0.25)  # four options each
 
 
 def test_long_answer_score_is_mean_token_f1(scorer, splits):
@@ -221,6 +224,7 @@ def test_long_answer_score_is_mean_token_f1(scorer, splits):
     expected = np.mean([token_f1(greedy_answer(model, encoder, placement, r, 6), r.turns[-1].text) for r in records])
     assert result.score == pytest.approx(expected)
     assert 0.0 <= result.score <= 1.0 and result.reference_loss > 0
+    assert result.chance is None  # generation, not a choice: no guessing level
 
 
 def test_large_answer_sets_fall_back_to_greedy_exact_match(scorer, splits):
@@ -285,6 +289,46 @@ def test_relative_scores_hand_computed():
         relative_scores({"icons": table["icons"]})
     with pytest.raises(KeyError, match="random"):
         relative_scores({"full": table["full"], "random": {"a": 0.1}})
+
+
+def test_relative_scores_over_chosen_benchmarks():
+    table = {"full": {"a": 0.5, "b": 0.8, "c": 0.4}, "icons": {"a": 0.6, "b": 0.4, "c": 0.4}}
+    assert relative_scores(table, benchmarks=["a"]) == pytest.approx({"full": 1.0, "icons": 1.2})
+    assert relative_scores(table, benchmarks=["b", "c"]) == pytest.approx({"full": 1.0, "icons": 0.75})
+    with pytest.raises(KeyError, match="'d'"):
+        relative_scores(table, benchmarks=["a", "d"])
+
+
+def test_chance_threshold_is_two_standard_errors_above_guessing():
+    # yes/no on 40 records: 0.5 + 2 sqrt(0.25 / 40)
+    assert chance_threshold(0.5, 40) == pytest.approx(0.5 + 2 * 0.0790569, abs=1e-6)
+    # four options on 40 records: 0.25 + 2 sqrt(0.1875 / 40) = 0.3869
+    assert chance_threshold(0.25, 40) == pytest.approx(0.386931, abs=1e-6)
+    assert chance_threshold(0.25, 400) < chance_threshold(0.25, 40)  # more records, tighter
+
+
+def test_informative_benchmarks_leave_out_a_full_model_at_chance():
+    full = {"yes_no": 0.5, "mc": 0.45, "mc_barely": 0.375, "long": 0.7, "nothing": 0.0}
+    chance = {"yes_no": 0.5, "mc": 0.25, "mc_barely": 0.25, "long": None, "nothing": None}
+    n = dict.fromkeys(full, 40)
+    used, excluded = informative_benchmarks(full, chance, n)
+    # mc 0.45 > 0.387 counts; 0.375 does not (a guesser reaches it ~3% of the time)
+    assert used == ["long", "mc"]
+    assert sorted(excluded) == ["mc_barely", "nothing", "yes_no"]
+    assert "chance 0.500" in excluded["yes_no"] and "n = 40" in excluded["yes_no"]
+    assert "scores 0" in excluded["nothing"]
+    # with ten times the records the same 0.375 is no longer luck
+    used, _ = informative_benchmarks(full, chance, dict.fromkeys(full, 400))
+    assert "mc_barely" in used and "yes_no" not in used
+
+
+def test_results_markdown_with_both_rel_columns():
+    table = {"full": {"a": 0.5, "b": 0.8}, "icons": {"a": 0.6, "b": 0.4}}
+    text = results_markdown(table, relative_scores(table, benchmarks=["a"]), ["a", "b"], rel_all=relative_scores(table))
+    lines = text.splitlines()
+    assert lines[0] == "| Method | a | b | Rel. (%) | Rel. all (%) |"
+    assert lines[1] == "|---|---:|---:|---:|---:|"
+    assert lines[3] == "| icons | 0.600 | 0.400 | 120.0 | 85.0 |"
 
 
 def test_results_markdown():

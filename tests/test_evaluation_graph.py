@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from icons_dagster.core.consensus import select, subset_size
+from icons_dagster.core.evaluation import chance_threshold
 from icons_dagster.core.evaluation_pipeline import DEFAULT_METHODS, SCORES_FILE, SUBSETS_FILE, TABLE_FILE
 from icons_dagster.resources.refs import read_ref
 from icons_dagster.runner import run_graph
@@ -91,8 +92,13 @@ def test_every_benchmark_scored_with_the_metric_that_fits(evaluated):
     ref = read_ref(home, "benchmark_scores", "full")
     scores = json.loads((home / ref["path"] / SCORES_FILE).read_text())
     assert {name: s["metric"] for name, s in scores.items()} == EXPECTED_METRICS
+    chance = {"yes_no": 0.5, "multiple_choice": 0.25}  # two and four candidates per record
     for name, s in scores.items():
         assert 0.0 <= s["score"] <= 1.0 and s["n"] == 8, name
+        if name in chance:
+            assert s["chance"] == pytest.approx(chance[name]), name
+        if s["metric"] == "token_f1":
+            assert s["chance"] is None
         assert s["reference_loss"] > 0.0
 
 
@@ -101,12 +107,26 @@ def test_table_has_every_method_and_rel_relative_to_full(evaluated):
     table = pl.read_parquet(home / read_ref(home, "evaluation_table")["path"] / TABLE_FILE)
     assert set(table["method"].unique()) == {*DEFAULT_METHODS, "random (mean)"}
     rel = summary["rel"]
-    assert rel["full"] == pytest.approx(1.0)
-    # Rel. (eq. 2) recomputed from the table: mean over benchmarks with a non-zero full score
+    table_ref = read_ref(home, "evaluation_table")
+    # Rel. all (eq. 2) recomputed from the table: mean over benchmarks with a non-zero full score
     full = dict(table.filter(pl.col("method") == "full").select("benchmark", "score").iter_rows())
     icons = dict(table.filter(pl.col("method") == "icons").select("benchmark", "score").iter_rows())
     kept = [b for b in full if full[b] > 0]
-    assert rel["icons"] == pytest.approx(sum(icons[b] / full[b] for b in kept) / len(kept))
+    assert table_ref["rel_all"]["full"] == pytest.approx(1.0)
+    assert table_ref["rel_all"]["icons"] == pytest.approx(sum(icons[b] / full[b] for b in kept) / len(kept))
+    # Rel. over the benchmarks where full beats chance, as the table's in_rel column marks them
+    used = table_ref["rel_benchmarks"]
+    assert sorted(table.filter(pl.col("in_rel") & (pl.col("method") == "full"))["benchmark"].to_list()) == sorted(used)
+    scores = json.loads((home / read_ref(home, "benchmark_scores", "full")["path"] / SCORES_FILE).read_text())
+    for name in full:  # the rule, from each benchmark's chance level and size
+        level = scores[name]["chance"]
+        beats = full[name] > 0 if level is None else full[name] > chance_threshold(level, scores[name]["n"])
+        assert (name in used) == beats, name
+    if used:
+        assert rel["full"] == pytest.approx(1.0)
+        assert rel["icons"] == pytest.approx(sum(icons[b] / full[b] for b in used) / len(used))
+    else:
+        assert rel == {}
     # the random row is the mean of the three seeds
     seeds = [dict(table.filter(pl.col("method") == f"random-{s}").select("benchmark", "score").iter_rows()) for s in range(3)]
     mean = dict(table.filter(pl.col("method") == "random (mean)").select("benchmark", "score").iter_rows())

@@ -13,7 +13,10 @@ models that differ a lot. Instead:
 * every benchmark also reports the reference answers' mean per-token NLL
   (``reference_loss``), a smooth signal that still moves when accuracies are flat;
 * a model whose predictions collapse to one answer (while the references do not) is
-  flagged, so a suspicious accuracy is not read as skill.
+  flagged, so a suspicious accuracy is not read as skill;
+* each closed-form score comes with its chance level (the expected score of guessing
+  uniformly among the candidates), so Rel. can leave out the benchmarks where even the
+  full-data model does not beat guessing (``informative_benchmarks``).
 
 Log-likelihoods count the answer's tokens and the end-of-turn token the chat template
 puts after it (so "Yes" and "Yes, it is" are told apart). Only the LAST assistant turn
@@ -38,7 +41,7 @@ from statistics import median
 import numpy as np
 import torch
 
-from icons_dagster.core.encoding import IGNORE_INDEX, ConversationEncoder, EncodedSample, EncodingError, collate, per_sample_loss, to_messages
+from icons_dagster.core.encoding import IGNORE_INDEX, ConversationEncoder, EncodedSample, EncodingError, collate, per_sample_loss
 from icons_dagster.core.records import ImageLoadError, Record, Turn, load_image
 from icons_dagster.core.samples import SkipLog
 
@@ -50,6 +53,7 @@ __all__ = [
     "collapsed",
     "greedy_answer",
     "infer_kind",
+    "informative_benchmarks",
     "normalize_answer",
     "question_options",
     "relative_scores",
@@ -264,7 +268,7 @@ def greedy_answer(model, encoder: ConversationEncoder, placement, record: Record
     """The model's greedy continuation after the record's last question (special tokens dropped)."""
     if image is None:
         image = _record_image(record)
-    messages = to_messages(record.turns[:-1], has_image=image is not None)
+    messages = encoder.messages(record.turns[:-1], has_image=image is not None)
     prompt = encoder.render(messages, add_generation_prompt=True)
     if image is not None:
         inputs = encoder.processor(text=prompt, images=[image], return_tensors="pt")
@@ -304,6 +308,9 @@ class BenchmarkScore:
     reference_loss: float  # mean per-token NLL of the reference answers (token-weighted over the split)
     prediction_counts: dict[str, int] = field(default_factory=dict)  # normalized prediction -> count, top 10
     collapsed: bool = False
+    # expected score of a uniform guess among the candidates (mean over records of
+    # 1 / #candidates); None where scoring is not a choice (greedy exact match, token F1)
+    chance: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -357,6 +364,7 @@ def score_benchmark(
     predictions: list[str] = []
     references: list[str] = []
     scores: list[float] = []
+    guess_odds: list[float] = []
     nll_sum, nll_tokens = 0.0, 0
     for done, record in enumerate(records, start=1):
         reference = _reference(record)
@@ -370,6 +378,7 @@ def score_benchmark(
                 prediction = candidates[int(np.argmax(-sums[: len(candidates)]))]
                 ref_sum, ref_count = float(sums[at]), int(counts[at])
                 record_score = float(_same_answer(kind, prediction, reference))
+                guess_odds.append(1.0 / len(candidates))
             else:
                 sums, counts = _answer_nll(model, encoder, placement, record, [reference], image, batch_size)
                 ref_sum, ref_count = float(sums[0]), int(counts[0])
@@ -407,6 +416,7 @@ def score_benchmark(
         reference_loss=nll_sum / max(nll_tokens, 1),
         prediction_counts=counts_top,
         collapsed=collapsed(predictions, references=references),
+        chance=float(np.mean(guess_odds)) if by_likelihood else None,
         extra=extra,
     )
 
@@ -414,18 +424,64 @@ def score_benchmark(
 # -- tables -------------------------------------------------------------------------------
 
 
-def relative_scores(table: dict[str, dict[str, float]], full: str = "full") -> dict[str, float]:
+# How far above chance the full-data model must score for a benchmark to enter Rel.: Z
+# standard errors of a guessing model's accuracy on the same number of records (one-sided,
+# a guesser passes about 2% of the time).
+INFORMATIVE_Z = 2.0
+
+
+def chance_threshold(chance: float, n: int, z: float = INFORMATIVE_Z) -> float:
+    """The score a guessing model stays below (but for ~2% of the time at z = 2) on ``n`` records."""
+    return chance + z * math.sqrt(chance * (1.0 - chance) / max(n, 1))
+
+
+def informative_benchmarks(
+    full_scores: dict[str, float],
+    chance: dict[str, float | None],
+    n: dict[str, int],
+    z: float = INFORMATIVE_Z,
+) -> tuple[list[str], dict[str, str]]:
+    """Benchmarks on which the full-data model beats guessing, and why each other one does not.
+
+    A benchmark without a chance level (greedy exact match, token F1) counts when the full
+    score is above 0. Why: a ratio to a full-data score that is itself chance divides noise
+    by noise (on the large demo pool one random subset scored 233% of full that way).
+    """
+    used: list[str] = []
+    excluded: dict[str, str] = {}
+    for name in sorted(full_scores):
+        score, level = full_scores[name], chance.get(name)
+        if level is None:
+            if score > 0:
+                used.append(name)
+            else:
+                excluded[name] = "the full-data model scores 0"
+            continue
+        threshold = chance_threshold(level, n[name], z)
+        if score > threshold:
+            used.append(name)
+        else:
+            excluded[name] = f"full {score:.3f} <= chance {level:.3f} + {z:g} s.e. = {threshold:.3f} (n = {n[name]})"
+    return used, excluded
+
+
+def relative_scores(table: dict[str, dict[str, float]], full: str = "full", benchmarks: Sequence[str] | None = None) -> dict[str, float]:
     """ICONS eq. 2: Rel(m) = mean over benchmarks b of score(m, b) / score(full, b), as a fraction.
 
-    The benchmarks are those of the ``full`` row; one where the full-data model scores 0
-    has no defined ratio and is left out of every method's mean. A method missing one of
-    the used benchmarks raises KeyError, as does a table without the ``full`` row.
+    The benchmarks are ``benchmarks`` (e.g. the informative ones), by default those of the
+    ``full`` row; one where the full-data model scores 0 has no defined ratio and is left
+    out of every method's mean. A method missing one of the used benchmarks raises
+    KeyError, as does a table without the ``full`` row.
     """
     if full not in table:
         raise KeyError(f"no {full!r} row in the results table (methods: {sorted(table)}); relative scores need the full-data model")
-    used = [b for b, s in table[full].items() if s != 0]
+    names = table[full] if benchmarks is None else benchmarks
+    unknown = [b for b in names if b not in table[full]]
+    if unknown:
+        raise KeyError(f"the {full!r} row has no score for benchmark(s) {unknown}")
+    used = [b for b in names if table[full][b] != 0]
     if not used:
-        raise ValueError(f"the {full!r} row scores 0 on every benchmark; no relative score is defined")
+        raise ValueError(f"the {full!r} row scores 0 on every benchmark used; no relative score is defined")
     rel: dict[str, float] = {}
     for method, row in table.items():
         missing = [b for b in used if b not in row]
@@ -435,18 +491,34 @@ def relative_scores(table: dict[str, dict[str, float]], full: str = "full") -> d
     return rel
 
 
-def results_markdown(table: dict[str, dict[str, float]], rel: dict[str, float], benchmarks: Sequence[str]) -> str:
-    """One row per method, one column per benchmark (3 decimals), and Rel. in percent (1 decimal)."""
+def results_markdown(
+    table: dict[str, dict[str, float]],
+    rel: dict[str, float],
+    benchmarks: Sequence[str],
+    rel_all: dict[str, float] | None = None,
+) -> str:
+    """One row per method, one column per benchmark (3 decimals), and Rel. in percent (1 decimal).
+
+    ``rel_all``: a second Rel. column over every benchmark (the paper's eq. 2 as written),
+    beside ``rel`` over the informative ones.
+    """
 
     def cell(value: float | None, fmt: str) -> str:
         return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
+    def percent(values: dict[str, float], method: str) -> str:
+        value = values.get(method)
+        return cell(None if value is None else 100 * value, ".1f")
+
+    extra = " Rel. all (%) |" if rel_all is not None else ""
     lines = [
-        "| Method | " + " | ".join(benchmarks) + " | Rel. (%) |",
-        "|---|" + "---:|" * (len(benchmarks) + 1),
+        "| Method | " + " | ".join(benchmarks) + " | Rel. (%) |" + extra,
+        "|---|" + "---:|" * (len(benchmarks) + 1 + (rel_all is not None)),
     ]
     for method, row in table.items():
         scores = [cell(row.get(b), ".3f") for b in benchmarks]
-        relative = rel.get(method)
-        lines.append(f"| {method} | " + " | ".join(scores) + f" | {cell(None if relative is None else 100 * relative, '.1f')} |")
+        line = f"| {method} | " + " | ".join(scores) + f" | {percent(rel, method)} |"
+        if rel_all is not None:
+            line += f" {percent(rel_all, method)} |"
+        lines.append(line)
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import polars as pl
 from icons_dagster.core import analysis, consensus, plots
 from icons_dagster.core.benchmarks import load_benchmark
 from icons_dagster.core.config import LoraSettings, ModelConfig, WarmupConfig
-from icons_dagster.core.evaluation import relative_scores, results_markdown, score_benchmark
+from icons_dagster.core.evaluation import informative_benchmarks, relative_scores, results_markdown, score_benchmark
 from icons_dagster.core.fingerprint import fingerprint
 from icons_dagster.core.pipeline import (
     MODELS,
@@ -46,6 +46,8 @@ SUBSETS_FILE = "subsets.parquet"
 SCORES_FILE = "scores.json"
 TABLE_FILE = "evaluation_table.parquet"
 TABLE_MARKDOWN = "evaluation_table.md"
+# Bump when scoring changes what a benchmark_scores artifact holds (2: chance levels).
+SCORING_VERSION = 2
 # icons: the subset the ICONS graph exported (the selection as configured: by default the
 # vote with coverage 0.5). icons-paper: the paper's rule exactly (vote, mean-rank tie-break,
 # no coverage reserve); Table 6's aggregations with the same rule.
@@ -415,6 +417,7 @@ def stage_benchmark_scores(
         adapter=adapter_ref["fingerprint"],
         tests={name: loaded[name].content_sha256 for name in names},
         max_new_tokens=config.max_new_tokens,
+        scoring_version=SCORING_VERSION,
     )
     directory = store.artifact_dir("benchmark_scores", fp, method)
     if (reused := reuse_artifact(store, "benchmark_scores", fp, directory)) is not None:
@@ -444,6 +447,8 @@ def stage_benchmark_scores(
         manifest["ref"] = {
             "method": method,
             "scores": {name: s["score"] for name, s in scores.items()},
+            "chance": {name: s["chance"] for name, s in scores.items()},
+            "n": {name: s["n"] for name, s in scores.items()},
             "collapsed": [name for name, s in scores.items() if s["collapsed"]],
         }
         manifest["metadata"] = {
@@ -464,6 +469,7 @@ def _score_dict(result) -> dict[str, Any]:
         "n": result.n,
         "reference_loss": float(result.reference_loss),
         "collapsed": bool(result.collapsed),
+        "chance": result.chance,
         "prediction_counts": result.prediction_counts,
     }
 
@@ -491,9 +497,20 @@ def stage_evaluation_table(store, score_refs: dict[str, dict], subsets_ref: dict
     mean, std = random_summary(table)
     if mean:
         table["random (mean)"] = mean
-    rel = relative_scores(table)
+    # Rel. over the benchmarks where the full-data model beats guessing; the paper's Rel.
+    # over all of them beside it (chance levels do not depend on the model: take full's).
+    used, excluded = informative_benchmarks(table["full"], score_refs["full"]["chance"], score_refs["full"]["n"])
+    # no informative benchmark: Rel. is left empty rather than computed from noise
+    rel = relative_scores(table, benchmarks=used) if used else {}
+    rel_all = relative_scores(table)
     benchmarks = sorted(next(iter(table.values())))
-    markdown = results_markdown(table, rel, benchmarks)
+    markdown = results_markdown(table, rel, benchmarks, rel_all=rel_all)
+    if excluded:
+        markdown += (
+            "\n\nRel. averages the benchmarks where the full-data model beats chance (" + (", ".join(used) or "none") + "); "
+            "Rel. all is eq. 2 over every benchmark. Left out of Rel.: "
+            + "; ".join(f"{name} ({why})" for name, why in excluded.items())
+        )
     if std:
         markdown += "\n\nrandom std over seeds: " + ", ".join(f"{b} {std[b]:.3f}" for b in benchmarks)
     if SPECIALIST in table:
@@ -504,11 +521,23 @@ def stage_evaluation_table(store, score_refs: dict[str, dict], subsets_ref: dict
         markdown += "\n\ncollapsed predictions (one answer for >= 80% of a benchmark): " + "; ".join(
             f"{m}: {', '.join(names)}" for m, names in sorted(collapsed.items())
         )
-    rows = [{"method": m, "benchmark": b, "score": table[m][b], "rel": rel.get(m)} for m in table for b in benchmarks]
+    rows = [
+        {"method": m, "benchmark": b, "score": table[m][b], "rel": rel.get(m), "rel_all": rel_all.get(m), "in_rel": b in used}
+        for m in table
+        for b in benchmarks
+    ]
     with building_artifact(store, directory, "evaluation_table", fp, {"benchmark_scores": {m: score_refs[m]["fingerprint"] for m in methods}}) as (tmp, manifest):
         pl.DataFrame(rows).write_parquet(tmp / TABLE_FILE)
         (tmp / TABLE_MARKDOWN).write_text(markdown + "\n", encoding="utf-8")
-        manifest["ref"] = {"rel": rel, "methods": list(table)}
-        manifest["metadata"] = {"table": markdown, "rel": rel, "subset_sizes": subsets_ref.get("sizes", {}), "collapsed": collapsed}
+        manifest["ref"] = {"rel": rel, "rel_all": rel_all, "rel_benchmarks": used, "methods": list(table)}
+        manifest["metadata"] = {
+            "table": markdown,
+            "rel": rel,
+            "rel_all": rel_all,
+            "rel_benchmarks": used,
+            "excluded_from_rel": excluded,
+            "subset_sizes": subsets_ref.get("sizes", {}),
+            "collapsed": collapsed,
+        }
     return reuse_artifact(store, "evaluation_table", fp, directory, built=True)
 
