@@ -108,3 +108,34 @@ def test_llava_hf_style_template_without_markers(tiny_model_dir):
     sample = encoder.encode("r", turns, Image.new("RGB", (32, 32)))
     assert [a.strip() for a in answers(encoder, sample)] == ["Yes", "black"]
     assert "USER:" not in "".join(answers(encoder, sample))
+
+
+def test_collate_pads_per_token_inputs_and_uneven_image_crops():
+    from icons_dagster.core.encoding import EncodedSample
+
+    short = EncodedSample(
+        "a", torch.tensor([5, 6]), torch.tensor([IGNORE_INDEX, 6]),
+        image_inputs={"pixel_values": torch.ones(1, 2, 3, 4, 4)},  # two crops
+        token_inputs={"mm_token_type_ids": torch.tensor([1, 0])},
+    )
+    long = EncodedSample(
+        "b", torch.tensor([7, 8, 9]), torch.tensor([IGNORE_INDEX, 8, 9]),
+        image_inputs={"pixel_values": 2 * torch.ones(1, 3, 3, 4, 4)},  # three crops
+        token_inputs={"mm_token_type_ids": torch.tensor([1, 1, 0])},
+    )
+    batch = collate([short, long], pad_token_id=0)
+    assert batch.token_inputs["mm_token_type_ids"].tolist() == [[1, 0, 0], [1, 1, 0]]
+    pixels = batch.image_inputs["pixel_values"]
+    assert pixels.shape == (2, 3, 3, 4, 4)
+    assert (pixels[0, :2] == 1).all() and (pixels[0, 2] == 0).all()  # the missing crop is an all-zero padding image
+    assert (pixels[1] == 2).all()
+    inputs = batch.model_inputs(torch.device("cpu"), torch.float32)
+    assert set(inputs) == {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values"}
+
+
+def test_text_only_model_gets_string_contents():
+    turns = (Turn("human", "Name a color."), Turn("gpt", "red"))
+    assert to_messages(turns, has_image=False, text_only_model=True) == [
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": "red"},
+    ]

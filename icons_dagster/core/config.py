@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-# Linear layers of the language model only: the vision tower, the multimodal projector and
-# lm_head are excluded by name. peft matches a string target as a full regex on the module path.
-DEFAULT_LORA_TARGET = (
-    r"^(?!.*(?:vision|visual|image_encoder|multi_modal_projector|mm_projector)).*"
-    r"\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-)
+# "auto": the Linear layers inside the model's language model, resolved per architecture
+# (core/model.py); the vision tower, the multimodal projector and lm_head are never adapted.
+# Any other value is a regex peft matches in full against module paths.
+AUTO_LORA_TARGET = "auto"
+DEFAULT_LORA_TARGET = AUTO_LORA_TARGET
 
 
 def _require(condition: bool, message: str) -> None:

@@ -1,8 +1,15 @@
-"""Loading a processor + image-text-to-text model and wrapping it in LoRA.
+"""Loading a processor + model and wrapping it in LoRA.
 
 Checkpoints load through transformers' auto classes from a hub id or a local folder, so the
-tiny demo model and LLaVA-1.5 take the same path. The warm-up adapter is loaded once onto
-the base weights (never merged and wrapped again, which would take gradients at W + 2ΔW).
+tiny demo model, LLaVA-1.5, Qwen2.5-VL and Idefics3 / SmolVLM take the same path
+(``AutoModelForImageTextToText``); a checkpoint whose type has no image-text-to-text class
+is a text-only causal LM (``AutoModelForCausalLM``, LESS's setting). The warm-up adapter is
+loaded once onto the base weights (never merged and wrapped again, which would take
+gradients at W + 2ΔW).
+
+LoRA targets: ``"auto"`` resolves, per architecture, to the Linear layers inside the model's
+language model (``get_decoder()``): never the vision tower, the projector or lm_head, however
+the architecture names them.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from icons_dagster.core.config import LoraSettings, ModelConfig
+from icons_dagster.core.config import AUTO_LORA_TARGET, LoraSettings, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +69,21 @@ def load_processor(config: ModelConfig):
     )
 
 
+def _auto_model_class(config: ModelConfig):
+    """Image-text-to-text when the checkpoint's type has such a class, else a causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    hf_config = AutoConfig.from_pretrained(config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    remote = getattr(hf_config, "auto_map", None) or {}
+    if hf_config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or "AutoModelForImageTextToText" in remote:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def load_base_model(config: ModelConfig, placement: Placement):
     """The frozen base model in eval mode on its device."""
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(
+    model = _auto_model_class(config).from_pretrained(
         config.name_or_path,
         revision=config.revision,
         trust_remote_code=config.trust_remote_code,
@@ -79,9 +96,33 @@ def load_base_model(config: ModelConfig, placement: Placement):
     return model
 
 
+def language_model_path(model) -> str:
+    """Module path of the model's language model (decoder stack), e.g. ``model.language_model``."""
+    base = getattr(model, "get_base_model", lambda: model)()  # a peft wrapper's model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None:
+        raise ValueError(f"{type(base).__name__} exposes no language model (get_decoder); give LoRA targets as a regex")
+    for name, module in base.named_modules():
+        if module is decoder:
+            return name
+    raise ValueError(f"the language model of {type(base).__name__} is not one of its submodules")
+
+
+def resolve_lora_target(model, target: str) -> str:
+    """The regex peft gets: ``target`` itself, or for "auto" the Linear leaves of the language model."""
+    if target != AUTO_LORA_TARGET:
+        return target
+    prefix = language_model_path(model)
+    inside = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name.startswith(prefix + ".")]
+    if not inside:
+        raise ValueError(f"the language model {prefix!r} of {type(model).__name__} has no Linear layer to adapt")
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in inside})
+    return rf"^{re.escape(prefix)}\..*\.(?:{'|'.join(map(re.escape, leaves))})$"
+
+
 def lora_target_names(model, target_regex: str) -> list[str]:
-    """Module paths the LoRA regex selects; fails loudly when it selects nothing."""
-    pattern = re.compile(target_regex)
+    """Module paths the LoRA target selects ("auto" or a regex); fails loudly when it selects nothing."""
+    pattern = re.compile(resolve_lora_target(model, target_regex))
     names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name)]
     if not names:
         raise ValueError(f"LoRA target regex {target_regex!r} matches no Linear layer of {type(model).__name__}")
@@ -98,7 +139,7 @@ def attach_new_lora(model, settings: LoraSettings, seed: int):
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
+        target_modules=resolve_lora_target(model, settings.target_modules),
         bias="none",
     )
     return get_peft_model(model, config)
