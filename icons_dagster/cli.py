@@ -123,12 +123,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = config.setdefault("model", {})
     if args.model:
         model["name_or_path"] = args.model
-    for key in ("revision", "dtype", "device", "max_length", "lora_r", "lora_alpha", "lora_dropout"):
+    for key in ("revision", "dtype", "device", "max_length", "autocast", "lora_r", "lora_alpha", "lora_dropout"):
         value = getattr(args, key)
         if value is not None:
             model[key] = value
     if args.trust_remote_code:
         model["trust_remote_code"] = True
+    if args.gradient_checkpointing is not None:
+        model["gradient_checkpointing"] = args.gradient_checkpointing
     settings = config.setdefault("settings", {})
     for key in ("p", "aggregation", "tiebreak", "coverage", "warmup_ratio", "projection_dim", "projection_seed", "projector", "train_gradient", "gradient_batch_size", "epochs", "num_checkpoints", "learning_rate"):
         value = getattr(args, key)
@@ -252,11 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pool", required=True, help="LLaVA-format JSON/JSONL pool")
     run.add_argument("--benchmarks", help="folder with one sub-folder per benchmark (val.json required); ICONS needs it")
     run.add_argument("--image-root", help="folder the pool's image paths are relative to")
-    run.add_argument("--model", help="hub id or local folder of an image-text-to-text checkpoint")
+    run.add_argument("--model", help="hub id or local folder: an image-text-to-text checkpoint (LLaVA, Qwen2.5-VL, Idefics3/SmolVLM) or a text-only causal LM")
     run.add_argument("--revision")
     run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     run.add_argument("--device")
-    run.add_argument("--max-length", type=int)
+    run.add_argument("--max-length", type=int, help="tokens per sequence (default 2048, as LLaVA); longer ones are truncated and counted")
+    run.add_argument("--autocast", choices=["auto", "off", "bfloat16", "float16"], help="mixed precision of forward passes (auto: bf16 on CUDA)")
+    run.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in backward (less GPU memory)")
     run.add_argument("--lora-r", type=int)
     run.add_argument("--lora-alpha", type=int)
     run.add_argument("--lora-dropout", type=float)

@@ -31,10 +31,17 @@ class ModelConfig:
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU; or float32/bfloat16/float16
     device: str = "auto"  # "auto": cuda when available, else cpu
     max_length: int = 2048  # tokens; longer sequences are truncated and counted
+    # Mixed precision of the forward pass: "auto" = bfloat16 autocast on CUDA, off elsewhere;
+    # "off", "bfloat16" or "float16". Per-sample gradients and features accumulate in fp32.
+    autocast: str = "auto"
+    # Recompute activations in the backward pass (less memory, ~30% more time); the features
+    # are the same. The model then runs in train mode with every dropout turned off.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _require(bool(self.name_or_path), "model name_or_path must not be empty")
         _require(self.dtype in {"auto", "float32", "bfloat16", "float16"}, f"unknown dtype {self.dtype!r}")
+        _require(self.autocast in {"auto", "off", "bfloat16", "float16"}, f"unknown autocast {self.autocast!r}")
         _require(self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}")
 
 

@@ -242,7 +242,8 @@ def _answer_nll(model, encoder: ConversationEncoder, placement, record: Record, 
     with _eval_mode(model):
         for start in range(0, len(samples), batch_size):
             batch = collate(samples[start : start + batch_size], pad_id)
-            logits = model(**batch.model_inputs(placement.device, placement.dtype)).logits
+            with placement.forward_context():
+                logits = model(**batch.model_inputs(placement.device, placement.dtype)).logits
             n_tokens = (batch.labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
             losses = per_sample_loss(logits, batch.labels).double().cpu()
             sums[start : start + len(losses)] = (losses * n_tokens.double()).numpy()
@@ -283,7 +284,7 @@ def greedy_answer(model, encoder: ConversationEncoder, placement, record: Record
             value = value.to(placement.device)
             model_inputs[key] = value.to(placement.dtype) if value.is_floating_point() else value
     tokenizer = encoder.tokenizer
-    with _eval_mode(model):
+    with _eval_mode(model), placement.forward_context():
         output = model.generate(
             **model_inputs,
             do_sample=False,

@@ -4,6 +4,11 @@ For each checkpoint: load the adapter once onto the base weights, compute batche
 per-sample gradients projected by the shared seeded projector, L2-normalize, keep the raw
 norms beside them, store float16. One ``FeatureSet`` = the rows for one shard or one
 benchmark; rows are in input order minus the skipped records (listed with reasons).
+
+Out of memory (a GPU batch of long sequences): the batch is halved and retried, and the
+smaller size is kept for the rest of the set; a single sample that does not fit is an
+error naming it. Nothing is dropped. The backoffs are counted in the metadata (a feature
+computed at another batch size may differ in the last bits of float32 round-off).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class FeatureSet:
     n_tokens: np.ndarray  # [n] int32, sequence length after truncation (the model's tokenizer)
     subtasks: list[str | None] = field(default_factory=list)
     skips: SkipLog = field(default_factory=SkipLog)
+    oom_backoffs: int = 0  # times a batch was halved after running out of memory
+    final_batch_size: int = 0
 
     def save(self, directory: Path) -> None:
         table = {
@@ -86,18 +93,35 @@ def compute_features(
     result = FeatureSet(ids=[], features=[], norms=[], losses=[], n_answer_tokens=np.zeros(0, np.int32), n_tokens=np.zeros(0, np.int32), skips=skips)
     total = len(checkpoints) * len(records)
     pad_id = encoder.tokenizer.pad_token_id
+    size = batch_size
     for c, open_model in enumerate(checkpoints):
         moment = moments[c] if moments is not None else None
         ids, rows, losses, n_tokens, n_answer = [], [], [], [], []
-        with open_model() as model, PerSampleGradients(model) as hooks:
+        with open_model() as model, PerSampleGradients(model, placement) as hooks:
             for chunk in batched(encode_records(encoder, records, skips if c == 0 else SkipLog()), batch_size):
-                batch = collate(chunk, pad_id)
-                projected, loss = projected_features(hooks, batch, projector, placement.device, placement.dtype, moment)
-                rows.append(projected.cpu())
-                losses.append(loss.float().cpu())
-                ids += batch.ids
-                n_tokens += [s.input_ids.numel() for s in chunk]
-                n_answer += [s.n_answer_tokens for s in chunk]
+                start = 0
+                while start < len(chunk):
+                    part = chunk[start : start + size]
+                    try:
+                        projected, loss = projected_features(hooks, collate(part, pad_id), projector, placement.device, placement.dtype, moment)
+                    except torch.cuda.OutOfMemoryError:
+                        hooks.release()
+                        if size == 1:
+                            raise RuntimeError(
+                                f"out of memory on a single sample, {part[0].id} ({part[0].input_ids.numel()} tokens): "
+                                "lower max_length, turn on gradient_checkpointing or use a larger device"
+                            ) from None
+                        size = max(1, size // 2)
+                        result.oom_backoffs += 1
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                        continue
+                    rows.append(projected.cpu())
+                    losses.append(loss.float().cpu())
+                    ids += [s.id for s in part]
+                    n_tokens += [s.input_ids.numel() for s in part]
+                    n_answer += [s.n_answer_tokens for s in part]
+                    start += len(part)
                 if progress is not None:
                     progress(c * len(records) + len(ids) + len(skips.entries), total)
         if c == 0:
@@ -112,4 +136,5 @@ def compute_features(
         result.features.append(np.asarray(unit, dtype=np.float32).astype(np.float16))
         result.norms.append(np.asarray(norms, dtype=np.float32))
         result.losses.append(torch.cat(losses).numpy() if losses else np.zeros(0, np.float32))
+    result.final_batch_size = size
     return result

@@ -11,6 +11,10 @@ with the warm-up optimizer's moments m, v at the checkpoint,
 ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2``, ``feature = m' / (sqrt(v') + eps)``:
 eps outside the square root and no bias correction (the moments come from a finished run).
 Validation features are always SGD gradients.
+
+Mixed precision: the forward pass may run under autocast (bf16 on CUDA); the saved inputs
+and output gradients are upcast to fp32 before the per-sample einsum and the projection,
+so features accumulate in fp32 whatever the forward precision.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from icons_dagster.core.encoding import Batch, per_sample_loss
-from icons_dagster.core.model import trainable_parameters
+from icons_dagster.core.model import Placement, gradient_mode, trainable_parameters
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,9 @@ class _Slot:
 class PerSampleGradients:
     """Hooks on the LoRA A/B Linear modules of a peft model; use as a context manager."""
 
-    def __init__(self, model):
+    def __init__(self, model, placement: Placement | None = None):
         self.model = model
+        self.placement = placement
         params = trainable_parameters(model)
         if not params:
             raise ValueError("the model has no trainable (LoRA) parameters")
@@ -79,8 +84,13 @@ class PerSampleGradients:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.release()
+
+    def release(self) -> None:
+        """Drop the saved activations and gradients (after a failed batch, before retrying)."""
         self._inputs.clear()
         self._output_grads.clear()
+        self.model.zero_grad(set_to_none=True)
 
     def _forward_hook(self, index: int) -> Callable:
         def hook(module, inputs, output):
@@ -98,9 +108,12 @@ class PerSampleGradients:
         self._inputs.clear()
         self._output_grads.clear()
         self.model.zero_grad(set_to_none=True)
-        outputs = self.model(**batch.model_inputs(device, dtype))
-        losses = per_sample_loss(outputs.logits, batch.labels)
-        losses.sum().backward()
+        placement = self.placement or Placement(device, dtype)
+        with gradient_mode(self.model, placement):
+            with placement.forward_context():
+                outputs = self.model(**batch.model_inputs(device, dtype))
+                losses = per_sample_loss(outputs.logits, batch.labels)
+            losses.sum().backward()
         missing = [self.slots[i].name for i in range(len(self.slots)) if i not in self._output_grads]
         if missing:
             raise RuntimeError(f"no gradient reached {len(missing)} LoRA modules, e.g. {missing[:3]}")

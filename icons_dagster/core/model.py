@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +46,18 @@ def no_progress_bars() -> Iterator[None]:
 class Placement:
     device: torch.device
     dtype: torch.dtype
+    autocast: torch.dtype | None = None  # mixed-precision dtype of forward passes, None = off
+    gradient_checkpointing: bool = False
+
+    def forward_context(self):
+        """Autocast for a forward pass (backward passes run outside it, as torch advises)."""
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast)
 
 
 def resolve_placement(config: ModelConfig) -> Placement:
-    """CUDA + bf16 when available, else CPU fp32 (unless the config says otherwise)."""
+    """CUDA + bf16 (weights and autocast) when available, else CPU fp32 (unless the config says otherwise)."""
     if config.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -58,7 +66,30 @@ def resolve_placement(config: ModelConfig) -> Placement:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, config.dtype)
-    return Placement(device=device, dtype=dtype)
+    if config.autocast == "auto":
+        autocast = torch.bfloat16 if device.type == "cuda" else None
+    else:
+        autocast = None if config.autocast == "off" else getattr(torch, config.autocast)
+    return Placement(device=device, dtype=dtype, autocast=autocast, gradient_checkpointing=config.gradient_checkpointing)
+
+
+@contextmanager
+def gradient_mode(model, placement: Placement) -> Iterator[None]:
+    """The mode per-sample gradients are taken in: eval (no dropout); with gradient
+    checkpointing, train mode (transformers checkpoints only in training) with every dropout
+    module in eval, so the same function is differentiated. The caller's mode is restored."""
+    if not placement.gradient_checkpointing:
+        yield
+        return
+    was_training = model.training
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def load_processor(config: ModelConfig):
@@ -93,6 +124,9 @@ def load_base_model(config: ModelConfig, placement: Placement):
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if placement.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     return model
 
 

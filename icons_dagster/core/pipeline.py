@@ -133,7 +133,13 @@ MODELS = ModelCache()
 
 def model_fingerprint_fields(config: ModelConfig) -> dict:
     """What identifies the weights: name/path, revision and numerics, not the device."""
-    return {"name_or_path": config.name_or_path, "revision": config.revision, "dtype": config.dtype, "max_length": config.max_length}
+    return {
+        "name_or_path": config.name_or_path,
+        "revision": config.revision,
+        "dtype": config.dtype,
+        "autocast": config.autocast,
+        "max_length": config.max_length,
+    }
 
 
 # -- training_pool ------------------------------------------------------------------------
@@ -290,6 +296,9 @@ def _feature_metadata(features: FeatureSet, gradients: GradientConfig, gradient_
         "gradient_type": gradient_type,
         "mean_grad_norm": [float(np.mean(n)) if len(n) else 0.0 for n in features.norms],
         "mean_loss": [float(np.mean(x)) if len(x) else 0.0 for x in features.losses],
+        "batch_size": gradients.batch_size,
+        "oom_backoffs": features.oom_backoffs,
+        "final_batch_size": features.final_batch_size,
         **features.skips.as_metadata(),
     }
 

@@ -101,9 +101,10 @@ def train_warmup(
             loss_value = float("nan")
             if samples:
                 batch = collate(samples, pad_id)
-                outputs = model(**batch.model_inputs(placement.device, placement.dtype))
-                # Token-mean over the batch, as HF's loss in LLaVA's training script.
-                losses = per_sample_loss(outputs.logits, batch.labels)
+                with placement.forward_context():
+                    outputs = model(**batch.model_inputs(placement.device, placement.dtype))
+                    # Token-mean over the batch, as HF's loss in LLaVA's training script.
+                    losses = per_sample_loss(outputs.logits, batch.labels)
                 weights = (batch.labels[:, 1:] != -100).sum(dim=1).to(losses)
                 loss = (losses * weights).sum() / weights.sum()
                 optimizer.zero_grad(set_to_none=True)

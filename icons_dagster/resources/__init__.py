@@ -76,6 +76,8 @@ class ModelResource(ConfigurableResource):
     dtype: str = "auto"
     device: str = "auto"
     max_length: int = 2048
+    autocast: str = "auto"  # bf16 autocast on CUDA; "off", "bfloat16", "float16"
+    gradient_checkpointing: bool = False
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05
@@ -104,6 +106,8 @@ class ModelResource(ConfigurableResource):
             dtype=self.dtype,
             device=self.device,
             max_length=self.max_length,
+            autocast=self.autocast,
+            gradient_checkpointing=self.gradient_checkpointing,
         )
 
     def lora_settings(self) -> LoraSettings:
