@@ -16,6 +16,7 @@ from icons_dagster.assets.evaluation import EVALUATION_ASSETS
 from icons_dagster.assets.ofa import OFA_ASSETS
 from icons_dagster.automation import DEFAULT_VOTE_CRON, benchmark_folder_sensor, icons_automation_sensor, vote_job, vote_schedule
 from icons_dagster.registration import explain_sample_job, register_benchmarks_job
+from icons_dagster.scaleout import training_gradients_job
 from icons_dagster.core.fingerprint import ALGORITHM_VERSION, fingerprint
 from icons_dagster.partitions import train_shard_partitions
 from icons_dagster.resources import DataResource, EvaluationResource, ModelResource, OFAResource, SettingsResource, StoreResource
@@ -85,7 +86,12 @@ def build_definitions(home: str | Path | None = None, config: dict[str, Any] | N
     resources = build_resources(home_path, settings)
     return Definitions(
         assets=versioned_assets(resources, len(train_shard_partitions.get_partition_keys())),
-        jobs=[register_benchmarks_job, explain_sample_job, vote_job],
+        jobs=[
+            register_benchmarks_job,
+            explain_sample_job,
+            vote_job,
+            training_gradients_job(settings.get("scaleout", {}).get("shard_run_tags")),
+        ],
         sensors=[benchmark_folder_sensor, icons_automation_sensor],
         schedules=[vote_schedule(settings.get("automation", {}).get("vote_cron", DEFAULT_VOTE_CRON))],
         resources=resources,

@@ -29,7 +29,7 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False  # off unless the user turns it on
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU; or float32/bfloat16/float16
-    device: str = "auto"  # "auto": cuda when available, else cpu
+    device: str = "auto"  # "auto": cuda when available, else cpu; "cuda:lease": a free GPU per run process
     max_length: int = 2048  # tokens; longer sequences are truncated and counted
     # Mixed precision of the forward pass: "auto" = bfloat16 autocast on CUDA, off elsewhere;
     # "off", "bfloat16" or "float16". Per-sample gradients and features accumulate in fp32.

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from icons_dagster.core.config import AUTO_LORA_TARGET, LoraSettings, ModelConfig
+from icons_dagster.core.devices import LEASE_DEVICE, lease_device
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def resolve_placement(config: ModelConfig) -> Placement:
     """CUDA + bf16 (weights and autocast) when available, else CPU fp32 (unless the config says otherwise)."""
     if config.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif config.device == LEASE_DEVICE:  # one GPU per run process on a multi-GPU machine
+        device = torch.device("cuda", lease_device(torch.cuda.device_count()))
     else:
         device = torch.device(config.device)
     if config.dtype == "auto":

@@ -61,7 +61,7 @@ def read_home_config(home: Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: malformed JSON ({error})") from error
-    unknown = sorted(set(config) - {"data", "model", "settings", "ofa", "evaluation", "num_shards", "automation"})
+    unknown = sorted(set(config) - {"data", "model", "settings", "ofa", "evaluation", "num_shards", "automation", "scaleout"})
     if unknown:
         raise ValueError(f"{path}: unknown sections {unknown}")
     return config
