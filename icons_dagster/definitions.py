@@ -6,6 +6,7 @@ CLI agree; without one, the embedded demo runs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +21,21 @@ from icons_dagster.scaleout import training_gradients_job
 from icons_dagster.core.fingerprint import ALGORITHM_VERSION, fingerprint
 from icons_dagster.partitions import train_shard_partitions
 from icons_dagster.resources import DataResource, EvaluationResource, ModelResource, OFAResource, SettingsResource, StoreResource
-from icons_dagster.resources.home import read_home_config, resolve_home
+from icons_dagster.resources.home import STORE_URL_ENV, read_home_config, resolve_home
 from icons_dagster.resources.refs import ArtifactRefIOManager
 
 
 def build_resources(home: Path, config: dict[str, Any]) -> dict[str, Any]:
+    # the shared store: icons.json "store": {"remote": URL}, or ICONS_STORE_URL
+    remote = config.get("store", {}).get("remote") or os.environ.get(STORE_URL_ENV, "")
     return {
-        "store": StoreResource(root=str(home)),
+        "store": StoreResource(root=str(home), remote=remote),
         "data": DataResource(**config.get("data", {})),
         "model": ModelResource(**config.get("model", {})),
         "settings": SettingsResource(**config.get("settings", {})),
         "ofa": OFAResource(**config.get("ofa", {})),
         "evaluation": EvaluationResource(**config.get("evaluation", {})),
-        "refs_io_manager": ArtifactRefIOManager(root=str(home)),
+        "refs_io_manager": ArtifactRefIOManager(root=str(home), remote=remote),
     }
 
 

@@ -199,3 +199,26 @@ def test_gpu_leases_never_share_a_device(tmp_path):
     # a killed holder's lease is free again
     assert lease_device(2, tmp_path) == 0
     release_devices()
+
+
+def test_deploy_configs_name_the_shard_runs_this_code_tags():
+    import json as jsonlib
+
+    import yaml
+
+    from icons_dagster.definitions import build_definitions
+    from icons_dagster.scaleout import SHARD_JOB, SHARD_TAG
+
+    values = yaml.safe_load((REPO / "deploy" / "kubernetes" / "values.yaml").read_text())
+    limits = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]["tagConcurrencyLimits"]
+    assert [limit["key"] for limit in limits] == [SHARD_TAG]
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    single = yaml.safe_load(QUEUE_YAML)
+    assert [limit["key"] for limit in single["concurrency"]["runs"]["tag_concurrency_limits"]] == [SHARD_TAG]
+    # the K8s config's shard-run tags (one GPU per pod) land on every shard run
+    config = jsonlib.loads((REPO / "deploy" / "kubernetes" / "icons-config.json").read_text())
+    job = build_definitions(REPO / ".no-home", config).resolve_job_def(SHARD_JOB)
+    k8s = job.tags["dagster-k8s/config"]
+    k8s = jsonlib.loads(k8s) if isinstance(k8s, str) else k8s
+    assert k8s["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert job.tags[SHARD_TAG] == "true"

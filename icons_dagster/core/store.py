@@ -3,6 +3,14 @@
 Artifacts are folders written whole: a temporary sibling is filled, a ``_COMPLETE.json``
 manifest is written last, then the folder is renamed into place. A crash leaves only a
 ``.tmp-*`` folder that nothing reads; a folder without the manifest is never trusted.
+
+Shared store (many machines): with ``remote`` set to an fsspec URL (``s3://bucket/icons``,
+``gs://...``, ``file:///nfs/icons``, ``memory://`` in tests) every finished artifact is
+also uploaded there, its files first and its manifest last, so on object storage too the
+manifest is the commit point and a half-uploaded folder is never trusted. A machine that
+lacks an artifact locally pulls it from the remote (into a temporary folder, renamed into
+place) the first time it is asked for. Artifacts are immutable (their folder is their
+fingerprint), so the local root is a cache that never goes stale.
 """
 
 from __future__ import annotations
@@ -21,11 +29,66 @@ import numpy as np
 COMPLETE_MARKER = "_COMPLETE.json"
 
 
-class ArtifactStore:
-    """Paths under one root: artifacts/, exports/, demo/, dagster/ (the Dagster instance)."""
+class RemoteStore:
+    """Folders mirrored under an fsspec URL, by their path relative to the local root."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, url: str):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self.base = fsspec.core.url_to_fs(self.url)
+        self.base = self.base.rstrip("/")
+
+    def _path(self, relative: str) -> str:
+        return f"{self.base}/{relative}" if relative else self.base
+
+    def has_file(self, relative: str) -> bool:
+        return self.fs.exists(self._path(relative))
+
+    def read_text(self, relative: str) -> str:
+        return self.fs.cat_file(self._path(relative)).decode("utf-8")
+
+    def write_text(self, relative: str, text: str) -> None:
+        target = self._path(relative)
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(target, text.encode("utf-8"))
+
+    def push(self, local: Path, relative: str) -> None:
+        """Upload a complete artifact folder: every file, then the manifest."""
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
+        for file in files:
+            target = self._path(f"{relative}/{file.relative_to(local).as_posix()}")
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(file), target)
+        self.fs.put_file(str(local / COMPLETE_MARKER), self._path(f"{relative}/{COMPLETE_MARKER}"))
+
+    def pull(self, relative: str, local: Path) -> None:
+        """Download a folder whose manifest is on the remote into ``local`` (atomically)."""
+        tmp = local.parent / f".tmp-pull-{local.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            prefix = self._path(relative)
+            for remote in sorted(self.fs.find(prefix)):
+                target = tmp / remote[len(prefix) :].lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(remote, str(target))
+            if not (tmp / COMPLETE_MARKER).is_file():
+                raise FileNotFoundError(f"{self.url}/{relative} lost its {COMPLETE_MARKER} while being pulled")
+            if local.exists():  # an incomplete leftover
+                shutil.rmtree(local)
+            os.replace(tmp, local)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ArtifactStore:
+    """Paths under one root: artifacts/, exports/, demo/, dagster/ (the Dagster instance);
+    ``remote``: an fsspec URL the artifacts are shared through (module docstring)."""
+
+    def __init__(self, root: str | Path, remote: str | None = None):
         self.root = Path(root).expanduser().resolve()
+        self.remote = RemoteStore(remote) if remote else None
 
     # -- locations ---------------------------------------------------------------------
     def artifact_dir(self, stage: str, fingerprint: str, partition: str | None = None) -> Path:
@@ -48,12 +111,29 @@ class ArtifactStore:
         return str(Path(path).resolve().relative_to(self.root))
 
     def absolute(self, relative: str) -> Path:
-        return self.root / relative
+        """The local folder of an artifact reference (pulled from the remote when missing here)."""
+        path = self.root / relative
+        if self.remote is not None:
+            self.is_complete(path)
+        return path
 
     # -- completeness ------------------------------------------------------------------
-    @staticmethod
-    def is_complete(directory: Path) -> bool:
-        return (Path(directory) / COMPLETE_MARKER).is_file()
+    def is_complete(self, directory: Path) -> bool:
+        """Whether the artifact is complete; with a remote, the two copies are reconciled:
+        a local-only one is uploaded (a run that died after committing locally), a
+        remote-only one is pulled."""
+        directory = Path(directory)
+        local = (directory / COMPLETE_MARKER).is_file()
+        if self.remote is None:
+            return local
+        relative = self.relative(directory)
+        remote = self.remote.has_file(f"{relative}/{COMPLETE_MARKER}")
+        if local and not remote:
+            self.remote.push(directory, relative)
+        elif remote and not local:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            self.remote.pull(relative, directory)
+        return local or remote
 
     @staticmethod
     def read_manifest(directory: Path) -> dict[str, Any]:
@@ -75,6 +155,8 @@ class ArtifactStore:
             if directory.exists():  # an incomplete leftover or a concurrent twin: replace it
                 shutil.rmtree(directory)
             os.replace(tmp, directory)
+            if self.remote is not None:
+                self.remote.push(directory, self.relative(directory))
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

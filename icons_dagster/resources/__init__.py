@@ -27,12 +27,14 @@ from icons_dagster.core.store import ArtifactStore
 
 
 class StoreResource(ConfigurableResource):
-    """Root folder of every artifact, export and the Dagster instance."""
+    """Root folder of every artifact, export and the Dagster instance; ``remote``: an fsspec
+    URL (s3://, gs://, file:// on a shared disk) that every machine shares artifacts through."""
 
     root: str
+    remote: str = ""
 
     def store(self) -> ArtifactStore:
-        return ArtifactStore(self.root)
+        return ArtifactStore(self.root, self.remote or None)
 
 
 @dataclass(frozen=True)

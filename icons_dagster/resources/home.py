@@ -15,6 +15,7 @@ from typing import Any
 from icons_dagster.core.store import write_json
 
 HOME_ENV = "ICONS_HOME"
+STORE_URL_ENV = "ICONS_STORE_URL"  # fsspec URL of a store shared by many machines
 DEFAULT_HOME = ".icons_home"
 CONFIG_FILE = "icons.json"
 DEFAULT_NUM_SHARDS = 4
@@ -61,7 +62,7 @@ def read_home_config(home: Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: malformed JSON ({error})") from error
-    unknown = sorted(set(config) - {"data", "model", "settings", "ofa", "evaluation", "num_shards", "automation", "scaleout"})
+    unknown = sorted(set(config) - {"data", "model", "settings", "ofa", "evaluation", "num_shards", "automation", "scaleout", "store"})
     if unknown:
         raise ValueError(f"{path}: unknown sections {unknown}")
     return config

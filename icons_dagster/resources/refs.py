@@ -7,6 +7,9 @@ manager keeps that dict as JSON, never a pickle. A downstream input declared wit
 partition is mapped (UPathIOManager would hand over a bare object then); a missing
 upstream partition is a clear error naming it. ``MATERIALIZED_PARTITIONS`` hands over only
 the partitions materialized so far (the asset decides which it needs).
+
+With a shared store (``remote``, an fsspec URL) the references are written there too and
+read from there, so a run on another machine sees the upstream runs' outputs.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from dagster import ConfigurableIOManager, InputContext, OutputContext
 
-from icons_dagster.core.store import write_json
+from icons_dagster.core.store import RemoteStore, write_json
 
 ALL_PARTITIONS = {"all_partitions": True}
 MATERIALIZED_PARTITIONS = {"all_partitions": True, "materialized_only": True}
@@ -33,9 +36,16 @@ def read_ref(root: str | Path, asset: str, partition: str | None = None) -> dict
 
 class ArtifactRefIOManager(ConfigurableIOManager):
     root: str
+    remote: str = ""  # fsspec URL of the shared store; empty = this machine only
+
+    def _relative(self, asset_path: list[str], partition: str | None) -> str:
+        return f"refs/{'/'.join(asset_path)}/{partition or UNPARTITIONED}.json"
 
     def _path(self, asset_path: list[str], partition: str | None) -> Path:
-        return Path(self.root) / "refs" / "/".join(asset_path) / f"{partition or UNPARTITIONED}.json"
+        return Path(self.root) / self._relative(asset_path, partition)
+
+    def _remote(self) -> RemoteStore | None:
+        return RemoteStore(self.remote) if self.remote else None
 
     def handle_output(self, context: OutputContext, obj: dict) -> None:
         if not isinstance(obj, dict):
@@ -44,9 +54,21 @@ class ArtifactRefIOManager(ConfigurableIOManager):
         path = self._path(context.asset_key.path, partition)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, obj)
+        if (remote := self._remote()) is not None:
+            remote.write_text(self._relative(context.asset_key.path, partition), path.read_text(encoding="utf-8"))
+
+    def _exists(self, asset_path: list[str], partition: str | None) -> bool:
+        remote = self._remote()
+        return remote.has_file(self._relative(asset_path, partition)) if remote else self._path(asset_path, partition).is_file()
 
     def _read(self, asset_path: list[str], partition: str | None, asset_name: str) -> dict:
-        return read_ref(self.root, "/".join(asset_path), partition)
+        remote = self._remote()
+        if remote is None:
+            return read_ref(self.root, "/".join(asset_path), partition)
+        relative = self._relative(asset_path, partition)
+        if not remote.has_file(relative):
+            raise FileNotFoundError(f"{asset_name}{f'[{partition}]' if partition else ''} has not been materialized yet (no reference at {remote.url}/{relative})")
+        return json.loads(remote.read_text(relative))
 
     def load_input(self, context: InputContext):
         asset_path = context.asset_key.path
@@ -57,7 +79,7 @@ class ArtifactRefIOManager(ConfigurableIOManager):
         metadata = context.definition_metadata or {}
         if metadata.get("all_partitions"):
             if metadata.get("materialized_only"):
-                keys = [key for key in keys if self._path(asset_path, key).is_file()]
+                keys = [key for key in keys if self._exists(asset_path, key)]
             return {key: self._read(asset_path, key, name) for key in sorted(keys)}
         if len(keys) != 1:
             raise ValueError(f"input {name} maps {len(keys)} partitions; declare it with ALL_PARTITIONS metadata")

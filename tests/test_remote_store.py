@@ -1,0 +1,82 @@
+"""The store shared through an fsspec URL: what one machine writes, another reuses.
+
+``memory://`` and ``file://`` stand in for s3:// or gs:// (same fsspec calls)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from icons_dagster.core.store import COMPLETE_MARKER, ArtifactStore, RemoteStore, save_npy
+from icons_dagster.resources.refs import read_ref
+from icons_dagster.runner import run_graph
+from graph_helpers import demo_config, sha, temp_instance
+
+
+def _write(store: ArtifactStore, directory, payload: bytes) -> None:
+    import numpy as np
+
+    with store.writing(directory, {"ref": {"n": 3}}) as tmp:
+        (tmp / "part").mkdir()
+        (tmp / "part" / "data.bin").write_bytes(payload)
+        save_npy(tmp / "features.npy", np.arange(6, dtype=np.float16).reshape(2, 3))
+
+
+@pytest.fixture
+def remote_url():
+    return f"memory://icons-test-{uuid.uuid4().hex[:8]}"
+
+
+def test_an_artifact_written_on_one_machine_is_pulled_on_another(tmp_path, remote_url):
+    first = ArtifactStore(tmp_path / "a", remote_url)
+    directory = first.artifact_dir("training_gradients", "f00d", "shard-0000")
+    _write(first, directory, b"abc")
+    remote = RemoteStore(remote_url)
+    assert remote.has_file(f"artifacts/training_gradients/f00d/shard-0000/{COMPLETE_MARKER}")
+    second = ArtifactStore(tmp_path / "b", remote_url)
+    there = second.artifact_dir("training_gradients", "f00d", "shard-0000")
+    assert not there.exists()
+    assert second.is_complete(there)  # pulled
+    assert (there / "part" / "data.bin").read_bytes() == b"abc"
+    assert sha(there / "features.npy") == sha(directory / "features.npy")
+    assert second.read_manifest(there)["ref"] == {"n": 3}
+    # absolute() of a reference pulls too
+    third = ArtifactStore(tmp_path / "c", remote_url)
+    assert (third.absolute("artifacts/training_gradients/f00d/shard-0000") / "part" / "data.bin").read_bytes() == b"abc"
+    assert not list((tmp_path / "b").rglob(".tmp-*"))
+
+
+def test_a_half_uploaded_folder_is_never_trusted(tmp_path, remote_url):
+    remote = RemoteStore(remote_url)
+    remote.write_text("artifacts/s/beef/features.npy", "partial")  # files, but no manifest
+    store = ArtifactStore(tmp_path / "b", remote_url)
+    directory = store.artifact_dir("s", "beef")
+    assert not store.is_complete(directory)
+    assert not directory.exists()
+
+
+def test_a_local_only_artifact_is_uploaded_when_next_asked_for(tmp_path, remote_url):
+    local = ArtifactStore(tmp_path / "a")  # e.g. committed here, then the run died before uploading
+    directory = local.artifact_dir("s", "cafe")
+    _write(local, directory, b"xyz")
+    shared = ArtifactStore(tmp_path / "a", remote_url)
+    assert shared.is_complete(directory)
+    assert RemoteStore(remote_url).has_file(f"artifacts/s/cafe/{COMPLETE_MARKER}")
+    elsewhere = ArtifactStore(tmp_path / "b", remote_url)
+    assert (elsewhere.absolute("artifacts/s/cafe") / "part" / "data.bin").read_bytes() == b"xyz"
+
+
+def test_a_second_machine_reuses_the_whole_graph_from_a_file_url(demo_paths, tiny_model_dir, tmp_path):
+    shared = (tmp_path / "shared").as_uri()  # file:///...
+    config = demo_config(demo_paths, demo_paths.benchmarks)
+    config["store"] = {"remote": shared}
+    config["model"]["name_or_path"] = str(tiny_model_dir)  # one checkpoint both machines name alike
+    first_home, second_home = tmp_path / "one", tmp_path / "two"
+    run_graph(first_home, config, instance=temp_instance(first_home))
+    second = run_graph(second_home, config, instance=temp_instance(second_home))
+    # the second machine computed nothing: every artifact came from the shared store
+    for asset in ("training_pool", "warmup_checkpoint", "vote_table", "selected_subset"):
+        assert read_ref(second_home, asset)["reused"], asset
+    assert read_ref(second_home, "training_gradients", "shard-0000")["reused"]
+    assert sha(second["subset_json"]) == sha(first_home / "exports" / "selected_subset.json")
