@@ -23,12 +23,10 @@ and its processor expands ``<image>`` into row/column tiles and a global image.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from icons_dagster.demo.tiny_model import build_checkpoint_folder, save_seeded_model, train_byte_level_bpe
+from icons_dagster.demo.tiny_model import build_checkpoint_folder, save_seeded_model, spec_hash, train_byte_level_bpe
 
 __all__ = ["ARCHITECTURES", "TinyArchSpec", "build_tiny_architecture"]
 
@@ -205,9 +203,6 @@ def build_tiny_architecture(architecture: str, out_dir: str | Path, corpus: Iter
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}")
     texts = [str(t) for t in corpus]
-    digest = hashlib.sha256(json.dumps({"v": BUILD_VERSION, "arch": architecture, "spec": dataclasses.asdict(spec)}, sort_keys=True).encode())
-    for text in texts:
-        digest.update(text.encode("utf-8") + b"\0")
-    key = digest.hexdigest()
+    key = spec_hash(spec, texts, architecture=architecture, architecture_build_version=BUILD_VERSION)
     manifest = {"build_version": BUILD_VERSION, "architecture": architecture, "spec": dataclasses.asdict(spec), "num_texts": len(texts)}
     return build_checkpoint_folder(Path(out_dir), key, manifest, lambda tmp: ARCHITECTURES[architecture](tmp, texts, spec))

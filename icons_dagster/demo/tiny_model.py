@@ -126,10 +126,11 @@ class TinyModelSpec:
             raise ValueError("vision_layers must be >= 2 (features come from the penultimate layer)")
 
 
-def spec_hash(spec: TinyModelSpec, corpus: Iterable[str]) -> str:
-    """Hash of build recipe + spec + corpus: the cache key stored in ``tiny_model.json``."""
+def spec_hash(spec, corpus: Iterable[str], **recipe) -> str:
+    """Hash of build recipe + spec (a dataclass) + corpus: the cache key stored in ``tiny_model.json``.
+    ``recipe``: what else a builder's output depends on (demo/tiny_architectures.py)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"build_version": BUILD_VERSION, "spec": dataclasses.asdict(spec)}, sort_keys=True).encode())
+    h.update(json.dumps({"build_version": BUILD_VERSION, "spec": dataclasses.asdict(spec), **recipe}, sort_keys=True).encode())
     for text in corpus:
         data = text.encode("utf-8")
         h.update(len(data).to_bytes(8, "little"))
