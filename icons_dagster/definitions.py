@@ -17,11 +17,11 @@ from icons_dagster.assets.evaluation import EVALUATION_ASSETS
 from icons_dagster.assets.ofa import OFA_ASSETS
 from icons_dagster.automation import DEFAULT_VOTE_CRON, benchmark_folder_sensor, icons_automation_sensor, vote_job, vote_schedule
 from icons_dagster.registration import explain_sample_job, register_benchmarks_job
-from icons_dagster.scaleout import training_gradients_job
+from icons_dagster.scaleout import shard_job_from_config
 from icons_dagster.core.fingerprint import ALGORITHM_VERSION, fingerprint
 from icons_dagster.partitions import train_shard_partitions
 from icons_dagster.resources import DataResource, EvaluationResource, ModelResource, OFAResource, SettingsResource, StoreResource
-from icons_dagster.resources.home import STORE_URL_ENV, read_home_config, resolve_home
+from icons_dagster.resources.home import CONFIG_FILE, STORE_URL_ENV, read_home_config, resolve_home
 from icons_dagster.resources.refs import ArtifactRefIOManager
 
 
@@ -93,7 +93,7 @@ def build_definitions(home: str | Path | None = None, config: dict[str, Any] | N
             register_benchmarks_job,
             explain_sample_job,
             vote_job,
-            training_gradients_job(settings.get("scaleout", {}).get("shard_run_tags")),
+            shard_job_from_config(settings.get("scaleout", {}), str(home_path / CONFIG_FILE)),
         ],
         sensors=[benchmark_folder_sensor, icons_automation_sensor],
         schedules=[vote_schedule(settings.get("automation", {}).get("vote_cron", DEFAULT_VOTE_CRON))],

@@ -44,13 +44,15 @@ def _env(home: Path) -> dict[str, str]:
     }
 
 
-def _home(root: Path, demo_paths, model_dir: Path, dagster_yaml: str) -> Path:
+def _home(root: Path, demo_paths, model_dir: Path, dagster_yaml: str, scaleout: dict | None = None) -> Path:
     """A home on the test demo; every home names the same model folder, so fingerprints agree."""
     home = root
     (home / "dagster").mkdir(parents=True)
     (home / "dagster" / "dagster.yaml").write_text(dagster_yaml)
     config = demo_config(demo_paths, demo_paths.benchmarks)
     config["model"]["name_or_path"] = str(model_dir)
+    if scaleout:
+        config["scaleout"] = scaleout
     write_home_config(home, config)
     return home
 
@@ -145,6 +147,76 @@ def test_backfill_two_runs_at_a_time_is_byte_identical_to_one_process(demo_paths
     assert different == []
 
 
+def _celery_config(root: Path, queue: str) -> dict:
+    """dagster-celery's executor config over Kombu's filesystem broker and Celery's file result
+    backend: a real broker that needs no server, shared by processes through a folder."""
+    broker = root / "broker"
+    for folder in ("messages", "processed"):
+        (broker / folder).mkdir(parents=True)
+    (root / "results").mkdir()
+    return {
+        "broker": "filesystem://",
+        "backend": f"file://{root / 'results'}",
+        "config_source": {
+            "broker_transport_options": {"data_folder_in": str(broker / "messages"), "data_folder_out": str(broker / "messages"), "processed_folder": str(broker / "processed")},
+            "task_default_queue": queue,
+        },
+    }
+
+
+def test_a_shard_run_on_the_celery_executor_runs_in_a_worker_on_its_queue(demo_paths, tiny_model_dir, tmp_path, reference_home):
+    import yaml
+
+    queue, shard = "icons-gpu", SHARDS[2]
+    celery = _celery_config(tmp_path / "celery", queue)
+    home = _home(tmp_path / "home", demo_paths, tiny_model_dir, "telemetry:\n  enabled: false\n", {"shard_executor": {"celery": celery}})
+    done = _materialize(home, "training_pool,warmup_subset,warmup_checkpoint")
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the worker takes its broker from the same config block, as deploy/celery/worker.yaml does
+    worker_yaml = tmp_path / "worker.yaml"
+    worker_yaml.write_text(yaml.safe_dump({"execution": {"config": celery}}))
+    env = {**_env(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    worker_log = tmp_path / "worker.log"
+    with worker_log.open("w") as log:
+        worker = subprocess.Popen(
+            [str(Path(sys.executable).with_name("dagster-celery")), "worker", "start", "-A", "dagster_celery.app", "-y", str(worker_yaml), "-q", queue, "--", "--concurrency=1"],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            run = subprocess.run(
+                [sys.executable, "-m", "dagster", "job", "execute", "-m", "icons_dagster.definitions", "-j", "training_gradients_job", "--tags", f'{{"dagster/partition": "{shard}"}}'],
+                env=env, cwd=REPO, capture_output=True, text=True, timeout=400,
+            )
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-3000:] + worker_log.read_text()[-3000:]
+    assert f'Submitting celery task for step "training_gradients" to queue "{queue}"' in output
+    assert "Executing steps training_gradients in celery worker" in worker_log.read_text()
+    # the worker wrote the shard byte for byte as the single process did
+    mine = _feature_files(home)
+    reference = {k: v for k, v in _feature_files(reference_home).items() if k.split("/")[1] == shard}
+    assert sorted(mine) == sorted(reference) and any(name.endswith(".npy") for name in mine)
+    assert [k for k in mine if mine[k] != reference[k] and not k.endswith(COMPLETE_MARKER)] == []
+
+
+def test_the_shard_executor_config_is_checked_when_the_definitions_load(tmp_path):
+    from icons_dagster.definitions import build_definitions
+    from icons_dagster.scaleout import SHARD_JOB
+
+    celery = build_definitions(tmp_path, {"scaleout": {"shard_executor": {"celery": {"broker": "redis://queue:6379/0"}}}})
+    assert celery.resolve_job_def(SHARD_JOB).executor_def.name == "icons_celery_executor"
+    assert celery.resolve_job_def("vote_job").executor_def.name == "in_process"  # only the shard runs move
+    assert build_definitions(tmp_path, {"scaleout": {"shard_executor": "in_process"}}).resolve_job_def(SHARD_JOB).executor_def.name == "in_process"
+    with pytest.raises(ValueError, match=r"(?s)icons.json: scaleout.shard_executor: .*unexpected config entry \"brokr\""):
+        build_definitions(tmp_path, {"scaleout": {"shard_executor": {"celery": {"brokr": "redis://queue"}}}})
+    with pytest.raises(ValueError, match=r"icons.json: scaleout.shard_executor must be one of \['in_process', 'celery'\]"):
+        build_definitions(tmp_path, {"scaleout": {"shard_executor": "k8s"}})
+    with pytest.raises(ValueError, match=r"icons.json: unknown scaleout settings \['shard_tags'\]"):
+        build_definitions(tmp_path, {"scaleout": {"shard_tags": {}}})
+
+
 # The shard run dies (SIGKILL, no clean-up) right after its first feature file is written
 # into the artifact's temporary folder: a crash in the middle of writing.
 _DIE_WHILE_WRITING = """
@@ -222,3 +294,55 @@ def test_deploy_configs_name_the_shard_runs_this_code_tags():
     k8s = jsonlib.loads(k8s) if isinstance(k8s, str) else k8s
     assert k8s["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert job.tags[SHARD_TAG] == "true"
+
+
+def test_the_k8s_shard_run_tags_pass_dagster_k8s_and_build_a_one_gpu_pod():
+    """The tags in deploy/kubernetes pass dagster-k8s's own schema, and the Job manifest it
+    builds from them (as the K8sRunLauncher does) asks for one GPU on a GPU node."""
+    import json as jsonlib
+
+    from dagster_k8s.job import DagsterK8sJobConfig, construct_dagster_k8s_job, get_user_defined_k8s_config
+
+    from icons_dagster.definitions import build_definitions
+    from icons_dagster.scaleout import SHARD_JOB
+
+    config = jsonlib.loads((REPO / "deploy" / "kubernetes" / "icons-config.json").read_text())
+    tags = build_definitions(REPO / ".no-home", config).resolve_job_def(SHARD_JOB).tags
+    tags = {k: v if isinstance(v, str) else jsonlib.dumps(v) for k, v in tags.items()}
+    user_config = get_user_defined_k8s_config(tags)
+    manifest = construct_dagster_k8s_job(
+        DagsterK8sJobConfig(job_image="icons-dagster:test", dagster_home="/opt/dagster/dagster_home"),
+        ["dagster", "api", "execute_run"], "dagster-run-shard", user_config,
+    ).to_dict()
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1", "memory": "80Gi"}
+    assert pod["node_selector"] == {"nvidia.com/gpu.present": "true"}
+    # a typo in the tag is refused by the same schema the launcher applies
+    from dagster import DagsterInvalidConfigError
+
+    with pytest.raises(DagsterInvalidConfigError):
+        get_user_defined_k8s_config({"dagster-k8s/config": jsonlib.dumps({"container_cfg": {}})})
+
+
+def test_the_celery_deploy_config_and_its_worker_config_agree(monkeypatch):
+    """deploy/celery: the shard job gets the Celery executor from icons-config.json, and the
+    worker config that dagster-celery's own CLI validates names the same broker, backend and queue."""
+    import json as jsonlib
+
+    import yaml
+    from dagster_celery.cli import get_validated_config
+
+    from icons_dagster.definitions import build_definitions
+    from icons_dagster.scaleout import SHARD_JOB, SHARD_TAG
+
+    monkeypatch.setenv("ICONS_CELERY_BROKER", "redis://queue:6379/0")
+    monkeypatch.setenv("ICONS_CELERY_BACKEND", "redis://queue:6379/1")
+    folder = REPO / "deploy" / "celery"
+    config = jsonlib.loads((folder / "icons-config.json").read_text())
+    assert build_definitions(REPO / ".no-home", config).resolve_job_def(SHARD_JOB).executor_def.name == "icons_celery_executor"
+    worker = get_validated_config(str(folder / "worker.yaml"))
+    assert worker["broker"] == "redis://queue:6379/0" and worker["backend"] == "redis://queue:6379/1"
+    assert yaml.safe_load((folder / "worker.yaml").read_text())["execution"]["config"] == config["scaleout"]["shard_executor"]["celery"]
+    instance = yaml.safe_load((folder / "dagster.yaml").read_text())
+    assert "postgres" in instance["storage"]
+    assert [limit["key"] for limit in instance["concurrency"]["runs"]["tag_concurrency_limits"]] == [SHARD_TAG]
