@@ -54,8 +54,6 @@ def _text_only(record: dict) -> dict:
 def arch(request, demo_paths, tmp_path_factory):
     """(name, ModelConfig, ModelCache, pool path, image root, benchmarks dir) for one architecture."""
     name = request.param
-    if name == "qwen2_5_vl":  # its processor needs a video processor, which needs torchvision
-        pytest.importorskip("torchvision", reason="Qwen2.5-VL's processor needs torchvision in transformers 5")
     root = tmp_path_factory.mktemp(name)
     folder = build_tiny_architecture(name, root / "checkpoint", demo_corpus("test"), SPEC)
     if ARCHS[name][2]:
@@ -177,3 +175,26 @@ def test_warmup_features_and_influence(arch, tmp_path):
         assert load_samples(directory)["id"].to_list() == frame.filter(pl.col("shard") == shard)["id"].to_list()
         np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
     assert np.std(frame["influence"].to_numpy()) > 0
+
+
+def test_qwen_processor_loads_without_its_video_part_and_expands_images_by_the_grid(arch, caplog):
+    """transformers 5 cannot load a Qwen-VL processor without a video processor (torchvision):
+    load_processor falls back to the same class without video, and the image placeholder still
+    expands to grid_t * grid_h * grid_w / merge^2 tokens, the model's own count."""
+    name, config, *_ = arch
+    if name != "qwen2_5_vl":
+        pytest.skip("Qwen2.5-VL only")
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from icons_dagster.core.model import load_processor
+
+    with pytest.raises(OSError, match="video processor"):
+        AutoProcessor.from_pretrained(config.name_or_path)
+    with caplog.at_level("WARNING"):
+        processor = load_processor(config)
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor" and "without its video processor" in caplog.text
+    out = processor(text=["look <|vision_start|><|image_pad|><|vision_end|> here"], images=[Image.new("RGB", (40, 24))], return_tensors="pt")
+    expected = int(out["image_grid_thw"][0].prod()) // processor.image_processor.merge_size**2
+    assert expected >= 1 and int((out["input_ids"] == processor.image_token_id).sum()) == expected
+    assert out["pixel_values"].shape[0] == int(out["image_grid_thw"][0].prod())

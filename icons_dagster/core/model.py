@@ -96,11 +96,52 @@ def gradient_mode(model, placement: Placement) -> Iterator[None]:
 
 
 def load_processor(config: ModelConfig):
+    """The checkpoint's processor; for a processor that cannot load its video part (see
+    ``processor_without_video``), the same processor class without it."""
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(
-        config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code
-    )
+    kwargs = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
+    try:
+        return AutoProcessor.from_pretrained(config.name_or_path, **kwargs)
+    except (OSError, ImportError, ValueError, AttributeError) as error:
+        processor = _load_processor_without_video(config.name_or_path, kwargs)
+        if processor is None:
+            raise
+        log.warning("%s: loaded %s without its video processor (%s); ICONS feeds images only", config.name_or_path, type(processor).__name__, error)
+        return processor
+
+
+def processor_without_video(processor_class: type) -> type:
+    """``processor_class`` minus its video processor, under the same name.
+
+    Why: transformers 5's Qwen-VL processors refuse to build without a video processor,
+    and video processors need torchvision, which a CPU machine (this project's CI) or a
+    checkpoint without a video config may lack. ICONS records hold images only, so the
+    image path (the class's own token expansion, M-RoPE inputs) is all it needs.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_class.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
+
+    return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "__doc__": processor_without_video.__doc__})
+
+
+def _load_processor_without_video(name_or_path: str, kwargs: dict):
+    """Image processor + tokenizer (and its chat template) in the checkpoint's processor
+    class without video; None when that class has no video processor to leave out."""
+    import inspect
+
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    model_type = AutoConfig.from_pretrained(name_or_path, **kwargs).model_type
+    processor_class = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(model_type) or "", None)
+    if processor_class is None or "video_processor" not in inspect.signature(processor_class.__init__).parameters:
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    image_processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
+    return processor_without_video(processor_class)(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
 
 
 def _auto_model_class(config: ModelConfig):

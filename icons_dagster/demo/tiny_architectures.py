@@ -11,8 +11,9 @@ meaningless; the tensor plumbing (image token expansion, M-RoPE position ids, im
 splitting, pixel masks) is the library's own.
 
 Qwen2.5-VL: transformers 5's Qwen-VL processors insist on a video processor, which needs
-torchvision; without it (this CPU machine) the Qwen build raises ImportError and its tests
-skip. The model part of the build was checked here with the PIL image processor.
+torchvision; the build saves the processor without one (``core.model.processor_without_video``,
+PIL image processor), and ``load_processor`` loads it back that way, as it loads any such
+checkpoint on a machine without torchvision.
 
 Formats: Qwen2.5-VL and the text LM use ChatML (``<|im_start|>role\\n...<|im_end|>\\n``),
 Qwen2.5-VL's image part renders ``<|vision_start|><|image_pad|><|vision_end|>``;
@@ -113,6 +114,8 @@ def _build_qwen2_5_vl(out: Path, texts: list[str], spec: TinyArchSpec) -> None:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    from icons_dagster.core.model import processor_without_video
+
     tokenizer = _fast_tokenizer(texts, _CHATML_SPECIALS + _QWEN_VISION_SPECIALS, spec, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = _chatml("<|vision_start|><|image_pad|><|vision_end|>")
     patch, merge = 8, 2
@@ -120,7 +123,7 @@ def _build_qwen2_5_vl(out: Path, texts: list[str], spec: TinyArchSpec) -> None:
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=patch, merge_size=merge, temporal_patch_size=2, size={"shortest_edge": pixels, "longest_edge": pixels}
     )
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    processor = processor_without_video(Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in _QWEN_VISION_SPECIALS}
     text = _text_config(spec, tokenizer, "qwen2_5_vl_text")
     head_dim = spec.hidden // spec.heads
