@@ -26,7 +26,9 @@ SHARD_EXECUTORS = ("in_process", "celery")
 
 
 def shard_executor(spec: str | dict[str, Any] | None, source: str = "icons.json") -> ExecutorDefinition | None:
-    """The shard job's executor from ``scaleout.shard_executor``; None keeps the definitions' own."""
+    """The shard job's executor from ``scaleout.shard_executor``, its config already checked
+    (a bad one fails here, naming the file, not when the first shard run starts); None keeps
+    the definitions' own."""
     if spec in (None, "in_process"):
         return None
     if spec == "celery":
@@ -37,19 +39,17 @@ def shard_executor(spec: str | dict[str, Any] | None, source: str = "icons.json"
         from dagster_celery import celery_executor
     except ImportError as error:
         raise ValueError(f"{source}: scaleout.shard_executor is celery but dagster-celery is not installed (pip install 'icons-dagster[celery]')") from error
-    return celery_executor.configured(spec["celery"], name="icons_celery_executor")
+    executor = celery_executor.configured(spec["celery"], name="icons_celery_executor")
+    _check_executor_config(executor, source)
+    return executor
 
 
 def shard_job_from_config(scaleout: dict[str, Any], source: str = "icons.json"):
-    """The shard job as ``icons.json``'s ``scaleout`` section describes it; a bad executor
-    config fails here, naming the file, not when the first shard run starts."""
+    """The shard job as ``icons.json``'s ``scaleout`` section describes it."""
     unknown = sorted(set(scaleout) - {"shard_run_tags", "shard_executor"})
     if unknown:
         raise ValueError(f"{source}: unknown scaleout settings {unknown}")
-    executor = shard_executor(scaleout.get("shard_executor"), source)
-    if executor is not None:
-        _check_executor_config(executor, source)
-    return training_gradients_job(scaleout.get("shard_run_tags"), executor)
+    return training_gradients_job(scaleout.get("shard_run_tags"), shard_executor(scaleout.get("shard_executor"), source))
 
 
 @op
