@@ -1,11 +1,19 @@
 """Gradient featurization throughput: ours vs a LESS-style loop, and vs a plain training step.
 
 Baselines in the same run, same model, same records, same thread count:
-- LESS-style: batch 1, backward, flatten ``.grad``, dense Rademacher projection;
+- LESS-style: batch 1, backward, flatten ``.grad``, dense Rademacher projection as TRAK's
+  BasicProjector does it on a CPU: ±1 entries from torch's generator, the whole D x d'
+  matrix kept in memory when it fits in ``--dense-budget-gib``, else generated again for
+  every sample block by block (the only option at LLaVA scale, where it would be TBs).
+  At large D the loop is timed on the first ``--loop-records`` records (a per-sample rate);
 - ours: batched per-sample gradients from LoRA hooks, CountSketch fused per module;
+- a batch-1 loop with our CountSketch (separates batching from the cheaper projection);
 - a plain training step (forward + backward of the batch loss) on the same batches.
+Ours and the training step run in alternating rounds; the cost ratio is the median of the
+per-round ratios, so a noisy neighbour slows both sides of a round alike.
 
-Usage: python bench/featurization.py [--records 64] [--batch 16] [--dim 1024] [--threads 2]
+Usage: python bench/featurization.py [--records 64] [--batch 16] [--dim 1024] [--lora-r 8]
+       [--threads 2] [--rounds 7] [--loop-records N]
        [--text-hidden 512 --text-layers 4]   # a mid-size language model instead of the demo's
 """
 
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,13 +43,46 @@ from icons_dagster.demo.data import demo_corpus, generate_demo  # noqa: E402
 from icons_dagster.demo.tiny_model import TinyModelSpec, build_tiny_llava  # noqa: E402
 
 
-def timed(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def seconds(fn, device: torch.device) -> float:
+    """Wall time of fn(), waiting for the GPU's queued work on CUDA."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+class BasicDenseProjector:
+    """TRAK BasicProjector-like Rademacher projection (the LESS baseline, not our projector).
+
+    Rows of 4,096 input coordinates are drawn from a torch generator seeded by the row
+    block; the whole matrix is kept when D x d' float32 fit in ``budget_bytes``.
+    """
+
+    rows_per_block = 4096
+
+    def __init__(self, dimension: int, dim: int, seed: int, budget_bytes: int, device: torch.device):
+        self.dimension, self.dim, self.seed, self.device = dimension, dim, seed, device
+        self.keeps_matrix = dimension * dim * 4 <= budget_bytes
+        self._blocks = [self._block(b) for b in range(self._count())] if self.keeps_matrix else None
+
+    def _count(self) -> int:
+        return -(-self.dimension // self.rows_per_block)
+
+    def _block(self, b: int) -> torch.Tensor:
+        rows = min(self.rows_per_block, self.dimension - b * self.rows_per_block)
+        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + b)
+        signs = torch.randint(0, 2, (rows, self.dim), generator=generator, dtype=torch.float32, device=self.device)
+        return signs.mul_(2.0).sub_(1.0).div_(self.dim**0.5)
+
+    def project(self, flat: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((flat.shape[0], self.dim), device=self.device)
+        for b in range(self._count()):
+            block = self._blocks[b] if self._blocks is not None else self._block(b)
+            start = b * self.rows_per_block
+            out.addmm_(flat[:, start : start + block.shape[0]], block)
+        return out
 
 
 def main() -> None:
@@ -52,7 +94,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--text-hidden", type=int, help="language-model width (default: the demo model's 64)")
     parser.add_argument("--text-layers", type=int, default=2)
-    parser.add_argument("--skip-loop", action="store_true", help="skip the LESS-style loop (slow at large D)")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds of ours and the training step")
+    parser.add_argument("--loop-records", type=int, help="time the batch-1 loops on this many records (default: all)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA + bf16 autocast when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dense-budget-gib", type=float, default=2.0, help="keep the dense matrix when it fits in this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -63,7 +108,7 @@ def main() -> None:
         model_dir = build_tiny_llava(work / "model", demo_corpus("default"), spec)
     else:
         model_dir = ensure_demo_model(work)
-    config = ModelConfig(str(model_dir), max_length=512)
+    config = ModelConfig(str(model_dir), max_length=512, device=args.device)
     placement = resolve_placement(config)
     encoder = ConversationEncoder(load_processor(config), 512)
     model = attach_new_lora(load_base_model(config, placement), LoraSettings(r=args.lora_r, alpha=2 * args.lora_r), seed=0)
@@ -77,7 +122,10 @@ def main() -> None:
     pad = encoder.tokenizer.pad_token_id
     batches = [collate(samples[i : i + args.batch], pad) for i in range(0, len(samples), args.batch)]
     sketch = make_projector("countsketch", args.dim, seed=0)
-    dense = make_projector("rademacher", args.dim, seed=0)
+    with PerSampleGradients(model) as hooks:
+        dimension = hooks.dimension
+    dense = BasicDenseProjector(dimension, args.dim, seed=0, budget_bytes=int(args.dense_budget_gib * 2**30), device=placement.device)
+    loop_samples = samples[: args.loop_records or len(samples)]
 
     def ours() -> None:
         with PerSampleGradients(model) as hooks:
@@ -85,40 +133,41 @@ def main() -> None:
                 projected_features(hooks, batch, sketch, placement.device, placement.dtype)
 
     def less_loop() -> None:
-        for sample in samples:
-            flat = loop_gradients(model, [sample], pad, placement.device, placement.dtype)
-            out = torch.zeros((1, args.dim))
-            dense.project_block(flat, 0, out)
+        for sample in loop_samples:
+            dense.project(loop_gradients(model, [sample], pad, placement.device, placement.dtype))
 
     def loop_sketch() -> None:
         """Batch 1 like LESS, but with our CountSketch: isolates the batching gain."""
-        for sample in samples:
+        for sample in loop_samples:
             flat = loop_gradients(model, [sample], pad, placement.device, placement.dtype)
-            out = torch.zeros((1, args.dim))
-            sketch.project_block(flat, 0, out)
+            sketch.project_block(flat, 0, torch.zeros((1, args.dim), device=placement.device))
 
     def train_step() -> None:
         for batch in batches:
             model.zero_grad(set_to_none=True)
-            logits = model(**batch.model_inputs(placement.device, placement.dtype)).logits
-            per_sample_loss(logits, batch.labels).mean().backward()
+            with placement.forward_context():
+                loss = per_sample_loss(model(**batch.model_inputs(placement.device, placement.dtype)).logits, batch.labels).mean()
+            loss.backward()
 
-    ours()  # warm the projector caches and the allocator, as a long run would be
-    t_ours, t_step = timed(ours), timed(train_step)
-    loop_sketch()
-    t_loop_sketch = timed(loop_sketch)
-    t_less = float("nan") if args.skip_loop else timed(less_loop, repeats=1)
-    with PerSampleGradients(model) as hooks:
-        dimension = hooks.dimension
-    n = len(samples)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}, device {placement.device}")
+    ours(), train_step(), loop_sketch()  # warm the projector caches and the allocator, as a long run would be
+    rounds = [(seconds(ours, placement.device), seconds(train_step, placement.device)) for _ in range(args.rounds)]
+    t_ours = statistics.median(o for o, _ in rounds)
+    t_step = statistics.median(s for _, s in rounds)
+    ratios = sorted(o / s for o, s in rounds)
+    t_loop_sketch = seconds(loop_sketch, placement.device)
+    t_less = seconds(less_loop, placement.device)
+    n, m = len(samples), len(loop_samples)
+    per_ours, per_less, per_sketch = t_ours / n, t_less / m, t_loop_sketch / m
+    kept = "kept in memory" if dense.keeps_matrix else "generated per sample"
+    gpu = f" ({torch.cuda.get_device_name(placement.device)}, {placement.dtype}, autocast {placement.autocast})" if placement.device.type == "cuda" else ""
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {args.threads}, device {placement.device}{gpu}")
     print(f"model: tiny LLaVA (text hidden {args.text_hidden or 64}, {args.text_layers} layers), LoRA r={args.lora_r}, gradient dim {dimension:,} -> {args.dim}; {n} records, batch {args.batch}")
-    print(f"LESS-style loop (batch 1, dense projection): {t_less:.3f} s ({n / t_less:.1f} samples/s)")
-    print(f"ours (batched hooks + CountSketch):          {t_ours:.3f} s ({n / t_ours:.1f} samples/s)")
-    print(f"batch-1 loop with CountSketch:               {t_loop_sketch:.3f} s ({n / t_loop_sketch:.1f} samples/s)")
-    print(f"plain training step on the same batches:    {t_step:.3f} s")
-    print(f"speed-up vs LESS-style loop: {t_less / t_ours:.1f}x (batching alone: {t_loop_sketch / t_ours:.1f}x); cost vs a training step: {t_ours / t_step:.2f}x")
-
+    print(f"LESS-style loop (batch 1, dense matrix {kept}), {m} records: {1 / per_less:.2f} samples/s")
+    print(f"batch-1 loop with CountSketch, {m} records:                 {1 / per_sketch:.1f} samples/s")
+    print(f"ours (batched hooks + CountSketch), median of {args.rounds} rounds:      {1 / per_ours:.1f} samples/s")
+    print(f"plain training step on the same batches, median:         {n / t_step:.1f} samples/s")
+    print(f"speed-up vs LESS-style loop: {per_less / per_ours:.1f}x (batching alone: {per_sketch / per_ours:.1f}x)")
+    print(f"cost vs a training step: {statistics.median(ratios):.2f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})")
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The featurization benchmark on CUDA, for the sessions lent a GPU (issue 4): the tiny demo
+# model at r=8 and r=32, and the mid-size language model at r=32 -> 5,120, each printed
+# with the GPU's name. Needs a CUDA build of torch (the pinned CPU wheel has none); run it
+# from the repository root: bash bench/gpu_featurization.sh [output folder]
+set -euo pipefail
+out="${1:-${OUT:-bench-gpu}}"
+mkdir -p "$out"
+py="${PYTHON:-.venv/bin/python}"
+"$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device visible to torch")'
+run() {
+    local name="$1"; shift
+    echo "== $name: $*" | tee -a "$out/featurization-cuda.txt"
+    "$py" bench/featurization.py --device cuda "$@" 2>"$out/$name.stderr" | tee -a "$out/featurization-cuda.txt"
+}
+run tiny-r8 --records 256 --batch 16 --dim 1024 --lora-r 8
+run tiny-r32 --records 256 --batch 16 --dim 4096 --lora-r 32
+run mid-r32 --records 64 --batch 16 --dim 5120 --lora-r 32 --text-hidden 512 --text-layers 4 --loop-records 8
