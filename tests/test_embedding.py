@@ -16,10 +16,10 @@ from icons_dagster.core.embedding import (
     EmbedderConfig,
     embed_records,
     embedding_text,
-    folder_identity,
     load_embedder,
     pixel_projection,
 )
+from icons_dagster.core.fingerprint import folder_identity
 from icons_dagster.core.records import Record, Turn, load_image
 from icons_dagster.core.samples import SkipLog
 from icons_dagster.demo.tiny_clip import TinyClipSpec, build_tiny_clip

@@ -142,3 +142,20 @@ def test_feature_check_fails_on_a_row_that_is_not_unit_norm(tmp_path):
     rows[1, 0] = np.nan
     save_npy(folder / "features-checkpoint-0.npy", rows)
     assert check_features(store, ref, 1)[1]["finite"] is False
+
+
+def test_the_model_fingerprint_follows_the_checkpoint_content_not_its_path(tiny_model_dir, tmp_path):
+    import shutil
+
+    from icons_dagster.core.pipeline import model_fingerprint_fields
+
+    copy = tmp_path / "elsewhere" / "tiny"
+    shutil.copytree(tiny_model_dir, copy)
+    here, there = ModelConfig(str(tiny_model_dir)), ModelConfig(str(copy))
+    assert model_fingerprint_fields(here) == model_fingerprint_fields(there)  # another mount, same weights
+    config = json.loads((copy / "config.json").read_text())
+    config["_edited"] = True
+    (copy / "config.json").write_text(json.dumps(config))
+    assert model_fingerprint_fields(there) != model_fingerprint_fields(here)  # replaced in place: recompute
+    hub = model_fingerprint_fields(ModelConfig("org/never-downloaded", revision="v1"))
+    assert hub["hub_id"] == "org/never-downloaded" and hub["revision"] == "v1" and hub["commit"] is None

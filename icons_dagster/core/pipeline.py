@@ -25,7 +25,7 @@ from icons_dagster.core import analysis, consensus, plots
 from icons_dagster.core.config import GradientConfig, LoraSettings, ModelConfig, SelectionConfig, WarmupConfig
 from icons_dagster.core.encoding import ConversationEncoder
 from icons_dagster.core.features import FeatureSet, compute_features, features_file, load_features, load_samples
-from icons_dagster.core.fingerprint import fingerprint
+from icons_dagster.core.fingerprint import checkpoint_identity, fingerprint
 from icons_dagster.core.influence import (
     full_influence_matrix,
     iter_npy_rows,
@@ -132,10 +132,11 @@ MODELS = ModelCache()
 
 
 def model_fingerprint_fields(config: ModelConfig) -> dict:
-    """What identifies the weights: name/path, revision and numerics, not the device."""
+    """What identifies the weights: a local folder by content (so every machine of a
+    scale-out agrees wherever it mounts the folder, and a checkpoint replaced in place is
+    recomputed), a hub id by id, revision and cached commit; then the numerics, not the device."""
     return {
-        "name_or_path": config.name_or_path,
-        "revision": config.revision,
+        **checkpoint_identity(config.name_or_path, config.revision),
         "dtype": config.dtype,
         "autocast": config.autocast,
         "max_length": config.max_length,
