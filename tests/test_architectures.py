@@ -198,3 +198,15 @@ def test_qwen_processor_loads_without_its_video_part_and_expands_images_by_the_g
     expected = int(out["image_grid_thw"][0].prod()) // processor.image_processor.merge_size**2
     assert expected >= 1 and int((out["input_ids"] == processor.image_token_id).sum()) == expected
     assert out["pixel_values"].shape[0] == int(out["image_grid_thw"][0].prod())
+
+
+@pytest.mark.parametrize("missing", ["/no/such/checkpoint", "./models/llava-missing", "data/models/llava"])
+def test_a_missing_checkpoint_folder_is_named_not_read_as_a_hub_id(missing, tmp_path, monkeypatch):
+    from icons_dagster.core.model import load_base_model, load_processor, resolve_placement
+
+    monkeypatch.chdir(tmp_path)
+    config = ModelConfig(missing)
+    with pytest.raises(FileNotFoundError, match=f"model '{missing}': no such checkpoint folder"):
+        load_processor(config)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        load_base_model(config, resolve_placement(config))

@@ -95,11 +95,23 @@ def gradient_mode(model, placement: Placement) -> Iterator[None]:
         model.train(was_training)
 
 
+def check_model_source(name_or_path: str) -> None:
+    """Refuse a folder path that does not exist before transformers reads it as a hub id
+    (its error then speaks of repo-id syntax). Hub ids are ``name`` or ``org/name``."""
+    looks_like_path = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if looks_like_path and not Path(name_or_path).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: no such checkpoint folder (model.name_or_path must be a local "
+            "folder with config.json and weights, or a hub id 'org/name')"
+        )
+
+
 def load_processor(config: ModelConfig):
     """The checkpoint's processor; for a processor that cannot load its video part (see
     ``processor_without_video``), the same processor class without it."""
     from transformers import AutoProcessor
 
+    check_model_source(config.name_or_path)
     kwargs = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
     try:
         return AutoProcessor.from_pretrained(config.name_or_path, **kwargs)
@@ -149,6 +161,7 @@ def _auto_model_class(config: ModelConfig):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+    check_model_source(config.name_or_path)
     hf_config = AutoConfig.from_pretrained(config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code)
     remote = getattr(hf_config, "auto_map", None) or {}
     if hf_config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or "AutoModelForImageTextToText" in remote:
