@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds of ours and the training step")
     parser.add_argument("--loop-records", type=int, help="time the batch-1 loops on this many records (default: all)")
     parser.add_argument("--device", default="auto", help="auto (CUDA + bf16 autocast when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="CUDA: deterministic kernels (the pipeline's default)")
     parser.add_argument("--dense-budget-gib", type=float, default=2.0, help="keep the dense matrix when it fits in this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,7 +109,7 @@ def main() -> None:
         model_dir = build_tiny_llava(work / "model", demo_corpus("default"), spec)
     else:
         model_dir = ensure_demo_model(work)
-    config = ModelConfig(str(model_dir), max_length=512, device=args.device)
+    config = ModelConfig(str(model_dir), max_length=512, device=args.device, deterministic=args.deterministic)
     placement = resolve_placement(config)
     encoder = ConversationEncoder(load_processor(config), 512)
     model = attach_new_lora(load_base_model(config, placement), LoraSettings(r=args.lora_r, alpha=2 * args.lora_r), seed=0)
@@ -159,7 +160,7 @@ def main() -> None:
     n, m = len(samples), len(loop_samples)
     per_ours, per_less, per_sketch = t_ours / n, t_less / m, t_loop_sketch / m
     kept = "kept in memory" if dense.keeps_matrix else "generated per sample"
-    gpu = f" ({torch.cuda.get_device_name(placement.device)}, {placement.dtype}, autocast {placement.autocast})" if placement.device.type == "cuda" else ""
+    gpu = f" ({torch.cuda.get_device_name(placement.device)}, {placement.dtype}, autocast {placement.autocast}, deterministic {args.deterministic})" if placement.device.type == "cuda" else ""
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {args.threads}, device {placement.device}{gpu}")
     print(f"model: tiny LLaVA (text hidden {args.text_hidden or 64}, {args.text_layers} layers), LoRA r={args.lora_r}, gradient dim {dimension:,} -> {args.dim}; {n} records, batch {args.batch}")
     print(f"LESS-style loop (batch 1, dense matrix {kept}), {m} records: {1 / per_less:.2f} samples/s")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The featurization benchmark on CUDA, for the sessions lent a GPU (issue 4): the tiny demo
-# model at r=8 and r=32, and the mid-size language model at r=32 -> 5,120, each printed
-# with the GPU's name. Needs a CUDA build of torch (the pinned CPU wheel has none); run it
+# model at r=8 and r=32, and the mid-size language model at r=32 -> 5,120 (with and
+# without deterministic kernels), each printed with the GPU's name. Needs a CUDA build of torch (the pinned CPU wheel has none); run it
 # from the repository root: bash bench/gpu_featurization.sh [output folder]
 set -euo pipefail
 out="${1:-${OUT:-bench-gpu}}"
@@ -15,4 +15,5 @@ run() {
 }
 run tiny-r8 --records 256 --batch 16 --dim 1024 --lora-r 8
 run tiny-r32 --records 256 --batch 16 --dim 4096 --lora-r 32
+run mid-r32-nondeterministic --records 64 --batch 16 --dim 5120 --lora-r 32 --text-hidden 512 --text-layers 4 --loop-records 2 --no-deterministic
 run mid-r32 --records 64 --batch 16 --dim 5120 --lora-r 32 --text-hidden 512 --text-layers 4 --loop-records 8

@@ -131,6 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         model["trust_remote_code"] = True
     if args.gradient_checkpointing is not None:
         model["gradient_checkpointing"] = args.gradient_checkpointing
+    if args.deterministic is not None:
+        model["deterministic"] = args.deterministic
     settings = config.setdefault("settings", {})
     for key in ("p", "aggregation", "tiebreak", "coverage", "warmup_ratio", "projection_dim", "projection_seed", "projector", "train_gradient", "gradient_batch_size", "epochs", "num_checkpoints", "learning_rate"):
         value = getattr(args, key)
@@ -261,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-length", type=int, help="tokens per sequence (default 2048, as LLaVA); longer ones are truncated and counted")
     run.add_argument("--autocast", choices=["auto", "off", "bfloat16", "float16"], help="mixed precision of forward passes (auto: bf16 on CUDA)")
     run.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in backward (less GPU memory)")
+    run.add_argument("--deterministic", action=argparse.BooleanOptionalAction, help="CUDA: deterministic kernels, byte-identical reruns (default on)")
     run.add_argument("--lora-r", type=int)
     run.add_argument("--lora-alpha", type=int)
     run.add_argument("--lora-dropout", type=float)

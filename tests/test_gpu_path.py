@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -111,9 +112,26 @@ def test_a_single_sample_that_does_not_fit_is_an_error_naming_it(tiny_model_dir,
         _features(model, encoder, placement, records, batch_size=4)
 
 
+@pytest.fixture
+def process_determinism(monkeypatch):
+    """Restore torch's deterministic-algorithms flag after a test that resolves a CUDA placement."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_bf16_features_agree_with_the_cpu(tiny_model_dir, records, reference):
+def test_cuda_features_are_byte_identical_on_a_rerun(tiny_model_dir, records, process_determinism):
+    first = _features(*_model(tiny_model_dir, device="cuda"), records)
+    second = _features(*_model(tiny_model_dir, device="cuda"), records)
+    assert first.features[0].tobytes() == second.features[0].tobytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_features_agree_with_the_cpu(tiny_model_dir, records, reference, process_determinism):
     model, encoder, placement = _model(tiny_model_dir, device="cuda", dtype="float32")
     assert placement.autocast is torch.bfloat16  # auto on CUDA
     features = _features(model, encoder, placement, records)
@@ -122,7 +140,18 @@ def test_cuda_bf16_features_agree_with_the_cpu(tiny_model_dir, records, referenc
     assert cosine.min() > 0.95
 
 
-def test_placement_defaults():
+def test_a_cuda_placement_turns_on_deterministic_kernels_unless_told_not_to(process_determinism):
+    torch.use_deterministic_algorithms(False)
+    resolve_placement(ModelConfig("x", device="cuda", deterministic=False))
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    resolve_placement(ModelConfig("x", device="cpu"))  # the CPU kernels are deterministic already
+    assert not torch.are_deterministic_algorithms_enabled()
+    resolve_placement(ModelConfig("x", device="cuda"))
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_placement_defaults(process_determinism):
     cpu = resolve_placement(ModelConfig("x", device="cpu"))
     assert (cpu.dtype, cpu.autocast, cpu.gradient_checkpointing) == (torch.float32, None, False)
     cuda = resolve_placement(ModelConfig("x", device="cuda"))

@@ -37,6 +37,10 @@ class ModelConfig:
     # Recompute activations in the backward pass (less memory, ~30% more time); the features
     # are the same. The model then runs in train mode with every dropout turned off.
     gradient_checkpointing: bool = False
+    # CUDA only: deterministic kernels (torch.use_deterministic_algorithms, a fixed cuBLAS
+    # workspace), so a rerun on the same GPU writes byte-identical features; off = faster
+    # atomics-based kernels (index_add_, attention backward) whose float sums vary per run.
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         _require(bool(self.name_or_path), "model name_or_path must not be empty")

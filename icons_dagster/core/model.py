@@ -15,6 +15,7 @@ the architecture names them.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -73,7 +74,24 @@ def resolve_placement(config: ModelConfig) -> Placement:
         autocast = torch.bfloat16 if device.type == "cuda" else None
     else:
         autocast = None if config.autocast == "off" else getattr(torch, config.autocast)
+    if device.type == "cuda" and config.deterministic:
+        use_deterministic_cuda()
     return Placement(device=device, dtype=dtype, autocast=autocast, gradient_checkpointing=config.gradient_checkpointing)
+
+
+def use_deterministic_cuda() -> None:
+    """Deterministic CUDA kernels for this process (standard: a rerun gives the same bytes).
+
+    CountSketch's ``index_add_`` and several backward kernels add floats with atomics on
+    CUDA, in an order that changes per run; torch has ordered versions of them when asked.
+    cuBLAS needs a fixed workspace for the same, set before its first call (run processes
+    load the model before any matmul). Kernels with no ordered version warn, naming
+    themselves, rather than stop a run.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if not torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 @contextmanager

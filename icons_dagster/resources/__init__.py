@@ -80,6 +80,7 @@ class ModelResource(ConfigurableResource):
     max_length: int = 2048
     autocast: str = "auto"  # bf16 autocast on CUDA; "off", "bfloat16", "float16"
     gradient_checkpointing: bool = False
+    deterministic: bool = True  # CUDA: deterministic kernels, byte-identical reruns
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05
@@ -110,6 +111,7 @@ class ModelResource(ConfigurableResource):
             max_length=self.max_length,
             autocast=self.autocast,
             gradient_checkpointing=self.gradient_checkpointing,
+            deterministic=self.deterministic,
         )
 
     def lora_settings(self) -> LoraSettings:
