@@ -142,3 +142,28 @@ def test_lora_adapts_only_language_model_linears(setup):
     assert not any(word in name for name in adapted for word in ("vision", "multi_modal_projector", "lm_head"))
     kinds = {name.rsplit(".", 1)[1] for name in adapted}
     assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_each_module_gradient_is_handed_over_once_inside_the_backward(setup, demo_records):
+    """Every LoRA module's per-sample gradient reaches the consumer exactly once, equal to the
+    stored-gradient path, while the backward is still running (the last layers first), and
+    nothing is left held afterwards."""
+    model, encoder, placement = setup
+    batch = collate(mixed_batch(encoder, demo_records), encoder.tokenizer.pad_token_id)
+    with PerSampleGradients(model) as hooks:
+        hooks.backward(batch, placement.device, placement.dtype)
+        stored = {slot.name: block for slot, block in hooks.blocks(len(batch.ids))}
+        seen: list[str] = []
+        without_grad: list[int] = []  # LoRA weights the backward has not reached yet, per call
+
+        def consume(slot, block):
+            torch.testing.assert_close(block, stored[slot.name], rtol=1e-5, atol=1e-7)
+            seen.append(slot.name)
+            without_grad.append(sum(p.grad is None for _, p in trainable_parameters(model)))
+
+        hooks.backward(batch, placement.device, placement.dtype, consume=consume)
+        assert sorted(seen) == sorted(stored) and len(seen) == len(set(seen))
+        layer = [int(name.split(".layers.")[1].split(".")[0]) for name in seen]
+        assert layer[0] == max(layer) and layer[-1] == min(layer)  # backward order
+        assert without_grad[0] > len(stored) // 2 and without_grad == sorted(without_grad, reverse=True)
+        assert not hooks._inputs and not hooks._output_grads
