@@ -79,6 +79,27 @@ def test_gradient_checkpointing_gives_the_same_features(tiny_model_dir, records,
     assert not model.training  # the caller's mode is restored
 
 
+def test_under_gradient_checkpointing_the_hooks_hold_one_replayed_layer_at_a_time(tiny_model_dir, records):
+    """The hooks keep no input from the forward of a checkpointed layer (that would hold every
+    layer's activations and undo the checkpointing): each layer's inputs come from its replay
+    in the backward, so while any module is projected, at most one layer's inputs are held."""
+    model, encoder, placement = _model(tiny_model_dir, autocast="off", gradient_checkpointing=True)
+    samples = list(encode_records(encoder, records[:6], SkipLog()))
+    batch = collate(samples, encoder.tokenizer.pad_token_id)
+    with PerSampleGradients(model, placement) as hooks:
+        per_layer = len(hooks.slots) // model.base_model.model.config.text_config.num_hidden_layers
+        held, layers = [], []
+
+        def consume(slot, block):
+            held.append(len(hooks._inputs))
+            layers.append(slot.name.split(".layers.")[1].split(".")[0])
+
+        hooks.backward(batch, placement.device, placement.dtype, consume=consume)
+        assert len(layers) == len(hooks.slots) and len(set(layers)) >= 2
+        assert max(held) < per_layer  # the other layers' inputs are not held
+        assert not hooks._inputs and not hooks._output_grads
+
+
 def _fail_above(model, rows: int):
     """Make the model's forward raise CUDA's out-of-memory error for batches above ``rows``."""
     forward = model.forward

@@ -13,6 +13,12 @@ memory holds one module's [B, numel] gradient at a time. Kept until the end of t
 backward, the output gradients of LLaVA-7B's 224 LoRA B matrices would take ~45 GB in
 bf16 at batch 8 x 2048 tokens (measured on the mid-size demo model: peak 10% lower).
 
+Under gradient checkpointing the hooks keep no input from the forward of a checkpointed
+layer (holding them would keep every layer's activations and undo the checkpointing); a
+module's input is taken when the backward replays its layer, and a gradient that arrives
+before that replay waits for it. The hooks then hold one layer's inputs at a time (4x
+less than keeping them from the forward, on the mid-size demo model).
+
 Training features are SGD gradients by default (the paper) or Adam-preconditioned (LESS):
 with the warm-up optimizer's moments m, v at the checkpoint,
 ``m' = b1 m + (1 - b1) g``, ``v' = b2 v + (1 - b2) g^2``, ``feature = m' / (sqrt(v') + eps)``:
@@ -30,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import set_checkpoint_early_stop
+from transformers.modeling_layers import GradientCheckpointingLayer as _CHECKPOINTED_LAYER
 
 from icons_dagster.core.encoding import Batch, per_sample_loss
 from icons_dagster.core.model import Placement, gradient_mode, trainable_parameters
@@ -67,9 +75,13 @@ class PerSampleGradients:
         slots: list[_Slot] = []
         offset = 0
         owner = {}
+        layers_around: dict[int, list] = {}  # module -> the checkpointable layers it sits in
         for _module_name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and id(module.weight) in by_param:
                 owner[id(module.weight)] = module
+            if isinstance(module, _CHECKPOINTED_LAYER):
+                for inner in module.modules():
+                    layers_around.setdefault(id(inner), []).append(module)
         for name, param in params:
             module = owner.get(id(param))
             if module is None or module.bias is not None and module.bias.requires_grad:
@@ -78,6 +90,9 @@ class PerSampleGradients:
             offset += param.numel()
         self.slots = slots
         self.dimension = offset
+        self._layers_around = {i: layers_around[id(slot.module)] for i, slot in enumerate(slots) if id(slot.module) in layers_around}
+        self._replayed: set[int] = set()  # this backward's modules whose input comes from the replay
+        self._forward_calls: dict[int, int] = {}
         self._inputs: dict[int, torch.Tensor] = {}
         self._output_grads: dict[int, torch.Tensor] = {}
         self._consume: Callable[[_Slot, torch.Tensor], None] | None = None
@@ -101,21 +116,41 @@ class PerSampleGradients:
         self._output_grads.clear()
         self._consumed.clear()
         self._consume = None
+        self._forward_calls.clear()
         self.model.zero_grad(set_to_none=True)
 
     def _forward_hook(self, index: int) -> Callable:
+        """Save the module's input and hook its output's gradient.
+
+        Under gradient checkpointing a module inside a replayed layer runs twice: in the
+        forward (its output is the one in the graph: hook it, but keep no input, or the
+        hooks would hold every layer's activations and undo the checkpointing) and again in
+        the backward's replay just before its gradient arrives (keep the input then).
+        """
+
         def hook(module, inputs, output):
-            self._inputs[index] = inputs[0].detach()
+            call = self._forward_calls.get(index, 0)
+            self._forward_calls[index] = call + 1
+            if call == 0:
+                if index not in self._replayed:
+                    self._inputs[index] = inputs[0].detach()
+                output.register_hook(save_grad)
+            elif call == 1 and index in self._replayed:
+                self._inputs[index] = inputs[0].detach()
+                ready(index)
 
-            def save_grad(grad: torch.Tensor) -> None:
-                if self._consume is None:
-                    self._output_grads[index] = grad.detach()
-                elif index not in self._consumed:  # once, though checkpointing reruns the forward hook
-                    self._consumed.add(index)
-                    slot = self.slots[index]
-                    self._consume(slot, _per_sample_gradient(self._inputs.pop(index), grad.detach(), slot.numel))
+        def save_grad(grad: torch.Tensor) -> None:
+            # A gradient may arrive before the replay of its layer (a module whose output
+            # is only added to the residual): it waits for the input then.
+            self._output_grads[index] = grad.detach()
+            if index in self._inputs:
+                ready(index)
 
-            output.register_hook(save_grad)
+        def ready(index: int) -> None:
+            if self._consume is not None and index in self._output_grads and index not in self._consumed:
+                self._consumed.add(index)
+                slot = self.slots[index]
+                self._consume(slot, _per_sample_gradient(self._inputs.pop(index), self._output_grads.pop(index), slot.numel))
 
         return hook
 
@@ -131,18 +166,22 @@ class PerSampleGradients:
         self.release()
         self._consume = consume
         placement = self.placement or Placement(device, dtype)
+        self._replayed = set()
+        if placement.gradient_checkpointing:  # the layers transformers' checkpointing replays
+            self._replayed = {i for i, layers in self._layers_around.items() if any(layer.gradient_checkpointing for layer in layers)}
         try:
             with gradient_mode(self.model, placement):
-                with placement.forward_context():
+                # a replay that stops early would skip the hooks of a layer's last modules
+                with placement.forward_context(), set_checkpoint_early_stop(False):
                     outputs = self.model(**batch.model_inputs(device, dtype))
                     losses = per_sample_loss(outputs.logits, batch.labels)
                 losses.sum().backward()
         finally:
             self._consume = None
         reached = self._output_grads if consume is None else self._consumed
-        missing = [self.slots[i].name for i in range(len(self.slots)) if i not in reached]
+        missing = [self.slots[i].name for i in range(len(self.slots)) if i not in reached or i not in self._inputs and consume is None]
         if missing:
-            raise RuntimeError(f"no gradient reached {len(missing)} LoRA modules, e.g. {missing[:3]}")
+            raise RuntimeError(f"no gradient (or, under gradient checkpointing, no replayed input) reached {len(missing)} LoRA modules, e.g. {missing[:3]}")
         if consume is not None:
             self._inputs.clear()
         return losses.detach()
