@@ -73,6 +73,39 @@ def load_features(directory: Path, checkpoint_index: int, mmap: bool = True) -> 
     return load_npy(directory / features_file(checkpoint_index), mmap=mmap)
 
 
+def _backed_off_size(batch_size: int, result: FeatureSet) -> int:
+    """The batch size after ``result.oom_backoffs`` halvings."""
+    return max(1, batch_size >> result.oom_backoffs)
+
+
+def _with_oom_backoff(chunk: list, batch_size: int, project: Callable, hooks: PerSampleGradients, result: FeatureSet):
+    """Yield (part, features, losses) over ``chunk`` in parts of the current batch size.
+
+    On CUDA out-of-memory the part is halved and retried (counted in ``result.oom_backoffs``,
+    so every later part keeps the smaller size); no sample is ever
+    dropped: one that does not fit alone stops the run with its id.
+    """
+    start = 0
+    while start < len(chunk):
+        size = _backed_off_size(batch_size, result)
+        part = chunk[start : start + size]
+        try:
+            projected, loss = project(part)
+        except torch.cuda.OutOfMemoryError:
+            hooks.release()
+            if size == 1:
+                raise RuntimeError(
+                    f"out of memory on a single sample, {part[0].id} ({part[0].input_ids.numel()} tokens): "
+                    "lower max_length, turn on gradient_checkpointing or use a larger device"
+                ) from None
+            result.oom_backoffs += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        yield part, projected, loss
+        start += len(part)
+
+
 def compute_features(
     records: Sequence[Record],
     encoder: ConversationEncoder,
@@ -93,35 +126,21 @@ def compute_features(
     result = FeatureSet(ids=[], features=[], norms=[], losses=[], n_answer_tokens=np.zeros(0, np.int32), n_tokens=np.zeros(0, np.int32), skips=skips)
     total = len(checkpoints) * len(records)
     pad_id = encoder.tokenizer.pad_token_id
-    size = batch_size
     for c, open_model in enumerate(checkpoints):
         moment = moments[c] if moments is not None else None
         ids, rows, losses, n_tokens, n_answer = [], [], [], [], []
         with open_model() as model, PerSampleGradients(model, placement) as hooks:
+
+            def project(part: list) -> tuple[torch.Tensor, torch.Tensor]:
+                return projected_features(hooks, collate(part, pad_id), projector, placement.device, placement.dtype, moment)
+
             for chunk in batched(encode_records(encoder, records, skips if c == 0 else SkipLog()), batch_size):
-                start = 0
-                while start < len(chunk):
-                    part = chunk[start : start + size]
-                    try:
-                        projected, loss = projected_features(hooks, collate(part, pad_id), projector, placement.device, placement.dtype, moment)
-                    except torch.cuda.OutOfMemoryError:
-                        hooks.release()
-                        if size == 1:
-                            raise RuntimeError(
-                                f"out of memory on a single sample, {part[0].id} ({part[0].input_ids.numel()} tokens): "
-                                "lower max_length, turn on gradient_checkpointing or use a larger device"
-                            ) from None
-                        size = max(1, size // 2)
-                        result.oom_backoffs += 1
-                        if torch.cuda.is_available():
-                            torch.cuda.empty_cache()
-                        continue
+                for part, projected, loss in _with_oom_backoff(chunk, batch_size, project, hooks, result):
                     rows.append(projected.cpu())
                     losses.append(loss.float().cpu())
                     ids += [s.id for s in part]
                     n_tokens += [s.input_ids.numel() for s in part]
                     n_answer += [s.n_answer_tokens for s in part]
-                    start += len(part)
                 if progress is not None:
                     progress(c * len(records) + len(ids) + len(skips.entries), total)
         if c == 0:
@@ -136,5 +155,5 @@ def compute_features(
         result.features.append(np.asarray(unit, dtype=np.float32).astype(np.float16))
         result.norms.append(np.asarray(norms, dtype=np.float32))
         result.losses.append(torch.cat(losses).numpy() if losses else np.zeros(0, np.float32))
-    result.final_batch_size = size
+    result.final_batch_size = _backed_off_size(batch_size, result)
     return result

@@ -231,10 +231,14 @@ def resolve_lora_target(model, target: str) -> str:
 
 def lora_target_names(model, target_regex: str) -> list[str]:
     """Module paths the LoRA target selects ("auto" or a regex); fails loudly when it selects nothing."""
-    pattern = re.compile(resolve_lora_target(model, target_regex))
+    return _target_names(model, target_regex, resolve_lora_target(model, target_regex))
+
+
+def _target_names(model, target: str, resolved: str) -> list[str]:
+    pattern = re.compile(resolved)
     names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name)]
     if not names:
-        raise ValueError(f"LoRA target regex {target_regex!r} matches no Linear layer of {type(model).__name__}")
+        raise ValueError(f"LoRA target regex {target!r} matches no Linear layer of {type(model).__name__}")
     return names
 
 
@@ -242,15 +246,10 @@ def attach_new_lora(model, settings: LoraSettings, seed: int):
     """A fresh trainable adapter (peft initializes B to zero, A from the seeded RNG)."""
     from peft import LoraConfig, get_peft_model
 
-    lora_target_names(model, settings.target_modules)
+    target = resolve_lora_target(model, settings.target_modules)
+    _target_names(model, settings.target_modules, target)  # refuse a target that selects nothing
     torch.manual_seed(seed)
-    config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=resolve_lora_target(model, settings.target_modules),
-        bias="none",
-    )
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=target, bias="none")
     return get_peft_model(model, config)
 
 
