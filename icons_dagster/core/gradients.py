@@ -137,16 +137,17 @@ class PerSampleGradients:
                 output.register_hook(save_grad)
             elif call == 1 and index in self._replayed:
                 self._inputs[index] = inputs[0].detach()
-                ready(index)
+                ready()
 
         def save_grad(grad: torch.Tensor) -> None:
             # A gradient may arrive before the replay of its layer (a module whose output
             # is only added to the residual): it waits for the input then.
             self._output_grads[index] = grad.detach()
             if index in self._inputs:
-                ready(index)
+                ready()
 
-        def ready(index: int) -> None:
+        def ready() -> None:
+            """Hand the module's gradient to the consumer once both halves are here."""
             if self._consume is not None and index in self._output_grads and index not in self._consumed:
                 self._consumed.add(index)
                 slot = self.slots[index]
