@@ -14,6 +14,7 @@ read from there, so a run on another machine sees the upstream runs' outputs.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -24,6 +25,12 @@ from icons_dagster.core.store import RemoteStore, write_json
 ALL_PARTITIONS = {"all_partitions": True}
 MATERIALIZED_PARTITIONS = {"all_partitions": True, "materialized_only": True}
 UNPARTITIONED = "__unpartitioned__"
+
+
+@functools.lru_cache(maxsize=8)
+def _remote_store(url: str) -> RemoteStore:
+    """One RemoteStore per URL for the process (the IO manager asks for it on every call)."""
+    return RemoteStore(url)
 
 
 def read_ref(root: str | Path, asset: str, partition: str | None = None) -> dict:
@@ -45,7 +52,7 @@ class ArtifactRefIOManager(ConfigurableIOManager):
         return Path(self.root) / self._relative(asset_path, partition)
 
     def _remote(self) -> RemoteStore | None:
-        return RemoteStore(self.remote) if self.remote else None
+        return _remote_store(self.remote) if self.remote else None
 
     def handle_output(self, context: OutputContext, obj: dict) -> None:
         if not isinstance(obj, dict):
