@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # The featurization benchmark on CUDA, for the sessions lent a GPU (issue 4): the tiny demo
 # model at r=8 and r=32, and the mid-size language model at r=32 -> 5,120 (with and
-# without deterministic kernels), each printed with the GPU's name. Needs a CUDA build of torch (the pinned CPU wheel has none); run it
-# from the repository root: bash bench/gpu_featurization.sh [output folder]
+# without deterministic kernels), each printed with the GPU's name. Needs a CUDA build of
+# torch (the pinned CPU wheel has none). Run it from the repository root:
+#   bash bench/gpu_featurization.sh [output folder]
+# The benchmark needs torch, transformers, peft, tokenizers, safetensors and pillow only (no
+# dagster, no polars), so a GPU machine's own python3 with CUDA torch runs it from the bare
+# source tree (PYTHONPATH below). The `gpu`-marked tests import core/features.py, which
+# needs polars too: python3 -m pytest -m gpu tests/test_gpu_path.py tests/test_projection.py
 set -euo pipefail
 out="${1:-${OUT:-bench-gpu}}"
 mkdir -p "$out"
-py="${PYTHON:-.venv/bin/python}"
+py="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device visible to torch")'
 run() {
     local name="$1"; shift
