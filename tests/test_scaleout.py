@@ -159,14 +159,19 @@ def _celery_config(root: Path, queue: str) -> dict:
     """dagster-celery's executor config over Kombu's filesystem broker and Celery's file result
     backend: a real broker that needs no server, shared by processes through a folder."""
     broker = root / "broker"
-    for folder in ("messages", "processed"):
+    for folder in ("messages", "processed", "control"):
         (broker / folder).mkdir(parents=True)
     (root / "results").mkdir()
     return {
         "broker": "filesystem://",
         "backend": f"file://{root / 'results'}",
         "config_source": {
-            "broker_transport_options": {"data_folder_in": str(broker / "messages"), "data_folder_out": str(broker / "messages"), "processed_folder": str(broker / "processed")},
+            "broker_transport_options": {
+                "data_folder_in": str(broker / "messages"),
+                "data_folder_out": str(broker / "messages"),
+                "processed_folder": str(broker / "processed"),
+                "control_folder": str(broker / "control"),  # else Kombu writes ./control in the repo
+            },
             "task_default_queue": queue,
         },
     }
