@@ -179,12 +179,11 @@ class PerSampleGradients:
                 losses.sum().backward()
         finally:
             self._consume = None
-        reached = self._output_grads if consume is None else self._consumed
-        missing = [self.slots[i].name for i in range(len(self.slots)) if i not in reached or i not in self._inputs and consume is None]
+        # a module is complete once handed over, or (kept for ``blocks``) once both halves are here
+        complete = self._consumed if consume is not None else self._output_grads.keys() & self._inputs.keys()
+        missing = [slot.name for i, slot in enumerate(self.slots) if i not in complete]
         if missing:
             raise RuntimeError(f"no gradient (or, under gradient checkpointing, no replayed input) reached {len(missing)} LoRA modules, e.g. {missing[:3]}")
-        if consume is not None:
-            self._inputs.clear()
         return losses.detach()
 
     def blocks(self, batch_size: int):
