@@ -8,12 +8,14 @@ Baselines in the same run, same model, same records, same thread count:
   At large D the loop is timed on the first ``--loop-records`` records (a per-sample rate);
 - ours: batched per-sample gradients from LoRA hooks, CountSketch fused per module;
 - a batch-1 loop with our CountSketch (separates batching from the cheaper projection);
-- a plain training step (forward + backward of the batch loss) on the same batches.
-Ours and the training step run in alternating rounds; the cost ratio is the median of the
-per-round ratios, so a noisy neighbour slows both sides of a round alike.
+- a plain training step (forward + backward of the batch loss) on the same batches;
+- ours on batches in input order instead of length-grouped ones (the pipeline's default
+  groups windows of 16 batches by length; this isolates what the grouping saves).
+Ours, ours in input order and the training step run in alternating rounds; each ratio is
+the median of the per-round ratios, so a noisy neighbour slows all sides of a round alike.
 
 Usage: python bench/featurization.py [--records 64] [--batch 16] [--dim 1024] [--lora-r 8]
-       [--threads 2] [--rounds 7] [--loop-records N]
+       [--threads 2] [--rounds 7] [--loop-records N] [--length-grouping 16]
        [--text-hidden 512 --text-layers 4]   # a mid-size language model instead of the demo's
 """
 
@@ -37,7 +39,7 @@ from icons_dagster.core.gradients import PerSampleGradients, loop_gradients, pro
 from icons_dagster.core.model import attach_new_lora, load_base_model, load_processor, resolve_placement  # noqa: E402
 from icons_dagster.core.projection import make_projector  # noqa: E402
 from icons_dagster.core.records import load_records  # noqa: E402
-from icons_dagster.core.samples import SkipLog, encode_records  # noqa: E402
+from icons_dagster.core.samples import SkipLog, encode_records, length_grouped_batches, padded_tokens  # noqa: E402
 from icons_dagster.demo.build import ensure_demo_model  # noqa: E402
 from icons_dagster.demo.data import demo_corpus, generate_demo  # noqa: E402
 from icons_dagster.demo.tiny_model import TinyModelSpec, build_tiny_llava  # noqa: E402
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA + bf16 autocast when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="CUDA: deterministic kernels (the pipeline's default)")
     parser.add_argument("--dense-budget-gib", type=float, default=2.0, help="keep the dense matrix when it fits in this")
+    parser.add_argument("--length-grouping", type=int, default=16, help="batches per length-sorted window (the pipeline's default; 1 = input order)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -121,17 +124,26 @@ def main() -> None:
     records = load_records(demo.pool, demo.image_root).records[: args.records]
     samples = list(encode_records(encoder, records, SkipLog()))
     pad = encoder.tokenizer.pad_token_id
-    batches = [collate(samples[i : i + args.batch], pad) for i in range(0, len(samples), args.batch)]
+    length = lambda sample: sample.input_ids.numel()  # noqa: E731
+    grouped = list(length_grouped_batches(samples, args.batch, args.length_grouping, length))
+    in_order = list(length_grouped_batches(samples, args.batch, 1, length))
+    batches = [collate(b, pad) for b in grouped]
+    batches_in_order = [collate(b, pad) for b in in_order]
+    tokens = sum(length(s) for s in samples)
+    padding = {name: 1 - tokens / sum(padded_tokens(length(s) for s in b) for b in parts) for name, parts in (("grouped", grouped), ("in order", in_order))}
     sketch = make_projector("countsketch", args.dim, seed=0)
     with PerSampleGradients(model) as hooks:
         dimension = hooks.dimension
     dense = BasicDenseProjector(dimension, args.dim, seed=0, budget_bytes=int(args.dense_budget_gib * 2**30), device=placement.device)
     loop_samples = samples[: args.loop_records or len(samples)]
 
-    def ours() -> None:
+    def ours(batches=batches) -> None:
         with PerSampleGradients(model) as hooks:
             for batch in batches:
                 projected_features(hooks, batch, sketch, placement.device, placement.dtype)
+
+    def ours_in_order() -> None:
+        ours(batches_in_order)
 
     def less_loop() -> None:
         for sample in loop_samples:
@@ -151,10 +163,11 @@ def main() -> None:
             loss.backward()
 
     ours(), train_step(), loop_sketch()  # warm the projector caches and the allocator, as a long run would be
-    rounds = [(seconds(ours, placement.device), seconds(train_step, placement.device)) for _ in range(args.rounds)]
-    t_ours = statistics.median(o for o, _ in rounds)
-    t_step = statistics.median(s for _, s in rounds)
-    ratios = sorted(o / s for o, s in rounds)
+    rounds = [(seconds(ours, placement.device), seconds(train_step, placement.device), seconds(ours_in_order, placement.device)) for _ in range(args.rounds)]
+    t_ours = statistics.median(o for o, _, _ in rounds)
+    t_step = statistics.median(s for _, s, _ in rounds)
+    ratios = sorted(o / s for o, s, _ in rounds)
+    grouping_gain = statistics.median(u / o for o, _, u in rounds)
     t_loop_sketch = seconds(loop_sketch, placement.device)
     t_less = seconds(less_loop, placement.device)
     n, m = len(samples), len(loop_samples)
@@ -163,11 +176,13 @@ def main() -> None:
     gpu = f" ({torch.cuda.get_device_name(placement.device)}, {placement.dtype}, autocast {placement.autocast}, deterministic {args.deterministic})" if placement.device.type == "cuda" else ""
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {args.threads}, device {placement.device}{gpu}")
     print(f"model: tiny LLaVA (text hidden {args.text_hidden or 64}, {args.text_layers} layers), LoRA r={args.lora_r}, gradient dim {dimension:,} -> {args.dim}; {n} records, batch {args.batch}")
+    print(f"padding share of the computed token positions: {padding['grouped']:.1%} length-grouped (windows of {args.length_grouping} batches), {padding['in order']:.1%} in input order")
     print(f"LESS-style loop (batch 1, dense matrix {kept}), {m} records: {1 / per_less:.2f} samples/s")
     print(f"batch-1 loop with CountSketch, {m} records:                 {1 / per_sketch:.1f} samples/s")
     print(f"ours (batched hooks + CountSketch), median of {args.rounds} rounds:      {1 / per_ours:.1f} samples/s")
     print(f"plain training step on the same batches, median:         {n / t_step:.1f} samples/s")
     print(f"speed-up vs LESS-style loop: {per_less / per_ours:.1f}x (batching alone: {per_sketch / per_ours:.1f}x)")
+    print(f"length grouping vs input order (ours), median of per-round ratios: {grouping_gain:.2f}x")
     print(f"cost vs a training step: {statistics.median(ratios):.2f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})")
 
 if __name__ == "__main__":

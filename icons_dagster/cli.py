@@ -134,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.deterministic is not None:
         model["deterministic"] = args.deterministic
     settings = config.setdefault("settings", {})
-    for key in ("p", "aggregation", "tiebreak", "coverage", "warmup_ratio", "projection_dim", "projection_seed", "projector", "train_gradient", "gradient_batch_size", "epochs", "num_checkpoints", "learning_rate"):
+    for key in ("p", "aggregation", "tiebreak", "coverage", "warmup_ratio", "projection_dim", "projection_seed", "projector", "train_gradient", "gradient_batch_size", "gradient_length_grouping", "epochs", "num_checkpoints", "learning_rate"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
@@ -281,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--projection-seed", type=int)
     run.add_argument("--train-gradient", choices=["sgd", "adam"])
     run.add_argument("--gradient-batch-size", type=int)
+    run.add_argument("--gradient-length-grouping", type=int, help="sort windows of this many batches by length before batching (default 16; 1 keeps input order)")
     run.add_argument("--shards", type=int)
     run.add_argument("--method", choices=["icons", "ofa", "both"], default="icons", help="which selector(s) to run (default icons)")
     run.add_argument("--ofa-embedder", choices=["minilm-pixels", "clip"], help="OFA's frozen image-text space (use clip for real images)")

@@ -33,9 +33,10 @@ def _model(tiny_model_dir, **options):
     return model, ConversationEncoder(load_processor(config), 512), placement
 
 
-def _features(model, encoder, placement, records, batch_size=8):
+def _features(model, encoder, placement, records, batch_size=8, length_grouping=1):
     opener = contextlib.nullcontext(model)
-    return compute_features(records, encoder, [lambda: opener], make_projector("countsketch", 256, 0), placement, batch_size)
+    projector = make_projector("countsketch", 256, 0)
+    return compute_features(records, encoder, [lambda: opener], projector, placement, batch_size, length_grouping=length_grouping)
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +116,11 @@ def _fail_above(model, rows: int):
     return calls
 
 
-def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_model_dir, records, reference):
+@pytest.mark.parametrize("length_grouping", [1, 2])
+def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_model_dir, records, reference, length_grouping):
     model, encoder, placement = _model(tiny_model_dir, autocast="off")
     calls = _fail_above(model, 2)
-    features = _features(model, encoder, placement, records, batch_size=8)
+    features = _features(model, encoder, placement, records, batch_size=8, length_grouping=length_grouping)
     assert calls[:3] == [8, 4, 2]  # 8 and 4 fail, then 2 at a time
     assert (features.oom_backoffs, features.final_batch_size) == (2, 2)
     assert max(calls) == 8 and calls.count(8) == 1  # the smaller size is kept afterwards

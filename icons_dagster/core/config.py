@@ -94,6 +94,8 @@ class GradientConfig:
     seed: int = 0
     train_gradient: str = "sgd"  # "sgd" (paper) or "adam" (LESS); validation is always sgd
     batch_size: int = 8
+    # batches are cut from windows of this many batches sorted by length (1: input order)
+    length_grouping: int = 16
     adam_eps: float = 1e-8  # added outside the sqrt: m' / (sqrt(v') + eps), no bias correction
 
     def __post_init__(self) -> None:
@@ -101,6 +103,7 @@ class GradientConfig:
         _require(self.dim >= 1, "projection dim must be >= 1")
         _require(self.train_gradient in {"sgd", "adam"}, f"train_gradient must be sgd or adam, got {self.train_gradient!r}")
         _require(self.batch_size >= 1, "gradient batch_size must be >= 1")
+        _require(self.length_grouping >= 1, "gradient length_grouping must be >= 1 (1 keeps input order)")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,10 @@ per-sample gradients projected by the shared seeded projector, L2-normalize, kee
 norms beside them, store float16. One ``FeatureSet`` = the rows for one shard or one
 benchmark; rows are in input order minus the skipped records (listed with reasons).
 
+Batches are cut from windows of ``length_grouping`` batches sorted by length, so that
+little of each batch is padding (the demo pool in input order at batch 16: 74% more
+token positions than tokens; windows of 16 batches: 7%); rows go back to input order.
+
 Out of memory (a GPU batch of long sequences): the batch is halved and retried, and the
 smaller size is kept for the rest of the set; a single sample that does not fit is an
 error naming it. Nothing is dropped. The backoffs are counted in the metadata (a feature
@@ -27,7 +31,7 @@ from icons_dagster.core.gradients import AdamMoments, PerSampleGradients, projec
 from icons_dagster.core.influence import normalize_rows
 from icons_dagster.core.model import Placement
 from icons_dagster.core.records import Record
-from icons_dagster.core.samples import SkipLog, batched, encode_records
+from icons_dagster.core.samples import SkipLog, encode_records, length_grouped_batches, padded_tokens
 from icons_dagster.core.store import load_npy, save_npy
 
 SAMPLES_FILE = "samples.parquet"
@@ -49,6 +53,12 @@ class FeatureSet:
     skips: SkipLog = field(default_factory=SkipLog)
     oom_backoffs: int = 0  # times a batch was halved after running out of memory
     final_batch_size: int = 0
+    padded_tokens: int = 0  # token positions the batches computed (padding included), per checkpoint
+
+    @property
+    def padding_share(self) -> float:
+        """Share of the computed token positions that were padding."""
+        return 1.0 - float(self.n_tokens.sum()) / self.padded_tokens if self.padded_tokens else 0.0
 
     def save(self, directory: Path) -> None:
         table = {
@@ -115,11 +125,13 @@ def compute_features(
     batch_size: int,
     moments: Sequence[AdamMoments | None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    length_grouping: int = 1,
 ) -> FeatureSet:
     """Features of ``records`` at each checkpoint; ``checkpoints[c]()`` opens that checkpoint's peft model.
 
-    Records are encoded (and images decoded) batch by batch, so memory stays bounded by the
-    batch size whatever the shard size; skips are logged at the first checkpoint.
+    Records are encoded (and images decoded) one window of ``length_grouping`` batches at
+    a time, so memory stays bounded by the window whatever the shard size; skips are
+    logged at the first checkpoint.
     """
     skips = SkipLog()
     subtask_of = {r.id: r.subtask for r in records}
@@ -128,32 +140,44 @@ def compute_features(
     pad_id = encoder.tokenizer.pad_token_id
     for c, open_model in enumerate(checkpoints):
         moment = moments[c] if moments is not None else None
-        ids, rows, losses, n_tokens, n_answer = [], [], [], [], []
+        ids, rows, losses, n_tokens, n_answer, positions = [], [], [], [], [], []
+        padded = 0
         with open_model() as model, PerSampleGradients(model, placement) as hooks:
 
             def project(part: list) -> tuple[torch.Tensor, torch.Tensor]:
                 return projected_features(hooks, collate(part, pad_id), projector, placement.device, placement.dtype, moment)
 
-            for chunk in batched(encode_records(encoder, records, skips if c == 0 else SkipLog()), batch_size):
-                for part, projected, loss in _with_oom_backoff(chunk, batch_size, project, hooks, result):
+            encoded = enumerate(encode_records(encoder, records, skips if c == 0 else SkipLog()))
+            for chunk in length_grouped_batches(encoded, batch_size, length_grouping, length=lambda pair: pair[1].input_ids.numel()):
+                chunk_positions, samples = zip(*chunk, strict=True)
+                done = 0
+                for part, projected, loss in _with_oom_backoff(list(samples), batch_size, project, hooks, result):
                     rows.append(projected.cpu())
                     losses.append(loss.float().cpu())
+                    positions += chunk_positions[done : done + len(part)]
+                    done += len(part)
                     ids += [s.id for s in part]
                     n_tokens += [s.input_ids.numel() for s in part]
                     n_answer += [s.n_answer_tokens for s in part]
+                    padded += padded_tokens(s.input_ids.numel() for s in part)
                 if progress is not None:
                     progress(c * len(records) + len(ids) + len(skips.entries), total)
+        order = np.argsort(np.array(positions, dtype=np.int64), kind="stable")  # back to input order
+        ids = [ids[i] for i in order]
+        n_tokens, n_answer = [n_tokens[i] for i in order], [n_answer[i] for i in order]
         if c == 0:
+            result.padded_tokens = padded
             result.ids = ids
             result.n_tokens = np.array(n_tokens, dtype=np.int32)
             result.n_answer_tokens = np.array(n_answer, dtype=np.int32)
             result.subtasks = [subtask_of[i] for i in ids]
         elif ids != result.ids:
             raise RuntimeError(f"checkpoint {c} encoded a different set of records than checkpoint 0")
-        stacked = torch.cat(rows) if rows else torch.zeros((0, projector.dim))
+        index = torch.from_numpy(order)
+        stacked = torch.cat(rows)[index] if rows else torch.zeros((0, projector.dim))
         unit, norms = normalize_rows(stacked)
         result.features.append(np.asarray(unit, dtype=np.float32).astype(np.float16))
         result.norms.append(np.asarray(norms, dtype=np.float32))
-        result.losses.append(torch.cat(losses).numpy() if losses else np.zeros(0, np.float32))
+        result.losses.append(torch.cat(losses)[index].numpy() if losses else np.zeros(0, np.float32))
     result.final_batch_size = _backed_off_size(batch_size, result)
     return result

@@ -285,6 +285,7 @@ def _features(
         gradients.batch_size,
         [load_moments(folder, gradients.adam_eps) if gradient_type == "adam" else None for folder in folders],
         progress,
+        length_grouping=gradients.length_grouping,
     )
 
 
@@ -298,6 +299,8 @@ def _feature_metadata(features: FeatureSet, gradients: GradientConfig, gradient_
         "mean_grad_norm": [float(np.mean(n)) if len(n) else 0.0 for n in features.norms],
         "mean_loss": [float(np.mean(x)) if len(x) else 0.0 for x in features.losses],
         "batch_size": gradients.batch_size,
+        "length_grouping": gradients.length_grouping,
+        "padding_share": round(features.padding_share, 4),
         "oom_backoffs": features.oom_backoffs,
         "final_batch_size": features.final_batch_size,
         **features.skips.as_metadata(),
@@ -312,6 +315,7 @@ def gradient_fingerprint_fields(gradients: GradientConfig, gradient_type: str) -
         "gradient_type": gradient_type,
         "adam_eps": gradients.adam_eps if gradient_type == "adam" else None,
         "batch_size": gradients.batch_size,
+        "length_grouping": gradients.length_grouping,
     }
 
 

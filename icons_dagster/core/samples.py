@@ -6,7 +6,7 @@ and reason: callers count and list the skips in their metadata, nothing is lost 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from icons_dagster.core.encoding import ConversationEncoder, EncodedSample, EncodingError
@@ -59,3 +59,25 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
     if batch:
         yield batch
 
+
+
+def length_grouped_batches(items: Iterable, batch_size: int, window_batches: int, length: Callable[[object], int]) -> Iterator[list]:
+    """Batches of similar length, so that little of a batch is padding.
+
+    Each window of ``window_batches`` consecutive batches' worth of items is ordered
+    longest first (ties keep input order; the order is a pure function of the lengths)
+    and cut into batches. ``window_batches=1`` keeps input order. Memory: one window.
+    Callers that need input order put the results back themselves.
+    """
+    if batch_size < 1 or window_batches < 1:
+        raise ValueError(f"batch_size and window_batches must be >= 1, got {batch_size}, {window_batches}")
+    for window in batched(items, batch_size * window_batches):
+        if window_batches > 1:
+            window = sorted(window, key=lambda item: -length(item))
+        yield from batched(window, batch_size)
+
+
+def padded_tokens(lengths: Iterable[int]) -> int:
+    """Token positions a right-padded batch of these lengths computes: longest x count."""
+    lengths = list(lengths)
+    return max(lengths) * len(lengths) if lengths else 0

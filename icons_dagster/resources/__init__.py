@@ -132,6 +132,7 @@ class SettingsResource(ConfigurableResource):
     projection_seed: int = 0
     train_gradient: str = "sgd"
     gradient_batch_size: int = 8
+    gradient_length_grouping: int = 16  # sort windows of this many batches by length (1: input order)
     p: float = 0.2
     aggregation: str = "vote"
     task_weights: dict[str, float] = {}
@@ -156,6 +157,7 @@ class SettingsResource(ConfigurableResource):
             seed=self.projection_seed,
             train_gradient=self.train_gradient,
             batch_size=self.gradient_batch_size,
+            length_grouping=self.gradient_length_grouping,
         )
 
     def selection(self) -> SelectionConfig:
