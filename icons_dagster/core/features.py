@@ -156,10 +156,11 @@ def compute_features(
                     losses.append(loss.float().cpu())
                     positions += chunk_positions[done : done + len(part)]
                     done += len(part)
+                    lengths = [s.input_ids.numel() for s in part]
                     ids += [s.id for s in part]
-                    n_tokens += [s.input_ids.numel() for s in part]
+                    n_tokens += lengths
                     n_answer += [s.n_answer_tokens for s in part]
-                    padded += padded_tokens(s.input_ids.numel() for s in part)
+                    padded += padded_tokens(lengths)
                 if progress is not None:
                     progress(c * len(records) + len(ids) + len(skips.entries), total)
         order = np.argsort(np.array(positions, dtype=np.int64), kind="stable")  # back to input order

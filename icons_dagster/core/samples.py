@@ -60,7 +60,6 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-
 def length_grouped_batches(items: Iterable, batch_size: int, window_batches: int, length: Callable[[object], int]) -> Iterator[list]:
     """Batches of similar length, so that little of a batch is padding.
 
