@@ -26,10 +26,12 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 from dagster import DagsterInstance, evaluate_automation_conditions  # noqa: E402
 
+from icons_dagster.core.store import ArtifactStore  # noqa: E402
 from icons_dagster.daemon_emulation import apply_benchmark_sensor, run_automation  # noqa: E402
 from icons_dagster.definitions import build_definitions, build_resources, versioned_assets  # noqa: E402
 from icons_dagster.demo.data import generate_demo  # noqa: E402
 from icons_dagster.partitions import train_shard_partitions  # noqa: E402
+from icons_dagster.resources import ModelResource  # noqa: E402
 from icons_dagster.resources.home import DEMO_PRESET  # noqa: E402
 from icons_dagster.runner import run_graph  # noqa: E402
 
@@ -39,9 +41,10 @@ def instance_at(folder: Path) -> DagsterInstance:
     return DagsterInstance.local_temp(str(folder / "dagster"), overrides={"telemetry": {"enabled": False}})
 
 
-def config_for(demo, benchmarks: Path) -> dict:
+def config_for(demo, benchmarks: Path, base_model: Path) -> dict:
     config = json.loads(json.dumps(DEMO_PRESET))
     config["data"] = {"pool": str(demo.pool), "image_root": str(demo.image_root), "benchmarks": str(benchmarks)}
+    config["model"]["name_or_path"] = str(base_model)  # both sides start from the built base model
     return config
 
 
@@ -55,17 +58,19 @@ def main() -> None:
     demo = generate_demo(work / "demo", size=args.size)
     names = sorted(p.name for p in demo.benchmarks.iterdir())
     new = names[-1]
+    # the demo's stage-1 base model stands for a user's checkpoint: built before the clock starts
+    base_model = Path(ModelResource(**DEMO_PRESET["model"]).checkpoint_config(ArtifactStore(work / "base")).name_or_path)
 
     full_dir = work / "full"
     start = time.perf_counter()
-    full = run_graph(full_dir, config_for(demo, demo.benchmarks), instance=instance_at(full_dir))
+    full = run_graph(full_dir, config_for(demo, demo.benchmarks, base_model), instance=instance_at(full_dir))
     t_full = time.perf_counter() - start
 
     inc_dir = work / "incremental"
     benchmarks = inc_dir / "benchmarks"
     for name in names[:-1]:
         shutil.copytree(demo.benchmarks / name, benchmarks / name)
-    config = config_for(demo, benchmarks)
+    config = config_for(demo, benchmarks, base_model)
     instance = instance_at(inc_dir)
     run_graph(inc_dir, config, instance=instance)
     defs = build_definitions(inc_dir, config)

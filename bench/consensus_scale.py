@@ -16,7 +16,10 @@ What it does:
    - baseline "naive": each shard np.load-ed whole, cast to float32, one matmul;
    - baseline "per-benchmark memmap": the pipeline's previous call pattern,
      ``influence_scores(np.load(path, mmap_mode="r"), means_k)`` per shard and
-     benchmark (this version's ``influence_scores``).
+     benchmark (this version's ``influence_scores``);
+   - baseline "one pass per benchmark": ``influence_scores_from_files`` once per
+     benchmark, what the graph did while each task_influence run scored one benchmark
+     (now a run scores every benchmark it holds in one pass).
    Per stage: wall time, CPU time (all threads) and peak RSS (VmHWM, reset between
    stages through /proc/self/clear_refs); per run: the process's ru_maxrss.
 3. Checks the streamed scores are bit-identical to the per-benchmark
@@ -280,6 +283,14 @@ def child(cfg: dict) -> dict:
             return np.concatenate(parts)
 
         scores = meter.run("influence (naive)", naive)
+    elif cfg["mode"] == "passes":
+
+        def pass_per_benchmark():
+            return np.concatenate(
+                [influence_scores_from_files(paths, means[a:b], chunk_rows=cfg["chunk_rows"], workers=cfg["workers"]) for a, b in groups], axis=1
+            )
+
+        scores = meter.run("influence (one pass per benchmark)", pass_per_benchmark)
     else:  # per-benchmark memmap
 
         def per_benchmark():
@@ -414,6 +425,7 @@ def main() -> None:
     if not args.skip_baselines:
         runs["naive"] = spawn({**base, "mode": "naive", "scores_in": scores_file})
         runs["memmap"] = spawn({**base, "mode": "memmap", "scores_in": scores_file})
+        runs["passes"] = spawn({**base, "mode": "passes", "scores_in": scores_file})
 
     # -- report ------------------------------------------------------------------------
     n, d = spec["rows"], spec["dim"]
@@ -436,7 +448,12 @@ def main() -> None:
             f"{sum(s['cpu_s'] for s in stages):.2f} s | **{r['maxrss_mib']:.0f} MiB** (process) |"
         )
     stream_inf = runs["warm"]["stages"][INFLUENCE_STAGE]
-    for key, label in (("naive", "baseline: np.load whole shard -> float32 -> one matmul"), ("memmap", "baseline: memmap + influence_scores per benchmark")):
+    baselines = (
+        ("naive", "baseline: np.load whole shard -> float32 -> one matmul"),
+        ("memmap", "baseline: memmap + influence_scores per benchmark"),
+        ("passes", "baseline: one streaming pass per benchmark (a task_influence run per benchmark)"),
+    )
+    for key, label in baselines:
         if key not in runs:
             continue
         r = runs[key]
@@ -456,7 +473,7 @@ def main() -> None:
         f"{feat_bytes / 2**30:.1f} GiB at {feat_bytes / 2**30 / cold_inf['wall_s']:.2f} GiB/s (disk-bound)."
     )
     checks = [f"per-shard, per-benchmark `influence_scores` (shard 0): {runs['cold']['bit_identical_to_influence_scores_shard0']}"]
-    for key in ("memmap", "naive"):
+    for key in ("memmap", "passes", "naive"):
         if key in runs:
             r = runs[key]
             checks.append(f"{key} baseline: {r['bit_identical_to_stream']} (max |diff| {r['max_abs_diff_vs_stream']:.1e})")

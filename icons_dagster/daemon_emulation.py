@@ -2,8 +2,10 @@
 
 ``build_sensor_context`` does not apply a sensor's dynamic-partition requests and
 ``evaluate_automation_conditions`` only reports what it would request; these helpers
-apply and run them on a given instance the way the daemon does (one run per partition,
-the unpartitioned vote and subset once after them), with nothing but public Dagster APIs.
+apply and run them on a given instance the way the daemons do (the requested benchmarks
+of the benchmark-partitioned assets in one run per contiguous range, as the automation
+sensor's backfill does under their single-run backfill policy; the unpartitioned vote and
+subset once after them), with nothing but public Dagster APIs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dagster import (
 )
 
 from icons_dagster.automation import benchmark_folder_sensor
+from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, contiguous_ranges, partition_range_tags
 
 
 def apply_benchmark_sensor(instance: DagsterInstance, assets: list, resources: dict) -> SkipReason | None:
@@ -45,13 +48,19 @@ def run_automation(instance: DagsterInstance, defs, assets: list, resources: dic
         cursor = result.cursor
         if not result.total_requested:
             return cursor
-        by_partition: dict = {}
+        # assets asking for the same benchmarks run together, in graph order (``keys`` is topological)
+        by_benchmarks: dict[frozenset, list] = {}
+        unpartitioned = []
         for key in keys:
-            for partition in result.get_requested_partitions(key):
-                by_partition.setdefault(partition, []).append(key)
+            requested = set(result.get_requested_partitions(key))
+            if None in requested:
+                unpartitioned.append(key)
+            if requested - {None}:
+                by_benchmarks.setdefault(frozenset(requested - {None}), []).append(key)
+        order = instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME)
+        runs = [(selection, partition_range_tags(*span)) for wanted, selection in by_benchmarks.items() for span in contiguous_ranges(order, wanted)]
         # Partitioned work first, then the unpartitioned vote and subset once for all of it.
-        for partition in sorted(by_partition, key=lambda p: (p is None, p or "")):
-            ok = materialize(assets, selection=by_partition[partition], partition_key=partition, instance=instance, resources=resources).success
-            if not ok:
-                raise RuntimeError(f"automation run failed: {by_partition[partition]} [{partition}]")
+        for selection, tags in [*runs, *([(unpartitioned, {})] if unpartitioned else [])]:
+            if not materialize(assets, selection=selection, tags=tags, instance=instance, resources=resources).success:
+                raise RuntimeError(f"automation run failed: {selection} {tags}")
     raise RuntimeError(f"automation still requested runs after {max_ticks} ticks")

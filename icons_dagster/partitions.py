@@ -3,6 +3,8 @@ shards (static, fixed by configuration so they exist before anything is material
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 from dagster import DynamicPartitionsDefinition, StaticPartitionsDefinition
 
 from icons_dagster.core.evaluation_pipeline import DEFAULT_METHODS
@@ -10,9 +12,38 @@ from icons_dagster.core.pool import shard_keys
 from icons_dagster.resources.home import num_shards_from_environment
 
 BENCHMARKS_PARTITION_NAME = "benchmarks"
+# Dagster's run tags for a run over a partition range (as its backfills set them)
+PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
+PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 benchmark_partitions = DynamicPartitionsDefinition(name=BENCHMARKS_PARTITION_NAME)
 train_shard_partitions = StaticPartitionsDefinition(shard_keys(num_shards_from_environment()))
 
 # One partition per compared selection method (fine-tune + scores each).
 evaluation_method_partitions = StaticPartitionsDefinition(list(DEFAULT_METHODS))
+
+
+def contiguous_ranges(ordered: Sequence[str], wanted: Iterable[str]) -> list[tuple[str, str]]:
+    """``(first, last)`` of each unbroken run of ``wanted`` in the partitions' order.
+
+    A Dagster run covers a partition range, so benchmarks to materialize together become
+    one run per such range (usually one: new benchmarks are registered at the end).
+    """
+    wanted = set(wanted)
+    unknown = sorted(wanted - set(ordered))
+    if unknown:
+        raise ValueError(f"not registered as partitions: {unknown}")
+    ranges: list[tuple[str, str]] = []
+    start = None
+    for i, key in enumerate(ordered):
+        if key in wanted and start is None:
+            start = key
+        if start is not None and (i + 1 == len(ordered) or ordered[i + 1] not in wanted):
+            ranges.append((start, key))
+            start = None
+    return ranges
+
+
+def partition_range_tags(first: str, last: str) -> dict[str, str]:
+    """The run tags of a run over the partitions first..last (what a single-run backfill sets)."""
+    return {PARTITION_RANGE_START_TAG: first, PARTITION_RANGE_END_TAG: last}

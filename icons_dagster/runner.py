@@ -1,10 +1,12 @@
 """Launching the asset graph through Dagster on the home's persistent instance.
 
-A run may hold one partition of one partitions definition plus unpartitioned assets,
-never two partitions definitions, so the graph runs as a sequence of runs: the
-unpartitioned head, one run per training shard, one per benchmark, then the vote. Every
-run lands in the instance under ``<home>/dagster``, so ``dagster dev`` on the same home
-shows the same runs, lineage and metadata.
+A run may hold partitions of one partitions definition plus unpartitioned assets, never
+two partitions definitions, so the graph runs as a sequence of runs: the unpartitioned
+head, one run per training shard, one run over the range of benchmarks (their
+validation features, then every benchmark's influence in one pass over the training
+features, as a single-run backfill does), then the vote. Every run lands in the instance
+under ``<home>/dagster``, so ``dagster dev`` on the same home shows the same runs,
+lineage and metadata.
 """
 
 from __future__ import annotations
@@ -42,14 +44,22 @@ class Step:
     label: str
     assets: tuple[str, ...]
     partition: str | None = None
+    partition_range: tuple[str, str] | None = None  # (first, last): one run over the range
+
+    def tags(self) -> dict[str, str]:
+        from icons_dagster.partitions import partition_range_tags
+
+        return {"icons/step": self.label, **(partition_range_tags(*self.partition_range) if self.partition_range else {})}
 
 
 METHODS = ("icons", "ofa", "evaluation")
 
 
 def plan_steps(
-    shards: list[str], benchmarks: list[str], methods: tuple[str, ...] = ("icons",), evaluation_methods: tuple[str, ...] = ()
+    shards: list[str], benchmark_ranges: list[tuple[str, str]], methods: tuple[str, ...] = ("icons",), evaluation_methods: tuple[str, ...] = ()
 ) -> list[Step]:
+    """The runs, in order. ``benchmark_ranges``: (first, last) registered benchmarks of each
+    run over benchmarks (see ``contiguous_ranges``)."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
         raise ValueError(f"unknown method(s) {unknown or methods}; choose from {METHODS}")
@@ -59,7 +69,8 @@ def plan_steps(
     per_shard = (("training_gradients",) if icons else ()) + (("ofa_embeddings",) if ofa else ())
     steps += [Step(f"{' + '.join(per_shard)}[{s}]", per_shard, s) for s in shards]
     if icons:
-        steps += [Step(f"validation_gradients + task_influence[{b}]", ("validation_gradients", "task_influence"), b) for b in benchmarks]
+        per_benchmark = ("validation_gradients", "task_influence")
+        steps += [Step(f"{' + '.join(per_benchmark)}[{a}{'' if a == b else '...' + b}]", per_benchmark, partition_range=(a, b)) for a, b in benchmark_ranges]
         steps.append(Step("vote_table and selected_subset", ("vote_table", "selected_subset")))
     if ofa:
         steps.append(Step("OFA pseudo labels, selector and subset", ("ofa_pseudo_labels", "ofa_selector", "ofa_selected_subset")))
@@ -87,7 +98,7 @@ def run_graph(
     from dagster import AssetKey, DagsterInstance, materialize
 
     from icons_dagster.definitions import build_resources, versioned_assets
-    from icons_dagster.partitions import train_shard_partitions
+    from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, contiguous_ranges, train_shard_partitions
     from icons_dagster.registration import register_benchmarks
     from icons_dagster.resources import DataResource, StoreResource
 
@@ -102,7 +113,8 @@ def run_graph(
         raise ValueError(f"no benchmark with a val.json / val.jsonl under {paths.benchmarks}")
     shards = train_shard_partitions.get_partition_keys()
     assets = versioned_assets(resources, len(shards))  # code versions = settings fingerprints
-    steps = plan_steps(shards, benchmarks, methods, resources["evaluation"].method_list())
+    ranges = contiguous_ranges(instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME), benchmarks)
+    steps = plan_steps(shards, ranges, methods, resources["evaluation"].method_list())
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     for index, step in enumerate(steps):
         if on_step is not None:
@@ -114,7 +126,7 @@ def run_graph(
             instance=instance,
             resources=resources,
             run_config=run_config,
-            tags={"icons/step": step.label},
+            tags=step.tags(),
         )
         if not result.success:
             raise RuntimeError(f"step failed: {step.label}")

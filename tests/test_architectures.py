@@ -22,7 +22,7 @@ from icons_dagster.core.gradients import PerSampleGradients, loop_gradients
 from icons_dagster.core.model import attach_new_lora, language_model_path, lora_target_names, trainable_parameters
 from icons_dagster.core.pipeline import (
     ModelCache,
-    stage_influence,
+    stage_influences,
     stage_pool,
     stage_train_shard,
     stage_validation,
@@ -162,7 +162,7 @@ def test_warmup_features_and_influence(arch, tmp_path):
         assert any("text-only" in reason for reason in reasons)
     bench = "vqa_short"
     validation = stage_validation(store, bench, benchmarks, image_root, ckpt.ref, config, gradients, models).ref
-    influence = stage_influence(store, bench, pool_ref, ckpt.ref, {s: r.ref for s, r in shards.items()}, validation, 0.2).ref
+    influence = stage_influences(store, pool_ref, ckpt.ref, {s: r.ref for s, r in shards.items()}, {bench: validation}, 0.2)[bench].ref
     frame = pl.read_parquet(store.absolute(influence["path"]) / "influence.parquet")
     # eq. 3 by hand: the mean cosine of each training feature to the validation features
     val = load_features(store.absolute(validation["path"]), 0, mmap=False).astype(np.float64)

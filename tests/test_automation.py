@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from dagster import AssetRecordsFilter, SkipReason, build_sensor_context, evaluate_automation_conditions
+from dagster import AssetKey, AssetRecordsFilter, SkipReason, build_sensor_context, evaluate_automation_conditions
 
 from icons_dagster.assets import ICONS_ASSETS
 from icons_dagster.automation import benchmark_folder_sensor
@@ -97,6 +97,13 @@ def test_two_new_benchmarks_are_batched_into_one_vote(world, demo_paths):
     assert done.count("vote_table") == 1 and done.count("selected_subset") == 1
     assert {"task_influence[counting]", "task_influence[long_answer]"} <= set(done)
     assert not any(item.startswith(("training_gradients", "warmup", "training_pool")) for item in done)
+    # both benchmarks' features and influence in one run (one pass over the training features)
+    runs = {
+        record.run_id
+        for name in ("validation_gradients", "task_influence")
+        for record in instance.fetch_materializations(AssetRecordsFilter(asset_key=AssetKey(name), after_storage_id=mark), limit=10).records
+    }
+    assert len(runs) == 1
 
 
 def test_removed_benchmark_is_retired_and_artifacts_kept(world, demo_paths, tmp_path):
@@ -131,3 +138,19 @@ def test_instance_home_limits_the_selection_pool(tmp_path):
     pools = {a.key.to_user_string(): set(a.node_def.pools) for a in ICONS_ASSETS}
     assert pools["vote_table"] == pools["selected_subset"] == {"icons_selection"}
     assert pools["training_gradients"] == set()
+
+
+def test_contiguous_ranges_follow_the_registration_order():
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    from icons_dagster.partitions import contiguous_ranges, partition_range_tags
+
+    order = ["mme", "gqa", "vqav2", "pope", "mmb"]  # registration order, not sorted
+    assert contiguous_ranges(order, ["pope", "gqa", "vqav2"]) == [("gqa", "pope")]
+    assert contiguous_ranges(order, ["mme", "vqav2", "mmb"]) == [("mme", "mme"), ("vqav2", "vqav2"), ("mmb", "mmb")]
+    assert contiguous_ranges(order, order) == [("mme", "mmb")]
+    assert contiguous_ranges(order, []) == []
+    with pytest.raises(ValueError, match="not registered as partitions: \\['textvqa'\\]"):
+        contiguous_ranges(order, ["gqa", "textvqa"])
+    # Dagster's own tags for a run over a partition range
+    assert partition_range_tags("gqa", "pope") == {ASSET_PARTITION_RANGE_START_TAG: "gqa", ASSET_PARTITION_RANGE_END_TAG: "pope"}

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, materialize
+from dagster import AssetCheckKey, AssetKey, materialize
 
 from icons_dagster.assets import ICONS_ASSETS
 from icons_dagster.assets.evaluation import EVALUATION_ASSETS
@@ -77,6 +77,30 @@ def test_whole_graph_materializes_and_subset_loads(first_run, demo_paths):
     subset_meta = latest_metadata(instance, "selected_subset")
     assert subset_meta["n_selected"] == len(subset)
     assert "plot_votes_histogram" in subset_meta
+
+
+def test_benchmarks_share_one_run_and_keep_their_own_metadata(first_run):
+    """The CLI materializes every benchmark's features in one run and their influence in one
+    pass (a single-run backfill over the benchmark range), each partition with its own record."""
+    home, instance, _, _ = first_run
+    for asset in ("validation_gradients", "task_influence"):
+        records = instance.fetch_materializations(AssetKey(asset), limit=100).records
+        latest = {r.event_log_entry.dagster_event.partition: r for r in reversed(records)}  # newest wins
+        assert set(latest) == set(BENCHMARKS)
+        assert len({r.run_id for r in latest.values()}) == 1, asset
+        for benchmark, record in latest.items():
+            metadata = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+            ref = json.loads((home / "refs" / asset / f"{benchmark}.json").read_text())
+            assert metadata["benchmark"] == benchmark and metadata["fingerprint"] == ref["fingerprint"]
+    run = instance.get_run_by_id(latest["yes_no"].run_id)
+    assert run.tags["dagster/asset_partition_range_start"] == "multiple_choice"
+    assert run.tags["dagster/asset_partition_range_end"] == "yes_no"
+    # the run's one feature check reports every benchmark it covered
+    key = AssetCheckKey(AssetKey("validation_gradients"), "features_finite_unit_norm")
+    execution = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
+    checked = execution.event.dagster_event.event_specific_data.metadata
+    assert {b: checked[b].value["passed"] for b in BENCHMARKS} == {b: True for b in BENCHMARKS}
+    assert all(checked[b].value["max_norm_error"] <= checked[b].value["tolerance"] for b in BENCHMARKS)
 
 
 def test_asset_checks_pass(first_run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import polars as pl
@@ -10,9 +11,10 @@ import pytest
 
 from icons_dagster.core.config import GradientConfig, LoraSettings, ModelConfig, SelectionConfig, WarmupConfig
 from icons_dagster.core.features import load_features, load_samples
+from icons_dagster.core import pipeline
 from icons_dagster.core.pipeline import (
     ModelCache,
-    stage_influence,
+    stage_influences,
     stage_pool,
     stage_selected_subset,
     stage_train_shard,
@@ -65,7 +67,7 @@ def test_influence_sums_checkpoints_by_lr_weight_with_adam_features(two_checkpoi
     np.testing.assert_allclose(np.linalg.norm(adam_features, axis=1), 1.0, atol=2e-3)
 
     val = stage_validation(store, "yes_no", demo_paths.benchmarks, demo_paths.image_root, ckpt, model, sgd, models).ref
-    influence = stage_influence(store, "yes_no", pool, ckpt, shards, val, p=0.2, write_full_matrix=True).ref
+    influence = stage_influences(store, pool, ckpt, shards, {"yes_no": val}, p=0.2, write_full_matrix=True)["yes_no"].ref
     frame = pl.read_parquet(store.absolute(influence["path"]) / "influence.parquet")
     # The full matrix, on request, agrees with the streamed means (eq. 3).
     matrix = np.load(store.absolute(influence["path"]) / "influence_matrix-checkpoint-1.npy", allow_pickle=False)
@@ -91,6 +93,45 @@ def test_influence_sums_checkpoints_by_lr_weight_with_adam_features(two_checkpoi
     metadata = result.metadata
     assert metadata["coverage"] == 0.5
     assert metadata["n_reserved"] == int(0.5 * int(0.2 * frame.height)) and metadata["n_by_coverage"] == 0
+
+
+def test_benchmarks_scored_in_one_pass_equal_each_scored_alone(two_checkpoint_run, demo_paths, monkeypatch):
+    """K benchmarks read the training features once per checkpoint, not K times, and each
+    gets the artifact it would get alone (same fingerprint, same bits)."""
+    store, models, model, pool, ckpt = two_checkpoint_run
+    sgd = GradientConfig(dim=64, seed=3, batch_size=8)
+    shards = {s: stage_train_shard(store, s, pool, ckpt, model, sgd, models).ref for s in ("shard-0000", "shard-0001")}
+    names = ("counting", "multiple_choice", "yes_no")  # multiple_choice: two subtask groups
+    vals = {b: stage_validation(store, b, demo_paths.benchmarks, demo_paths.image_root, ckpt, model, sgd, models).ref for b in names}
+    passes: list[int] = []
+    scores_from_files = pipeline.influence_scores_from_files
+
+    def counted(paths, means, groups=None, **kwargs):
+        passes.append(len(groups))  # the real pass, counted
+        return scores_from_files(paths, means, groups, **kwargs)
+
+    monkeypatch.setattr(pipeline, "influence_scores_from_files", counted)
+    together = stage_influences(store, pool, ckpt, shards, vals, p=0.2)
+    assert sorted(together) == list(names) and passes == [3, 3]  # one pass per checkpoint, all benchmarks in it
+    frames = {b: pl.read_parquet(store.absolute(r.ref["path"]) / "influence.parquet") for b, r in together.items()}
+    shared = ("seconds", "reused", "scored_together")  # what depends on the pass, not the scores
+    metadata = {b: {k: v for k, v in r.metadata.items() if k not in shared} for b, r in together.items()}
+    assert metadata["multiple_choice"]["subtask_groups"] == ["color", "shape"]
+    assert all(r.metadata["scored_together"] == list(names) for r in together.values())
+    for b in names:
+        shutil.rmtree(store.absolute(together[b].ref["path"]))
+        passes.clear()
+        alone = stage_influences(store, pool, ckpt, shards, {b: vals[b]}, p=0.2)[b]
+        assert passes == [1, 1] and alone.ref["fingerprint"] == together[b].ref["fingerprint"]
+        assert pl.read_parquet(store.absolute(alone.ref["path"]) / "influence.parquet").equals(frames[b])
+        assert {k: v for k, v in alone.metadata.items() if k not in shared} == metadata[b]
+        assert alone.metadata["scored_together"] == [b]
+    # stored benchmarks are reused; only the missing one is scored
+    shutil.rmtree(store.absolute(together["yes_no"].ref["path"]))
+    passes.clear()
+    again = stage_influences(store, pool, ckpt, shards, vals, p=0.2)
+    assert passes == [1, 1]
+    assert [again[b].ref["reused"] for b in names] == [True, True, False]
 
 
 def test_store_never_trusts_a_half_written_artifact(tmp_path):
@@ -120,7 +161,7 @@ def test_an_empty_shard_is_valid_and_scores_nothing(two_checkpoint_run, demo_pat
     assert load_features(store.absolute(empty.ref["path"]), 0, mmap=False).shape == (0, 64)
     full = stage_train_shard(store, "shard-0000", pool, ckpt, model, sgd, models).ref
     val = stage_validation(store, "counting", demo_paths.benchmarks, demo_paths.image_root, ckpt, model, sgd, models).ref
-    scored = stage_influence(store, "counting", pool, ckpt, {"shard-0000": full, "shard-9999": empty.ref}, val, p=0.2).ref
+    scored = stage_influences(store, pool, ckpt, {"shard-0000": full, "shard-9999": empty.ref}, {"counting": val}, p=0.2)["counting"].ref
     assert scored["n_train"] == full["n_samples"]
 
 

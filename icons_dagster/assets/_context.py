@@ -4,9 +4,11 @@
 import time
 from typing import Any
 
-from dagster import AssetExecutionContext, AutomationCondition, DataVersion, MetadataValue, Output
+from dagster import AssetExecutionContext, AutomationCondition, BackfillPolicy, DataVersion, MetadataValue, Output
 
+from icons_dagster.core.fingerprint import fingerprint
 from icons_dagster.core.pipeline import StageResult
+from icons_dagster.resources.refs import PartitionRefs
 
 GROUP = "icons"
 # vote_table and selected_subset claim this pool (limit 1 in the instance's dagster.yaml),
@@ -14,6 +16,10 @@ GROUP = "icons"
 SELECTION_POOL = "icons_selection"
 # New benchmarks' features and influence, then the vote, run by themselves.
 EAGER = AutomationCondition.eager()
+# Benchmark-partitioned assets take every requested benchmark in one run (a backfill from
+# the UI, several new folders in one automation tick, the CLI): the model loads once and
+# the training features are read once for all of them, not once per benchmark.
+ONE_RUN_PER_BACKFILL = BackfillPolicy.single_run()
 
 
 def throttled_progress(context: AssetExecutionContext, label: str, every_seconds: float = 10.0):
@@ -52,3 +58,16 @@ def to_metadata(result: StageResult) -> dict[str, Any]:
 def output(result: StageResult) -> Output:
     """The reference as the asset's value; its fingerprint as the data version."""
     return Output(result.ref, metadata=to_metadata(result), data_version=DataVersion(result.ref["fingerprint"]))
+
+
+def partition_outputs(context: AssetExecutionContext, results: dict[str, StageResult]) -> Output:
+    """The references of every partition in the run, each with its own metadata.
+
+    Dagster stamps one data version on all partitions of an output: the artifact's
+    fingerprint when the run has one partition, a fingerprint of all of them otherwise.
+    """
+    for key, result in results.items():
+        context.add_asset_metadata(to_metadata(result), partition_key=key)
+    fingerprints = {key: result.ref["fingerprint"] for key, result in results.items()}
+    version = next(iter(fingerprints.values())) if len(fingerprints) == 1 else fingerprint("partitions", refs=fingerprints)
+    return Output(PartitionRefs({key: result.ref for key, result in results.items()}), data_version=DataVersion(version))

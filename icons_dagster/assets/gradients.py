@@ -3,18 +3,24 @@
 
 from collections.abc import Iterator
 
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, asset
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MetadataValue, asset
 
-from icons_dagster.assets._context import EAGER, GROUP, output, throttled_progress
+from icons_dagster.assets._context import EAGER, GROUP, ONE_RUN_PER_BACKFILL, partition_outputs, throttled_progress
 from icons_dagster.core.pipeline import StageResult, check_features, stage_train_shard, stage_validation
 from icons_dagster.core.store import ArtifactStore
 
 FEATURE_CHECK = "features_finite_unit_norm"
 
 
-def _with_check(artifacts: ArtifactStore, result: StageResult, num_checkpoints: int):
-    yield output(result)
-    passed, metadata = check_features(artifacts, result.ref, num_checkpoints)
+def _with_check(context: AssetExecutionContext, artifacts: ArtifactStore, results: dict[str, StageResult], num_checkpoints: int):
+    """The run's partitions, then one feature check over all of them (per partition in its metadata)."""
+    yield partition_outputs(context, results)
+    checked = {key: check_features(artifacts, result.ref, num_checkpoints) for key, result in results.items()}
+    passed = all(ok for ok, _ in checked.values())
+    if len(checked) == 1:
+        metadata = next(iter(checked.values()))[1]
+    else:
+        metadata = {key: MetadataValue.json({"passed": ok, **details}) for key, (ok, details) in checked.items()}
     yield AssetCheckResult(check_name=FEATURE_CHECK, passed=passed, metadata=metadata)
 from icons_dagster.partitions import benchmark_partitions, train_shard_partitions
 from icons_dagster.resources import DataResource, ModelResource, SettingsResource, StoreResource
@@ -46,13 +52,14 @@ def training_gradients(
         log=context.log.info,
         progress=throttled_progress(context, f"training_gradients[{context.partition_key}]"),
     )
-    yield from _with_check(artifacts, result, len(warmup_checkpoint["checkpoints"]))
+    yield from _with_check(context, artifacts, {context.partition_key: result}, len(warmup_checkpoint["checkpoints"]))
 
 
 @asset(
     group_name=GROUP,
     io_manager_key="refs_io_manager",
     partitions_def=benchmark_partitions,
+    backfill_policy=ONE_RUN_PER_BACKFILL,
     check_specs=[AssetCheckSpec(FEATURE_CHECK, asset="validation_gradients")],
     automation_condition=EAGER,
 )
@@ -64,18 +71,22 @@ def validation_gradients(
     settings: SettingsResource,
     warmup_checkpoint: dict,
 ) -> Iterator:
-    """SGD gradient features of one benchmark's validation set, same projector as training."""
+    """SGD gradient features of each benchmark's validation set in the run, same projector as
+    training (one model load for all of them)."""
     artifacts = store.store()
     paths = data.paths(artifacts)
-    result = stage_validation(
-        artifacts,
-        context.partition_key,
-        paths.benchmarks,
-        paths.image_root,
-        warmup_checkpoint,
-        model.checkpoint_config(artifacts),
-        settings.gradients(),
-        log=context.log.info,
-        progress=throttled_progress(context, f"validation_gradients[{context.partition_key}]"),
-    )
-    yield from _with_check(artifacts, result, len(warmup_checkpoint["checkpoints"]))
+    results = {
+        benchmark: stage_validation(
+            artifacts,
+            benchmark,
+            paths.benchmarks,
+            paths.image_root,
+            warmup_checkpoint,
+            model.checkpoint_config(artifacts),
+            settings.gradients(),
+            log=context.log.info,
+            progress=throttled_progress(context, f"validation_gradients[{benchmark}]"),
+        )
+        for benchmark in context.partition_keys
+    }
+    yield from _with_check(context, artifacts, results, len(warmup_checkpoint["checkpoints"]))

@@ -1,10 +1,10 @@
 """task_influence: per benchmark, each training sample's mean cosine to its validation set."""
 
 
-from dagster import AllPartitionMapping, AssetIn, Output, asset
+from dagster import AllPartitionMapping, AssetExecutionContext, AssetIn, Output, asset
 
-from icons_dagster.assets._context import EAGER, GROUP, output
-from icons_dagster.core.pipeline import stage_influence
+from icons_dagster.assets._context import EAGER, GROUP, ONE_RUN_PER_BACKFILL, partition_outputs
+from icons_dagster.core.pipeline import stage_influences
 from icons_dagster.partitions import benchmark_partitions
 from icons_dagster.resources import SettingsResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS
@@ -14,11 +14,15 @@ from icons_dagster.resources.refs import ALL_PARTITIONS
     group_name=GROUP,
     io_manager_key="refs_io_manager",
     partitions_def=benchmark_partitions,
+    backfill_policy=ONE_RUN_PER_BACKFILL,
     automation_condition=EAGER,
-    ins={"training_gradients": AssetIn(partition_mapping=AllPartitionMapping(), metadata=ALL_PARTITIONS)},
+    ins={
+        "training_gradients": AssetIn(partition_mapping=AllPartitionMapping(), metadata=ALL_PARTITIONS),
+        "validation_gradients": AssetIn(metadata=ALL_PARTITIONS),
+    },
 )
 def task_influence(
-    context,
+    context: AssetExecutionContext,
     store: StoreResource,
     settings: SettingsResource,
     training_pool: dict,
@@ -26,15 +30,16 @@ def task_influence(
     training_gradients: dict,
     validation_gradients: dict,
 ) -> Output:
-    """Paper eq. 3 as one streaming pass: inner product with the mean validation feature."""
-    result = stage_influence(
+    """Paper eq. 3 for every benchmark in the run in one streaming pass over the training
+    features: each sample's inner product with each benchmark's mean validation feature."""
+    results = stage_influences(
         store.store(),
-        context.partition_key,
         training_pool,
         warmup_checkpoint,
         training_gradients,
         validation_gradients,
         settings.selection().p,
         write_full_matrix=settings.write_influence_matrix,
+        log=context.log.info,
     )
-    return output(result)
+    return partition_outputs(context, results)

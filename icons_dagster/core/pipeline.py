@@ -31,6 +31,7 @@ from icons_dagster.core.influence import (
     iter_npy_rows,
     influence_scores_from_files,
     mean_validation_feature,
+    stack_group_means,
     weighted_influence,
 )
 from icons_dagster.core.model import Placement, attach_new_lora, load_base_model, load_lora, load_processor, resolve_placement
@@ -399,49 +400,118 @@ def stage_validation(
 # -- task_influence -----------------------------------------------------------------------
 
 
-def stage_influence(
+@dataclass(frozen=True)
+class _ValidationSet:
+    """One benchmark's stored validation features: where they are and their subtask labels."""
+
+    directory: Path
+    subtasks: list[str] | None  # None: the benchmark is one group
+    n: int
+
+    @classmethod
+    def load(cls, store: ArtifactStore, ref: dict) -> _ValidationSet:
+        directory = store.absolute(ref["path"])
+        labels = load_samples(directory)["subtask"].to_list()
+        return cls(directory, labels if any(s is not None for s in labels) else None, len(labels))
+
+    def means(self, checkpoint: int) -> np.ndarray:
+        return mean_validation_feature(load_features(self.directory, checkpoint, mmap=False), self.subtasks)[0]
+
+    def groups(self) -> list[str]:
+        return sorted(set(map(str, self.subtasks))) if self.subtasks is not None else []
+
+
+def stage_influences(
     store: ArtifactStore,
-    benchmark: str,
     pool_ref: dict,
     checkpoint_ref: dict,
     train_refs: dict[str, dict],
-    validation_ref: dict,
+    validation_refs: dict[str, dict],
     p: float,
     write_full_matrix: bool = False,
-) -> StageResult:
-    """Eq. 3 per checkpoint, LR-weighted; ``write_full_matrix`` also stores the |D| x |V| matrix."""
+    log: Log = quiet_log,
+) -> dict[str, StageResult]:
+    """Eq. 3 per checkpoint, LR-weighted, for every benchmark in ``validation_refs``.
+
+    The benchmarks without a stored artifact are scored together in ONE streaming pass
+    over the training features per checkpoint (each benchmark's scores are bit-identical
+    to scoring it alone, see ``influence_scores_from_files``), so materializing K
+    benchmarks reads the training shards once, not K times. Each benchmark still gets
+    its own artifact and fingerprint. ``write_full_matrix`` also stores the |D| x |V|
+    matrix.
+    """
     shards = sorted(train_refs)
-    fp = fingerprint(
-        "task_influence",
-        benchmark=benchmark,
-        train=[train_refs[s]["fingerprint"] + "/" + s for s in shards],
-        validation=validation_ref["fingerprint"],
-        checkpoint=checkpoint_ref["fingerprint"],
-        p=p,
-        full_matrix=write_full_matrix,
-    )
-    directory = store.artifact_dir("task_influence", fp, benchmark)
-    if (reused := reuse_artifact(store, "task_influence", fp, directory)) is not None:
-        return reused
+    train_fingerprints = [train_refs[s]["fingerprint"] + "/" + s for s in shards]
+    results: dict[str, StageResult] = {}
+    pending: dict[str, tuple[str, Path]] = {}
+    for benchmark in sorted(validation_refs):
+        fp = fingerprint(
+            "task_influence",
+            benchmark=benchmark,
+            train=train_fingerprints,
+            validation=validation_refs[benchmark]["fingerprint"],
+            checkpoint=checkpoint_ref["fingerprint"],
+            p=p,
+            full_matrix=write_full_matrix,
+        )
+        directory = store.artifact_dir("task_influence", fp, benchmark)
+        if (reused := reuse_artifact(store, "task_influence", fp, directory)) is not None:
+            results[benchmark] = reused
+        else:
+            pending[benchmark] = (fp, directory)
+    if not pending:
+        return results
     weights = [entry["weight"] for entry in checkpoint_ref["checkpoints"]]
-    val_dir = store.absolute(validation_ref["path"])
-    val_samples = load_samples(val_dir)
-    subtasks = val_samples["subtask"].to_list()
-    has_subtasks = any(s is not None for s in subtasks)
+    shard_dirs = [store.absolute(train_refs[shard]["path"]) for shard in shards]
     ids: list[str] = []
     shard_col: list[str] = []
-    groups: list[str] = []
-    shard_dirs = [store.absolute(train_refs[shard]["path"]) for shard in shards]
     for shard, shard_dir in zip(shards, shard_dirs, strict=True):
         shard_ids = load_samples(shard_dir)["id"].to_list()
         ids += shard_ids
         shard_col += [shard] * len(shard_ids)
-    per_ckpt_scores = []
+    validation = {b: _ValidationSet.load(store, validation_refs[b]) for b in pending}
+    per_ckpt_scores: dict[str, list[np.ndarray]] = {b: [] for b in pending}
     for c in range(len(weights)):
-        means, groups = mean_validation_feature(load_features(val_dir, c, mmap=False), subtasks if has_subtasks else None)
-        # One streaming pass over the shard files with bounded memory (no memory map).
+        means = [validation[b].means(c) for b in pending]
+        stacked, groups = stack_group_means(means)
         paths = [shard_dir / features_file(c) for shard_dir in shard_dirs]
-        per_ckpt_scores.append(influence_scores_from_files(paths, means)[:, 0])
+        log(f"influence of {len(pending)} benchmark(s) over {len(ids)} training samples, checkpoint {c}: one streaming pass")
+        scores = influence_scores_from_files(paths, stacked, groups)  # [n, K], bounded memory
+        for k, benchmark in enumerate(pending):
+            per_ckpt_scores[benchmark].append(np.ascontiguousarray(scores[:, k]))
+    manifest_df = load_pool_manifest(store, pool_ref, columns=["id", "family"])
+    families = family_column(manifest_df, ids)
+    for benchmark, (fp, directory) in pending.items():
+        results[benchmark] = _write_influence(
+            store, benchmark, fp, directory, pool_ref, train_refs, shards, validation_refs[benchmark], validation[benchmark],
+            ids, shard_col, families, per_ckpt_scores[benchmark], weights, p, write_full_matrix, list(pending),
+        )
+    return {b: results[b] for b in sorted(results)}
+
+
+def _write_influence(
+    store: ArtifactStore,
+    benchmark: str,
+    fp: str,
+    directory: Path,
+    pool_ref: dict,
+    train_refs: dict[str, dict],
+    shards: list[str],
+    validation_ref: dict,
+    validation: _ValidationSet,
+    ids: list[str],
+    shard_col: list[str],
+    families: list[str] | None,
+    per_ckpt_scores: list[np.ndarray],
+    weights: list[float],
+    p: float,
+    write_full_matrix: bool,
+    scored_together: list[str],
+) -> StageResult:
+    """One benchmark's influence artifact: the table, its metadata and plots, the optional matrix.
+
+    ``scored_together``: the benchmarks of the shared pass (its ``seconds`` include that pass).
+    """
     scores = weighted_influence(per_ckpt_scores, weights)
     table = {"id": ids, "shard": shard_col, "influence": scores.astype(np.float32)}
     for c, values in enumerate(per_ckpt_scores):
@@ -450,13 +520,13 @@ def stage_influence(
     metadata: dict[str, Any] = {
         "benchmark": benchmark,
         "n_train": len(ids),
-        "n_validation": val_samples.height,
-        "subtask_groups": groups if has_subtasks else [],
+        "n_validation": validation.n,
+        "subtask_groups": validation.groups(),
         "checkpoint_weights": weights,
+        "scored_together": scored_together,
         "influence_mean": float(scores.mean()) if len(scores) else 0.0,
         "influence_std": float(scores.std()) if len(scores) else 0.0,
     }
-    families = family_column(load_pool_manifest(store, pool_ref, columns=["id", "family"]), ids)
     if len(ids) and families is not None and benchmark in set(families):
         top = analysis.top_fraction_mask(scores, p, ids)
         metadata["specialist_family_enrichment"] = analysis.family_enrichment(top, families, benchmark)
@@ -475,7 +545,7 @@ def stage_influence(
         frame.write_parquet(tmp / INFLUENCE_FILE)
         if write_full_matrix:
             for c in range(len(weights)):
-                val_features = load_features(val_dir, c, mmap=False)
+                val_features = load_features(validation.directory, c, mmap=False)
                 matrix = np.concatenate(
                     [full_influence_matrix(load_features(store.absolute(train_refs[s]["path"]), c), val_features) for s in shards]
                 )

@@ -6,7 +6,9 @@ manager keeps that dict as JSON, never a pickle. A downstream input declared wit
 ``ALL_PARTITIONS`` metadata always receives ``{partition_key: ref}``, even when one
 partition is mapped (UPathIOManager would hand over a bare object then); a missing
 upstream partition is a clear error naming it. ``MATERIALIZED_PARTITIONS`` hands over only
-the partitions materialized so far (the asset decides which it needs).
+the partitions materialized so far (the asset decides which it needs). An asset that
+materializes several partitions in one run (a single-run backfill policy) returns
+``PartitionRefs``, one reference per partition of the run, each stored on its own.
 
 With a shared store (``remote``, an fsspec URL) the references are written there too and
 read from there, so a run on another machine sees the upstream runs' outputs.
@@ -33,6 +35,11 @@ def _remote_store(url: str) -> RemoteStore:
     return RemoteStore(url)
 
 
+class PartitionRefs(dict):
+    """``{partition_key: ref}`` for every partition a run materialized (a plain JSON dict
+    underneath; the type tells the IO manager it holds several references, not one)."""
+
+
 def read_ref(root: str | Path, asset: str, partition: str | None = None) -> dict:
     """The current reference of an asset (partition), as the IO manager stored it."""
     path = Path(root) / "refs" / asset / f"{partition or UNPARTITIONED}.json"
@@ -55,14 +62,27 @@ class ArtifactRefIOManager(ConfigurableIOManager):
         return _remote_store(self.remote) if self.remote else None
 
     def handle_output(self, context: OutputContext, obj: dict) -> None:
+        name = context.asset_key.to_user_string()
         if not isinstance(obj, dict):
-            raise TypeError(f"asset {context.asset_key.to_user_string()} must return a reference dict, got {type(obj).__name__}")
-        partition = context.partition_key if context.has_asset_partitions else None
-        path = self._path(context.asset_key.path, partition)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, obj)
-        if (remote := self._remote()) is not None:
-            remote.write_text(self._relative(context.asset_key.path, partition), path.read_text(encoding="utf-8"))
+            raise TypeError(f"asset {name} must return a reference dict, got {type(obj).__name__}")
+        keys = sorted(context.asset_partition_keys) if context.has_asset_partitions else [None]
+        if isinstance(obj, PartitionRefs):
+            if sorted(obj) != keys:
+                raise ValueError(f"asset {name} returned references for {sorted(obj)} but the run materializes {keys}")
+            refs = dict(obj)
+        elif len(keys) == 1:
+            refs = {keys[0]: obj}
+        else:
+            raise ValueError(f"asset {name} materializes {len(keys)} partitions in this run: return PartitionRefs, one reference each")
+        for partition, ref in refs.items():  # all checked before any is written
+            if not isinstance(ref, dict):
+                raise TypeError(f"asset {name}[{partition}] must return a reference dict, got {type(ref).__name__}")
+        for partition, ref in refs.items():
+            path = self._path(context.asset_key.path, partition)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, ref)
+            if (remote := self._remote()) is not None:
+                remote.write_text(self._relative(context.asset_key.path, partition), path.read_text(encoding="utf-8"))
 
     def _exists(self, asset_path: list[str], partition: str | None) -> bool:
         remote = self._remote()
