@@ -167,3 +167,38 @@ def test_each_module_gradient_is_handed_over_once_inside_the_backward(setup, dem
         assert layer[0] == max(layer) and layer[-1] == min(layer)  # backward order
         assert without_grad[0] > len(stored) // 2 and without_grad == sorted(without_grad, reverse=True)
         assert not hooks._inputs and not hooks._output_grads
+
+
+def test_answer_logit_positions_and_the_loss_on_them():
+    from icons_dagster.core.encoding import IGNORE_INDEX, answer_logit_positions, per_sample_loss
+
+    x = IGNORE_INDEX
+    labels = torch.tensor([[x, x, 5, 6, x, x], [x, 7, x, x, x, x]])
+    # position t predicts token t + 1: row 0 needs t = 1, 2; row 1 needs t = 0
+    assert answer_logit_positions(labels).tolist() == [0, 1, 2]
+    assert answer_logit_positions(torch.full((2, 4), x)).tolist() == []
+    logits = torch.randn(2, 6, 9, generator=torch.Generator().manual_seed(0))
+    full = per_sample_loss(logits, labels)
+    kept = per_sample_loss(logits[:, [0, 1, 2]], labels, torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(kept, full, rtol=0, atol=1e-6)
+    # by hand: row 1 is the cross-entropy of token 7 from the logits at position 0
+    torch.testing.assert_close(full[1], -torch.log_softmax(logits[1, 0], dim=0)[7])
+
+
+def test_vocabulary_head_only_at_answer_positions_gives_the_same_features(setup, demo_records):
+    """The hooks ask the model for logits at answer positions only; the features and losses
+    are those of the full head (which the batch-1 loop above also matches)."""
+    model, encoder, placement = setup
+    samples = mixed_batch(encoder, demo_records)
+    batch = collate(samples, encoder.tokenizer.pad_token_id)
+    projector = make_projector("countsketch", 256, seed=0)
+    results = {}
+    for answers_only in (True, False):
+        with PerSampleGradients(model) as hooks:
+            assert hooks._keeps_logits  # the tiny LLaVA's forward takes logits_to_keep
+            hooks._keeps_logits = answers_only
+            results[answers_only] = projected_features(hooks, batch, projector, placement.device, placement.dtype)
+    (features, losses), (full_features, full_losses) = results[True], results[False]
+    assert (full_features.norm(dim=1) > 0).all()
+    torch.testing.assert_close(features, full_features, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(losses, full_losses, rtol=1e-6, atol=1e-7)

@@ -246,10 +246,28 @@ def collate(samples: Sequence[EncodedSample], pad_token_id: int) -> Batch:
     return Batch([s.id for s in samples], input_ids, attention_mask, labels, image_inputs, token_inputs)
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over each sample's answer tokens (as HF does per sample), in fp32."""
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = labels[:, 1:].to(logits.device)
+def answer_logit_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[K] sorted sequence positions whose logits predict an answer token of some row.
+
+    Position t predicts token t + 1, so these are the t with ``labels[:, t + 1]`` not
+    ignored in any row: the only logits the loss reads. Passed as ``logits_to_keep``, the
+    model applies its vocabulary head to these positions alone (the rest of a LLaVA sample,
+    576 image tokens and the prompts, never carries a label).
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over each sample's answer tokens (as HF does per sample), in fp32.
+
+    ``positions``: the sequence positions ``logits`` were computed at (``logits_to_keep``,
+    see ``answer_logit_positions``); default every position.
+    """
+    labels = labels.to(logits.device)
+    if positions is None:
+        shifted_logits, shifted_labels = logits[:, :-1, :].float(), labels[:, 1:]
+    else:
+        shifted_logits, shifted_labels = logits.float(), labels[:, positions.to(logits.device) + 1]
     token_loss = torch.nn.functional.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.size(-1)),
         shifted_labels.reshape(-1),

@@ -26,6 +26,7 @@ from icons_dagster.core.config import GradientConfig, LoraSettings, ModelConfig,
 from icons_dagster.core.encoding import ConversationEncoder
 from icons_dagster.core.features import FeatureSet, compute_features, features_file, load_features, load_samples
 from icons_dagster.core.fingerprint import checkpoint_identity, fingerprint
+from icons_dagster.core.gradients import FEATURES_VERSION
 from icons_dagster.core.influence import (
     full_influence_matrix,
     iter_npy_rows,
@@ -310,6 +311,7 @@ def _feature_metadata(features: FeatureSet, gradients: GradientConfig, gradient_
 
 def gradient_fingerprint_fields(gradients: GradientConfig, gradient_type: str) -> dict:
     return {
+        "features_version": FEATURES_VERSION,
         "projector": gradients.projector,
         "dim": gradients.dim,
         "seed": gradients.seed,
