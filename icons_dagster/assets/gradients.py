@@ -75,6 +75,7 @@ def validation_gradients(
     training (one model load for all of them)."""
     artifacts = store.store()
     paths = data.paths(artifacts)
+    checkpoint, gradients = model.checkpoint_config(artifacts), settings.gradients()
     results = {
         benchmark: stage_validation(
             artifacts,
@@ -82,8 +83,8 @@ def validation_gradients(
             paths.benchmarks,
             paths.image_root,
             warmup_checkpoint,
-            model.checkpoint_config(artifacts),
-            settings.gradients(),
+            checkpoint,
+            gradients,
             log=context.log.info,
             progress=throttled_progress(context, f"validation_gradients[{benchmark}]"),
         )

@@ -189,13 +189,15 @@ class PerSampleGradients:
         if placement.gradient_checkpointing:  # the layers transformers' checkpointing replays
             self._replayed = {i for i, layers in self._layers_around.items() if any(layer.gradient_checkpointing for layer in layers)}
         positions = answer_logit_positions(batch.labels).to(device) if self._keeps_logits else None
-        only_answers = {"logits_to_keep": positions} if positions is not None and positions.numel() else {}
+        if positions is not None and not positions.numel():
+            positions = None  # no answer token in the batch: the full head, as without the argument
+        head = {} if positions is None else {"logits_to_keep": positions}
         try:
             with gradient_mode(self.model, placement):
                 # a replay that stops early would skip the hooks of a layer's last modules
                 with placement.forward_context(), set_checkpoint_early_stop(False):
-                    outputs = self.model(**batch.model_inputs(device, dtype), **only_answers)
-                    losses = per_sample_loss(outputs.logits, batch.labels, positions if only_answers else None)
+                    outputs = self.model(**batch.model_inputs(device, dtype), **head)
+                    losses = per_sample_loss(outputs.logits, batch.labels, positions)
                 losses.sum().backward()
         finally:
             self._consume = None
