@@ -7,8 +7,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from demo_pin import PIN_FILE, demo_outputs
 from icons_dagster.cli import main
 from icons_dagster.resources.home import read_home_config
+
+PIN_TOLERANCE = 1e-6
 
 
 def write_pool(folder: Path) -> Path:
@@ -59,6 +62,7 @@ def test_demo_command_runs_the_graph_on_a_persistent_home(tmp_path, monkeypatch,
     assert read_home_config(home)["data"]["demo_size"] == "test"
     assert (home / "dagster" / "dagster.yaml").is_file()
     assert any((home / "dagster").rglob("*.db"))  # runs recorded in the home's instance
+    assert_matches_pin(demo_outputs(home))
 
     # Why is a sample in? Its votes and rank agree with the Parquet table of every sample.
     import polars as pl
@@ -71,6 +75,17 @@ def test_demo_command_runs_the_graph_on_a_persistent_home(tmp_path, monkeypatch,
     assert f"{first['votes']} vote(s)" in out
     assert out.count("| yes |") == first["votes"]
     assert main(["--home", str(home), "explain", "no-such-id"]) == 2
+
+
+def assert_matches_pin(outputs: dict) -> None:
+    """Same subsets in the same order, same votes, influence and confidence within 1e-6."""
+    pinned = json.loads(PIN_FILE.read_text(encoding="utf-8"))
+    for key in ("icons_selected_in_rank_order", "ids", "votes", "ofa_selected_in_rank_order"):
+        assert outputs[key] == pinned[key], key
+    assert sorted(outputs["influence"]) == sorted(pinned["influence"])
+    for name, values in pinned["influence"].items():
+        assert max(abs(a - b) for a, b in zip(outputs["influence"][name], values, strict=True)) < PIN_TOLERANCE, name
+    assert max(abs(a - b) for a, b in zip(outputs["ofa_confidence"], pinned["ofa_confidence"], strict=True)) < PIN_TOLERANCE
 
 
 def test_run_command_on_a_given_pool_and_benchmarks(demo_paths, tmp_path, monkeypatch, capsys):
