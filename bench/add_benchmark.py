@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -26,13 +25,12 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 from dagster import DagsterInstance, evaluate_automation_conditions  # noqa: E402
 
-from icons_dagster.core.store import ArtifactStore  # noqa: E402
+from icons_dagster.core.schema import IconsConfig  # noqa: E402
 from icons_dagster.daemon_emulation import apply_benchmark_sensor, run_automation  # noqa: E402
-from icons_dagster.definitions import build_definitions, build_resources, versioned_assets  # noqa: E402
+from icons_dagster.definitions import build_definitions, build_resources, graph_assets  # noqa: E402
+from icons_dagster.demo.bootstrap import DEFAULT_STAGE1_STEPS, demo_settings, stage1_records  # noqa: E402
 from icons_dagster.demo.data import generate_demo  # noqa: E402
-from icons_dagster.partitions import train_shard_partitions  # noqa: E402
-from icons_dagster.resources import ModelResource  # noqa: E402
-from icons_dagster.resources.home import DEMO_PRESET  # noqa: E402
+from icons_dagster.demo.stage1 import ensure_stage1_model  # noqa: E402
 from icons_dagster.runner import run_graph  # noqa: E402
 
 
@@ -41,11 +39,10 @@ def instance_at(folder: Path) -> DagsterInstance:
     return DagsterInstance.local_temp(str(folder / "dagster"), overrides={"telemetry": {"enabled": False}})
 
 
-def config_for(demo, benchmarks: Path, base_model: Path) -> dict:
-    config = json.loads(json.dumps(DEMO_PRESET))
-    config["data"] = {"pool": str(demo.pool), "image_root": str(demo.image_root), "benchmarks": str(benchmarks)}
-    config["model"]["name_or_path"] = str(base_model)  # both sides start from the built base model
-    return config
+def config_for(demo, benchmarks: Path, base_model: Path) -> IconsConfig:
+    data = {"pool": str(demo.pool), "image_root": str(demo.image_root), "benchmarks": str(benchmarks)}
+    # both sides start from the built base model
+    return IconsConfig.from_json(demo_settings(data=data, model={"name_or_path": str(base_model)}))
 
 
 def main() -> None:
@@ -59,7 +56,7 @@ def main() -> None:
     names = sorted(p.name for p in demo.benchmarks.iterdir())
     new = names[-1]
     # the demo's stage-1 base model stands for a user's checkpoint: built before the clock starts
-    base_model = Path(ModelResource(**DEMO_PRESET["model"]).checkpoint_config(ArtifactStore(work / "base")).name_or_path)
+    base_model = ensure_stage1_model(work / "base", DEFAULT_STAGE1_STEPS, stage1_records(DEFAULT_STAGE1_STEPS))
 
     full_dir = work / "full"
     start = time.perf_counter()
@@ -75,7 +72,7 @@ def main() -> None:
     run_graph(inc_dir, config, instance=instance)
     defs = build_definitions(inc_dir, config)
     resources = build_resources(inc_dir, config)
-    assets = versioned_assets(resources, len(train_shard_partitions.get_partition_keys()))
+    assets = graph_assets(config)
     cursor = evaluate_automation_conditions(defs, instance).cursor
     shutil.copytree(demo.benchmarks / new, benchmarks / new)
     start = time.perf_counter()
@@ -86,7 +83,7 @@ def main() -> None:
     same = hashlib.sha256(Path(full["subset_json"]).read_bytes()).digest() == hashlib.sha256(
         (inc_dir / "exports" / "selected_subset.json").read_bytes()
     ).digest()
-    print(f"demo size {args.size}: {len(names)} benchmarks, {len(train_shard_partitions.get_partition_keys())} shards, torch threads {args.threads}")
+    print(f"demo size {args.size}: {len(names)} benchmarks, {config.data.num_shards} shards, torch threads {args.threads}")
     print(f"full recompute (all {len(names)} benchmarks): {t_full:.1f} s")
     print(f"add benchmark {new!r} (sensor + automation): {t_add:.1f} s")
     print(f"ratio full / add: {t_full / t_add:.1f}x; subsets byte-identical: {same}")

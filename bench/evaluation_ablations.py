@@ -25,7 +25,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("ICONS_NUM_SHARDS", "4")  # the demo preset's; read when the partitions are defined
 
 import polars as pl  # noqa: E402
 
@@ -36,9 +35,9 @@ from icons_dagster.core.evaluation_pipeline import (  # noqa: E402
     stage_evaluation_subsets,
     stage_finetune,
 )
-from icons_dagster.definitions import build_resources  # noqa: E402
-from icons_dagster.resources.home import DEMO_PRESET  # noqa: E402
-from icons_dagster.resources.refs import read_ref  # noqa: E402
+from icons_dagster.core.schema import IconsConfig  # noqa: E402
+from icons_dagster.core.store import ArtifactStore  # noqa: E402
+from icons_dagster.demo.bootstrap import bootstrap_demo  # noqa: E402
 
 RATIOS = (0.05, 0.1, 0.2, 0.4, 0.6)
 DIMS = (1024, 2560, 5120, 10240)
@@ -47,35 +46,29 @@ SEEDS = (0, 1, 2)
 ICONS_VARIANTS = ("icons-paper", "icons-cover-50", "icons-cover-100")  # the paper's vote and two coverage reserves
 
 
-def demo_config(**settings) -> dict:
-    config = json.loads(json.dumps(DEMO_PRESET))
-    config["settings"].update(settings)
-    return config
-
-
-def run_icons(home: Path, config: dict, instance) -> tuple[dict, dict]:
+def run_icons(home: Path, config: IconsConfig, instance) -> tuple[dict, dict]:
     """The ICONS graph under ``config`` (cached artifacts reused); the pool and vote-table refs."""
     from icons_dagster.runner import run_graph
 
     run_graph(home, config, instance=instance, methods=("icons",))
-    return read_ref(home, "training_pool"), read_ref(home, "vote_table")
+    store = ArtifactStore(home)
+    return store.read_ref("training_pool"), store.read_ref("vote_table")
 
 
-def evaluate(home: Path, config: dict, pool_ref: dict, vote_ref: dict, methods: tuple[str, ...], p: float) -> tuple[dict, dict, list]:
+def evaluate(home: Path, config: IconsConfig, pool_ref: dict, vote_ref: dict, methods: tuple[str, ...], p: float) -> tuple[dict, dict, list]:
     """{method: {benchmark: score}}, {method: set of ids} for ``methods`` at ratio ``p``, and the
     benchmarks Rel. averages (where the full-data model beats chance)."""
-    resources = build_resources(home, config)
-    store = resources["store"].store()
-    paths = resources["data"].paths(store)
-    model_config = resources["model"].checkpoint_config(store)
-    lora = resources["evaluation"].lora_settings(resources["model"].lora_settings())
-    evaluation = dataclasses.replace(resources["evaluation"].evaluation_config(p), methods=methods)
-    subsets = stage_evaluation_subsets(store, pool_ref, vote_ref, {}, evaluation, paths.benchmarks, paths.image_root).ref
+    store = ArtifactStore(home)
+    paths, model_config = config.data, config.model
+    lora = config.evaluation.lora_for(config.lora)
+    evaluation = dataclasses.replace(config.evaluation, methods=methods)
+    benchmarks, image_root = paths.benchmarks_path(), paths.image_root_path()
+    subsets = stage_evaluation_subsets(store, pool_ref, vote_ref, {}, evaluation, p, benchmarks, image_root).ref
     frame = pl.read_parquet(store.absolute(subsets["path"]) / SUBSETS_FILE)
     scores, chosen, informative = {}, {}, []
     for method in methods:
         adapter = stage_finetune(store, method, pool_ref, subsets, model_config, lora, evaluation).ref
-        result = stage_benchmark_scores(store, method, adapter, paths.benchmarks, paths.image_root, model_config, evaluation).ref
+        result = stage_benchmark_scores(store, method, adapter, benchmarks, image_root, model_config, evaluation).ref
         scores[method] = result["scores"]
         chosen[method] = set(frame.filter(pl.col("method") == method)["id"].to_list())
         if method == "full":
@@ -115,7 +108,7 @@ def main() -> None:
     results: dict = {"threads": args.threads, "seconds": {}}
     start = time.perf_counter()
 
-    base_config = demo_config()
+    base_config = bootstrap_demo(home)
     pool_ref, base_votes = run_icons(home, base_config, instance)
     base_scores, base_chosen, informative = evaluate(home, base_config, pool_ref, base_votes, ("full", *ICONS_VARIANTS), 0.2)
     full = base_scores["full"]
@@ -132,18 +125,17 @@ def main() -> None:
         results["seconds"]["ratio"] = round(time.perf_counter() - t, 1)
 
     sweeps = {
-        "dim": [("projection_dim", d) for d in DIMS],
-        "warmup": [("warmup_ratio", w) for w in WARMUP_RATIOS],
-        "seed": [(("warmup_seed", "projection_seed"), s) for s in SEEDS],
+        "dim": [({"gradients": {"dim": d}}, d) for d in DIMS],
+        "warmup": [({"warmup": {"ratio": w}}, w) for w in WARMUP_RATIOS],
+        "seed": [({"warmup": {"seed": s}, "gradients": {"seed": s}}, s) for s in SEEDS],
     }
     for name, variants in sweeps.items():
         if name not in parts:
             continue
         t = time.perf_counter()
         results[name] = {}
-        for keys, value in variants:
-            settings = {k: value for k in (keys if isinstance(keys, tuple) else (keys,))}
-            config = demo_config(**settings)
+        for sections, value in variants:
+            config = base_config.replace(**sections)
             _, votes = run_icons(home, config, instance)
             scores, chosen, _ = evaluate(home, config, pool_ref, votes, ("full", *ICONS_VARIANTS), 0.2)
             scores["full"] = full

@@ -31,13 +31,17 @@ import polars as pl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
+from icons_dagster.core.schema import IconsConfig  # noqa: E402
+from icons_dagster.demo.bootstrap import DEFAULT_STAGE1_STEPS, demo_settings, stage1_records  # noqa: E402
 from icons_dagster.demo.data import generate_demo  # noqa: E402
-from icons_dagster.resources.home import DEMO_PRESET, write_home_config  # noqa: E402
+from icons_dagster.demo.stage1 import ensure_stage1_model  # noqa: E402
+from icons_dagster.resources.home import write_home_config  # noqa: E402
 
 
-def cli(home: Path, *args: str, threads: int) -> float:
-    """Wall seconds of one ``icons-dagster run`` on a fresh home preset like the demo."""
-    write_home_config(home, json.loads(json.dumps(DEMO_PRESET)))  # `run` keeps what it does not override
+def cli(home: Path, *args: str, threads: int, model: Path) -> float:
+    """Wall seconds of one ``icons-dagster run`` on a fresh home with the demo's settings and ``model``."""
+    # `run` keeps what it does not override
+    write_home_config(home, IconsConfig.from_json(demo_settings(model={"name_or_path": str(model)})))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "icons_dagster.cli", "--home", str(home), "run", *args]
     start = time.perf_counter()
@@ -97,13 +101,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ofa-vs-icons-"))
     pool_a = generate_demo(work / "demo_a", size=args.size, seed=0)
     pool_b = generate_demo(work / "demo_b", size=args.size, seed=1)
+    # the demo's stage-1 model, built once before any clock starts (every home names it)
+    model = ensure_stage1_model(work / "model", DEFAULT_STAGE1_STEPS, stage1_records(DEFAULT_STAGE1_STEPS))
     t = {}
-    t["icons_a"] = cli(work / "icons_a", *pool_args(pool_a), "--method", "icons", threads=args.threads)
-    t["ofa_a"] = cli(work / "ofa_a", *pool_args(pool_a), "--method", "ofa", threads=args.threads)
+    t["icons_a"] = cli(work / "icons_a", *pool_args(pool_a), "--method", "icons", threads=args.threads, model=model)
+    t["ofa_a"] = cli(work / "ofa_a", *pool_args(pool_a), "--method", "ofa", threads=args.threads, model=model)
     selector = work / "ofa_a" / "exports" / "ofa_selector"
-    t["icons_b"] = cli(work / "icons_b", *pool_args(pool_b), "--method", "icons", threads=args.threads)
-    t["ofa_b_reused"] = cli(work / "ofa_b_reused", *pool_args(pool_b), "--method", "ofa", "--ofa-selector", str(selector), threads=args.threads)
-    t["ofa_b_trained"] = cli(work / "ofa_b", *pool_args(pool_b), "--method", "ofa", threads=args.threads)
+    t["icons_b"] = cli(work / "icons_b", *pool_args(pool_b), "--method", "icons", threads=args.threads, model=model)
+    t["ofa_b_reused"] = cli(work / "ofa_b_reused", *pool_args(pool_b), "--method", "ofa", "--ofa-selector", str(selector), threads=args.threads, model=model)
+    t["ofa_b_trained"] = cli(work / "ofa_b", *pool_args(pool_b), "--method", "ofa", threads=args.threads, model=model)
 
     report: dict = {"wall_seconds_per_cli_run": {k: round(v, 1) for k, v in t.items()}, "threads": args.threads, "size": args.size}
     report["stage_seconds"] = {name: stage_seconds(work / name) for name in ("icons_a", "ofa_a", "icons_b", "ofa_b_reused")}

@@ -29,6 +29,9 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 from icons_dagster.demo.data import DemoSize, generate_alignment_data, generate_demo  # noqa: E402
 from icons_dagster.demo.smollm2 import build_smollm2_llava  # noqa: E402
 from icons_dagster.demo.stage1 import alignment_records, answer_loss, train_stage1  # noqa: E402
+from icons_dagster.core.schema import IconsConfig  # noqa: E402
+from icons_dagster.demo.bootstrap import demo_settings  # noqa: E402
+from icons_dagster.resources.home import write_home_config  # noqa: E402
 
 POOL = DemoSize(pool_per_family=40, multi_turn=24, text_only=24, val_per_benchmark=8, test_per_benchmark=24)
 METHODS = "full,random-0,icons,icons-paper"
@@ -81,16 +84,12 @@ def main() -> None:
     print("held-out caption loss", heldout, flush=True)
 
     demo = generate_demo(work / "data-smollm2", POOL)
-    config = {
-        "model": {"name_or_path": str(stage1), "lora_r": 8, "lora_alpha": 16, "max_length": 512},
-        "settings": {"warmup_ratio": 0.2, "learning_rate": 1e-3, "projection_dim": 1024, "gradient_batch_size": 8},
-        "ofa": {"num_clusters": 12, "hidden_dim": 64, "batch_size": 32, "embedder_image_weight": 0.2},
-        "evaluation": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 1e-3, "epochs": 3, "batch_size": 8},
-        "data": {},
-        "num_shards": 4,
-    }
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "icons.json").write_text(json.dumps(config, indent=1))
+    config = demo_settings(
+        model={"name_or_path": str(stage1)},
+        gradients={"batch_size": 8},
+        evaluation={"lora_r": 16, "lora_alpha": 32, "learning_rate": 1e-3, "epochs": 3, "batch_size": 8},
+    )
+    write_home_config(home, IconsConfig.from_json(config))
     seconds["run"] = round(cli(home, "run", "--pool", str(demo.pool), "--image-root", str(demo.image_root),
                                "--benchmarks", str(demo.benchmarks), "--method", "both", threads=args.threads), 1)
     seconds["evaluate"] = round(cli(home, "evaluate", "--methods", METHODS, threads=args.threads), 1)

@@ -26,10 +26,9 @@ from dagster import (
 from icons_dagster.assets import GROUP
 from icons_dagster.core.benchmarks import scan_benchmarks
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, benchmark_partitions
-from icons_dagster.resources import DataResource, StoreResource
+from icons_dagster.resources import DataResource
 
 SELECTION_ASSETS = [AssetKey("vote_table"), AssetKey("selected_subset")]
-DEFAULT_VOTE_CRON = "0 4 * * *"
 
 vote_job = define_asset_job("vote_job", selection=AssetSelection.assets(*SELECTION_ASSETS), description="Redo the vote and the subset.")
 
@@ -40,10 +39,10 @@ vote_job = define_asset_job("vote_job", selection=AssetSelection.assets(*SELECTI
     default_status=DefaultSensorStatus.RUNNING,
     description="Registers new benchmark folders as partitions and retires removed ones.",
 )
-def benchmark_folder_sensor(context: SensorEvaluationContext, store: StoreResource, data: DataResource):
-    paths = data.paths(store.store())
+def benchmark_folder_sensor(context: SensorEvaluationContext, data: DataResource):
+    paths = data.config()
     registered = context.instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME)
-    scan = scan_benchmarks(paths.benchmarks, paths.image_root, registered)
+    scan = scan_benchmarks(paths.benchmarks_path(), paths.image_root_path(), registered)
     for name, reason in scan.invalid.items():
         context.log.warning(f"benchmark folder {name!r} not registered: {reason}")
     requests = []
@@ -70,7 +69,7 @@ icons_automation_sensor = AutomationConditionSensorDefinition(
 )
 
 
-def vote_schedule(cron: str = DEFAULT_VOTE_CRON) -> ScheduleDefinition:
+def vote_schedule(cron: str) -> ScheduleDefinition:
     """Periodic rerun of the vote and the subset (stopped until a user starts it)."""
     return ScheduleDefinition(
         name="vote_schedule", cron_schedule=cron, job=vote_job, default_status=DefaultScheduleStatus.STOPPED

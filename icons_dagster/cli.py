@@ -7,15 +7,73 @@ the home's persistent instance; it never computes anything on a second code path
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
+from icons_dagster.core.schema import SECTIONS, IconsConfig, field_types
+from icons_dagster.core.store import ArtifactStore
 from icons_dagster.demo.data import DEMO_SIZES
-from icons_dagster.resources.home import DEMO_PRESET, read_home_config, resolve_home, write_home_config
+from icons_dagster.resources.home import read_home_config, resolve_home, write_home_config
+
+# The sections each command's flags set (generated from the section dataclasses' fields).
+RUN_SECTIONS = ("data", "model", "lora", "warmup", "gradients", "influence", "selection", "embedder", "ofa")
+EVALUATE_SECTIONS = ("evaluation",)
+
+
+def _flag_type(annotation: Any):
+    """How a flag's text becomes the field's JSON value."""
+    if annotation in (int, float, str):
+        return annotation
+    if annotation == (str | None):
+        return str
+    if typing.get_origin(annotation) is tuple and typing.get_args(annotation) == (str, Ellipsis):
+        return lambda text: [item for item in text.split(",") if item]
+    return json.loads  # tuples, mappings and free-form values: JSON
+
+
+def add_section_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    """One flag per field of each section: ``--<section>-<field>`` (or the field's ``flag``)
+    plus its ``aliases``, with its help, choices and default; the value lands in
+    ``<section>.<field>`` and only flags given on the command line are set."""
+    for section in sections:
+        cls = SECTIONS[section]
+        group = parser.add_argument_group(f"{section} settings", (cls.__doc__ or "").splitlines()[0])
+        types = field_types(cls)
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            flag = meta.get("flag") or f"--{section}-{f.name}".replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else None
+            kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS, "metavar": f.name.upper()}
+            kwargs["help"] = f"{meta.get('help', '')} (default: {default!r})".replace("%", "%%")
+            if types[f.name] is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+                del kwargs["metavar"]
+            else:
+                kwargs["type"] = _flag_type(types[f.name])
+            if meta.get("choices"):
+                kwargs["choices"] = list(meta["choices"])
+                del kwargs["metavar"]
+            group.add_argument(flag, *meta.get("aliases", ()), **kwargs)
+
+
+def section_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The section fields given on the command line; local paths made absolute."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if "." not in key:
+            continue
+        section, name = key.split(".", 1)
+        f = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+        if f.metadata.get("path") and value:
+            value = str(Path(value).expanduser().resolve())
+        overrides.setdefault(section, {})[name] = value
+    return overrides
 
 
 def _progress_printer():
@@ -32,27 +90,35 @@ def _progress_printer():
     return bar, on_step
 
 
-def demo_preset(size: str) -> dict[str, Any]:
-    """The demo configuration; the test-size demo gets a shorter stage 1 (200 steps, ~12 s)."""
-    config = json.loads(json.dumps(DEMO_PRESET))
-    config["data"]["demo_size"] = size
-    if size == "test":
-        config["model"]["demo_stage1_steps"] = 200
-    return config
+def _bootstrap_demo(home: Path, size: str, num_shards: int | None = None) -> IconsConfig:
+    """The demo's inputs built under the home (stage 1 shown as it trains), and their config."""
+    from tqdm import tqdm
+
+    from icons_dagster.demo.bootstrap import bootstrap_demo
+
+    bar = tqdm(total=1, unit="step", file=sys.stderr, dynamic_ncols=True, desc="demo model: stage-1 alignment", disable=None)
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        bar.total = steps
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.refresh()
+
+    try:
+        return bootstrap_demo(home, size, num_shards, progress=progress)
+    finally:
+        bar.close()
 
 
 def _methods(choice: str) -> tuple[str, ...]:
     return ("icons", "ofa") if choice == "both" else (choice,)
 
 
-def _run(home: Path, config: dict[str, Any], methods: tuple[str, ...] = ("icons",)) -> int:
-    from icons_dagster.runner import prepare_instance_home
+def _run(home: Path, config: IconsConfig, methods: tuple[str, ...] = ("icons",)) -> int:
+    from icons_dagster.runner import prepare_instance_home, run_graph
 
-    os.environ["ICONS_NUM_SHARDS"] = str(config.get("num_shards", 4))
     write_home_config(home, config)
     prepare_instance_home(home)
-    from icons_dagster.runner import run_graph
-
     bar, on_step = _progress_printer()
     try:
         summary = run_graph(home, config, on_step=on_step, methods=methods)
@@ -80,80 +146,33 @@ def _run(home: Path, config: dict[str, Any], methods: tuple[str, ...] = ("icons"
 def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never touches the network
     home = resolve_home(args.home)
-    config = demo_preset(args.size)
-    if args.shards:
-        config["num_shards"] = args.shards
-    return _run(home, config, _methods(args.method))
+    return _run(home, _bootstrap_demo(home, args.size, args.shards), _methods(args.method))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Both selectors on the home's configuration (cached when done), then fine-tune and score each method."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     home = resolve_home(args.home)
-    if (home / "icons.json").exists():
-        config = read_home_config(home)
-    else:
-        config = demo_preset(args.size)
-    evaluation = config.setdefault("evaluation", {})
-    for key in ("learning_rate", "epochs", "batch_size", "seed"):
-        value = getattr(args, key)
-        if value is not None:
-            evaluation[key] = value
-    if args.equal_steps is not None:
-        evaluation["equal_steps"] = args.equal_steps
-    if args.methods is not None:
-        evaluation["methods"] = [m for m in args.methods.split(",") if m] if args.methods != "all" else []
-    return _run(home, config, ("icons", "ofa", "evaluation"))
+    config = read_home_config(home) if ArtifactStore(home).config_file.is_file() else _bootstrap_demo(home, args.size)
+    return _run(home, config.replace(**section_overrides(args)), ("icons", "ofa", "evaluation"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     home = resolve_home(args.home)
-    config = read_home_config(home) if (home / "icons.json").exists() else {"data": {}, "model": {}, "settings": {}}
-    if args.benchmarks:
-        benchmarks = Path(args.benchmarks).resolve()
-    elif args.method == "ofa":  # OFA needs no benchmark: an empty folder the sensor can watch later
-        benchmarks = home / "benchmarks"
-        benchmarks.mkdir(parents=True, exist_ok=True)
-    else:
-        print("--benchmarks is required for ICONS (--method icons or both)", file=sys.stderr)
+    config = read_home_config(home).replace(**section_overrides(args))
+    if not config.data.pool:
+        print("--pool is required (or data.pool in the home's icons.json)", file=sys.stderr)
         return 2
-    config.setdefault("data", {}).update({"pool": str(Path(args.pool).resolve()), "benchmarks": str(benchmarks)})
-    if args.image_root:
-        config["data"]["image_root"] = str(Path(args.image_root).resolve())
-    model = config.setdefault("model", {})
-    if args.model:
-        model["name_or_path"] = args.model
-    for key in ("revision", "dtype", "device", "max_length", "autocast", "lora_r", "lora_alpha", "lora_dropout"):
-        value = getattr(args, key)
-        if value is not None:
-            model[key] = value
-    if args.trust_remote_code:
-        model["trust_remote_code"] = True
-    if args.gradient_checkpointing is not None:
-        model["gradient_checkpointing"] = args.gradient_checkpointing
-    if args.deterministic is not None:
-        model["deterministic"] = args.deterministic
-    settings = config.setdefault("settings", {})
-    for key in ("p", "aggregation", "tiebreak", "coverage", "warmup_ratio", "projection_dim", "projection_seed", "projector", "train_gradient", "gradient_batch_size", "gradient_length_grouping", "epochs", "num_checkpoints", "learning_rate"):
-        value = getattr(args, key)
-        if value is not None:
-            settings[key] = value
-    ofa = config.setdefault("ofa", {})
-    for flag, key in (
-        ("ofa_embedder", "embedder"),
-        ("ofa_embedder_model", "embedder_model"),
-        ("ofa_clusters", "num_clusters"),
-        ("ofa_confidence", "confidence"),
-        ("ofa_p", "p"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            ofa[key] = value
-    if args.ofa_selector is not None:
-        ofa["selector"] = str(Path(args.ofa_selector).resolve()) if args.ofa_selector else ""
-    if args.shards:
-        config["num_shards"] = args.shards
-    config.setdefault("num_shards", 4)
+    if not config.model.name_or_path and args.method != "ofa":
+        print("--model is required for ICONS: a hub id or checkpoint folder (or model.name_or_path in the home's icons.json)", file=sys.stderr)
+        return 2
+    if not config.data.benchmarks:
+        if args.method != "ofa":
+            print("--benchmarks is required for ICONS (--method icons or both)", file=sys.stderr)
+            return 2
+        benchmarks = home / "benchmarks"  # OFA needs none: an empty folder the sensor can watch later
+        benchmarks.mkdir(parents=True, exist_ok=True)
+        config = config.replace(data={"benchmarks": str(benchmarks)})
     return _run(home, config, _methods(args.method))
 
 
@@ -206,11 +225,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     from icons_dagster.registration import register_benchmarks
-    from icons_dagster.resources import DataResource, StoreResource
 
-    config = read_home_config(home)
-    paths = DataResource(**config.get("data", {})).paths(StoreResource(root=str(home)).store())
-    names, added = register_benchmarks(DagsterInstance.get(), paths.benchmarks)
+    names, added = register_benchmarks(DagsterInstance.get(), read_home_config(home).data.benchmarks_path())
     print(f"benchmarks: {', '.join(names)}; newly registered: {', '.join(added) or 'none'}")
     return 0
 
@@ -218,12 +234,12 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     """Print why a sample is in (or out of) the home's current subset."""
     from icons_dagster.core.pipeline import explain_sample, explanation_markdown
-    from icons_dagster.core.store import ArtifactStore
-    from icons_dagster.resources.refs import read_ref
+    from icons_dagster.resources.home import STORE_URL_ENV
 
     home = resolve_home(args.home)
+    store = ArtifactStore(home, read_home_config(home).store.remote or os.environ.get(STORE_URL_ENV) or None)
     try:
-        explanation = explain_sample(ArtifactStore(home), read_ref(home, "selected_subset"), read_ref(home, "vote_table"), args.sample_id)
+        explanation = explain_sample(store, store.read_ref("selected_subset"), store.read_ref("vote_table"), args.sample_id)
     except (KeyError, FileNotFoundError) as error:
         print(str(error).strip("'\""), file=sys.stderr)
         return 2
@@ -252,54 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", choices=["icons", "ofa", "both"], default="both", help="which selector(s) to run (default both)")
     demo.set_defaults(func=cmd_demo)
 
-    run = sub.add_parser("run", help="run the whole graph on your pool, benchmarks and model")
-    run.add_argument("--pool", required=True, help="LLaVA-format JSON/JSONL pool")
-    run.add_argument("--benchmarks", help="folder with one sub-folder per benchmark (val.json required); ICONS needs it")
-    run.add_argument("--image-root", help="folder the pool's image paths are relative to")
-    run.add_argument("--model", help="hub id or local folder: an image-text-to-text checkpoint (LLaVA, Qwen2.5-VL, Idefics3/SmolVLM) or a text-only causal LM")
-    run.add_argument("--revision")
-    run.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    run.add_argument("--device")
-    run.add_argument("--max-length", type=int, help="tokens per sequence (default 2048, as LLaVA); longer ones are truncated and counted")
-    run.add_argument("--autocast", choices=["auto", "off", "bfloat16", "float16"], help="mixed precision of forward passes (auto: bf16 on CUDA)")
-    run.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in backward (less GPU memory)")
-    run.add_argument("--deterministic", action=argparse.BooleanOptionalAction, help="CUDA: deterministic kernels, byte-identical reruns (default on)")
-    run.add_argument("--lora-r", type=int)
-    run.add_argument("--lora-alpha", type=int)
-    run.add_argument("--lora-dropout", type=float)
-    run.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code (off by default)")
-    run.add_argument("--p", type=float, help="selection ratio (default 0.2)")
-    run.add_argument("--aggregation", choices=["vote", "mean", "max", "rank", "norm"], help="how benchmarks' influences combine (default vote)")
-    run.add_argument("--tiebreak", choices=["mean-rank", "max-rank"], help="order of records with equal aggregates (default mean-rank)")
-    run.add_argument("--coverage", type=float, help="share of the subset reserved for each benchmark's own top records (default 0.5; 0 = the paper's vote)")
-    run.add_argument("--warmup-ratio", type=float)
-    run.add_argument("--epochs", type=int)
-    run.add_argument("--num-checkpoints", type=int)
-    run.add_argument("--learning-rate", type=float)
-    run.add_argument("--projector", choices=["countsketch", "rademacher"])
-    run.add_argument("--projection-dim", type=int)
-    run.add_argument("--projection-seed", type=int)
-    run.add_argument("--train-gradient", choices=["sgd", "adam"])
-    run.add_argument("--gradient-batch-size", type=int)
-    run.add_argument("--gradient-length-grouping", type=int, help="sort windows of this many batches by length before batching (default 16; 1 keeps input order)")
-    run.add_argument("--shards", type=int)
+    run = sub.add_parser("run", help="run the whole graph on your pool, benchmarks and model (settings saved in the home's icons.json)")
     run.add_argument("--method", choices=["icons", "ofa", "both"], default="icons", help="which selector(s) to run (default icons)")
-    run.add_argument("--ofa-embedder", choices=["minilm-pixels", "clip"], help="OFA's frozen image-text space (use clip for real images)")
-    run.add_argument("--ofa-embedder-model", help="CLIP hub id or local folder, e.g. openai/clip-vit-large-patch14")
-    run.add_argument("--ofa-clusters", type=int, help="k of the k-means pseudo labels (default 64)")
-    run.add_argument("--ofa-confidence", choices=["max_softmax", "margin", "entropy"])
-    run.add_argument("--ofa-p", type=float, help="OFA selection ratio (default 0.2)")
-    run.add_argument("--ofa-selector", help="reuse a trained selector folder (e.g. another home's exports/ofa_selector); '' trains again")
+    add_section_flags(run, RUN_SECTIONS)
     run.set_defaults(func=cmd_run)
 
     evaluate = sub.add_parser("evaluate", help="fine-tune on every method's subset and score each benchmark's test split")
     evaluate.add_argument("--size", choices=sorted(DEMO_SIZES), default="default", help="demo size when the home has no config yet (large: 2,640 records)")
-    evaluate.add_argument("--learning-rate", type=float)
-    evaluate.add_argument("--epochs", type=int)
-    evaluate.add_argument("--batch-size", type=int)
-    evaluate.add_argument("--seed", type=int)
-    evaluate.add_argument("--methods", help="comma-separated methods to compare (default all: full, random-0/1/2, icons, ...); 'all' resets")
-    evaluate.add_argument("--equal-steps", action=argparse.BooleanOptionalAction, default=None, help="train every subset about as many steps as the full data")
+    add_section_flags(evaluate, EVALUATE_SECTIONS)
     evaluate.set_defaults(func=cmd_evaluate)
 
     validate = sub.add_parser("validate", help="check a pool or benchmarks without computing anything")

@@ -1,5 +1,6 @@
-"""Partitions: benchmarks (dynamic, registered from the benchmarks folder) and training
-shards (static, fixed by configuration so they exist before anything is materialized)."""
+"""Partitions: benchmarks (dynamic, registered from the benchmarks folder), training shards
+(static, as many as ``data.num_shards`` says, so they exist before anything is
+materialized) and evaluation methods."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from collections.abc import Iterable, Sequence
 
 from dagster import DynamicPartitionsDefinition, StaticPartitionsDefinition
 
+from icons_dagster.core.config import DataConfig
 from icons_dagster.core.evaluation_pipeline import DEFAULT_METHODS
 from icons_dagster.core.pool import shard_keys
-from icons_dagster.resources.home import num_shards_from_environment
 
 BENCHMARKS_PARTITION_NAME = "benchmarks"
 # Dagster's run tags for a run over a partition range (as its backfills set them)
@@ -17,7 +18,16 @@ PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
 PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 benchmark_partitions = DynamicPartitionsDefinition(name=BENCHMARKS_PARTITION_NAME)
-train_shard_partitions = StaticPartitionsDefinition(shard_keys(num_shards_from_environment()))
+
+
+def shard_partitions(num_shards: int) -> StaticPartitionsDefinition:
+    """The training shards ``sha256(id) mod num_shards``."""
+    return StaticPartitionsDefinition(shard_keys(num_shards))
+
+
+# The shard assets are declared with the default count; ``definitions.with_shards`` gives
+# every shard-partitioned asset and job the configured one.
+train_shard_partitions = shard_partitions(DataConfig().num_shards)
 
 # One partition per compared selection method (fine-tune + scores each).
 evaluation_method_partitions = StaticPartitionsDefinition(list(DEFAULT_METHODS))

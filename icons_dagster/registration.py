@@ -7,7 +7,6 @@ from icons_dagster.core.pipeline import explain_sample, explanation_markdown
 from icons_dagster.core.records import find_benchmarks
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
 from icons_dagster.resources import DataResource, StoreResource
-from icons_dagster.resources.refs import read_ref
 
 
 def register_benchmarks(instance: DagsterInstance, benchmarks_dir) -> tuple[list[str], list[str]]:
@@ -21,11 +20,11 @@ def register_benchmarks(instance: DagsterInstance, benchmarks_dir) -> tuple[list
 
 
 @op
-def register_benchmark_partitions(context: OpExecutionContext, store: StoreResource, data: DataResource) -> None:
+def register_benchmark_partitions(context: OpExecutionContext, data: DataResource) -> None:
     """Scan the configured benchmarks folder and register the new benchmarks as partitions."""
-    paths = data.paths(store.store())
-    names, added = register_benchmarks(context.instance, paths.benchmarks)
-    context.log.info(f"benchmarks in {paths.benchmarks}: {names}; newly registered: {added}")
+    folder = data.config().benchmarks_path()
+    names, added = register_benchmarks(context.instance, folder)
+    context.log.info(f"benchmarks in {folder}: {names}; newly registered: {added}")
 
 
 @job(description="Register every benchmark sub-folder of the configured benchmarks folder as a partition.")
@@ -40,9 +39,8 @@ class ExplainConfig(Config):
 @op(out=Out(Nothing))  # metadata only: nothing is stored
 def explain_selection(context: OpExecutionContext, config: ExplainConfig, store: StoreResource) -> Output:
     """Why is this sample in (or out)? Its per-benchmark influence, votes and rank."""
-    explanation = explain_sample(
-        store.store(), read_ref(store.root, "selected_subset"), read_ref(store.root, "vote_table"), config.sample_id
-    )
+    artifacts = store.store()
+    explanation = explain_sample(artifacts, artifacts.read_ref("selected_subset"), artifacts.read_ref("vote_table"), config.sample_id)
     markdown = explanation_markdown(explanation)
     context.log.info(markdown)
     return Output(None, metadata={"explanation": MetadataValue.md(markdown), "details": MetadataValue.json(explanation)})

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from icons_dagster.core.schema import IconsConfig
+from icons_dagster.core.store import ArtifactStore
+
 DAGSTER_YAML = """# Written by icons-dagster: a local instance under the store root.
 telemetry:
   enabled: false
@@ -29,7 +32,7 @@ concurrency:
 
 def prepare_instance_home(home: Path) -> Path:
     """Point DAGSTER_HOME at ``<home>/dagster`` (created with telemetry off)."""
-    dagster_home = Path(home) / "dagster"
+    dagster_home = ArtifactStore(home).dagster_home
     dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
     if not config.exists():
@@ -88,7 +91,7 @@ def plan_steps(
 
 def run_graph(
     home: Path,
-    config: dict[str, Any],
+    config: IconsConfig,
     instance=None,
     on_step: Callable[[int, int, Step], None] | None = None,
     log_level: str = "WARNING",
@@ -97,24 +100,25 @@ def run_graph(
     """Register benchmarks and materialize the whole graph; returns the subset's location and stats."""
     from dagster import AssetKey, DagsterInstance, materialize
 
-    from icons_dagster.definitions import build_resources, versioned_assets
-    from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, contiguous_ranges, train_shard_partitions
+    from icons_dagster.core.ofa_pipeline import EXPORT_PREFIX, SELECTOR_DIR
+    from icons_dagster.core.pipeline import SUBSET_JSON, SUBSET_PARQUET
+    from icons_dagster.definitions import build_resources, graph_assets
+    from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, contiguous_ranges
+    from icons_dagster.core.pool import shard_keys
     from icons_dagster.registration import register_benchmarks
-    from icons_dagster.resources import DataResource, StoreResource
 
     resources = build_resources(home, config)
     if instance is None:
         prepare_instance_home(home)
         instance = DagsterInstance.get()
-    store = StoreResource(root=str(home)).store()
-    paths = DataResource(**config.get("data", {})).paths(store)
-    benchmarks, _ = register_benchmarks(instance, paths.benchmarks)
+    store = ArtifactStore(home)
+    benchmarks_dir = config.data.benchmarks_path()
+    benchmarks, _ = register_benchmarks(instance, benchmarks_dir)
     if not benchmarks and "icons" in methods:
-        raise ValueError(f"no benchmark with a val.json / val.jsonl under {paths.benchmarks}")
-    shards = train_shard_partitions.get_partition_keys()
-    assets = versioned_assets(resources, len(shards))  # code versions = settings fingerprints
+        raise ValueError(f"no benchmark with a val.json / val.jsonl under {benchmarks_dir}")
+    assets = graph_assets(config)  # code versions = settings fingerprints
     ranges = contiguous_ranges(instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME), benchmarks)
-    steps = plan_steps(shards, ranges, methods, resources["evaluation"].method_list())
+    steps = plan_steps(shard_keys(config.data.num_shards), ranges, methods, config.evaluation.partition_methods())
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     for index, step in enumerate(steps):
         if on_step is not None:
@@ -130,19 +134,18 @@ def run_graph(
         )
         if not result.success:
             raise RuntimeError(f"step failed: {step.label}")
-    exports = store.exports_dir
-    summary: dict[str, Any] = {"benchmarks": benchmarks, "steps": len(steps), "dagster_home": os.environ.get("DAGSTER_HOME", "")}
+    summary: dict[str, Any] = {"benchmarks": benchmarks, "steps": len(steps), "dagster_home": str(store.dagster_home)}
     if "icons" in methods:
-        summary["subset_json"] = str(exports / "selected_subset.json")
-        summary["subset_parquet"] = str(exports / "selected_subset.parquet")
+        summary["subset_json"] = str(store.export_path(SUBSET_JSON))
+        summary["subset_parquet"] = str(store.export_path(SUBSET_PARQUET))
     if "ofa" in methods:
-        summary["ofa_subset_json"] = str(exports / "ofa_selected_subset.json")
-        summary["ofa_subset_parquet"] = str(exports / "ofa_selected_subset.parquet")
-        summary["ofa_selector"] = str(exports / "ofa_selector")
+        summary["ofa_subset_json"] = str(store.export_path(EXPORT_PREFIX + SUBSET_JSON))
+        summary["ofa_subset_parquet"] = str(store.export_path(EXPORT_PREFIX + SUBSET_PARQUET))
+        summary["ofa_selector"] = str(store.export_path(EXPORT_PREFIX + SELECTOR_DIR))
     if "evaluation" in methods:
-        from icons_dagster.resources.refs import read_ref
+        from icons_dagster.core.evaluation_pipeline import TABLE_MARKDOWN
 
-        table = read_ref(home, "evaluation_table")
-        summary["evaluation_table"] = str(store.absolute(table["path"]) / "evaluation_table.md")
+        table = store.read_ref("evaluation_table")
+        summary["evaluation_table"] = str(store.absolute(table["path"]) / TABLE_MARKDOWN)
         summary["rel"] = table["rel"]
     return summary

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dagster import AssetSelection, DagsterInvalidConfigError, ExecutorDefinition, define_asset_job, job, op, validate_run_config
+from dagster import AssetSelection, DagsterInvalidConfigError, ExecutorDefinition, PartitionsDefinition, define_asset_job, job, op, validate_run_config
 
-from icons_dagster.partitions import train_shard_partitions
+from icons_dagster.core.config import ScaleoutConfig
 
 SHARD_JOB = "training_gradients_job"
 SHARD_TAG = "icons/shard-run"
@@ -44,12 +44,9 @@ def shard_executor(spec: str | dict[str, Any] | None, source: str = "icons.json"
     return executor
 
 
-def shard_job_from_config(scaleout: dict[str, Any], source: str = "icons.json"):
-    """The shard job as ``icons.json``'s ``scaleout`` section describes it."""
-    unknown = sorted(set(scaleout) - {"shard_run_tags", "shard_executor"})
-    if unknown:
-        raise ValueError(f"{source}: unknown scaleout settings {unknown}")
-    return training_gradients_job(scaleout.get("shard_run_tags"), shard_executor(scaleout.get("shard_executor"), source))
+def shard_job_from_config(scaleout: ScaleoutConfig, shards: PartitionsDefinition, source: str = "icons.json"):
+    """The shard job over ``shards`` as ``icons.json``'s ``scaleout`` section describes it."""
+    return training_gradients_job(shards, dict(scaleout.shard_run_tags), shard_executor(scaleout.shard_executor, source))
 
 
 @op
@@ -70,13 +67,13 @@ def _check_executor_config(executor: ExecutorDefinition, source: str) -> None:
         raise ValueError(f"{source}: scaleout.shard_executor: {error}") from error
 
 
-def training_gradients_job(tags: dict[str, Any] | None = None, executor: ExecutorDefinition | None = None):
+def training_gradients_job(shards: PartitionsDefinition, tags: dict[str, Any] | None = None, executor: ExecutorDefinition | None = None):
     """One run per training shard; ``tags`` (e.g. a K8s GPU limit) go on every run, and
     ``executor`` (e.g. Celery) runs its step where the deployment wants it."""
     return define_asset_job(
         SHARD_JOB,
         selection=AssetSelection.assets("training_gradients"),
-        partitions_def=train_shard_partitions,
+        partitions_def=shards,
         tags={SHARD_TAG: "true", **(tags or {})},
         executor_def=executor,
         description="Training-gradient features, one run per shard: backfill it to spread the pool over GPUs.",

@@ -19,10 +19,10 @@ def demo_paths(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    from icons_dagster.demo.build import ensure_demo_model
+def tiny_model_dir():
+    from graph_helpers import tiny_model
 
-    return ensure_demo_model(tmp_path_factory.mktemp("model"))
+    return tiny_model()
 
 
 @pytest.fixture(scope="session")

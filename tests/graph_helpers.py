@@ -2,23 +2,45 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
-import json
+import shutil
+import tempfile
 from pathlib import Path
 
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 
-from icons_dagster.resources.home import DEMO_PRESET
+from icons_dagster.core.pool import shard_keys
+from icons_dagster.core.schema import IconsConfig
+from icons_dagster.demo.bootstrap import demo_settings
 
 
-def demo_config(demo_paths, benchmarks_dir: Path, **settings) -> dict:
-    """The demo preset on the test-size demo data, with a small projection for speed."""
-    config = json.loads(json.dumps(DEMO_PRESET))
-    config["data"] = {"pool": str(demo_paths.pool), "image_root": str(demo_paths.image_root), "benchmarks": str(benchmarks_dir)}
-    config["settings"].update({"projection_dim": 256, **settings})
-    config["model"]["demo_stage1_steps"] = 0  # the random tiny model: graph tests check plumbing, not learning
-    config["evaluation"] = {"batch_size": 4}  # one epoch of the warm-up's LoRA: fast
-    return config
+@functools.lru_cache(maxsize=1)
+def tiny_model() -> Path:
+    """The random tiny LLaVA, built once per test session (graph tests check plumbing, not learning)."""
+    from icons_dagster.demo.build import ensure_demo_model
+
+    folder = Path(tempfile.mkdtemp(prefix="icons-tiny-model-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return ensure_demo_model(folder)
+
+
+def demo_config(demo_paths, benchmarks_dir: Path, **sections: dict) -> IconsConfig:
+    """The demo's settings on the test-size demo data and the random tiny model, with a small
+    projection for speed and the warm-up's LoRA for one epoch in the evaluation; ``sections``
+    override fields (``gradients={"seed": 1}``)."""
+    document = demo_settings(
+        data={"pool": str(demo_paths.pool), "image_root": str(demo_paths.image_root), "benchmarks": str(benchmarks_dir)},
+        model={"name_or_path": str(tiny_model())},
+        gradients={"dim": 256},
+    )
+    document["evaluation"] = {"batch_size": 4}
+    return IconsConfig.from_json(document).replace(**sections)
+
+
+def shards_of(config: IconsConfig) -> list[str]:
+    return shard_keys(config.data.num_shards)
 
 
 def temp_instance(folder: Path) -> DagsterInstance:

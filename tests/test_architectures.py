@@ -19,7 +19,7 @@ from icons_dagster.core.config import GradientConfig, LoraSettings, ModelConfig,
 from icons_dagster.core.encoding import IGNORE_INDEX, EncodingError, collate
 from icons_dagster.core.features import load_features, load_samples
 from icons_dagster.core.gradients import PerSampleGradients, loop_gradients
-from icons_dagster.core.model import attach_new_lora, language_model_path, lora_target_names, trainable_parameters
+from icons_dagster.core.model import language_model_path, lora_target_names, trainable_parameters
 from icons_dagster.core.pipeline import (
     ModelCache,
     stage_influences,

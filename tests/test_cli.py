@@ -59,7 +59,7 @@ def test_demo_command_runs_the_graph_on_a_persistent_home(tmp_path, monkeypatch,
     assert f"OFA subset (LLaVA JSON): {ofa_subset}" in out
     assert len(json.loads(ofa_subset.read_text())) == 33
     assert (home / "exports" / "ofa_selector" / "selector.safetensors").is_file()
-    assert read_home_config(home)["data"]["demo_size"] == "test"
+    assert read_home_config(home).data.pool == str(home / "demo" / "data-test" / "pool.json")  # the demo is plain config
     assert (home / "dagster" / "dagster.yaml").is_file()
     assert any((home / "dagster").rglob("*.db"))  # runs recorded in the home's instance
     assert_matches_pin(demo_outputs(home))
@@ -88,7 +88,7 @@ def assert_matches_pin(outputs: dict) -> None:
     assert max(abs(a - b) for a, b in zip(outputs["ofa_confidence"], pinned["ofa_confidence"], strict=True)) < PIN_TOLERANCE
 
 
-def test_run_command_on_a_given_pool_and_benchmarks(demo_paths, tmp_path, monkeypatch, capsys):
+def test_run_command_on_a_given_pool_and_benchmarks(demo_paths, tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "unused"))
     monkeypatch.setenv("ICONS_HOME", str(tmp_path / "unused"))
     benchmarks = tmp_path / "benchmarks"
@@ -106,12 +106,14 @@ def test_run_command_on_a_given_pool_and_benchmarks(demo_paths, tmp_path, monkey
     args = ["--home", str(home), "run", "--pool", str(demo_paths.pool), "--image-root", str(demo_paths.image_root)]
     args += ["--benchmarks", str(benchmarks), "--p", "0.1", "--lora-r", "4", "--lora-alpha", "8", "--projection-dim", "64"]
     args += ["--max-length", "256", "--warmup-ratio", "0.1"]
-    assert main(args) == 0, capsys.readouterr().err
+    assert main(args) == 2  # no model: refused before anything runs
+    assert "--model is required" in capsys.readouterr().err
+    assert main([*args, "--model", str(tiny_model_dir)]) == 0, capsys.readouterr().err
     subset = json.loads((home / "exports" / "selected_subset.json").read_text())
     assert len(subset) == 16  # floor(0.1 * 168)
     saved = read_home_config(home)
-    assert saved["model"]["lora_r"] == 4 and saved["settings"]["p"] == 0.1
-    assert saved["data"]["pool"] == str(demo_paths.pool.resolve())
+    assert saved.lora.r == 4 and saved.selection.p == 0.1
+    assert saved.data.pool == str(demo_paths.pool.resolve())
 
 
 def test_run_ofa_alone_reuses_a_trained_selector_without_benchmarks(demo_paths, tmp_path, monkeypatch, capsys):
@@ -126,6 +128,6 @@ def test_run_ofa_alone_reuses_a_trained_selector_without_benchmarks(demo_paths, 
     assert "ICONS subset" not in out
     subset = json.loads((second / "exports" / "ofa_selected_subset.json").read_text())
     assert len(subset) == 16  # floor(0.1 * 168)
-    assert read_home_config(second)["ofa"]["selector"] == str(selector.resolve())
+    assert read_home_config(second).ofa.selector == str(selector.resolve())
     assert not (second / "artifacts" / "warmup_checkpoint").exists()  # ICONS did not run
     assert main(["--home", str(tmp_path / "third"), "run", "--pool", str(demo_paths.pool)]) == 2  # ICONS needs benchmarks

@@ -17,7 +17,7 @@ import pytest
 
 from icons_dagster.cli import main
 from icons_dagster.core.evaluation_pipeline import TABLE_FILE
-from icons_dagster.resources.refs import read_ref
+from icons_dagster.core.store import ArtifactStore
 
 RENAMED = {"vqa_short": "what_is_it", "long_answer": "describe"}
 METHODS = ["full", "random-0", "icons", "icons-cover-50", "ofa"]
@@ -58,7 +58,7 @@ def user_home(demo_paths, tiny_model_dir, tmp_path_factory):
 
 
 def test_the_suite_runs_on_a_users_pool_benchmarks_and_checkpoint(user_home, tiny_model_dir, capsys):
-    table = pl.read_parquet(user_home / read_ref(user_home, "evaluation_table")["path"] / TABLE_FILE)
+    table = pl.read_parquet(user_home / ArtifactStore(user_home).read_ref("evaluation_table")["path"] / TABLE_FILE)
     # only the chosen methods, one column per user benchmark, Rel. relative to full
     assert sorted(table["method"].unique()) == sorted([*METHODS, "random (mean)"])
     assert sorted(table["benchmark"].unique()) == sorted(RENAMED.values())
@@ -67,9 +67,9 @@ def test_the_suite_runs_on_a_users_pool_benchmarks_and_checkpoint(user_home, tin
     assert config["model"]["name_or_path"] == str(tiny_model_dir)
     assert config["evaluation"]["methods"] == METHODS
     # the benchmarks' metrics come from their answers, not their names
-    scores = json.loads((user_home / read_ref(user_home, "benchmark_scores", "full")["path"] / "scores.json").read_text())
+    scores = json.loads((user_home / ArtifactStore(user_home).read_ref("benchmark_scores", "full")["path"] / "scores.json").read_text())
     assert {b: s["metric"] for b, s in scores.items()} == {"what_is_it": "exact_match", "describe": "token_f1"}
-    subsets = read_ref(user_home, "evaluation_subsets")
+    subsets = ArtifactStore(user_home).read_ref("evaluation_subsets")
     assert subsets["methods"] == METHODS
     # the pool has no families: the subsets report coverage, not family shares
     composition = json.loads((user_home / subsets["path"] / "_COMPLETE.json").read_text())["metadata"]
@@ -80,7 +80,7 @@ def test_methods_outside_the_partitions_are_refused(tmp_path):
     from icons_dagster.resources import EvaluationResource
 
     with pytest.raises(ValueError, match="not evaluation partitions"):
-        EvaluationResource(methods=["full", "random-9"]).method_list()
+        EvaluationResource(methods=["full", "random-9"]).config().partition_methods()
     with pytest.raises(ValueError, match="'full'"):
-        EvaluationResource(methods=["icons"]).evaluation_config(0.2)
-    assert EvaluationResource(methods=["ofa", "full"]).method_list() == ("full", "ofa")  # partition order
+        EvaluationResource(methods=["icons"]).config()
+    assert EvaluationResource(methods=["ofa", "full"]).config().partition_methods() == ("full", "ofa")  # partition order

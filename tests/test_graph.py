@@ -15,10 +15,11 @@ from icons_dagster.assets.ofa import OFA_ASSETS
 from icons_dagster.core.consensus import subset_size
 from icons_dagster.core.fingerprint import ALGORITHM_VERSION
 from icons_dagster.definitions import build_definitions, build_resources
-from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, train_shard_partitions
-from icons_dagster.resources.home import DEMO_PRESET
+from icons_dagster.core.schema import IconsConfig
+from icons_dagster.demo.bootstrap import demo_settings
+from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
 from icons_dagster.runner import run_graph
-from graph_helpers import check_status, demo_config, latest_metadata, sha, temp_instance
+from graph_helpers import check_status, demo_config, latest_metadata, sha, shards_of, temp_instance
 
 BENCHMARKS = ("multiple_choice", "yes_no")
 
@@ -53,11 +54,15 @@ def feature_hashes(home: Path) -> dict[str, str]:
 
 
 def test_definitions_load_with_every_asset():
-    defs = build_definitions("/tmp/unused-home", json.loads(json.dumps(DEMO_PRESET)))
-    keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    defs = build_definitions("/tmp/unused-home", IconsConfig.from_json(demo_settings(data={"num_shards": 3})))
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert keys == {a.key.to_user_string() for a in [*ICONS_ASSETS, *OFA_ASSETS, *EVALUATION_ASSETS]}
     assert defs.resolve_job_def("register_benchmarks_job") is not None
-    assert len(train_shard_partitions.get_partition_keys()) >= 3
+    # the shard count comes from the configuration: every shard-partitioned asset and the shard job
+    for name in ("training_gradients", "ofa_embeddings"):
+        assert graph.get(AssetKey(name)).partitions_def.get_partition_keys() == ["shard-0000", "shard-0001", "shard-0002"]
+    assert defs.resolve_job_def("training_gradients_job").partitions_def.get_partition_keys() == ["shard-0000", "shard-0001", "shard-0002"]
 
 
 def test_whole_graph_materializes_and_subset_loads(first_run, demo_paths):
@@ -70,7 +75,7 @@ def test_whole_graph_materializes_and_subset_loads(first_run, demo_paths):
     by_id = {r["id"]: r for r in pool}
     assert all(record == by_id[record["id"]] for record in subset)
     # Every shard and benchmark partition was materialized in this instance.
-    shards = train_shard_partitions.get_partition_keys()
+    shards = shards_of(first_run[2])
     materialized = instance.get_materialized_partitions(AssetKey("training_gradients"))
     assert materialized == set(shards)
     assert instance.get_materialized_partitions(AssetKey("task_influence")) == set(BENCHMARKS)
@@ -116,7 +121,9 @@ def test_asset_checks_pass(first_run):
 
 def test_demo_has_signal_specialists_enriched_in_own_family(tmp_path):
     """The embedded default, exactly as `icons-dagster demo` runs it, with all its benchmarks."""
-    config = json.loads(json.dumps(DEMO_PRESET))
+    from icons_dagster.demo.bootstrap import bootstrap_demo
+
+    config = bootstrap_demo(tmp_path)
     instance = temp_instance(tmp_path)
     summary = run_graph(tmp_path, config, instance=instance)
     assert len(summary["benchmarks"]) >= 5
@@ -143,14 +150,13 @@ def test_unchanged_rerun_recomputes_nothing(first_run):
 def test_changed_projector_seed_writes_new_paths(first_run):
     home, instance, config, _ = first_run
     old_dirs = {p.name for p in (home / "artifacts" / "training_gradients").iterdir()}
-    changed = json.loads(json.dumps(config))
-    changed["settings"]["projection_seed"] = 1
+    changed = config.replace(gradients={"seed": 1})
     run_graph(home, changed, instance=instance)
     new_dirs = {p.name for p in (home / "artifacts" / "training_gradients").iterdir()}
     assert len(new_dirs - old_dirs) == 1 and old_dirs <= new_dirs
     # The warm-up did not depend on the projector: it was reused.
     assert latest_metadata(instance, "warmup_checkpoint")["reused"] is True
-    assert latest_metadata(instance, "training_gradients", train_shard_partitions.get_partition_keys()[0])["reused"] is False
+    assert latest_metadata(instance, "training_gradients", shards_of(config)[0])["reused"] is False
 
 
 def test_two_homes_give_byte_identical_subsets(first_run, demo_paths, two_benchmarks, tmp_path):
@@ -160,7 +166,7 @@ def test_two_homes_give_byte_identical_subsets(first_run, demo_paths, two_benchm
     assert sha(other["subset_json"]) == summary["hashes"]["subset_json"]
     assert sha(other["subset_parquet"]) == summary["hashes"]["subset_parquet"]
     assert feature_hashes(tmp_path) == summary["feature_hashes"]
-    assert len(summary["feature_hashes"]) == len(train_shard_partitions.get_partition_keys()) + len(BENCHMARKS)
+    assert len(summary["feature_hashes"]) == len(shards_of(config)) + len(BENCHMARKS)
 
 
 def test_single_benchmark_partition_still_reaches_vote_as_dict(demo_paths, two_benchmarks, tmp_path):
@@ -198,30 +204,22 @@ def test_missing_shard_is_a_clear_error(demo_paths, two_benchmarks, tmp_path):
 def test_code_versions_follow_exactly_the_settings_an_asset_depends_on():
     from icons_dagster.definitions import asset_code_versions
 
-    base = json.loads(json.dumps(DEMO_PRESET))
-    seed = json.loads(json.dumps(base))
-    seed["settings"]["projection_seed"] = 9
-    p = json.loads(json.dumps(base))
-    p["settings"]["p"] = 0.3
-    lora = json.loads(json.dumps(base))
-    lora["model"]["lora_r"] = 16
-    clusters = json.loads(json.dumps(base))
-    clusters["ofa"]["num_clusters"] = 7
-    recipe = json.loads(json.dumps(base))
-    recipe["evaluation"] = {"epochs": 2}
+    base = IconsConfig.from_json(demo_settings())  # the evaluation has its own LoRA (r=64)
+    own_lora = base.replace(evaluation={"lora_r": 0, "lora_alpha": 0})  # the evaluation tunes the warm-up's LoRA
 
-    def versions(config):
-        return asset_code_versions(build_resources(Path("/tmp/unused"), config), 4)
+    def changed(config, reference=base):
+        before, after = asset_code_versions(reference), asset_code_versions(config)
+        return {k for k, v in after.items() if v != before[k]}
 
-    def changed(config):
-        return {k for k, v in versions(config).items() if v != versions(base)[k]}
-
-    assert changed(seed) == {"training_gradients", "validation_gradients"}
-    assert changed(p) == {"task_influence", "vote_table", "selected_subset", "evaluation_subsets"}
-    assert changed(lora) == {"warmup_checkpoint", "finetuned_adapter"}  # the model the evaluation tunes, too
-    assert changed(clusters) == {"ofa_pseudo_labels", "ofa_selector"}
-    assert changed(recipe) == {"finetuned_adapter"}
-    assert versions(base) == versions(json.loads(json.dumps(base)))
+    assert changed(base.replace(gradients={"seed": 9})) == {"training_gradients", "validation_gradients"}
+    assert changed(base.replace(selection={"p": 0.3})) == {"task_influence", "vote_table", "selected_subset", "evaluation_subsets"}
+    assert changed(base.replace(lora={"r": 16})) == {"warmup_checkpoint"}
+    assert changed(own_lora.replace(lora={"r": 16}), own_lora) == {"warmup_checkpoint", "finetuned_adapter"}  # the model the evaluation tunes, too
+    assert changed(base.replace(ofa={"num_clusters": 7})) == {"ofa_pseudo_labels", "ofa_selector"}
+    assert changed(base.replace(evaluation={"epochs": 2})) == {"finetuned_adapter"}
+    assert changed(base.replace(data={"num_shards": 8})) == {"training_pool"}
+    assert changed(base.replace(embedder={"batch_size": 8})) == set()  # speed, not what is computed
+    assert asset_code_versions(base) == asset_code_versions(IconsConfig.from_json(base.to_json()))
 
 
 def test_materializations_record_code_versions_and_lineage(first_run):

@@ -15,17 +15,10 @@ from icons_dagster.core.ofa import OFAConfig, SelectorMismatchError, load_select
 from icons_dagster.core.ofa_pipeline import stage_ofa_selector
 from icons_dagster.core.store import ArtifactStore
 from icons_dagster.demo.data import generate_demo
-from icons_dagster.resources.refs import read_ref
 from icons_dagster.runner import run_graph
 from graph_helpers import check_status, demo_config, latest_metadata, sha, temp_instance
 
 OFA_ONLY = ("ofa",)
-
-
-def ofa_config(demo, benchmarks: Path, **ofa) -> dict:
-    config = demo_config(demo, benchmarks)
-    config["ofa"].update(ofa)
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +30,7 @@ def no_benchmarks(tmp_path_factory) -> Path:
 def trained(demo_paths, no_benchmarks, tmp_path_factory):
     home = tmp_path_factory.mktemp("ofa_home")
     instance = temp_instance(home)
-    summary = run_graph(home, ofa_config(demo_paths, no_benchmarks), instance=instance, methods=OFA_ONLY)
+    summary = run_graph(home, demo_config(demo_paths, no_benchmarks), instance=instance, methods=OFA_ONLY)
     return home, instance, summary
 
 
@@ -89,7 +82,7 @@ def test_embeddings_are_unit_norm_and_cover_every_shard(trained, demo_records):
 
 def test_same_inputs_give_byte_identical_selector_and_subset(trained, demo_paths, no_benchmarks, tmp_path):
     _, _, first = trained
-    second = run_graph(tmp_path, ofa_config(demo_paths, no_benchmarks), instance=temp_instance(tmp_path), methods=OFA_ONLY)
+    second = run_graph(tmp_path, demo_config(demo_paths, no_benchmarks), instance=temp_instance(tmp_path), methods=OFA_ONLY)
     for key in ("ofa_subset_json", "ofa_subset_parquet"):
         assert sha(second[key]) == sha(first[key])
     for name in ("selector.safetensors", "selector.json"):
@@ -101,7 +94,7 @@ def test_trained_selector_selects_on_another_pool_without_retraining(trained, no
     other = generate_demo(tmp_path / "other_demo", size="test", seed=7)  # a different pool
     home = tmp_path / "home"
     instance = temp_instance(home)
-    config = ofa_config(other, no_benchmarks, selector=first["ofa_selector"])
+    config = demo_config(other, no_benchmarks, ofa={"selector": first["ofa_selector"]})
     summary = run_graph(home, config, instance=instance, methods=OFA_ONLY)
     assert latest_metadata(instance, "ofa_pseudo_labels")["computed"] is False
     selector_metadata = latest_metadata(instance, "ofa_selector")
@@ -109,7 +102,7 @@ def test_trained_selector_selects_on_another_pool_without_retraining(trained, no
     for name in ("selector.safetensors", "selector.json"):
         assert sha(Path(summary["ofa_selector"]) / name) == sha(Path(first["ofa_selector"]) / name)
     scores = pl.read_parquet(summary["ofa_subset_parquet"])
-    assert read_ref(home, "training_pool")["content_sha256"] != read_ref(trained[0], "training_pool")["content_sha256"]
+    assert ArtifactStore(home).read_ref("training_pool")["content_sha256"] != ArtifactStore(trained[0]).read_ref("training_pool")["content_sha256"]
     assert scores.filter(pl.col("selected")).height == subset_size(scores.height, 0.2)
     assert latest_metadata(instance, "ofa_selected_subset")["selector_imported_from"] == first["ofa_selector"]
 
@@ -117,14 +110,14 @@ def test_trained_selector_selects_on_another_pool_without_retraining(trained, no
 def test_a_selector_from_another_embedder_is_refused(trained, tmp_path):
     home, _, first = trained
     store = ArtifactStore(home)
-    embeddings = {key.stem: read_ref(home, "ofa_embeddings", key.stem) for key in (home / "refs" / "ofa_embeddings").glob("*.json")}
+    embeddings = {key.stem: store.read_ref("ofa_embeddings", key.stem) for key in (home / "refs" / "ofa_embeddings").glob("*.json")}
     other_space = EmbedderConfig(text="instruction")  # another embedding of the text: another space
     with pytest.raises(SelectorMismatchError, match="trained on embedder"):
-        stage_ofa_selector(store, embeddings, read_ref(home, "ofa_pseudo_labels"), OFAConfig(num_clusters=12), other_space, Path(first["ofa_selector"]))
+        stage_ofa_selector(store, embeddings, store.read_ref("ofa_pseudo_labels"), OFAConfig(num_clusters=12), other_space, Path(first["ofa_selector"]))
     # the exported selector itself loads, names its embedder and says what it was trained on
     selector = load_selector(first["ofa_selector"])
     assert selector.num_clusters == 12
-    assert selector.training["pool_records"] == sum(read_ref(home, "ofa_embeddings", k)["n_samples"] for k in embeddings)
+    assert selector.training["pool_records"] == sum(store.read_ref("ofa_embeddings", k)["n_samples"] for k in embeddings)
 
 
 def test_a_clip_checkpoint_folder_embeds_through_the_graph(demo_paths, demo_records, no_benchmarks, tmp_path):
@@ -133,7 +126,9 @@ def test_a_clip_checkpoint_folder_embeds_through_the_graph(demo_paths, demo_reco
 
     clip = build_tiny_clip(tmp_path / "tiny-clip", [embedding_text(r, "conversation") for r in demo_records], seed=0)
     home = tmp_path / "home"
-    config = ofa_config(demo_paths, no_benchmarks, embedder="clip", embedder_model=str(clip), embedder_image_weight=0.5, num_clusters=6)
+    config = demo_config(
+        demo_paths, no_benchmarks, embedder={"kind": "clip", "name_or_path": str(clip), "image_weight": 0.5}, ofa={"num_clusters": 6}
+    )
     summary = run_graph(home, config, instance=temp_instance(home), methods=OFA_ONLY)
     refs = [json.loads(f.read_text()) for f in sorted((home / "refs" / "ofa_embeddings").glob("*.json"))]
     assert {ref["dim"] for ref in refs} == {2 * 16}  # image and text projections of the tiny CLIP

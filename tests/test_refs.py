@@ -8,7 +8,8 @@ import pytest
 from dagster import BackfillPolicy, DagsterInstance, DynamicPartitionsDefinition, asset, materialize
 
 from icons_dagster.partitions import partition_range_tags
-from icons_dagster.resources.refs import ArtifactRefIOManager, PartitionRefs, read_ref
+from icons_dagster.resources.refs import ArtifactRefIOManager, PartitionRefs
+from icons_dagster.core.store import ArtifactStore
 
 PARTS = DynamicPartitionsDefinition(name="refs_test_benchmarks")
 
@@ -35,7 +36,7 @@ def _error(result) -> str:
 def test_each_partition_of_the_run_gets_its_own_reference(tmp_path):
     result = _run(tmp_path, lambda keys: PartitionRefs({k: {"fingerprint": f"fp-{k}"} for k in keys}))
     assert result.success
-    assert read_ref(tmp_path, "scored", "a") == {"fingerprint": "fp-a"}
+    assert ArtifactStore(tmp_path).read_ref("scored", "a") == {"fingerprint": "fp-a"}
     assert json.loads((tmp_path / "refs" / "scored" / "b.json").read_text()) == {"fingerprint": "fp-b"}
     assert not (tmp_path / "refs" / "scored" / "c.json").exists()  # not in the run's range
 

@@ -9,7 +9,6 @@ import uuid
 import pytest
 
 from icons_dagster.core.store import COMPLETE_MARKER, ArtifactStore, RemoteStore, save_npy
-from icons_dagster.resources.refs import read_ref
 from icons_dagster.runner import run_graph
 from graph_helpers import demo_config, sha, temp_instance
 
@@ -69,14 +68,13 @@ def test_a_local_only_artifact_is_uploaded_when_next_asked_for(tmp_path, remote_
 
 def test_a_second_machine_reuses_the_whole_graph_from_a_file_url(demo_paths, tiny_model_dir, tmp_path):
     shared = (tmp_path / "shared").as_uri()  # file:///...
-    config = demo_config(demo_paths, demo_paths.benchmarks)
-    config["store"] = {"remote": shared}
-    config["model"]["name_or_path"] = str(tiny_model_dir)  # one checkpoint both machines name alike
+    config = demo_config(demo_paths, demo_paths.benchmarks, store={"remote": shared})
+    assert config.model.name_or_path == str(tiny_model_dir)  # one checkpoint both machines name alike
     first_home, second_home = tmp_path / "one", tmp_path / "two"
     run_graph(first_home, config, instance=temp_instance(first_home))
     second = run_graph(second_home, config, instance=temp_instance(second_home))
     # the second machine computed nothing: every artifact came from the shared store
     for asset in ("training_pool", "warmup_checkpoint", "vote_table", "selected_subset"):
-        assert read_ref(second_home, asset)["reused"], asset
-    assert read_ref(second_home, "training_gradients", "shard-0000")["reused"]
+        assert ArtifactStore(second_home).read_ref(asset)["reused"], asset
+    assert ArtifactStore(second_home).read_ref("training_gradients", "shard-0000")["reused"]
     assert sha(second["subset_json"]) == sha(first_home / "exports" / "selected_subset.json")

@@ -22,6 +22,7 @@ import pytest
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from icons_dagster.core.devices import lease_device, release_devices
+from icons_dagster.core.schema import load_config_file
 from icons_dagster.core.store import COMPLETE_MARKER
 from icons_dagster.resources.home import write_home_config
 from graph_helpers import demo_config
@@ -36,7 +37,6 @@ def _env(home: Path) -> dict[str, str]:
         **os.environ,
         "DAGSTER_HOME": str(home / "dagster"),
         "ICONS_HOME": str(home),
-        "ICONS_NUM_SHARDS": "4",
         "OMP_NUM_THREADS": THREADS,
         "MKL_NUM_THREADS": THREADS,
         "HF_HUB_OFFLINE": "1",
@@ -49,10 +49,7 @@ def _home(root: Path, demo_paths, model_dir: Path, dagster_yaml: str, scaleout: 
     home = root
     (home / "dagster").mkdir(parents=True)
     (home / "dagster" / "dagster.yaml").write_text(dagster_yaml)
-    config = demo_config(demo_paths, demo_paths.benchmarks)
-    config["model"]["name_or_path"] = str(model_dir)
-    if scaleout:
-        config["scaleout"] = scaleout
+    config = demo_config(demo_paths, demo_paths.benchmarks, model={"name_or_path": str(model_dir)}, scaleout=scaleout or {})
     write_home_config(home, config)
     return home
 
@@ -65,7 +62,8 @@ def _python(home: Path, code: str, timeout: int = 300) -> subprocess.CompletedPr
 _MATERIALIZE = """
 import sys
 from dagster import AssetKey, DagsterInstance, materialize
-from icons_dagster.definitions import defs
+from icons_dagster.definitions import build_definitions
+defs = build_definitions()
 keys = [AssetKey(k) for k in sys.argv[1].split(",")]
 partition = sys.argv[2] if len(sys.argv) > 2 else None
 assets = list(defs.assets)
@@ -215,19 +213,23 @@ def test_a_shard_run_on_the_celery_executor_runs_in_a_worker_on_its_queue(demo_p
 
 
 def test_the_shard_executor_config_is_checked_when_the_definitions_load(tmp_path):
+    from icons_dagster.core.schema import IconsConfig
     from icons_dagster.definitions import build_definitions
     from icons_dagster.scaleout import SHARD_JOB
 
-    celery = build_definitions(tmp_path, {"scaleout": {"shard_executor": {"celery": {"broker": "redis://queue:6379/0"}}}})
+    def definitions(document: dict):
+        return build_definitions(tmp_path, IconsConfig.from_json(document, "icons.json"))
+
+    celery = definitions({"scaleout": {"shard_executor": {"celery": {"broker": "redis://queue:6379/0"}}}})
     assert celery.resolve_job_def(SHARD_JOB).executor_def.name == "icons_celery_executor"
     assert celery.resolve_job_def("vote_job").executor_def.name == "in_process"  # only the shard runs move
-    assert build_definitions(tmp_path, {"scaleout": {"shard_executor": "in_process"}}).resolve_job_def(SHARD_JOB).executor_def.name == "in_process"
+    assert definitions({"scaleout": {"shard_executor": "in_process"}}).resolve_job_def(SHARD_JOB).executor_def.name == "in_process"
     with pytest.raises(ValueError, match=r"(?s)icons.json: scaleout.shard_executor: .*unexpected config entry \"brokr\""):
-        build_definitions(tmp_path, {"scaleout": {"shard_executor": {"celery": {"brokr": "redis://queue"}}}})
+        definitions({"scaleout": {"shard_executor": {"celery": {"brokr": "redis://queue"}}}})
     with pytest.raises(ValueError, match=r"icons.json: scaleout.shard_executor must be one of \['in_process', 'celery'\]"):
-        build_definitions(tmp_path, {"scaleout": {"shard_executor": "k8s"}})
-    with pytest.raises(ValueError, match=r"icons.json: unknown scaleout settings \['shard_tags'\]"):
-        build_definitions(tmp_path, {"scaleout": {"shard_tags": {}}})
+        definitions({"scaleout": {"shard_executor": "k8s"}})
+    with pytest.raises(ValueError, match=r"icons.json: scaleout: unknown settings \['shard_tags'\]"):
+        definitions({"scaleout": {"shard_tags": {}}})
 
 
 # The shard run dies (SIGKILL, no clean-up) right after its first feature file is written
@@ -301,7 +303,7 @@ def test_deploy_configs_name_the_shard_runs_this_code_tags():
     single = yaml.safe_load(QUEUE_YAML)
     assert [limit["key"] for limit in single["concurrency"]["runs"]["tag_concurrency_limits"]] == [SHARD_TAG]
     # the K8s config's shard-run tags (one GPU per pod) land on every shard run
-    config = jsonlib.loads((REPO / "deploy" / "kubernetes" / "icons-config.json").read_text())
+    config = load_config_file(REPO / "deploy" / "kubernetes" / "icons-config.json")
     job = build_definitions(REPO / ".no-home", config).resolve_job_def(SHARD_JOB)
     k8s = job.tags["dagster-k8s/config"]
     k8s = jsonlib.loads(k8s) if isinstance(k8s, str) else k8s
@@ -319,7 +321,7 @@ def test_the_k8s_shard_run_tags_pass_dagster_k8s_and_build_a_one_gpu_pod():
     from icons_dagster.definitions import build_definitions
     from icons_dagster.scaleout import SHARD_JOB
 
-    config = jsonlib.loads((REPO / "deploy" / "kubernetes" / "icons-config.json").read_text())
+    config = load_config_file(REPO / "deploy" / "kubernetes" / "icons-config.json")
     tags = build_definitions(REPO / ".no-home", config).resolve_job_def(SHARD_JOB).tags
     tags = {k: v if isinstance(v, str) else jsonlib.dumps(v) for k, v in tags.items()}
     user_config = get_user_defined_k8s_config(tags)
@@ -340,7 +342,6 @@ def test_the_k8s_shard_run_tags_pass_dagster_k8s_and_build_a_one_gpu_pod():
 def test_the_celery_deploy_config_and_its_worker_config_agree(monkeypatch):
     """deploy/celery: the shard job gets the Celery executor from icons-config.json, and the
     worker config that dagster-celery's own CLI validates names the same broker, backend and queue."""
-    import json as jsonlib
 
     import yaml
     from dagster_celery.cli import get_validated_config
@@ -351,11 +352,11 @@ def test_the_celery_deploy_config_and_its_worker_config_agree(monkeypatch):
     monkeypatch.setenv("ICONS_CELERY_BROKER", "redis://queue:6379/0")
     monkeypatch.setenv("ICONS_CELERY_BACKEND", "redis://queue:6379/1")
     folder = REPO / "deploy" / "celery"
-    config = jsonlib.loads((folder / "icons-config.json").read_text())
+    config = load_config_file(folder / "icons-config.json")
     assert build_definitions(REPO / ".no-home", config).resolve_job_def(SHARD_JOB).executor_def.name == "icons_celery_executor"
     worker = get_validated_config(str(folder / "worker.yaml"))
     assert worker["broker"] == "redis://queue:6379/0" and worker["backend"] == "redis://queue:6379/1"
-    assert yaml.safe_load((folder / "worker.yaml").read_text())["execution"]["config"] == config["scaleout"]["shard_executor"]["celery"]
+    assert yaml.safe_load((folder / "worker.yaml").read_text())["execution"]["config"] == config.scaleout.shard_executor["celery"]
     instance = yaml.safe_load((folder / "dagster.yaml").read_text())
     assert "postgres" in instance["storage"]
     assert [limit["key"] for limit in instance["concurrency"]["runs"]["tag_concurrency_limits"]] == [SHARD_TAG]

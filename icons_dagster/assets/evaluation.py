@@ -2,6 +2,7 @@
 
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 from dagster import AssetExecutionContext, AssetIn, asset
 
@@ -13,7 +14,7 @@ from icons_dagster.core.evaluation_pipeline import (
     stage_finetune,
 )
 from icons_dagster.partitions import evaluation_method_partitions
-from icons_dagster.resources import DataResource, EvaluationResource, ModelResource, SettingsResource, StoreResource
+from icons_dagster.resources import DataResource, EvaluationResource, LoraResource, ModelResource, SelectionResource, StoreResource
 from icons_dagster.resources.refs import MATERIALIZED_PARTITIONS
 
 EVALUATION_GROUP = "evaluation"
@@ -23,7 +24,7 @@ EVALUATION_GROUP = "evaluation"
 def evaluation_subsets(
     store: StoreResource,
     data: DataResource,
-    settings: SettingsResource,
+    selection: SelectionResource,
     evaluation: EvaluationResource,
     training_pool: dict,
     vote_table: dict,
@@ -32,11 +33,14 @@ def evaluation_subsets(
 ) -> Iterator:
     """The ids each compared method trains on: full, 3 random seeds, the exported ICONS subset,
     the paper's vote and its variants, direct-merge, the TF-IDF vote, OFA, the specialists."""
-    artifacts = store.store()
-    paths = data.paths(artifacts)
-    config = evaluation.evaluation_config(settings.p)
+    paths, config = data.config(), evaluation.config()
+    config = replace(config, methods=config.partition_methods())  # partitions only, in their order
     exported = {"icons": selected_subset, "ofa": ofa_selected_subset}
-    yield output(stage_evaluation_subsets(artifacts, training_pool, vote_table, exported, config, paths.benchmarks, paths.image_root))
+    yield output(
+        stage_evaluation_subsets(
+            store.store(), training_pool, vote_table, exported, config, selection.config().p, paths.benchmarks_path(), paths.image_root_path()
+        )
+    )
 
 
 @asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", partitions_def=evaluation_method_partitions)
@@ -44,21 +48,21 @@ def finetuned_adapter(
     context: AssetExecutionContext,
     store: StoreResource,
     model: ModelResource,
-    settings: SettingsResource,
+    lora: LoraResource,
     evaluation: EvaluationResource,
     training_pool: dict,
     evaluation_subsets: dict,
 ) -> Iterator:
     """The base model + a LoRA trained on one method's subset with the shared recipe."""
-    artifacts = store.store()
+    config = evaluation.config()
     result = stage_finetune(
-        artifacts,
+        store.store(),
         context.partition_key,
         training_pool,
         evaluation_subsets,
-        model.checkpoint_config(artifacts),
-        evaluation.lora_settings(model.lora_settings()),
-        evaluation.evaluation_config(settings.p),
+        model.config(),
+        config.lora_for(lora.config()),
+        config,
         log=context.log.info,
         progress=throttled_progress(context, f"finetuned_adapter[{context.partition_key}]"),
     )
@@ -71,32 +75,28 @@ def benchmark_scores(
     store: StoreResource,
     data: DataResource,
     model: ModelResource,
-    settings: SettingsResource,
     evaluation: EvaluationResource,
     finetuned_adapter: dict,
 ) -> Iterator:
     """Every benchmark's test split scored with the metric that fits its answers."""
-    artifacts = store.store()
-    paths = data.paths(artifacts)
+    paths = data.config()
     result = stage_benchmark_scores(
-        artifacts,
+        store.store(),
         context.partition_key,
         finetuned_adapter,
-        paths.benchmarks,
-        paths.image_root,
-        model.checkpoint_config(artifacts),
-        evaluation.evaluation_config(settings.p),
+        paths.benchmarks_path(),
+        paths.image_root_path(),
+        model.config(),
+        evaluation.config(),
         log=context.log.info,
     )
     yield output(result)
 
 
 @asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", ins={"benchmark_scores": AssetIn(metadata=MATERIALIZED_PARTITIONS)})
-def evaluation_table(
-    store: StoreResource, settings: SettingsResource, evaluation: EvaluationResource, benchmark_scores: dict, evaluation_subsets: dict
-) -> Iterator:
+def evaluation_table(store: StoreResource, evaluation: EvaluationResource, benchmark_scores: dict, evaluation_subsets: dict) -> Iterator:
     """Paper Table 1's shape: a row per configured method, a column per benchmark, and Rel. (eq. 2)."""
-    methods = evaluation.evaluation_config(settings.p).methods
+    methods = evaluation.config().partition_methods()
     missing = [m for m in methods if m not in benchmark_scores]
     if missing:
         raise ValueError(f"benchmark_scores has not been materialized for {missing}: materialize those partitions first")

@@ -23,7 +23,7 @@ def _with_check(context: AssetExecutionContext, artifacts: ArtifactStore, result
         metadata = {key: MetadataValue.json({"passed": ok, **details}) for key, (ok, details) in checked.items()}
     yield AssetCheckResult(check_name=FEATURE_CHECK, passed=passed, metadata=metadata)
 from icons_dagster.partitions import benchmark_partitions, train_shard_partitions
-from icons_dagster.resources import DataResource, ModelResource, SettingsResource, StoreResource
+from icons_dagster.resources import DataResource, GradientsResource, ModelResource, StoreResource
 
 
 @asset(
@@ -36,7 +36,7 @@ def training_gradients(
     context: AssetExecutionContext,
     store: StoreResource,
     model: ModelResource,
-    settings: SettingsResource,
+    gradients: GradientsResource,
     training_pool: dict,
     warmup_checkpoint: dict,
 ) -> Iterator:
@@ -47,8 +47,8 @@ def training_gradients(
         context.partition_key,
         training_pool,
         warmup_checkpoint,
-        model.checkpoint_config(artifacts),
-        settings.gradients(),
+        model.config(),
+        gradients.config(),
         log=context.log.info,
         progress=throttled_progress(context, f"training_gradients[{context.partition_key}]"),
     )
@@ -68,23 +68,22 @@ def validation_gradients(
     store: StoreResource,
     data: DataResource,
     model: ModelResource,
-    settings: SettingsResource,
+    gradients: GradientsResource,
     warmup_checkpoint: dict,
 ) -> Iterator:
     """SGD gradient features of each benchmark's validation set in the run, same projector as
     training (one model load for all of them)."""
     artifacts = store.store()
-    paths = data.paths(artifacts)
-    checkpoint, gradients = model.checkpoint_config(artifacts), settings.gradients()
+    paths, checkpoint, features = data.config(), model.config(), gradients.config()
     results = {
         benchmark: stage_validation(
             artifacts,
             benchmark,
-            paths.benchmarks,
-            paths.image_root,
+            paths.benchmarks_path(),
+            paths.image_root_path(),
             warmup_checkpoint,
             checkpoint,
-            gradients,
+            features,
             log=context.log.info,
             progress=throttled_progress(context, f"validation_gradients[{benchmark}]"),
         )

@@ -6,7 +6,7 @@ from dagster import AllPartitionMapping, AssetExecutionContext, AssetIn, Output,
 from icons_dagster.assets._context import EAGER, GROUP, ONE_RUN_PER_BACKFILL, partition_outputs
 from icons_dagster.core.pipeline import stage_influences
 from icons_dagster.partitions import benchmark_partitions
-from icons_dagster.resources import SettingsResource, StoreResource
+from icons_dagster.resources import InfluenceResource, SelectionResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS
 
 
@@ -24,7 +24,8 @@ from icons_dagster.resources.refs import ALL_PARTITIONS
 def task_influence(
     context: AssetExecutionContext,
     store: StoreResource,
-    settings: SettingsResource,
+    influence: InfluenceResource,
+    selection: SelectionResource,
     training_pool: dict,
     warmup_checkpoint: dict,
     training_gradients: dict,
@@ -38,8 +39,8 @@ def task_influence(
         warmup_checkpoint,
         training_gradients,
         validation_gradients,
-        settings.selection().p,
-        write_full_matrix=settings.write_influence_matrix,
+        selection.config().p,
+        write_full_matrix=influence.config().write_matrix,
         log=context.log.info,
     )
     return partition_outputs(context, results)

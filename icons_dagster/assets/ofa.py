@@ -15,7 +15,7 @@ from icons_dagster.core.ofa_pipeline import (
 )
 from icons_dagster.core.pipeline import check_subset, check_unit_rows
 from icons_dagster.partitions import train_shard_partitions
-from icons_dagster.resources import OFAResource, StoreResource
+from icons_dagster.resources import EmbedderResource, OFAResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS
 
 OFA_GROUP = "ofa"
@@ -27,14 +27,14 @@ OFA_GROUP = "ofa"
     partitions_def=train_shard_partitions,
     check_specs=[AssetCheckSpec("embeddings_finite_unit_norm", asset="ofa_embeddings")],
 )
-def ofa_embeddings(context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, training_pool: dict) -> Iterator:
+def ofa_embeddings(context: AssetExecutionContext, store: StoreResource, embedder: EmbedderResource, training_pool: dict) -> Iterator:
     """One shard's records in the frozen image-text space (float16, unit norm)."""
     artifacts = store.store()
     result = stage_ofa_embeddings(
         artifacts,
         context.partition_key,
         training_pool,
-        ofa.embedder_config(),
+        embedder.config(),
         log=context.log.info,
         progress=throttled_progress(context, f"ofa_embeddings[{context.partition_key}]"),
     )
@@ -46,12 +46,13 @@ def ofa_embeddings(context: AssetExecutionContext, store: StoreResource, ofa: OF
 @asset(group_name=OFA_GROUP, io_manager_key="refs_io_manager", ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)})
 def ofa_pseudo_labels(context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, training_pool: dict, ofa_embeddings: dict) -> Iterator:
     """Seeded k-means over the whole pool: each record's cluster is its pseudo label."""
+    config = ofa.config()
     result = stage_ofa_pseudo_labels(
         store.store(),
         training_pool,
         ofa_embeddings,
-        ofa.ofa_config(),
-        ofa.selector_source(),
+        config,
+        config.selector_source(),
         log=context.log.info,
         progress=throttled_progress(context, "k-means iterations"),
     )
@@ -59,15 +60,18 @@ def ofa_pseudo_labels(context: AssetExecutionContext, store: StoreResource, ofa:
 
 
 @asset(group_name=OFA_GROUP, io_manager_key="refs_io_manager", ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)})
-def ofa_selector(context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, ofa_embeddings: dict, ofa_pseudo_labels: dict) -> Iterator:
+def ofa_selector(
+    context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, embedder: EmbedderResource, ofa_embeddings: dict, ofa_pseudo_labels: dict
+) -> Iterator:
     """The MLP that predicts pseudo labels (trained here, or imported from ``ofa.selector``)."""
+    config = ofa.config()
     result = stage_ofa_selector(
         store.store(),
         ofa_embeddings,
         ofa_pseudo_labels,
-        ofa.ofa_config(),
-        ofa.embedder_config(),
-        ofa.selector_source(),
+        config,
+        embedder.config(),
+        config.selector_source(),
         log=context.log.info,
         progress=throttled_progress(context, "selector epochs"),
     )
@@ -82,7 +86,7 @@ def ofa_selector(context: AssetExecutionContext, store: StoreResource, ofa: OFAR
 )
 def ofa_selected_subset(store: StoreResource, ofa: OFAResource, training_pool: dict, ofa_embeddings: dict, ofa_selector: dict) -> Iterator:
     """The least-confident floor(pN) records, as LLaVA JSON + Parquet confidences."""
-    artifacts = store.store()
+    artifacts, config = store.store(), ofa.config()
     lineage = {
         "pool": training_pool["fingerprint"],
         "pool_source": training_pool.get("source"),
@@ -91,9 +95,9 @@ def ofa_selected_subset(store: StoreResource, ofa: OFAResource, training_pool: d
         "embedder": ofa_selector.get("embedder"),
         "ofa": ofa.model_dump(),
     }
-    result = stage_ofa_selected_subset(artifacts, training_pool, ofa_embeddings, ofa_selector, ofa.ofa_config(), lineage)
+    result = stage_ofa_selected_subset(artifacts, training_pool, ofa_embeddings, ofa_selector, config, lineage)
     yield output(result)
-    passed, metadata = check_subset(artifacts, result.ref, result.metadata["n_pool"], ofa.p)
+    passed, metadata = check_subset(artifacts, result.ref, result.metadata["n_pool"], config.p)
     yield AssetCheckResult(check_name="subset_size", passed=passed, metadata=metadata)
 
 

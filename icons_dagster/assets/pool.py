@@ -5,20 +5,17 @@ from dagster import AssetExecutionContext, Output, asset
 
 from icons_dagster.assets._context import GROUP, output
 from icons_dagster.core.pipeline import stage_pool, stage_warmup_subset
-from icons_dagster.partitions import train_shard_partitions
-from icons_dagster.resources import DataResource, SettingsResource, StoreResource
+from icons_dagster.resources import DataResource, StoreResource, WarmupResource
 
 
 @asset(group_name=GROUP, io_manager_key="refs_io_manager")
 def training_pool(context: AssetExecutionContext, store: StoreResource, data: DataResource) -> Output:
     """Validated manifest of the pool (Parquet): ids, images, turns, content hash, shard; skips listed."""
-    artifacts = store.store()
-    paths = data.paths(artifacts)
-    num_shards = len(train_shard_partitions.get_partition_keys())
-    return output(stage_pool(artifacts, paths.pool, paths.image_root, num_shards, context.log.info))
+    paths = data.config()
+    return output(stage_pool(store.store(), paths.pool_path(), paths.image_root_path(), paths.num_shards, context.log.info))
 
 
 @asset(group_name=GROUP, io_manager_key="refs_io_manager")
-def warmup_subset(store: StoreResource, settings: SettingsResource, training_pool: dict) -> Output:
+def warmup_subset(store: StoreResource, warmup: WarmupResource, training_pool: dict) -> Output:
     """The seeded random r% of the pool the warm-up trains on."""
-    return output(stage_warmup_subset(store.store(), training_pool, settings.warmup()))
+    return output(stage_warmup_subset(store.store(), training_pool, warmup.config()))

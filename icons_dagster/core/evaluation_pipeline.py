@@ -19,7 +19,7 @@ import polars as pl
 
 from icons_dagster.core import analysis, consensus, plots
 from icons_dagster.core.benchmarks import load_benchmark
-from icons_dagster.core.config import LoraSettings, ModelConfig, WarmupConfig
+from icons_dagster.core.config import LoraSettings, ModelConfig, WarmupConfig, setting
 from icons_dagster.core.evaluation import informative_benchmarks, relative_scores, results_markdown, score_benchmark
 from icons_dagster.core.fingerprint import fingerprint
 from icons_dagster.core.pipeline import (
@@ -73,20 +73,28 @@ DEFAULT_METHODS = (
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Which methods are compared and the one fine-tuning recipe they all get."""
+    """Which methods are compared and the one fine-tuning recipe they all get.
 
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    p: float = 0.2
-    learning_rate: float = 2e-4
-    epochs: int = 1
-    batch_size: int = 4
-    seed: int = 0
-    max_new_tokens: int = 64
+    The subsets are cut at the selection's ``p`` (selection.p; OFA's ``p`` must match).
+    """
+
+    methods: tuple[str, ...] = setting((), "methods to compare (comma-separated); empty or 'all': every evaluation partition", aliases=("--methods",))
+    learning_rate: float = setting(2e-4, "fine-tune learning rate", aliases=("--learning-rate",))
+    epochs: int = setting(1, "fine-tune epochs over each subset", aliases=("--epochs",))
+    batch_size: int = setting(4, "fine-tune batch size", aliases=("--batch-size",))
+    seed: int = setting(0, "fine-tune seed", aliases=("--seed",))
+    max_new_tokens: int = setting(64, "tokens generated per test answer")
     # False: the paper's recipe, ``epochs`` over each subset. True: every subset is trained
     # for about as many steps as the full data gets (epochs x N / |subset|, rounded).
-    equal_steps: bool = False
+    equal_steps: bool = setting(False, "train every subset about as many steps as the full data", aliases=("--equal-steps",))
+    lora_r: int = setting(0, "the fine-tune's LoRA rank; 0 = the warm-up's LoRA")
+    lora_alpha: int = setting(0, "the fine-tune's LoRA alpha; 0 = twice its rank")
 
     def __post_init__(self) -> None:
+        if isinstance(self.methods, (list, str)):
+            object.__setattr__(self, "methods", tuple([self.methods] if isinstance(self.methods, str) else self.methods))
+        if self.methods == ("all",):
+            object.__setattr__(self, "methods", ())
         for method in self.methods:
             known = method in (*EXPORTED, *ICONS_METHODS, MAX_RANK_METHOD, *BASELINES, "full", SPECIALIST)
             if not known and _random_seed(method) is None and _coverage(method) is None:
@@ -94,8 +102,26 @@ class EvaluationConfig:
                     f"unknown evaluation method {method!r}: full, random-<seed>, icons, {', '.join(ICONS_METHODS)}, "
                     f"{MAX_RANK_METHOD}, {COVER_PREFIX}<percent>, {', '.join(BASELINES)}, ofa, {SPECIALIST}"
                 )
-        if "full" not in self.methods:
+        if self.methods and "full" not in self.methods:
             raise ValueError("the evaluation needs the 'full' method: Rel. divides by the full-data score")
+
+    @property
+    def compared(self) -> tuple[str, ...]:
+        """The methods compared: the configured ones, or every default method."""
+        return self.methods or DEFAULT_METHODS
+
+    def partition_methods(self) -> tuple[str, ...]:
+        """The compared methods in the evaluation partitions' order; each must be a partition."""
+        unknown = [m for m in self.compared if m not in DEFAULT_METHODS]
+        if unknown:
+            raise ValueError(f"evaluation.methods {unknown} are not evaluation partitions; choose from {list(DEFAULT_METHODS)}")
+        return tuple(m for m in DEFAULT_METHODS if m in self.compared)
+
+    def lora_for(self, model_lora: LoraSettings) -> LoraSettings:
+        """The LoRA every method's fine-tune gets (the selection's own LoRA unless set here)."""
+        if not self.lora_r:
+            return model_lora
+        return LoraSettings(self.lora_r, self.lora_alpha or 2 * self.lora_r, model_lora.dropout, model_lora.target_modules)
 
     def recipe(self, n_subset: int, n_pool: int) -> WarmupConfig:
         """The fine-tune recipe (the warm-up trainer on a whole subset: ratio 1, one checkpoint)."""
@@ -221,10 +247,11 @@ def stage_evaluation_subsets(
     vote_ref: dict | None,
     exported_refs: dict[str, dict | None],
     config: EvaluationConfig,
+    p: float,
     benchmarks_dir: Path | None = None,
     default_image_root: Path | None = None,
 ) -> StageResult:
-    """Every method's ids; ``exported_refs``: the ICONS and OFA subsets ({"icons": ref, "ofa": ref})."""
+    """Every method's ids at ratio ``p``; ``exported_refs``: the ICONS and OFA subsets ({"icons": ref, "ofa": ref})."""
     exported_refs = {m: ref for m, ref in exported_refs.items() if ref}
     validation = {}
     if vote_ref and benchmarks_dir is not None:
@@ -235,8 +262,8 @@ def stage_evaluation_subsets(
         votes=vote_ref["fingerprint"] if vote_ref else None,
         exported={m: ref["fingerprint"] for m, ref in sorted(exported_refs.items())},
         validation={b: loaded.content_sha256 for b, loaded in validation.items()},
-        methods=list(config.methods),
-        p=config.p,
+        methods=list(config.compared),
+        p=p,
     )
     directory = store.artifact_dir("evaluation_subsets", fp)
     if (reused := reuse_artifact(store, "evaluation_subsets", fp, directory)) is not None:
@@ -247,13 +274,13 @@ def stage_evaluation_subsets(
     baseline_scores = _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation)
     rows: dict[str, list] = {"method": [], "part": [], "id": []}
     sizes = {}
-    for method in config.methods:
+    for method in config.compared:
         if method == SPECIALIST:
             if vote_frame is None:
                 raise ValueError("method 'specialist' needs the ICONS vote table")
-            parts = specialist_subsets(vote_frame, config.p)
+            parts = specialist_subsets(vote_frame, p)
         else:
-            parts = {None: method_subset(method, ids, config.p, vote_frame, exported, baseline_scores)}
+            parts = {None: method_subset(method, ids, p, vote_frame, exported, baseline_scores)}
         for part, chosen in parts.items():
             rows["method"] += [method] * len(chosen)
             rows["part"] += [part] * len(chosen)
@@ -265,10 +292,10 @@ def stage_evaluation_subsets(
         **{f"{m}_subset": ref["fingerprint"] for m, ref in exported_refs.items()},
     }
     frame = pl.DataFrame(rows, schema={"method": pl.String, "part": pl.String, "id": pl.String})
-    metadata = {"sizes": sizes, "p": config.p, **subset_composition(store, pool_ref, ids, frame, vote_frame)}
+    metadata = {"sizes": sizes, "p": p, **subset_composition(store, pool_ref, ids, frame, vote_frame)}
     with building_artifact(store, directory, "evaluation_subsets", fp, inputs) as (tmp, manifest):
         frame.write_parquet(tmp / SUBSETS_FILE)
-        manifest["ref"] = {"sizes": sizes, "methods": list(config.methods)}
+        manifest["ref"] = {"sizes": sizes, "methods": list(config.compared)}
         manifest["metadata"] = metadata
     return reuse_artifact(store, "evaluation_subsets", fp, directory, built=True)
 

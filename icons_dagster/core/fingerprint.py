@@ -133,6 +133,8 @@ def _hub_commit(repo_id: str, revision: str | None) -> str | None:
 
 def checkpoint_identity(name_or_path: str, revision: str | None) -> dict[str, Any]:
     """A local folder by content (not by location); a hub id by id, revision and resolved commit."""
+    if not name_or_path:
+        return {"unset": True}  # no model configured yet (the code versions of an empty home)
     if Path(name_or_path).is_dir():
         return {"folder_sha256": folder_identity(name_or_path)}
     return {"hub_id": name_or_path, "revision": revision, "commit": _hub_commit(name_or_path, revision)}

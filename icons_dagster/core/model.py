@@ -116,6 +116,10 @@ def gradient_mode(model, placement: Placement) -> Iterator[None]:
 def check_model_source(name_or_path: str) -> None:
     """Refuse a folder path that does not exist before transformers reads it as a hub id
     (its error then speaks of repo-id syntax). Hub ids are ``name`` or ``org/name``."""
+    if not name_or_path:
+        raise ValueError(
+            "no model configured (model.name_or_path): run `icons-dagster demo` (the embedded tiny model) or pass --model"
+        )
     looks_like_path = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
     if looks_like_path and not Path(name_or_path).expanduser().is_dir():
         raise FileNotFoundError(

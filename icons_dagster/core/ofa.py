@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from icons_dagster.core import consensus
+from icons_dagster.core.config import _require, check_choices, setting
 
 CONFIDENCE_MEASURES = ("max_softmax", "margin", "entropy")
 SELECTOR_WEIGHTS = "selector.safetensors"
@@ -34,30 +35,28 @@ SELECTOR_CONFIG = "selector.json"
 SELECTOR_FORMAT = 1
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
 @dataclass(frozen=True)
 class OFAConfig:
     """Clustering, selector training and selection settings."""
 
-    num_clusters: int = 64
-    kmeans_iterations: int = 50
-    kmeans_init_sample: int = 20_000  # k-means++ seeds from at most this many rows
-    kmeans_seed: int = 0
-    hidden_dim: int = 256
-    epochs: int = 3  # "a few epochs": the selector must not memorise the pool
-    # ...but a small pool gives few steps per epoch: train at least this many steps (epochs
-    # are added). 665K records at batch 256 are 2,600 steps an epoch; 720 are 3.
-    min_steps: int = 300
-    batch_size: int = 256
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.01
-    train_seed: int = 0
-    confidence: str = "max_softmax"
-    p: float = 0.2
+    num_clusters: int = setting(64, "k of the k-means pseudo labels", aliases=("--ofa-clusters",))
+    kmeans_iterations: int = setting(50, "k-means iterations")
+    kmeans_init_sample: int = setting(20_000, "k-means++ seeds from at most this many rows")
+    kmeans_seed: int = setting(0, "k-means seed")
+    hidden_dim: int = setting(256, "the selector MLP's hidden width")
+    epochs: int = setting(3, '"a few epochs": the selector must not memorise the pool')
+    # ...but a small pool gives few steps per epoch: epochs are added. 665K records at batch
+    # 256 are 2,600 steps an epoch; 720 are 3.
+    min_steps: int = setting(300, "train the selector at least this many steps")
+    batch_size: int = setting(256, "selector batch size")
+    learning_rate: float = setting(1e-3, "selector learning rate")
+    weight_decay: float = setting(0.01, "selector weight decay")
+    train_seed: int = setting(0, "selector initialisation and shuffle seed")
+    confidence: str = setting("max_softmax", "how sure the selector is of a record", choices=CONFIDENCE_MEASURES)
+    p: float = setting(0.2, "OFA selection ratio")
+    # a trained selector folder (selector.json + selector.safetensors, e.g. another home's
+    # exports/ofa_selector) reused instead of training one on this pool
+    selector: str = setting("", "reuse a trained selector folder (e.g. another home's exports/ofa_selector); '' trains one", path=True)
 
     def __post_init__(self) -> None:
         _require(self.num_clusters >= 2, f"num_clusters must be >= 2, got {self.num_clusters}")
@@ -67,13 +66,18 @@ class OFAConfig:
         _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _require(self.min_steps >= 0, f"min_steps must be >= 0, got {self.min_steps}")
         _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        _require(self.confidence in CONFIDENCE_MEASURES, f"confidence must be one of {CONFIDENCE_MEASURES}, got {self.confidence!r}")
+        check_choices(self)
         _require(0.0 < self.p <= 1.0, f"p must be in (0, 1], got {self.p}")
 
+    def selector_source(self) -> Path | None:
+        """The trained selector folder to reuse, or None to train one."""
+        return Path(self.selector).expanduser().resolve() if self.selector else None
+
     def selector_fields(self) -> dict:
-        """What the trained selector depends on (not p or the confidence measure)."""
+        """What the trained selector depends on (not p, the confidence measure, or where an
+        imported selector comes from: its content enters the fingerprint instead)."""
         fields = asdict(self)
-        for key in ("confidence", "p"):
+        for key in ("confidence", "p", "selector"):
             fields.pop(key)
         return fields
 

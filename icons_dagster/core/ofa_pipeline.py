@@ -352,8 +352,8 @@ def _build_ofa_subset(store, fp, directory, pool_ref, embedding_refs, selector_r
 
 def export_selector(store: ArtifactStore, selector_ref: dict) -> Path:
     """The trained selector at a stable path (``exports/ofa_selector``), ready to reuse on another pool."""
-    target = store.exports_dir / "ofa_selector"
-    tmp = store.exports_dir / ".ofa_selector.tmp"
+    target = store.export_path(EXPORT_PREFIX + SELECTOR_DIR)
+    tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(selector_dir(store, selector_ref), tmp)
     shutil.rmtree(target, ignore_errors=True)

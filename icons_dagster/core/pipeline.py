@@ -145,6 +145,25 @@ def model_fingerprint_fields(config: ModelConfig) -> dict:
     }
 
 
+# -- what each stage's fingerprint takes from the configuration (also its code version) ----
+
+
+def pool_settings(image_root: Path | str | None, num_shards: int) -> dict:
+    return {"image_root": str(image_root), "num_shards": num_shards}
+
+
+def warmup_subset_settings(config: WarmupConfig) -> dict:
+    return {"ratio": config.ratio, "seed": config.seed}
+
+
+def warmup_checkpoint_settings(model_config: ModelConfig, lora: LoraSettings, config: WarmupConfig) -> dict:
+    return {"model": model_fingerprint_fields(model_config), "lora": lora, "warmup": config}
+
+
+def influence_settings(p: float, write_full_matrix: bool) -> dict:
+    return {"p": p, "full_matrix": write_full_matrix}
+
+
 # -- training_pool ------------------------------------------------------------------------
 
 
@@ -152,7 +171,7 @@ def stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, n
     from icons_dagster.core.fingerprint import file_sha256
 
     content = file_sha256(pool_path)
-    fp = fingerprint("training_pool", content=content, image_root=str(image_root), num_shards=num_shards)
+    fp = fingerprint("training_pool", content=content, **pool_settings(image_root, num_shards))
     directory = store.artifact_dir("training_pool", fp)
     if (reused := reuse_artifact(store, "training_pool", fp, directory)) is not None:
         return reused
@@ -201,7 +220,7 @@ def load_pool_manifest(
 
 
 def stage_warmup_subset(store: ArtifactStore, pool_ref: dict, config: WarmupConfig) -> StageResult:
-    fp = fingerprint("warmup_subset", pool=pool_ref["fingerprint"], ratio=config.ratio, seed=config.seed)
+    fp = fingerprint("warmup_subset", pool=pool_ref["fingerprint"], **warmup_subset_settings(config))
     directory = store.artifact_dir("warmup_subset", fp)
     if (reused := reuse_artifact(store, "warmup_subset", fp, directory)) is not None:
         return reused
@@ -229,9 +248,7 @@ def stage_warmup_checkpoint(
     log: Log = quiet_log,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> StageResult:
-    fp = fingerprint(
-        "warmup_checkpoint", subset=subset_ref["fingerprint"], model=model_fingerprint_fields(model_config), lora=lora, warmup=config
-    )
+    fp = fingerprint("warmup_checkpoint", subset=subset_ref["fingerprint"], **warmup_checkpoint_settings(model_config, lora, config))
     directory = store.artifact_dir("warmup_checkpoint", fp)
     if (reused := reuse_artifact(store, "warmup_checkpoint", fp, directory)) is not None:
         return reused
@@ -453,8 +470,7 @@ def stage_influences(
             train=train_fingerprints,
             validation=validation_refs[benchmark]["fingerprint"],
             checkpoint=checkpoint_ref["fingerprint"],
-            p=p,
-            full_matrix=write_full_matrix,
+            **influence_settings(p, write_full_matrix),
         )
         directory = store.artifact_dir("task_influence", fp, benchmark)
         if (reused := reuse_artifact(store, "task_influence", fp, directory)) is not None:
@@ -720,7 +736,7 @@ def export_subset(store: ArtifactStore, directory: Path, prefix: str = "") -> di
     store.exports_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in (SUBSET_JSON, SUBSET_PARQUET):
-        target = store.exports_dir / f"{prefix}{name}"
+        target = store.export_path(f"{prefix}{name}")
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.copyfile(directory / name, tmp)
         tmp.replace(target)

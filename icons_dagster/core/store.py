@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 COMPLETE_MARKER = "_COMPLETE.json"
+CONFIG_FILE = "icons.json"
+UNPARTITIONED = "__unpartitioned__"
 
 
 class RemoteStore:
@@ -83,8 +85,9 @@ class RemoteStore:
 
 
 class ArtifactStore:
-    """Paths under one root: artifacts/, exports/, demo/, dagster/ (the Dagster instance);
-    ``remote``: an fsspec URL the artifacts are shared through (module docstring)."""
+    """Paths under one root: artifacts/, refs/ (each asset's current reference), exports/,
+    demo/, dagster/ (the Dagster instance) and icons.json (the configuration); ``remote``:
+    an fsspec URL the artifacts and references are shared through (module docstring)."""
 
     def __init__(self, root: str | Path, remote: str | None = None):
         self.root = Path(root).expanduser().resolve()
@@ -106,6 +109,44 @@ class ArtifactStore:
     @property
     def dagster_home(self) -> Path:
         return self.root / "dagster"
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    def export_path(self, name: str) -> Path:
+        return self.exports_dir / name
+
+    @staticmethod
+    def ref_relative(asset: str, partition: str | None = None) -> str:
+        """Where an asset's (partition's) current reference lives, relative to the root."""
+        return f"refs/{asset}/{_safe_component(partition or UNPARTITIONED)}.json"
+
+    def read_ref(self, asset: str, partition: str | None = None) -> dict:
+        """The current reference of an asset (partition), from the remote when there is one."""
+        relative = self.ref_relative(asset, partition)
+        where = f"{self.remote.url}/{relative}" if self.remote is not None else str(self.root / relative)
+        label = f"{asset}{f'[{partition}]' if partition else ''}"
+        if self.remote is not None:
+            if not self.remote.has_file(relative):
+                raise FileNotFoundError(f"{label} has not been materialized yet (no reference at {where})")
+            return json.loads(self.remote.read_text(relative))
+        if not (self.root / relative).is_file():
+            raise FileNotFoundError(f"{label} has not been materialized yet (no reference at {where})")
+        return json.loads((self.root / relative).read_text(encoding="utf-8"))
+
+    def has_ref(self, asset: str, partition: str | None = None) -> bool:
+        relative = self.ref_relative(asset, partition)
+        return self.remote.has_file(relative) if self.remote is not None else (self.root / relative).is_file()
+
+    def write_ref(self, asset: str, partition: str | None, ref: dict) -> None:
+        """Store a reference locally (atomically) and on the remote."""
+        relative = self.ref_relative(asset, partition)
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, ref)
+        if self.remote is not None:
+            self.remote.write_text(relative, path.read_text(encoding="utf-8"))
 
     def relative(self, path: Path) -> str:
         return str(Path(path).resolve().relative_to(self.root))

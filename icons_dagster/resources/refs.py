@@ -17,22 +17,19 @@ read from there, so a run on another machine sees the upstream runs' outputs.
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
 
 from dagster import ConfigurableIOManager, InputContext, OutputContext
 
-from icons_dagster.core.store import RemoteStore, write_json
+from icons_dagster.core.store import ArtifactStore
 
 ALL_PARTITIONS = {"all_partitions": True}
 MATERIALIZED_PARTITIONS = {"all_partitions": True, "materialized_only": True}
-UNPARTITIONED = "__unpartitioned__"
 
 
 @functools.lru_cache(maxsize=8)
-def _remote_store(url: str) -> RemoteStore:
-    """One RemoteStore per URL for the process (the IO manager asks for it on every call)."""
-    return RemoteStore(url)
+def _store(root: str, remote: str) -> ArtifactStore:
+    """One store per (root, URL) for the process (the IO manager asks for it on every call)."""
+    return ArtifactStore(root, remote or None)
 
 
 class PartitionRefs(dict):
@@ -40,26 +37,12 @@ class PartitionRefs(dict):
     underneath; the type tells the IO manager it holds several references, not one)."""
 
 
-def read_ref(root: str | Path, asset: str, partition: str | None = None) -> dict:
-    """The current reference of an asset (partition), as the IO manager stored it."""
-    path = Path(root) / "refs" / asset / f"{partition or UNPARTITIONED}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{asset}{f'[{partition}]' if partition else ''} has not been materialized yet (no reference at {path})")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 class ArtifactRefIOManager(ConfigurableIOManager):
     root: str
     remote: str = ""  # fsspec URL of the shared store; empty = this machine only
 
-    def _relative(self, asset_path: list[str], partition: str | None) -> str:
-        return f"refs/{'/'.join(asset_path)}/{partition or UNPARTITIONED}.json"
-
-    def _path(self, asset_path: list[str], partition: str | None) -> Path:
-        return Path(self.root) / self._relative(asset_path, partition)
-
-    def _remote(self) -> RemoteStore | None:
-        return _remote_store(self.remote) if self.remote else None
+    def _store(self) -> ArtifactStore:
+        return _store(self.root, self.remote)
 
     def handle_output(self, context: OutputContext, obj: dict) -> None:
         name = context.asset_key.to_user_string()
@@ -78,36 +61,19 @@ class ArtifactRefIOManager(ConfigurableIOManager):
             if not isinstance(ref, dict):
                 raise TypeError(f"asset {name}[{partition}] must return a reference dict, got {type(ref).__name__}")
         for partition, ref in refs.items():
-            path = self._path(context.asset_key.path, partition)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(path, ref)
-            if (remote := self._remote()) is not None:
-                remote.write_text(self._relative(context.asset_key.path, partition), path.read_text(encoding="utf-8"))
-
-    def _exists(self, asset_path: list[str], partition: str | None) -> bool:
-        remote = self._remote()
-        return remote.has_file(self._relative(asset_path, partition)) if remote else self._path(asset_path, partition).is_file()
-
-    def _read(self, asset_path: list[str], partition: str | None, asset_name: str) -> dict:
-        remote = self._remote()
-        if remote is None:
-            return read_ref(self.root, "/".join(asset_path), partition)
-        relative = self._relative(asset_path, partition)
-        if not remote.has_file(relative):
-            raise FileNotFoundError(f"{asset_name}{f'[{partition}]' if partition else ''} has not been materialized yet (no reference at {remote.url}/{relative})")
-        return json.loads(remote.read_text(relative))
+            self._store().write_ref(name, partition, ref)
 
     def load_input(self, context: InputContext):
-        asset_path = context.asset_key.path
         name = context.asset_key.to_user_string()
+        store = self._store()
         if not context.has_asset_partitions:
-            return self._read(asset_path, None, name)
+            return store.read_ref(name)
         keys = list(context.asset_partition_keys)
         metadata = context.definition_metadata or {}
         if metadata.get("all_partitions"):
             if metadata.get("materialized_only"):
-                keys = [key for key in keys if self._exists(asset_path, key)]
-            return {key: self._read(asset_path, key, name) for key in sorted(keys)}
+                keys = [key for key in keys if store.has_ref(name, key)]
+            return {key: store.read_ref(name, key) for key in sorted(keys)}
         if len(keys) != 1:
             raise ValueError(f"input {name} maps {len(keys)} partitions; declare it with ALL_PARTITIONS metadata")
-        return self._read(asset_path, keys[0], name)
+        return store.read_ref(name, keys[0])

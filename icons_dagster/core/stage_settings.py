@@ -1,0 +1,53 @@
+"""What each stage's output depends on in the configuration: the assets' code versions.
+
+Each entry is the configuration part of that stage's fingerprint (the rest of the
+fingerprint is its inputs' fingerprints and the data's content), so the UI marks exactly
+the assets a changed setting affects, and their downstream, as stale. The ICONS stages
+build their fingerprints from the same helpers; two entries use the configuration where
+the stage uses what it resolves to: ofa_embeddings (the embedder's settings, not the
+loaded embedder's identity, which would load its weights) and finetuned_adapter (the
+recipe's settings, not the per-subset epochs they give).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from icons_dagster.core.pipeline import (
+    gradient_fingerprint_fields,
+    influence_settings,
+    model_fingerprint_fields,
+    pool_settings,
+    warmup_checkpoint_settings,
+    warmup_subset_settings,
+)
+from icons_dagster.core.evaluation_pipeline import SCORING_VERSION
+from icons_dagster.core.schema import IconsConfig, section_to_json
+
+
+def stage_settings(config: IconsConfig) -> dict[str, dict[str, Any]]:
+    """Asset name -> the settings its fingerprint takes (see the module docstring)."""
+    data, ofa, evaluation = config.data, config.ofa, config.evaluation
+    embedder = {k: v for k, v in section_to_json(config.embedder).items() if k not in ("batch_size", "device")}
+    return {
+        "training_pool": pool_settings(data.image_root or None, data.num_shards),
+        "warmup_subset": warmup_subset_settings(config.warmup),
+        "warmup_checkpoint": warmup_checkpoint_settings(config.model, config.lora, config.warmup),
+        "training_gradients": {"gradients": gradient_fingerprint_fields(config.gradients, config.gradients.train_gradient)},
+        "validation_gradients": {"gradients": gradient_fingerprint_fields(config.gradients, "sgd")},
+        "task_influence": influence_settings(config.selection.p, config.influence.write_matrix),
+        "vote_table": {"selection": config.selection},
+        "selected_subset": {"selection": config.selection},
+        "ofa_embeddings": {"embedder": embedder},
+        "ofa_pseudo_labels": {"kmeans": {k: v for k, v in ofa.selector_fields().items() if k.startswith(("num_clusters", "kmeans"))}, "imported": ofa.selector},
+        "ofa_selector": {"training": ofa.selector_fields(), "imported": ofa.selector, "embedder": embedder},
+        "ofa_selected_subset": {"confidence": ofa.confidence, "p": ofa.p},
+        "evaluation_subsets": {"methods": list(evaluation.compared), "p": config.selection.p},
+        "finetuned_adapter": {
+            "model": model_fingerprint_fields(config.model),
+            "lora": evaluation.lora_for(config.lora),
+            "recipe": {k: getattr(evaluation, k) for k in ("learning_rate", "epochs", "batch_size", "seed", "equal_steps")},
+        },
+        "benchmark_scores": {"max_new_tokens": evaluation.max_new_tokens, "scoring_version": SCORING_VERSION},
+        "evaluation_table": {"methods": list(evaluation.compared)},
+    }
