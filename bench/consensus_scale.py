@@ -70,7 +70,7 @@ def generate(root: Path, n: int, d: int, shards: int, n_bench: int, seed: int = 
     import polars as pl
     import torch
 
-    from icons_dagster.core.influence import mean_validation_feature, stack_group_means
+    from icons_dagster.core.selection.influence import mean_validation_feature, stack_group_means
 
     t0 = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
@@ -230,8 +230,8 @@ def child(cfg: dict) -> dict:
     import torch
 
     torch.set_num_threads(cfg["threads"])
-    from icons_dagster.core import consensus
-    from icons_dagster.core.influence import influence_scores, influence_scores_from_files
+    from icons_dagster.core.selection import consensus
+    from icons_dagster.core.selection.influence import influence_scores, influence_scores_from_files
 
     spec = cfg["spec"]
     paths = spec["shards"]
@@ -499,7 +499,7 @@ def main() -> None:
     print(f"| chance agreement on the tie-filled places (places / tied rows) | {need / a['n_tied_at_cutoff']:.1%} |")
     print(f"| mean correlation between benchmarks' influence columns (synthetic) | {a['mean_offdiag_corr']:.2f} |")
     print()
-    from icons_dagster.core.influence import npy_info
+    from icons_dagster.core.storage.npy import npy_info
 
     header = npy_info(paths[0]).offset
     parquet = sum(os.path.getsize(Path(p).parent / SAMPLES) for p in paths)

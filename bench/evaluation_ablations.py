@@ -28,15 +28,15 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
 import polars as pl  # noqa: E402
 
-from icons_dagster.core.evaluation import informative_benchmarks, relative_scores  # noqa: E402
-from icons_dagster.core.evaluation_pipeline import (  # noqa: E402
+from icons_dagster.core.evaluation.metrics import informative_benchmarks, relative_scores  # noqa: E402
+from icons_dagster.core.stages.evaluation import (  # noqa: E402
     SUBSETS_FILE,
     stage_benchmark_scores,
     stage_evaluation_subsets,
     stage_finetune,
 )
 from icons_dagster.core.schema import IconsConfig  # noqa: E402
-from icons_dagster.core.store import ArtifactStore  # noqa: E402
+from icons_dagster.core.storage.artifacts import ArtifactStore  # noqa: E402
 from icons_dagster.demo.bootstrap import bootstrap_demo  # noqa: E402
 
 RATIOS = (0.05, 0.1, 0.2, 0.4, 0.6)

@@ -34,12 +34,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from icons_dagster.core.config import LoraSettings, ModelConfig  # noqa: E402
-from icons_dagster.core.encoding import ConversationEncoder, collate, per_sample_loss  # noqa: E402
-from icons_dagster.core.gradients import PerSampleGradients, loop_gradients, projected_features  # noqa: E402
-from icons_dagster.core.model import attach_new_lora, load_base_model, load_processor, resolve_placement  # noqa: E402
-from icons_dagster.core.projection import make_projector  # noqa: E402
-from icons_dagster.core.records import load_records  # noqa: E402
-from icons_dagster.core.samples import SkipLog, encode_records, length_grouped_batches, padded_tokens  # noqa: E402
+from icons_dagster.core.model.encoding import ConversationEncoder, collate, per_sample_loss  # noqa: E402
+from icons_dagster.core.features.gradients import PerSampleGradients, loop_gradients, projected_features  # noqa: E402
+from icons_dagster.core.model.loading import attach_new_lora, load_base_model, load_processor, resolve_placement  # noqa: E402
+from icons_dagster.core.features.projection import make_projector  # noqa: E402
+from icons_dagster.core.data.records import load_records  # noqa: E402
+from icons_dagster.core.model.samples import SkipLog, encode_records, length_grouped_batches, padded_tokens  # noqa: E402
 from icons_dagster.demo.build import ensure_demo_model  # noqa: E402
 from icons_dagster.demo.data import demo_corpus, generate_demo  # noqa: E402
 from icons_dagster.demo.tiny_model import TinyModelSpec, build_tiny_llava  # noqa: E402

@@ -6,7 +6,7 @@
 #   bash bench/gpu_featurization.sh [output folder]
 # The benchmark needs torch, transformers, peft, tokenizers, safetensors and pillow only (no
 # dagster, no polars), so a GPU machine's own python3 with CUDA torch runs it from the bare
-# source tree (PYTHONPATH below). The `gpu`-marked tests import core/features.py, which
+# source tree (PYTHONPATH below). The `gpu`-marked tests import core/features/extraction.py, which
 # needs polars too: python3 -m pytest -m gpu tests/test_gpu_path.py tests/test_projection.py
 set -euo pipefail
 out="${1:-${OUT:-bench-gpu}}"

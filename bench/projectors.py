@@ -3,7 +3,7 @@
 Baseline: ``DenseRademacherProjector`` (every entry of the D x d' matrix is ±1/sqrt(d'),
 regenerated from the seeded hash, as TRAK/LESS project). Candidate: ``CountSketchProjector``
 with s=1 and s=4 nonzeros per input coordinate. Both are the classes the pipeline uses,
-called through ``project_block`` exactly as ``core/gradients.py`` calls them: one
+called through ``project_block`` exactly as ``core/features/gradients.py`` calls them: one
 ``[batch, n]`` block per LoRA parameter (default n = 4096 x 128, an r=128 LoRA matrix),
 at its global offset in the D-dimensional gradient.
 
@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from icons_dagster.core.projection import CountSketchProjector, DenseRademacherProjector
+from icons_dagster.core.features.projection import CountSketchProjector, DenseRademacherProjector
 
 MiB = 1 << 20
 

@@ -24,7 +24,7 @@ from dagster import (
 )
 
 from icons_dagster.assets import GROUP
-from icons_dagster.core.benchmarks import scan_benchmarks
+from icons_dagster.core.data.benchmarks import scan_benchmarks
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, benchmark_partitions
 from icons_dagster.resources import DataResource
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from icons_dagster.core.schema import SECTIONS, IconsConfig, field_types
-from icons_dagster.core.store import ArtifactStore
+from icons_dagster.core.storage.artifacts import ArtifactStore
 from icons_dagster.demo.data import DEMO_SIZES
 from icons_dagster.resources.home import read_home_config, resolve_home, write_home_config
 
@@ -178,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a pool, a benchmark folder or a folder of benchmarks without computing anything."""
-    from icons_dagster.core.records import RecordFileError, benchmark_image_root, find_benchmarks, load_records, split_file
+    from icons_dagster.core.data.records import RecordFileError, benchmark_image_root, find_benchmarks, load_records, split_file
 
     image_root = Path(args.image_root).resolve() if args.image_root else None
     targets: list[tuple[str, Path, Path | None]] = []
@@ -233,7 +233,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Print why a sample is in (or out of) the home's current subset."""
-    from icons_dagster.core.pipeline import explain_sample, explanation_markdown
+    from icons_dagster.core.stages.explain import explain_sample, explanation_markdown
     from icons_dagster.resources.home import STORE_URL_ENV
 
     home = resolve_home(args.home)

@@ -17,9 +17,9 @@ from icons_dagster.assets import ICONS_ASSETS
 from icons_dagster.assets.evaluation import EVALUATION_ASSETS
 from icons_dagster.assets.ofa import OFA_ASSETS
 from icons_dagster.automation import benchmark_folder_sensor, icons_automation_sensor, vote_job, vote_schedule
-from icons_dagster.core.fingerprint import ALGORITHM_VERSION, fingerprint
+from icons_dagster.core.storage.fingerprint import ALGORITHM_VERSION, fingerprint
 from icons_dagster.core.schema import IconsConfig
-from icons_dagster.core.stage_settings import stage_settings
+from icons_dagster.core.stages.settings import stage_settings
 from icons_dagster.partitions import shard_partitions, train_shard_partitions
 from icons_dagster.registration import explain_sample_job, register_benchmarks_job
 from icons_dagster.resources import SECTION_RESOURCES, StoreResource

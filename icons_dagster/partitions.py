@@ -9,8 +9,8 @@ from collections.abc import Iterable, Sequence
 from dagster import DynamicPartitionsDefinition, StaticPartitionsDefinition
 
 from icons_dagster.core.config import DataConfig
-from icons_dagster.core.evaluation_pipeline import DEFAULT_METHODS
-from icons_dagster.core.pool import shard_keys
+from icons_dagster.core.evaluation.methods import DEFAULT_METHODS
+from icons_dagster.core.data.pool import shard_keys
 
 BENCHMARKS_PARTITION_NAME = "benchmarks"
 # Dagster's run tags for a run over a partition range (as its backfills set them)

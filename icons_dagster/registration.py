@@ -3,8 +3,8 @@
 
 from dagster import Config, DagsterInstance, MetadataValue, Nothing, OpExecutionContext, Out, Output, job, op
 
-from icons_dagster.core.pipeline import explain_sample, explanation_markdown
-from icons_dagster.core.records import find_benchmarks
+from icons_dagster.core.stages.explain import explain_sample, explanation_markdown
+from icons_dagster.core.data.records import find_benchmarks
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
 from icons_dagster.resources import DataResource, StoreResource
 

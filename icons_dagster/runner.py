@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from icons_dagster.core.schema import IconsConfig
-from icons_dagster.core.store import ArtifactStore
+from icons_dagster.core.storage.artifacts import ArtifactStore
 
 DAGSTER_YAML = """# Written by icons-dagster: a local instance under the store root.
 telemetry:
@@ -100,11 +100,11 @@ def run_graph(
     """Register benchmarks and materialize the whole graph; returns the subset's location and stats."""
     from dagster import AssetKey, DagsterInstance, materialize
 
-    from icons_dagster.core.ofa_pipeline import EXPORT_PREFIX, SELECTOR_DIR
-    from icons_dagster.core.pipeline import SUBSET_JSON, SUBSET_PARQUET
+    from icons_dagster.core.stages.ofa import EXPORT_PREFIX, SELECTOR_DIR
+    from icons_dagster.core.stages.icons import SUBSET_JSON, SUBSET_PARQUET
     from icons_dagster.definitions import build_resources, graph_assets
     from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, contiguous_ranges
-    from icons_dagster.core.pool import shard_keys
+    from icons_dagster.core.data.pool import shard_keys
     from icons_dagster.registration import register_benchmarks
 
     resources = build_resources(home, config)
@@ -143,7 +143,7 @@ def run_graph(
         summary["ofa_subset_parquet"] = str(store.export_path(EXPORT_PREFIX + SUBSET_PARQUET))
         summary["ofa_selector"] = str(store.export_path(EXPORT_PREFIX + SELECTOR_DIR))
     if "evaluation" in methods:
-        from icons_dagster.core.evaluation_pipeline import TABLE_MARKDOWN
+        from icons_dagster.core.stages.evaluation import TABLE_MARKDOWN
 
         table = store.read_ref("evaluation_table")
         summary["evaluation_table"] = str(store.absolute(table["path"]) / TABLE_MARKDOWN)

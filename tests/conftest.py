@@ -27,7 +27,7 @@ def tiny_model_dir():
 
 @pytest.fixture(scope="session")
 def demo_records(demo_paths):
-    from icons_dagster.core.records import load_records
+    from icons_dagster.core.data.records import load_records
 
     loaded = load_records(demo_paths.pool, demo_paths.image_root)
     assert not loaded.problems

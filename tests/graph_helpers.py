@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 
-from icons_dagster.core.pool import shard_keys
+from icons_dagster.core.data.pool import shard_keys
 from icons_dagster.core.schema import IconsConfig
 from icons_dagster.demo.bootstrap import demo_settings
 

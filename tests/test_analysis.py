@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from icons_dagster.core.analysis import (
+from icons_dagster.core.selection.analysis import (
     benchmark_coverage,
     family_enrichment,
     family_shares,

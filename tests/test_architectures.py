@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from icons_dagster.core.config import GradientConfig, LoraSettings, ModelConfig, WarmupConfig
-from icons_dagster.core.encoding import IGNORE_INDEX, EncodingError, collate
-from icons_dagster.core.features import load_features, load_samples
-from icons_dagster.core.gradients import PerSampleGradients, loop_gradients
-from icons_dagster.core.model import language_model_path, lora_target_names, trainable_parameters
-from icons_dagster.core.pipeline import (
+from icons_dagster.core.model.encoding import IGNORE_INDEX, EncodingError, collate
+from icons_dagster.core.features.extraction import load_features, load_samples
+from icons_dagster.core.features.gradients import PerSampleGradients, loop_gradients
+from icons_dagster.core.model.loading import language_model_path, lora_target_names, trainable_parameters
+from icons_dagster.core.stages.icons import (
     ModelCache,
     stage_influences,
     stage_pool,
@@ -29,9 +29,9 @@ from icons_dagster.core.pipeline import (
     stage_warmup_checkpoint,
     stage_warmup_subset,
 )
-from icons_dagster.core.records import load_image
-from icons_dagster.core.samples import SkipLog, encode_records
-from icons_dagster.core.store import ArtifactStore
+from icons_dagster.core.data.records import load_image
+from icons_dagster.core.model.samples import SkipLog, encode_records
+from icons_dagster.core.storage.artifacts import ArtifactStore
 from icons_dagster.demo.data import demo_corpus
 from icons_dagster.demo.tiny_architectures import TinyArchSpec, build_tiny_architecture
 
@@ -87,7 +87,7 @@ def test_auto_classes_and_lora_on_the_language_model_only(arch):
 
 
 def _pool_records(arch):
-    from icons_dagster.core.records import load_records
+    from icons_dagster.core.data.records import load_records
 
     _, _, _, pool, image_root, _ = arch
     return load_records(pool, image_root).records
@@ -187,7 +187,7 @@ def test_qwen_processor_loads_without_its_video_part_and_expands_images_by_the_g
     from PIL import Image
     from transformers import AutoProcessor
 
-    from icons_dagster.core.model import load_processor
+    from icons_dagster.core.model.loading import load_processor
 
     with pytest.raises(OSError, match="video processor"):
         AutoProcessor.from_pretrained(config.name_or_path)
@@ -202,7 +202,7 @@ def test_qwen_processor_loads_without_its_video_part_and_expands_images_by_the_g
 
 @pytest.mark.parametrize("missing", ["/no/such/checkpoint", "./models/llava-missing", "data/models/llava"])
 def test_a_missing_checkpoint_folder_is_named_not_read_as_a_hub_id(missing, tmp_path, monkeypatch):
-    from icons_dagster.core.model import load_base_model, load_processor, resolve_placement
+    from icons_dagster.core.model.loading import load_base_model, load_processor, resolve_placement
 
     monkeypatch.chdir(tmp_path)
     config = ModelConfig(missing)

@@ -118,3 +118,26 @@ def test_a_home_without_icons_json_has_the_defaults_and_says_what_to_configure(t
         config.data.pool_path()
     write_home_config(tmp_path, config.replace(data={"pool": "/p.json"}))
     assert section_to_json(read_home_config(tmp_path).data)["pool"] == "/p.json"
+
+
+def test_registries_feed_the_config_the_cli_and_the_evaluation(monkeypatch):
+    """An aggregation rule registered once is a config choice, a CLI choice, a vote-table
+    column and an evaluation method; a method name is read in one place."""
+    import numpy as np
+
+    from icons_dagster.core.evaluation.methods import DEFAULT_METHODS, ICONS_RULES, parse_method
+    from icons_dagster.core.selection import consensus
+
+    assert SECTIONS["selection"].__dataclass_fields__["method"].metadata["choices"] == tuple(consensus.AGGREGATIONS)
+    assert set(ICONS_RULES.values()) == set(consensus.AGGREGATIONS) and set(ICONS_RULES) <= set(DEFAULT_METHODS)
+    scores = np.array([[0.1, 0.9], [0.5, 0.4], [0.3, 0.2]])
+    assert consensus.aggregate(scores, "max").tolist() == [0.9, 0.5, 0.3]
+    assert consensus.aggregate(scores, "vote", p=1 / 3).tolist() == [1.0, 1.0, 0.0]  # each column's top third
+    assert parse_method("random-7").seed == 7 and parse_method("random-7").kind == "random"
+    assert (parse_method("icons-cover-25").coverage, parse_method("icons-cover-25").aggregation) == (0.25, "vote")
+    assert (parse_method("icons-maxrank").tiebreak, parse_method("icons-norm").aggregation) == ("max-rank", "norm")
+    assert parse_method("text-vote").kind == "baseline" and parse_method("ofa").kind == "exported"
+    with pytest.raises(ValueError, match=r"unknown evaluation method 'icons-median': full, random-<seed>"):
+        parse_method("icons-median")
+    with pytest.raises(SystemExit):  # the CLI offers exactly the registered rules
+        build_parser().parse_args(["run", "--selection-method", "median"])

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from icons_dagster.core.analysis import top_fraction_mask
-from icons_dagster.core.consensus import (
+from icons_dagster.core.selection.analysis import top_fraction_mask
+from icons_dagster.core.selection.consensus import (
     Selection,
     aggregate,
     id_hash,
@@ -254,7 +254,7 @@ def test_select_rejects_bad_input():
 
 # --- the fast paths give the reference results --------------------------------------------
 
-from icons_dagster.core import consensus as _consensus  # noqa: E402
+from icons_dagster.core.selection import consensus as _consensus  # noqa: E402
 
 
 def _reference_order(ids, s, p, method, hash_fn):

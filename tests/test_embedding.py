@@ -1,4 +1,4 @@
-"""Tests for icons_dagster.core.embedding and the tiny CLIP builder (real encoders, offline)."""
+"""Tests for icons_dagster.core.ofa.embedding and the tiny CLIP builder (real encoders, offline)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icons_dagster.core.embedding import (
+from icons_dagster.core.ofa.embedding import (
     EmbedderConfig,
     embed_records,
     embedding_text,
     load_embedder,
     pixel_projection,
 )
-from icons_dagster.core.fingerprint import folder_identity
-from icons_dagster.core.records import Record, Turn, load_image
-from icons_dagster.core.samples import SkipLog
+from icons_dagster.core.storage.fingerprint import folder_identity
+from icons_dagster.core.data.records import Record, Turn, load_image
+from icons_dagster.core.model.samples import SkipLog
 from icons_dagster.demo.tiny_clip import TinyClipSpec, build_tiny_clip
 
 HALF = 1.0 / np.sqrt(2.0)
@@ -108,7 +108,7 @@ def test_minilm_rows_unit_norm_and_text_only_zero_image_part(minilm, minilm_conf
 
 
 def test_image_weight_splits_the_squared_norm():
-    from icons_dagster.core.embedding import joint_embedding
+    from icons_dagster.core.ofa.embedding import joint_embedding
 
     rng = np.random.default_rng(0)
     image, text = rng.standard_normal((3, 4)), rng.standard_normal((3, 5))
@@ -295,7 +295,7 @@ def test_clip_from_hub_cache_names_the_commit(tmp_path, tiny_clip_dir):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     code = (
-        "import json; from icons_dagster.core.embedding import EmbedderConfig, load_embedder; "
+        "import json; from icons_dagster.core.ofa.embedding import EmbedderConfig, load_embedder; "
         "e = load_embedder(EmbedderConfig(kind='clip', name_or_path='local-org/tiny-clip')); "
         "print(json.dumps([e.dim, e.fingerprint_fields()['model']]))"
     )
@@ -310,5 +310,5 @@ def test_clip_from_hub_cache_names_the_commit(tmp_path, tiny_clip_dir):
 
 
 def test_module_does_not_import_dagster():
-    code = "import sys, icons_dagster.core.embedding; assert 'dagster' not in sys.modules, 'dagster imported'"
+    code = "import sys, icons_dagster.core.ofa.embedding; assert 'dagster' not in sys.modules, 'dagster imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

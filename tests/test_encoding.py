@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from icons_dagster.core.config import ModelConfig
-from icons_dagster.core.encoding import IGNORE_INDEX, ConversationEncoder, EncodingError, collate, to_messages
-from icons_dagster.core.model import load_processor
-from icons_dagster.core.records import Turn
+from icons_dagster.core.model.encoding import IGNORE_INDEX, ConversationEncoder, EncodingError, collate, to_messages
+from icons_dagster.core.model.loading import load_processor
+from icons_dagster.core.data.records import Turn
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_llava_hf_style_template_without_markers(tiny_model_dir):
 
 
 def test_collate_pads_per_token_inputs_and_uneven_image_crops():
-    from icons_dagster.core.encoding import EncodedSample
+    from icons_dagster.core.model.encoding import EncodedSample
 
     short = EncodedSample(
         "a", torch.tensor([5, 6]), torch.tensor([IGNORE_INDEX, 6]),

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from icons_dagster.core.config import LoraSettings, ModelConfig, WarmupConfig
-from icons_dagster.core.encoding import IGNORE_INDEX, to_messages
-from icons_dagster.core.evaluation import (
+from icons_dagster.core.model.encoding import IGNORE_INDEX, to_messages
+from icons_dagster.core.evaluation.metrics import (
     KINDS,
     answer_log_likelihoods,
     candidate_answers,
@@ -28,10 +28,10 @@ from icons_dagster.core.evaluation import (
     score_benchmark,
     token_f1,
 )
-from icons_dagster.core.pipeline import MODELS
-from icons_dagster.core.records import Turn, benchmark_image_root, load_image, load_records, split_file
-from icons_dagster.core.samples import SkipLog
-from icons_dagster.core.warmup import train_warmup
+from icons_dagster.core.model.cache import MODELS
+from icons_dagster.core.data.records import Turn, benchmark_image_root, load_image, load_records, split_file
+from icons_dagster.core.model.samples import SkipLog
+from icons_dagster.core.model.training import train_warmup
 
 
 @pytest.fixture(scope="module")
@@ -341,5 +341,5 @@ def test_results_markdown():
 
 
 def test_evaluation_does_not_import_dagster():
-    code = "import sys, icons_dagster.core.evaluation; assert 'dagster' not in sys.modules, 'dagster imported'"
+    code = "import sys, icons_dagster.core.evaluation.metrics; assert 'dagster' not in sys.modules, 'dagster imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,11 +9,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from icons_dagster.core.consensus import select, subset_size
-from icons_dagster.core.evaluation import chance_threshold
-from icons_dagster.core.evaluation_pipeline import DEFAULT_METHODS, SCORES_FILE, SUBSETS_FILE, TABLE_FILE
+from icons_dagster.core.selection.consensus import select, subset_size
+from icons_dagster.core.evaluation.metrics import chance_threshold
+from icons_dagster.core.evaluation.methods import DEFAULT_METHODS
+from icons_dagster.core.stages.evaluation import SCORES_FILE, SUBSETS_FILE, TABLE_FILE
 from icons_dagster.runner import run_graph
-from icons_dagster.core.store import ArtifactStore
+from icons_dagster.core.storage.artifacts import ArtifactStore
 from graph_helpers import demo_config, latest_metadata, temp_instance
 
 EXPECTED_METRICS = {
@@ -138,7 +139,8 @@ def test_table_has_every_method_and_rel_relative_to_full(evaluated):
 
 
 def test_method_subsets_by_hand():
-    from icons_dagster.core.evaluation_pipeline import EvaluationConfig, method_subset
+    from icons_dagster.core.evaluation.methods import EvaluationConfig
+    from icons_dagster.core.stages.evaluation import method_subset
 
     ids = [f"r{i}" for i in range(10)]
     votes = pl.DataFrame({"id": ids, "influence__a": [float(i) for i in range(10)], "influence__b": [float(-i) for i in range(10)]})
@@ -154,7 +156,7 @@ def test_method_subsets_by_hand():
     assert method_subset("ofa", ids, 0.3, None, {"ofa": ofa}) == ["r0", "r1", "r2"]
     with pytest.raises(ValueError, match="ofa.p"):
         method_subset("ofa", ids, 0.2, None, {"ofa": ofa})
-    with pytest.raises(ValueError, match="settings.p"):
+    with pytest.raises(ValueError, match="selection.p"):
         method_subset("icons", ids, 0.2, None, {"icons": ofa})
     assert EvaluationConfig(epochs=1).recipe(20, 100).epochs == 1  # the paper's recipe: one epoch per subset
     assert EvaluationConfig(epochs=1, equal_steps=True).recipe(20, 100).epochs == 5  # 100 / 20
@@ -182,7 +184,7 @@ def test_subsets_report_overlap_coverage_and_family_shares(evaluated):
 
 
 def test_direct_merge_is_the_size_weighted_mean_of_influences():
-    from icons_dagster.core.evaluation_pipeline import direct_merge_scores
+    from icons_dagster.core.stages.evaluation import direct_merge_scores
 
     votes = pl.DataFrame({"id": ["a", "b"], "influence__x": [0.3, -0.1], "influence__y": [0.0, 0.5]})
     # x has 3 validation records, y has 1: (3 * 0.3 + 1 * 0.0) / 4 and (3 * -0.1 + 0.5) / 4
@@ -190,7 +192,7 @@ def test_direct_merge_is_the_size_weighted_mean_of_influences():
 
 
 def test_text_similarity_prefers_the_records_that_read_like_each_benchmark():
-    from icons_dagster.core.evaluation_pipeline import text_similarity_scores
+    from icons_dagster.core.stages.evaluation import text_similarity_scores
 
     pool = ["Is there a red square? Yes", "How many circles are there? three", "Describe the image in detail. A cat."]
     names, scores = text_similarity_scores(pool, {"count": ["How many squares are there? two"], "yn": ["Is there a blue circle? No"]})

@@ -16,8 +16,8 @@ import polars as pl
 import pytest
 
 from icons_dagster.cli import main
-from icons_dagster.core.evaluation_pipeline import TABLE_FILE
-from icons_dagster.core.store import ArtifactStore
+from icons_dagster.core.stages.evaluation import TABLE_FILE
+from icons_dagster.core.storage.artifacts import ArtifactStore
 
 RENAMED = {"vqa_short": "what_is_it", "long_answer": "describe"}
 METHODS = ["full", "random-0", "icons", "icons-cover-50", "ofa"]

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from icons_dagster.core.config import GradientConfig, LoraSettings, ModelConfig
-from icons_dagster.core.encoding import ConversationEncoder
-from icons_dagster.core.features import compute_features
-from icons_dagster.core.model import attach_new_lora, load_base_model, load_processor, resolve_placement, trainable_parameters
-from icons_dagster.core.projection import make_projector
-from icons_dagster.core.samples import SkipLog, encode_records, length_grouped_batches, padded_tokens
+from icons_dagster.core.model.encoding import ConversationEncoder
+from icons_dagster.core.features.extraction import compute_features
+from icons_dagster.core.model.loading import attach_new_lora, load_base_model, load_processor, resolve_placement, trainable_parameters
+from icons_dagster.core.features.projection import make_projector
+from icons_dagster.core.model.samples import SkipLog, encode_records, length_grouped_batches, padded_tokens
 
 
 def test_each_window_is_sorted_longest_first_with_ties_in_input_order():

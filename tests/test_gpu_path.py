@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from icons_dagster.core.config import LoraSettings, ModelConfig
-from icons_dagster.core.features import compute_features
-from icons_dagster.core.gradients import PerSampleGradients
-from icons_dagster.core.model import attach_new_lora, load_base_model, load_processor, resolve_placement, trainable_parameters
-from icons_dagster.core.encoding import ConversationEncoder, collate
-from icons_dagster.core.projection import make_projector
-from icons_dagster.core.samples import SkipLog, encode_records
+from icons_dagster.core.features.extraction import compute_features
+from icons_dagster.core.features.gradients import PerSampleGradients
+from icons_dagster.core.model.loading import attach_new_lora, load_base_model, load_processor, resolve_placement, trainable_parameters
+from icons_dagster.core.model.encoding import ConversationEncoder, collate
+from icons_dagster.core.features.projection import make_projector
+from icons_dagster.core.model.samples import SkipLog, encode_records
 
 
 def _model(tiny_model_dir, **options):

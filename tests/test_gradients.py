@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from icons_dagster.core.config import LoraSettings, ModelConfig
-from icons_dagster.core.encoding import ConversationEncoder, collate
-from icons_dagster.core.gradients import AdamMoments, PerSampleGradients, adam_precondition, loop_gradients, projected_features
-from icons_dagster.core.model import attach_new_lora, load_base_model, load_processor, resolve_placement, trainable_parameters
-from icons_dagster.core.projection import make_projector
-from icons_dagster.core.samples import SkipLog, encode_records
+from icons_dagster.core.model.encoding import ConversationEncoder, collate
+from icons_dagster.core.features.gradients import PerSampleGradients, adam_precondition, loop_gradients, projected_features
+from icons_dagster.core.model.training import AdamMoments
+from icons_dagster.core.model.loading import attach_new_lora, load_base_model, load_processor, resolve_placement, trainable_parameters
+from icons_dagster.core.features.projection import make_projector
+from icons_dagster.core.model.samples import SkipLog, encode_records
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,7 @@ def test_each_module_gradient_is_handed_over_once_inside_the_backward(setup, dem
 
 
 def test_answer_logit_positions_and_the_loss_on_them():
-    from icons_dagster.core.encoding import IGNORE_INDEX, answer_logit_positions, per_sample_loss
+    from icons_dagster.core.model.encoding import IGNORE_INDEX, answer_logit_positions, per_sample_loss
 
     x = IGNORE_INDEX
     labels = torch.tensor([[x, x, 5, 6, x, x], [x, 7, x, x, x, x]])

@@ -12,8 +12,8 @@ from dagster import AssetCheckKey, AssetKey, materialize
 from icons_dagster.assets import ICONS_ASSETS
 from icons_dagster.assets.evaluation import EVALUATION_ASSETS
 from icons_dagster.assets.ofa import OFA_ASSETS
-from icons_dagster.core.consensus import subset_size
-from icons_dagster.core.fingerprint import ALGORITHM_VERSION
+from icons_dagster.core.selection.consensus import subset_size
+from icons_dagster.core.storage.fingerprint import ALGORITHM_VERSION
 from icons_dagster.definitions import build_definitions, build_resources
 from icons_dagster.core.schema import IconsConfig
 from icons_dagster.demo.bootstrap import demo_settings

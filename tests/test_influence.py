@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from icons_dagster.core.influence import (
+from icons_dagster.core.selection.influence import (
     TILE_ROWS,
     full_influence_matrix,
     influence_scores,
@@ -136,12 +136,8 @@ import mmap  # noqa: E402
 import tracemalloc  # noqa: E402
 import warnings  # noqa: E402
 
-from icons_dagster.core.influence import (  # noqa: E402
-    influence_scores_from_files,
-    iter_npy_rows,
-    npy_info,
-    stack_group_means,
-)
+from icons_dagster.core.selection.influence import influence_scores_from_files, stack_group_means  # noqa: E402
+from icons_dagster.core.storage.npy import iter_npy_rows, npy_info  # noqa: E402
 
 
 @pytest.fixture
@@ -311,7 +307,7 @@ def test_streaming_memory_is_bounded_by_the_chunk(tmp_path):
 
 
 def test_float16_conversion_is_exact():
-    from icons_dagster.core.influence import _aligned_empty, _to_float32
+    from icons_dagster.core.selection.influence import _aligned_empty, _to_float32
 
     bits = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(256, 256)
     buf = _aligned_empty((256, 256), np.float32)

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from icons_dagster.core import consensus
-from icons_dagster.core.ofa import (
+from icons_dagster.core.selection import consensus
+from icons_dagster.core.ofa.selector import (
     OFAConfig,
     SelectorMismatchError,
     assign_clusters,

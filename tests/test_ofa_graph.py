@@ -9,11 +9,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from icons_dagster.core.consensus import subset_size
-from icons_dagster.core.embedding import EmbedderConfig
-from icons_dagster.core.ofa import OFAConfig, SelectorMismatchError, load_selector
-from icons_dagster.core.ofa_pipeline import stage_ofa_selector
-from icons_dagster.core.store import ArtifactStore
+from icons_dagster.core.selection.consensus import subset_size
+from icons_dagster.core.ofa.embedding import EmbedderConfig
+from icons_dagster.core.ofa.selector import OFAConfig, SelectorMismatchError, load_selector
+from icons_dagster.core.stages.ofa import stage_ofa_selector
+from icons_dagster.core.storage.artifacts import ArtifactStore
 from icons_dagster.demo.data import generate_demo
 from icons_dagster.runner import run_graph
 from graph_helpers import check_status, demo_config, latest_metadata, sha, temp_instance
@@ -121,7 +121,7 @@ def test_a_selector_from_another_embedder_is_refused(trained, tmp_path):
 
 
 def test_a_clip_checkpoint_folder_embeds_through_the_graph(demo_paths, demo_records, no_benchmarks, tmp_path):
-    from icons_dagster.core.embedding import embedding_text
+    from icons_dagster.core.ofa.embedding import embedding_text
     from icons_dagster.demo.tiny_clip import build_tiny_clip
 
     clip = build_tiny_clip(tmp_path / "tiny-clip", [embedding_text(r, "conversation") for r in demo_records], seed=0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from icons_dagster.core.projection import (
+from icons_dagster.core.features.projection import (
     CountSketchProjector,
     DenseRademacherProjector,
     coordinate_hash,
@@ -134,7 +134,7 @@ def test_same_matrix_in_another_process():
     code = "\n".join(
         [
             "import json, torch",
-            "from icons_dagster.core.projection import make_projector",
+            "from icons_dagster.core.features.projection import make_projector",
             "x = torch.arange(300, dtype=torch.float32).reshape(1, 300) / 300",
             "res = {}",
             "for k in ('countsketch', 'rademacher'):",

@@ -1,4 +1,4 @@
-"""Tests for icons_dagster.core.records: every validation rule has a case."""
+"""Tests for icons_dagster.core.data.records: every validation rule has a case."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from icons_dagster.core.records import (
+from icons_dagster.core.data.records import (
     ImageLoadError,
     LoadedRecords,
     Record,
@@ -546,7 +546,7 @@ def test_core_does_not_import_dagster():
     # Parse the module's own imports (the package __init__ may legitimately import dagster).
     import ast
 
-    import icons_dagster.core.records as mod
+    import icons_dagster.core.data.records as mod
 
     tree = ast.parse(Path(mod.__file__).read_text())
     names = set()

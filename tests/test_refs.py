@@ -9,7 +9,7 @@ from dagster import BackfillPolicy, DagsterInstance, DynamicPartitionsDefinition
 
 from icons_dagster.partitions import partition_range_tags
 from icons_dagster.resources.refs import ArtifactRefIOManager, PartitionRefs
-from icons_dagster.core.store import ArtifactStore
+from icons_dagster.core.storage.artifacts import ArtifactStore
 
 PARTS = DynamicPartitionsDefinition(name="refs_test_benchmarks")
 

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from icons_dagster.core.store import COMPLETE_MARKER, ArtifactStore, RemoteStore, save_npy
+from icons_dagster.core.storage.artifacts import COMPLETE_MARKER, ArtifactStore, RemoteStore, save_npy
 from icons_dagster.runner import run_graph
 from graph_helpers import demo_config, sha, temp_instance
 

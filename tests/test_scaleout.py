@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
-from icons_dagster.core.devices import lease_device, release_devices
+from icons_dagster.core.model.devices import lease_device, release_devices
 from icons_dagster.core.schema import load_config_file
-from icons_dagster.core.store import COMPLETE_MARKER
+from icons_dagster.core.storage.artifacts import COMPLETE_MARKER
 from icons_dagster.resources.home import write_home_config
 from graph_helpers import demo_config
 
@@ -236,7 +236,7 @@ def test_the_shard_executor_config_is_checked_when_the_definitions_load(tmp_path
 # into the artifact's temporary folder: a crash in the middle of writing.
 _DIE_WHILE_WRITING = """
 import os, signal
-import icons_dagster.core.features as features
+import icons_dagster.core.features.extraction as features
 real = features.save_npy
 def save_then_die(path, array):
     real(path, array)
@@ -269,7 +269,7 @@ def test_a_shard_run_killed_mid_way_is_recomputed_on_retry(tmp_path, reference_h
 
 def test_gpu_leases_never_share_a_device(tmp_path):
     hold = (
-        "import sys, time; from icons_dagster.core.devices import lease_device;"
+        "import sys, time; from icons_dagster.core.model.devices import lease_device;"
         "print(lease_device(2, sys.argv[1]), flush=True); time.sleep(60)"
     )
     other = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from icons_dagster.core.config import ModelConfig
-from icons_dagster.core.encoding import ConversationEncoder
-from icons_dagster.core.model import load_base_model, load_processor, resolve_placement
-from icons_dagster.core.samples import encode_record
+from icons_dagster.core.model.encoding import ConversationEncoder
+from icons_dagster.core.model.loading import load_base_model, load_processor, resolve_placement
+from icons_dagster.core.model.samples import encode_record
 
 from icons_dagster.demo import smollm2
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from icons_dagster.core.records import load_records
+from icons_dagster.core.data.records import load_records
 from icons_dagster.demo.data import generate_alignment_data, generate_demo
 from icons_dagster.demo.stage1 import STAGE1_DIR, STAGE1_FILE, alignment_records, answer_loss, ensure_stage1_model, train_stage1
 

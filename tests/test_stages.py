@@ -10,9 +10,9 @@ import polars as pl
 import pytest
 
 from icons_dagster.core.config import GradientConfig, LoraSettings, ModelConfig, SelectionConfig, WarmupConfig
-from icons_dagster.core.features import load_features, load_samples
-from icons_dagster.core import pipeline
-from icons_dagster.core.pipeline import (
+from icons_dagster.core.features.extraction import load_features, load_samples
+from icons_dagster.core.stages import icons as pipeline
+from icons_dagster.core.stages.icons import (
     ModelCache,
     stage_influences,
     stage_pool,
@@ -23,8 +23,8 @@ from icons_dagster.core.pipeline import (
     stage_warmup_checkpoint,
     stage_warmup_subset,
 )
-from icons_dagster.core.store import ArtifactStore
-from icons_dagster.core.warmup import checkpoint_weights
+from icons_dagster.core.storage.artifacts import ArtifactStore
+from icons_dagster.core.model.training import checkpoint_weights
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +166,8 @@ def test_an_empty_shard_is_valid_and_scores_nothing(two_checkpoint_run, demo_pat
 
 
 def test_feature_check_fails_on_a_row_that_is_not_unit_norm(tmp_path):
-    from icons_dagster.core.pipeline import check_features
-    from icons_dagster.core.store import save_npy
+    from icons_dagster.core.stages.checks import check_features
+    from icons_dagster.core.storage.artifacts import save_npy
 
     store = ArtifactStore(tmp_path)
     folder = store.artifact_dir("training_gradients", "fp", "shard-0000")
@@ -188,7 +188,7 @@ def test_feature_check_fails_on_a_row_that_is_not_unit_norm(tmp_path):
 def test_the_model_fingerprint_follows_the_checkpoint_content_not_its_path(tiny_model_dir, tmp_path):
     import shutil
 
-    from icons_dagster.core.pipeline import model_fingerprint_fields
+    from icons_dagster.core.model.cache import model_fingerprint_fields
 
     copy = tmp_path / "elsewhere" / "tiny"
     shutil.copytree(tiny_model_dir, copy)

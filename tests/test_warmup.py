@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from icons_dagster.core.config import WarmupConfig
-from icons_dagster.core.warmup import checkpoint_boundaries, checkpoint_weights, learning_rate_at, warmup_indices
+from icons_dagster.core.model.training import checkpoint_boundaries, checkpoint_weights, learning_rate_at, warmup_indices
 
 
 def test_warmup_indices_are_seeded_sorted_and_sized():

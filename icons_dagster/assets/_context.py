@@ -6,8 +6,8 @@ from typing import Any
 
 from dagster import AssetExecutionContext, AutomationCondition, BackfillPolicy, DataVersion, MetadataValue, Output
 
-from icons_dagster.core.fingerprint import fingerprint
-from icons_dagster.core.pipeline import StageResult
+from icons_dagster.core.storage.fingerprint import fingerprint
+from icons_dagster.core.stages.kit import StageResult
 from icons_dagster.resources.refs import PartitionRefs
 
 GROUP = "icons"

@@ -7,7 +7,7 @@ from dataclasses import replace
 from dagster import AssetExecutionContext, AssetIn, asset
 
 from icons_dagster.assets._context import output, throttled_progress
-from icons_dagster.core.evaluation_pipeline import (
+from icons_dagster.core.stages.evaluation import (
     stage_benchmark_scores,
     stage_evaluation_subsets,
     stage_evaluation_table,

@@ -6,8 +6,10 @@ from collections.abc import Iterator
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MetadataValue, asset
 
 from icons_dagster.assets._context import EAGER, GROUP, ONE_RUN_PER_BACKFILL, partition_outputs, throttled_progress
-from icons_dagster.core.pipeline import StageResult, check_features, stage_train_shard, stage_validation
-from icons_dagster.core.store import ArtifactStore
+from icons_dagster.core.stages.checks import check_features
+from icons_dagster.core.stages.icons import stage_train_shard, stage_validation
+from icons_dagster.core.stages.kit import StageResult
+from icons_dagster.core.storage.artifacts import ArtifactStore
 
 FEATURE_CHECK = "features_finite_unit_norm"
 

@@ -4,7 +4,7 @@
 from dagster import AllPartitionMapping, AssetExecutionContext, AssetIn, Output, asset
 
 from icons_dagster.assets._context import EAGER, GROUP, ONE_RUN_PER_BACKFILL, partition_outputs
-from icons_dagster.core.pipeline import stage_influences
+from icons_dagster.core.stages.icons import stage_influences
 from icons_dagster.partitions import benchmark_partitions
 from icons_dagster.resources import InfluenceResource, SelectionResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS

@@ -6,14 +6,14 @@ from collections.abc import Iterator
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetIn, asset
 
 from icons_dagster.assets._context import output, throttled_progress
-from icons_dagster.core.ofa_pipeline import (
+from icons_dagster.core.stages.ofa import (
     EMBEDDINGS_FILE,
     stage_ofa_embeddings,
     stage_ofa_pseudo_labels,
     stage_ofa_selected_subset,
     stage_ofa_selector,
 )
-from icons_dagster.core.pipeline import check_subset, check_unit_rows
+from icons_dagster.core.stages.checks import check_subset, check_unit_rows
 from icons_dagster.partitions import train_shard_partitions
 from icons_dagster.resources import EmbedderResource, OFAResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS

@@ -4,7 +4,7 @@
 from dagster import AssetExecutionContext, Output, asset
 
 from icons_dagster.assets._context import GROUP, output
-from icons_dagster.core.pipeline import stage_pool, stage_warmup_subset
+from icons_dagster.core.stages.icons import stage_pool, stage_warmup_subset
 from icons_dagster.resources import DataResource, StoreResource, WarmupResource
 
 

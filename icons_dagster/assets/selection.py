@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetIn, asset
 
 from icons_dagster.assets._context import EAGER, GROUP, SELECTION_POOL, output
-from icons_dagster.core.pipeline import check_subset, stage_selected_subset, stage_vote_table
+from icons_dagster.core.stages.checks import check_subset
+from icons_dagster.core.stages.icons import stage_selected_subset, stage_vote_table
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
 from icons_dagster.resources import GradientsResource, SelectionResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS

@@ -4,7 +4,7 @@
 from dagster import AssetExecutionContext, Output, asset
 
 from icons_dagster.assets._context import GROUP, output, throttled_progress
-from icons_dagster.core.pipeline import stage_warmup_checkpoint
+from icons_dagster.core.stages.icons import stage_warmup_checkpoint
 from icons_dagster.resources import LoraResource, ModelResource, StoreResource, WarmupResource
 
 

@@ -15,8 +15,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from icons_dagster.core.selection.consensus import AGGREGATIONS, TIEBREAKS
+
 # "auto": the Linear layers inside the model's language model, resolved per architecture
-# (core/model.py); the vision tower, the multimodal projector and lm_head are never adapted.
+# (core/model/loading.py); the vision tower, the multimodal projector and lm_head are never adapted.
 # Any other value is a regex peft matches in full against module paths.
 AUTO_LORA_TARGET = "auto"
 
@@ -24,7 +26,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 AUTOCAST_MODES = ("auto", "off", "bfloat16", "float16")
 PROJECTORS = ("countsketch", "rademacher")
 GRADIENT_TYPES = ("sgd", "adam")
-TIEBREAKS = ("mean-rank", "max-rank")
 
 
 def setting(
@@ -197,7 +198,7 @@ class SelectionConfig:
     """Consensus and selection (paper §2.4): p sets both the vote threshold and the subset size."""
 
     p: float = setting(0.2, "selection ratio: vote threshold percentile and subset size", aliases=("--p",))
-    method: str = setting("vote", "how benchmarks' influences combine", aliases=("--aggregation",), choices=("vote", "mean", "max", "rank", "norm"))
+    method: str = setting("vote", "how benchmarks' influences combine", aliases=("--aggregation",), choices=tuple(AGGREGATIONS))
     # optional weighted voting: {benchmark: weight}, 1 for the others
     task_weights: tuple[tuple[str, float], ...] = setting((), "per-benchmark vote weights, JSON {name: weight}", mapping=True)
     tiebreak: str = setting("mean-rank", "order of records with equal aggregates", aliases=("--tiebreak",), choices=TIEBREAKS)

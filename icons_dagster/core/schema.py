@@ -27,9 +27,9 @@ from icons_dagster.core.config import (
     WarmupConfig,
     field_default,
 )
-from icons_dagster.core.embedding import EmbedderConfig
-from icons_dagster.core.evaluation_pipeline import EvaluationConfig
-from icons_dagster.core.ofa import OFAConfig
+from icons_dagster.core.ofa.embedding import EmbedderConfig
+from icons_dagster.core.evaluation.methods import EvaluationConfig
+from icons_dagster.core.ofa.selector import OFAConfig
 
 
 @dataclass(frozen=True)

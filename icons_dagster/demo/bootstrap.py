@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from icons_dagster.core.schema import IconsConfig
-from icons_dagster.core.store import ArtifactStore
+from icons_dagster.core.storage.artifacts import ArtifactStore
 
 # The demo's tiny model and pool: LoRA small enough to train in seconds, a projection
 # dimension well below the gradient dimension (16,384 for r=8) so projection is exercised.
@@ -28,7 +28,7 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "gradients": {"dim": 1024, "batch_size": 16},
     # OFA on 720 records: a dozen clusters (6 task families, multi-turn, text-only, and
     # the image sources within families) and a small selector. The pixel "image tower"
-    # knows no semantics, so it gets 20% of the joint embedding (see core/embedding.py).
+    # knows no semantics, so it gets 20% of the joint embedding (see core/ofa/embedding.py).
     "embedder": {"image_weight": 0.2},
     "ofa": {"num_clusters": 12, "hidden_dim": 64, "batch_size": 32},
     # The evaluation's fine-tune: LoRA r=8 at lr 2e-4 for one epoch (the paper's recipe on a

@@ -45,10 +45,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icons_dagster.core.model import no_progress_bars
-from icons_dagster.core.encoding import ConversationEncoder, EncodedSample, collate, per_sample_loss
-from icons_dagster.core.records import Record, load_records
-from icons_dagster.core.samples import SkipLog, encode_records
+from icons_dagster.core.model.loading import no_progress_bars
+from icons_dagster.core.model.encoding import ConversationEncoder, EncodedSample, collate, per_sample_loss
+from icons_dagster.core.data.records import Record, load_records
+from icons_dagster.core.model.samples import SkipLog, encode_records
 from icons_dagster.demo.build import ensure_demo_model
 from icons_dagster.demo.data import ALIGN_FILE, ALIGN_MANIFEST, generate_alignment_data
 from icons_dagster.demo.tiny_model import MANIFEST_NAME as BASE_MANIFEST

@@ -114,7 +114,7 @@ def _build_qwen2_5_vl(out: Path, texts: list[str], spec: TinyArchSpec) -> None:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from icons_dagster.core.model import processor_without_video
+    from icons_dagster.core.model.loading import processor_without_video
 
     tokenizer = _fast_tokenizer(texts, _CHATML_SPECIALS + _QWEN_VISION_SPECIALS, spec, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = _chatml("<|vision_start|><|image_pad|><|vision_end|>")

@@ -141,7 +141,7 @@ def spec_hash(spec, corpus: Iterable[str], **recipe) -> str:
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Hide progress bars and the 'no torchvision, using PIL' notice during the build only."""
-    from icons_dagster.core.model import no_progress_bars
+    from icons_dagster.core.model.loading import no_progress_bars
 
     with no_progress_bars(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torchvision.*")

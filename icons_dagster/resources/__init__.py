@@ -16,7 +16,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from icons_dagster.core.schema import SECTIONS, default_json, field_types, section_from_json
-from icons_dagster.core.store import ArtifactStore
+from icons_dagster.core.storage.artifacts import ArtifactStore
 
 #: The sections the assets read (store, automation and scale-out shape the definitions instead).
 ASSET_SECTIONS = ("data", "model", "lora", "warmup", "gradients", "influence", "selection", "embedder", "ofa", "evaluation")

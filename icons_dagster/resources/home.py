@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from icons_dagster.core.schema import IconsConfig, SECTIONS
-from icons_dagster.core.store import ArtifactStore, write_json
+from icons_dagster.core.storage.artifacts import ArtifactStore, write_json
 
 HOME_ENV = "ICONS_HOME"
 STORE_URL_ENV = "ICONS_STORE_URL"  # fsspec URL of a store shared by many machines

@@ -20,7 +20,7 @@ import functools
 
 from dagster import ConfigurableIOManager, InputContext, OutputContext
 
-from icons_dagster.core.store import ArtifactStore
+from icons_dagster.core.storage.artifacts import ArtifactStore
 
 ALL_PARTITIONS = {"all_partitions": True}
 MATERIALIZED_PARTITIONS = {"all_partitions": True, "materialized_only": True}

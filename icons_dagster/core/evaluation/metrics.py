@@ -41,9 +41,9 @@ from statistics import median
 import numpy as np
 import torch
 
-from icons_dagster.core.encoding import IGNORE_INDEX, ConversationEncoder, EncodedSample, EncodingError, collate, per_sample_loss
-from icons_dagster.core.records import ImageLoadError, Record, Turn, load_image
-from icons_dagster.core.samples import SkipLog
+from icons_dagster.core.model.encoding import IGNORE_INDEX, ConversationEncoder, EncodedSample, EncodingError, collate, per_sample_loss
+from icons_dagster.core.data.records import ImageLoadError, Record, Turn, load_image
+from icons_dagster.core.model.samples import SkipLog
 
 __all__ = [
     "KINDS",

@@ -46,6 +46,7 @@ from fractions import Fraction
 import numpy as np
 
 __all__ = [
+    "AGGREGATIONS",
     "METHODS",
     "TIEBREAKS",
     "coverage_quota",
@@ -60,7 +61,6 @@ __all__ = [
     "select",
 ]
 
-METHODS = ("vote", "mean", "max", "rank", "norm")
 TIEBREAKS = ("mean-rank", "max-rank")
 
 
@@ -194,37 +194,37 @@ def _row_sum(x: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
     return acc
 
 
-def aggregate(scores, method: str, p: float | None = None, weights=None) -> np.ndarray:
-    """[N] float64 aggregate of the per-benchmark scores (Table 6).
+def _vote(s: np.ndarray, p: float | None, weights) -> np.ndarray:
+    """Number of benchmarks with score >= tau_k (eq. 4; needs p); with ``weights`` the weighted sum."""
+    if p is None:
+        raise ValueError("method='vote' needs p")
+    v = votes(s, vote_thresholds(s, p))
+    if weights is None:
+        return v.sum(axis=1).astype(np.float64)
+    return _row_sum(v.astype(np.float64), _check_weights(weights, s.shape[1]))
 
-    vote: number of benchmarks with score >= tau_k (needs p); with ``weights`` the
-          weighted vote sum (weights only apply to vote).
-    mean: mean over benchmarks.   max: max over benchmarks.
-    rank: mean percentile rank (see ``percentile_ranks``).
-    norm: mean z-score per column with population std; a zero-std column contributes 0.
-          Column moments are summed over sorted values so they do not depend on row
-          order (a permuted pool must give the identical selection).
-    """
-    s = _check_scores(scores)
+
+def _mean(s: np.ndarray, p: float | None, weights) -> np.ndarray:
+    """Mean over benchmarks."""
+    return _row_sum(s.astype(np.float64)) / s.shape[1]
+
+
+def _max(s: np.ndarray, p: float | None, weights) -> np.ndarray:
+    """Max over benchmarks."""
+    return s.astype(np.float64).max(axis=1)
+
+
+def _rank(s: np.ndarray, p: float | None, weights) -> np.ndarray:
+    """Mean percentile rank (see ``percentile_ranks``)."""
+    return _mean_rank_from_sums(_rank_sums2(s), s.shape[0])
+
+
+def _norm(s: np.ndarray, p: float | None, weights) -> np.ndarray:
+    """Mean z-score per column with population std; a zero-std column contributes 0.
+
+    Column moments are summed over sorted values so they do not depend on row order (a
+    permuted pool must give the identical selection)."""
     n, k = s.shape
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if weights is not None and method != "vote":
-        raise ValueError("weights apply only to method='vote'")
-    if method == "vote":
-        if p is None:
-            raise ValueError("method='vote' needs p")
-        v = votes(s, vote_thresholds(s, p))
-        if weights is None:
-            return v.sum(axis=1).astype(np.float64)
-        return _row_sum(v.astype(np.float64), _check_weights(weights, k))
-    if method == "mean":
-        return _row_sum(s.astype(np.float64)) / k
-    if method == "max":
-        return s.astype(np.float64).max(axis=1)
-    if method == "rank":
-        return _mean_rank_from_sums(_rank_sums2(s), n)
-    # norm
     x = s.astype(np.float64)
     # column sums over sorted values: the same bits for any row order
     xs = np.sort(x, axis=0)
@@ -239,6 +239,24 @@ def aggregate(scores, method: str, p: float | None = None, weights=None) -> np.n
     ok = sd > 0
     z[:, ok] = dev[:, ok] / sd[ok][None, :]
     return _row_sum(z) / k
+
+
+#: How benchmarks' influences combine into one score per sample (Table 6): name -> rule.
+#: The config's choices, the vote table's ``agg_*`` columns and the evaluation's
+#: ``icons-<name>`` methods all read this registry; a new rule is one entry here.
+AGGREGATIONS = {"vote": _vote, "mean": _mean, "max": _max, "rank": _rank, "norm": _norm}
+METHODS = tuple(AGGREGATIONS)
+
+
+def aggregate(scores, method: str, p: float | None = None, weights=None) -> np.ndarray:
+    """[N] float64 aggregate of the per-benchmark scores by the rule ``AGGREGATIONS[method]``
+    (weights apply only to the vote)."""
+    s = _check_scores(scores)
+    if method not in AGGREGATIONS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if weights is not None and method != "vote":
+        raise ValueError("weights apply only to method='vote'")
+    return AGGREGATIONS[method](s, p, weights)
 
 
 def id_hash(ids: Sequence[str]) -> np.ndarray:

@@ -18,12 +18,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from icons_dagster.core.config import WarmupConfig
-from icons_dagster.core.encoding import ConversationEncoder, collate, per_sample_loss
-from icons_dagster.core.gradients import AdamMoments
-from icons_dagster.core.model import Placement, trainable_parameters
-from icons_dagster.core.records import Record
-from icons_dagster.core.samples import SkipLog, encode_records
-from icons_dagster.core.store import write_json
+from icons_dagster.core.model.encoding import ConversationEncoder, collate, per_sample_loss
+from icons_dagster.core.model.loading import Placement, trainable_parameters
+from icons_dagster.core.data.records import Record
+from icons_dagster.core.model.samples import SkipLog, encode_records
+from icons_dagster.core.storage.artifacts import write_json
+
+
+@dataclass(frozen=True)
+class AdamMoments:
+    """The warm-up optimizer's state at a checkpoint, by parameter name."""
+
+    exp_avg: dict[str, torch.Tensor]
+    exp_avg_sq: dict[str, torch.Tensor]
+    beta1: float
+    beta2: float
+    eps: float
+
 
 MOMENTS_FILE = "adam_moments.safetensors"
 CHECKPOINT_FILE = "checkpoint.json"

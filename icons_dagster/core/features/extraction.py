@@ -26,13 +26,14 @@ import numpy as np
 import polars as pl
 import torch
 
-from icons_dagster.core.encoding import ConversationEncoder, collate
-from icons_dagster.core.gradients import AdamMoments, PerSampleGradients, projected_features
-from icons_dagster.core.influence import normalize_rows
-from icons_dagster.core.model import Placement
-from icons_dagster.core.records import Record
-from icons_dagster.core.samples import SkipLog, encode_records, length_grouped_batches, padded_tokens
-from icons_dagster.core.store import load_npy, save_npy
+from icons_dagster.core.model.encoding import ConversationEncoder, collate
+from icons_dagster.core.features.gradients import PerSampleGradients, projected_features
+from icons_dagster.core.model.training import AdamMoments
+from icons_dagster.core.selection.influence import normalize_rows
+from icons_dagster.core.model.loading import Placement
+from icons_dagster.core.data.records import Record
+from icons_dagster.core.model.samples import SkipLog, encode_records, length_grouped_batches, padded_tokens
+from icons_dagster.core.storage.artifacts import load_npy, save_npy
 
 SAMPLES_FILE = "samples.parquet"
 

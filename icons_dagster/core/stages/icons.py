@@ -1,148 +1,52 @@
 """The ICONS stages as plain functions over the artifact store (no Dagster here).
 
-Each stage derives its fingerprint from its config and its inputs' fingerprints, reuses a
-complete artifact with that fingerprint, or builds one atomically. It returns a small
-reference (what downstream stages need) and metadata (what a user inspects). Assets are
-thin wrappers around these functions.
+Each stage names itself once to the stage kit (``kit.Stage``), which derives its
+fingerprint from its settings and its inputs' fingerprints, reuses a complete artifact
+with that fingerprint, or builds one atomically. It returns a small reference (what
+downstream stages need) and metadata (what a user inspects). Assets are thin wrappers
+around these functions.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from functools import partial
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from icons_dagster.core import analysis, consensus, plots
+from icons_dagster.core import plots
 from icons_dagster.core.config import GradientConfig, LoraSettings, ModelConfig, SelectionConfig, WarmupConfig
-from icons_dagster.core.encoding import ConversationEncoder
-from icons_dagster.core.features import FeatureSet, compute_features, features_file, load_features, load_samples
-from icons_dagster.core.fingerprint import checkpoint_identity, fingerprint
-from icons_dagster.core.gradients import FEATURES_VERSION
-from icons_dagster.core.influence import (
+from icons_dagster.core.data.benchmarks import load_benchmark
+from icons_dagster.core.data.pool import MANIFEST_FILE, PROBLEMS_FILE, build_manifest, records_from_manifest
+from icons_dagster.core.data.records import benchmark_image_root, load_records
+from icons_dagster.core.model.samples import SkipLog
+from icons_dagster.core.features.extraction import FeatureSet, compute_features, features_file, load_features, load_samples
+from icons_dagster.core.features.gradients import FEATURES_VERSION
+from icons_dagster.core.features.projection import make_projector
+from icons_dagster.core.model.cache import MODELS, ModelCache, model_fingerprint_fields
+from icons_dagster.core.model.training import checkpoint_weights, load_moments, train_warmup, warmup_indices
+from icons_dagster.core.selection import analysis, consensus
+from icons_dagster.core.selection.influence import (
     full_influence_matrix,
-    iter_npy_rows,
     influence_scores_from_files,
     mean_validation_feature,
     stack_group_means,
     weighted_influence,
 )
-from icons_dagster.core.model import Placement, attach_new_lora, load_base_model, load_lora, load_processor, resolve_placement
-from icons_dagster.core.pool import MANIFEST_FILE, PROBLEMS_FILE, build_manifest, records_from_manifest
-from icons_dagster.core.projection import make_projector
-from icons_dagster.core.benchmarks import load_benchmark
-from icons_dagster.core.records import benchmark_image_root, load_records
-from icons_dagster.core.samples import SkipLog
-from icons_dagster.core.store import ArtifactStore, save_npy, write_json
-from icons_dagster.core.warmup import checkpoint_weights, load_moments, train_warmup, warmup_indices
-
-Log = Callable[[str], None]
-Progress = Callable[[int, int], None]
+from icons_dagster.core.stages.kit import Log, Progress, Stage, StageResult, quiet_log
+from icons_dagster.core.storage.artifacts import ArtifactStore, save_npy, write_json
+from icons_dagster.core.storage.fingerprint import file_sha256
 
 VOTE_TABLE_FILE = "vote_table.parquet"
 INFLUENCE_FILE = "influence.parquet"
 SUBSET_JSON = "selected_subset.json"
 SUBSET_PARQUET = "selected_subset.parquet"
 
-
-def quiet_log(_: str) -> None:
-    """The default log: stages run silently unless given one."""
-
-
-@dataclass
-class StageResult:
-    ref: dict[str, Any]  # fingerprint, path (relative to the store root), summary for downstream stages
-    metadata: dict[str, Any] = field(default_factory=dict)  # JSON values; "plots": {name: markdown}
-
-
-def _finish(store: ArtifactStore, stage: str, fp: str, directory: Path, metadata: dict, extra_ref: dict, reused: bool) -> StageResult:
-    ref = {"stage": stage, "fingerprint": fp, "path": store.relative(directory), "reused": reused, **extra_ref}
-    return StageResult(ref=ref, metadata={**metadata, "fingerprint": fp, "reused": reused})
-
-
-# When each stage found no artifact to reuse and started computing: "seconds" in an
-# artifact's metadata covers the work (model loads included), not only the writing.
-_STARTED: dict[Path, float] = {}
-
-
-def reuse_artifact(store: ArtifactStore, stage: str, fp: str, directory: Path, *, built: bool = False) -> StageResult | None:
-    """The complete artifact at ``directory`` as a result (``built``: it was just written)."""
-    if not store.is_complete(directory):
-        _STARTED[directory] = time.perf_counter()
-        return None
-    manifest = store.read_manifest(directory)
-    return _finish(store, stage, fp, directory, manifest.get("metadata", {}), manifest.get("ref", {}), reused=not built)
-
-
-@contextmanager
-def building_artifact(store: ArtifactStore, directory: Path, stage: str, fp: str, inputs: dict) -> Iterator[tuple[Path, dict]]:
-    """Yield (tmp folder, manifest dict to fill with "metadata" and "ref"); commit on exit.
-
-    ``inputs`` (the fingerprints of what this artifact was made from) is recorded in its
-    metadata: the lineage a user reads in the UI.
-    """
-    manifest: dict[str, Any] = {"stage": stage, "fingerprint": fp, "metadata": {}, "ref": {}}
-    start = _STARTED.pop(directory, time.perf_counter())
-    with store.writing(directory, manifest) as tmp:
-        yield tmp, manifest
-        manifest["metadata"]["seconds"] = round(time.perf_counter() - start, 3)
-        manifest["metadata"]["inputs"] = inputs
-
-
-# -- models -------------------------------------------------------------------------------
-
-
-class ModelCache:
-    """Processors and base models loaded once per process (CLI runs reuse them across steps)."""
-
-    def __init__(self) -> None:
-        self._entries: dict[ModelConfig, tuple[Any, Any, Placement]] = {}
-
-    def get(self, config: ModelConfig) -> tuple[Any, Any, Placement]:
-        if config not in self._entries:
-            placement = resolve_placement(config)
-            processor = load_processor(config)
-            self._entries[config] = (processor, load_base_model(config, placement), placement)
-        return self._entries[config]
-
-    def encoder(self, config: ModelConfig) -> ConversationEncoder:
-        return ConversationEncoder(self.get(config)[0], config.max_length)
-
-    @contextmanager
-    def with_adapter(self, config: ModelConfig, adapter_dir: Path | None, lora: LoraSettings | None = None, seed: int = 0):
-        """The base model wrapped in a saved adapter (or a fresh one); unwrapped again afterwards."""
-        _, base, _ = self.get(config)
-        peft_model = load_lora(base, adapter_dir) if adapter_dir is not None else attach_new_lora(base, lora, seed)
-        try:
-            yield peft_model
-        finally:
-            restored = peft_model.unload()
-            restored.eval()
-            for parameter in restored.parameters():
-                parameter.requires_grad_(False)
-
-
-MODELS = ModelCache()
-
-
-def model_fingerprint_fields(config: ModelConfig) -> dict:
-    """What identifies the weights: a local folder by content (so every machine of a
-    scale-out agrees wherever it mounts the folder, and a checkpoint replaced in place is
-    recomputed), a hub id by id, revision and cached commit; then the numerics, not the device."""
-    return {
-        **checkpoint_identity(config.name_or_path, config.revision),
-        "dtype": config.dtype,
-        "autocast": config.autocast,
-        "max_length": config.max_length,
-    }
 
 
 # -- what each stage's fingerprint takes from the configuration (also its code version) ----
@@ -168,12 +72,10 @@ def influence_settings(p: float, write_full_matrix: bool) -> dict:
 
 
 def stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, num_shards: int, log: Log = quiet_log) -> StageResult:
-    from icons_dagster.core.fingerprint import file_sha256
 
     content = file_sha256(pool_path)
-    fp = fingerprint("training_pool", content=content, **pool_settings(image_root, num_shards))
-    directory = store.artifact_dir("training_pool", fp)
-    if (reused := reuse_artifact(store, "training_pool", fp, directory)) is not None:
+    stage = Stage(store, "training_pool", content=content, **pool_settings(image_root, num_shards))
+    if (reused := stage.reused()) is not None:
         return reused
     log(f"validating pool {pool_path}")
     loaded = load_records(pool_path, image_root)
@@ -181,12 +83,12 @@ def stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, n
         first = "; ".join(str(p) for p in loaded.problems[:3])
         raise ValueError(f"{pool_path}: no valid record ({len(loaded.problems)} invalid, e.g. {first})")
     manifest_df = build_manifest(loaded.records, num_shards)
-    with building_artifact(store, directory, "training_pool", fp, {"pool_content_sha256": content, "image_root": str(image_root)}) as (tmp, manifest):
-        manifest_df.write_parquet(tmp / MANIFEST_FILE)
-        write_json(tmp / PROBLEMS_FILE, [problem_dict(p) for p in loaded.problems])
+    with stage.building({"pool_content_sha256": content, "image_root": str(image_root)}) as out:
+        manifest_df.write_parquet(out.folder / MANIFEST_FILE)
+        write_json(out.folder / PROBLEMS_FILE, [problem_dict(p) for p in loaded.problems])
         shard_counts = dict(sorted(manifest_df.group_by("shard").len().iter_rows()))
-        manifest["ref"] = {"n_records": manifest_df.height, "num_shards": num_shards, "source": str(pool_path), "content_sha256": content}
-        manifest["metadata"] = {
+        out.ref = {"n_records": manifest_df.height, "num_shards": num_shards, "source": str(pool_path), "content_sha256": content}
+        out.metadata = {
             "source": str(pool_path),
             "n_records": manifest_df.height,
             "n_text_only": int(manifest_df["image"].is_null().sum()),
@@ -197,7 +99,7 @@ def stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, n
             "content_sha256": content,
         }
     log(f"pool: {manifest_df.height} valid records, {len(loaded.problems)} skipped")
-    return reuse_artifact(store, "training_pool", fp, directory, built=True)
+    return stage.result()
 
 
 def problem_dict(problem) -> dict:
@@ -220,18 +122,17 @@ def load_pool_manifest(
 
 
 def stage_warmup_subset(store: ArtifactStore, pool_ref: dict, config: WarmupConfig) -> StageResult:
-    fp = fingerprint("warmup_subset", pool=pool_ref["fingerprint"], **warmup_subset_settings(config))
-    directory = store.artifact_dir("warmup_subset", fp)
-    if (reused := reuse_artifact(store, "warmup_subset", fp, directory)) is not None:
+    stage = Stage(store, "warmup_subset", pool=pool_ref["fingerprint"], **warmup_subset_settings(config))
+    if (reused := stage.reused()) is not None:
         return reused
     manifest_df = load_pool_manifest(store, pool_ref, columns=["id"])
     chosen = warmup_indices(manifest_df.height, config.ratio, config.seed)
     ids = manifest_df["id"].gather(chosen)
-    with building_artifact(store, directory, "warmup_subset", fp, {"training_pool": pool_ref["fingerprint"]}) as (tmp, manifest):
-        pl.DataFrame({"id": ids}).write_parquet(tmp / "ids.parquet")
-        manifest["ref"] = {"n_records": len(ids)}
-        manifest["metadata"] = {"n_records": len(ids), "ratio": config.ratio, "seed": config.seed}
-    return reuse_artifact(store, "warmup_subset", fp, directory, built=True)
+    with stage.building({"training_pool": pool_ref["fingerprint"]}) as out:
+        pl.DataFrame({"id": ids}).write_parquet(out.folder / "ids.parquet")
+        out.ref = {"n_records": len(ids)}
+        out.metadata = {"n_records": len(ids), "ratio": config.ratio, "seed": config.seed}
+    return stage.result()
 
 
 # -- warmup_checkpoint --------------------------------------------------------------------
@@ -246,29 +147,33 @@ def stage_warmup_checkpoint(
     config: WarmupConfig,
     models: ModelCache = MODELS,
     log: Log = quiet_log,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Progress | None = None,
 ) -> StageResult:
-    fp = fingerprint("warmup_checkpoint", subset=subset_ref["fingerprint"], **warmup_checkpoint_settings(model_config, lora, config))
-    directory = store.artifact_dir("warmup_checkpoint", fp)
-    if (reused := reuse_artifact(store, "warmup_checkpoint", fp, directory)) is not None:
+    stage = Stage(
+        store,
+        "warmup_checkpoint",
+        subset=subset_ref["fingerprint"],
+        **warmup_checkpoint_settings(model_config, lora, config),
+    )
+    if (reused := stage.reused()) is not None:
         return reused
     subset_ids = pl.read_parquet(store.absolute(subset_ref["path"]) / "ids.parquet")["id"]
     records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("id").is_in(subset_ids.implode())))
     encoder = models.encoder(model_config)
     placement = models.get(model_config)[2]
     skips = SkipLog()
-    with building_artifact(store, directory, "warmup_checkpoint", fp, {"warmup_subset": subset_ref["fingerprint"], "model": model_fingerprint_fields(model_config)}) as (tmp, manifest):
+    with stage.building({"warmup_subset": subset_ref["fingerprint"], "model": model_fingerprint_fields(model_config)}) as out:
         log(f"warm-up: {len(records)} records, {config.epochs} epoch(s), {config.num_checkpoints} checkpoint(s)")
         with models.with_adapter(model_config, None, lora, config.seed) as peft_model:
-            checkpoints = train_warmup(peft_model, encoder, records, config, placement, tmp, skips, progress)
+            checkpoints = train_warmup(peft_model, encoder, records, config, placement, out.folder, skips, progress)
         weights = checkpoint_weights([c.mean_learning_rate for c in checkpoints])
         entries = [
             {"index": c.index, "step": c.step, "mean_learning_rate": c.mean_learning_rate, "weight": w, "dir": f"checkpoint-{c.index}"}
             for c, w in zip(checkpoints, weights, strict=True)
         ]
-        write_json(tmp / "checkpoints.json", entries)
-        manifest["ref"] = {"checkpoints": entries, "model": model_fingerprint_fields(model_config)}
-        manifest["metadata"] = {
+        write_json(out.folder / "checkpoints.json", entries)
+        out.ref = {"checkpoints": entries, "model": model_fingerprint_fields(model_config)}
+        out.metadata = {
             "n_records": len(records),
             "checkpoints": entries,
             "model": model_config.name_or_path,
@@ -276,7 +181,7 @@ def stage_warmup_checkpoint(
             "lora_alpha": lora.alpha,
             **skips.as_metadata(),
         }
-    return reuse_artifact(store, "warmup_checkpoint", fp, directory, built=True)
+    return stage.result()
 
 
 # -- gradient features ----------------------------------------------------------------------
@@ -351,23 +256,24 @@ def stage_train_shard(
     progress: Progress | None = None,
 ) -> StageResult:
     gradient_type = gradients.train_gradient
-    fp = fingerprint(
+    stage = Stage(
+        store,
         "training_gradients",
+        shard,
         pool=pool_ref["fingerprint"],
         checkpoint=checkpoint_ref["fingerprint"],
         gradients=gradient_fingerprint_fields(gradients, gradient_type),
     )
-    directory = store.artifact_dir("training_gradients", fp, shard)
-    if (reused := reuse_artifact(store, "training_gradients", fp, directory)) is not None:
+    if (reused := stage.reused()) is not None:
         return reused
     records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("shard") == shard))
     log(f"{shard}: gradient features of {len(records)} records")
     features = _features(store, records, checkpoint_ref, model_config, gradients, gradient_type, models, progress)
-    with building_artifact(store, directory, "training_gradients", fp, {"training_pool": pool_ref["fingerprint"], "warmup_checkpoint": checkpoint_ref["fingerprint"]}) as (tmp, manifest):
-        features.save(tmp)
-        manifest["ref"] = {"n_samples": len(features.ids), "shard": shard}
-        manifest["metadata"] = {"shard": shard, **_feature_metadata(features, gradients, gradient_type)}
-    return reuse_artifact(store, "training_gradients", fp, directory, built=True)
+    with stage.building({"training_pool": pool_ref["fingerprint"], "warmup_checkpoint": checkpoint_ref["fingerprint"]}) as out:
+        features.save(out.folder)
+        out.ref = {"n_samples": len(features.ids), "shard": shard}
+        out.metadata = {"shard": shard, **_feature_metadata(features, gradients, gradient_type)}
+    return stage.result()
 
 
 def stage_validation(
@@ -383,16 +289,17 @@ def stage_validation(
     progress: Progress | None = None,
 ) -> StageResult:
     loaded = load_benchmark(benchmarks_dir, benchmark, default_image_root)
-    fp = fingerprint(
+    stage = Stage(
+        store,
         "validation_gradients",
+        benchmark,
         benchmark=benchmark,
         content=loaded.content_sha256,
         image_root=str(benchmark_image_root(Path(benchmarks_dir) / benchmark, default_image_root)),
         checkpoint=checkpoint_ref["fingerprint"],
         gradients=gradient_fingerprint_fields(gradients, "sgd"),
     )
-    directory = store.artifact_dir("validation_gradients", fp, benchmark)
-    if (reused := reuse_artifact(store, "validation_gradients", fp, directory)) is not None:
+    if (reused := stage.reused()) is not None:
         return reused
     if not loaded.records:
         raise ValueError(f"benchmark {benchmark!r}: no valid validation records in {loaded.path} ({len(loaded.problems)} skipped)")
@@ -402,18 +309,18 @@ def stage_validation(
         raise ValueError(f"benchmark {benchmark!r}: every validation record was skipped: {features.skips.entries[:5]}")
     for skip_id, reason in [(p.record_id or f"#{p.index}", p.reason) for p in loaded.problems]:
         features.skips.add(skip_id, reason)
-    with building_artifact(store, directory, "validation_gradients", fp, {"benchmark_content_sha256": loaded.content_sha256, "warmup_checkpoint": checkpoint_ref["fingerprint"]}) as (tmp, manifest):
-        features.save(tmp)
+    with stage.building({"benchmark_content_sha256": loaded.content_sha256, "warmup_checkpoint": checkpoint_ref["fingerprint"]}) as out:
+        features.save(out.folder)
         subtasks = sorted({s for s in features.subtasks if s})
-        manifest["ref"] = {"n_samples": len(features.ids), "benchmark": benchmark, "content_sha256": loaded.content_sha256}
-        manifest["metadata"] = {
+        out.ref = {"n_samples": len(features.ids), "benchmark": benchmark, "content_sha256": loaded.content_sha256}
+        out.metadata = {
             "benchmark": benchmark,
             "source": str(loaded.path),
             "content_sha256": loaded.content_sha256,
             "subtasks": subtasks,
             **_feature_metadata(features, gradients, "sgd"),
         }
-    return reuse_artifact(store, "validation_gradients", fp, directory, built=True)
+    return stage.result()
 
 
 # -- task_influence -----------------------------------------------------------------------
@@ -462,21 +369,22 @@ def stage_influences(
     shards = sorted(train_refs)
     train_fingerprints = [train_refs[s]["fingerprint"] + "/" + s for s in shards]
     results: dict[str, StageResult] = {}
-    pending: dict[str, tuple[str, Path]] = {}
+    pending: dict[str, Stage] = {}
     for benchmark in sorted(validation_refs):
-        fp = fingerprint(
+        stage = Stage(
+            store,
             "task_influence",
+            benchmark,
             benchmark=benchmark,
             train=train_fingerprints,
             validation=validation_refs[benchmark]["fingerprint"],
             checkpoint=checkpoint_ref["fingerprint"],
             **influence_settings(p, write_full_matrix),
         )
-        directory = store.artifact_dir("task_influence", fp, benchmark)
-        if (reused := reuse_artifact(store, "task_influence", fp, directory)) is not None:
+        if (reused := stage.reused()) is not None:
             results[benchmark] = reused
         else:
-            pending[benchmark] = (fp, directory)
+            pending[benchmark] = stage
     if not pending:
         return results
     weights = [entry["weight"] for entry in checkpoint_ref["checkpoints"]]
@@ -499,19 +407,17 @@ def stage_influences(
             per_ckpt_scores[benchmark].append(np.ascontiguousarray(scores[:, k]))
     manifest_df = load_pool_manifest(store, pool_ref, columns=["id", "family"])
     families = family_column(manifest_df, ids)
-    for benchmark, (fp, directory) in pending.items():
+    for benchmark, stage in pending.items():
         results[benchmark] = _write_influence(
-            store, benchmark, fp, directory, pool_ref, train_refs, shards, validation_refs[benchmark], validation[benchmark],
+            stage, benchmark, pool_ref, train_refs, shards, validation_refs[benchmark], validation[benchmark],
             ids, shard_col, families, per_ckpt_scores[benchmark], weights, p, write_full_matrix, list(pending),
         )
     return {b: results[b] for b in sorted(results)}
 
 
 def _write_influence(
-    store: ArtifactStore,
+    stage: Stage,
     benchmark: str,
-    fp: str,
-    directory: Path,
     pool_ref: dict,
     train_refs: dict[str, dict],
     shards: list[str],
@@ -530,6 +436,7 @@ def _write_influence(
 
     ``scored_together``: the benchmarks of the shared pass (its ``seconds`` include that pass).
     """
+    store = stage.store
     scores = weighted_influence(per_ckpt_scores, weights)
     table = {"id": ids, "shard": shard_col, "influence": scores.astype(np.float32)}
     for c, values in enumerate(per_ckpt_scores):
@@ -559,23 +466,23 @@ def _write_influence(
             plots.histogram_png(scores, f"{benchmark}: influence", "mean cosine to validation", threshold), "influence histogram"
         )
     metadata["plots"] = plots_md
-    with building_artifact(store, directory, "task_influence", fp, {"training_gradients": {s: train_refs[s]["fingerprint"] for s in shards}, "validation_gradients": validation_ref["fingerprint"]}) as (tmp, manifest):
-        frame.write_parquet(tmp / INFLUENCE_FILE)
+    with stage.building({"training_gradients": {s: train_refs[s]["fingerprint"] for s in shards}, "validation_gradients": validation_ref["fingerprint"]}) as out:
+        frame.write_parquet(out.folder / INFLUENCE_FILE)
         if write_full_matrix:
             for c in range(len(weights)):
                 val_features = load_features(validation.directory, c, mmap=False)
                 matrix = np.concatenate(
                     [full_influence_matrix(load_features(store.absolute(train_refs[s]["path"]), c), val_features) for s in shards]
                 )
-                save_npy(tmp / f"influence_matrix-checkpoint-{c}.npy", matrix)
-        manifest["ref"] = {
+                save_npy(out.folder / f"influence_matrix-checkpoint-{c}.npy", matrix)
+        out.ref = {
             "benchmark": benchmark,
             "n_train": len(ids),
             "benchmark_content_sha256": validation_ref.get("content_sha256"),
             "validation": validation_ref["fingerprint"],
         }
-        manifest["metadata"] = metadata
-    return reuse_artifact(store, "task_influence", fp, directory, built=True)
+        out.metadata = metadata
+    return stage.result()
 
 
 def family_column(manifest_df: pl.DataFrame, ids: list[str]) -> list[str] | None:
@@ -610,11 +517,13 @@ def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, dict], sele
     benchmarks = sorted(influence_refs)
     if not benchmarks:
         raise ValueError("no benchmark has been registered and scored: register at least one benchmark partition")
-    fp = fingerprint(
-        "vote_table", influence=[influence_refs[b]["fingerprint"] + "/" + b for b in benchmarks], selection=selection
+    stage = Stage(
+        store,
+        "vote_table",
+        influence=[influence_refs[b]["fingerprint"] + "/" + b for b in benchmarks],
+        selection=selection,
     )
-    directory = store.artifact_dir("vote_table", fp)
-    if (reused := reuse_artifact(store, "vote_table", fp, directory)) is not None:
+    if (reused := stage.reused()) is not None:
         return reused
     frames = [pl.read_parquet(store.absolute(influence_refs[b]["path"]) / INFLUENCE_FILE) for b in benchmarks]
     ids = frames[0]["id"].to_list()
@@ -632,7 +541,7 @@ def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, dict], sele
     table["votes"] = voted.sum(axis=1).astype(np.int32)
     if weights is not None:
         table["weighted_votes"] = consensus.aggregate(scores, "vote", p=selection.p, weights=weights)
-    for method in ("mean", "max", "rank", "norm"):
+    for method in (m for m in consensus.AGGREGATIONS if m != "vote"):  # Table 6's other rules
         table[f"agg_{method}"] = consensus.aggregate(scores, method, p=selection.p)
     table["mean_percentile_rank"] = consensus.percentile_ranks(scores).mean(axis=1)
     frame = pl.DataFrame(table)
@@ -649,17 +558,17 @@ def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, dict], sele
             "task_overlap": plots.markdown_image(plots.heatmap_png(overlap, names, "overlap of per-task top-p voters"), "overlap"),
         },
     }
-    with building_artifact(store, directory, "vote_table", fp, {"task_influence": {b: influence_refs[b]["fingerprint"] for b in benchmarks}}) as (tmp, manifest):
-        frame.write_parquet(tmp / VOTE_TABLE_FILE)
-        write_json(tmp / "thresholds.json", metadata["thresholds"])
-        manifest["ref"] = {
+    with stage.building({"task_influence": {b: influence_refs[b]["fingerprint"] for b in benchmarks}}) as out:
+        frame.write_parquet(out.folder / VOTE_TABLE_FILE)
+        write_json(out.folder / "thresholds.json", metadata["thresholds"])
+        out.ref = {
             "benchmarks": benchmarks,
             "n_samples": len(ids),
             "influence": {b: influence_refs[b]["fingerprint"] for b in benchmarks},
             "benchmark_content_sha256": {b: influence_refs[b].get("benchmark_content_sha256") for b in benchmarks},
         }
-        manifest["metadata"] = metadata
-    return reuse_artifact(store, "vote_table", fp, directory, built=True)
+        out.metadata = metadata
+    return stage.result()
 
 
 # -- selected_subset ----------------------------------------------------------------------
@@ -668,16 +577,16 @@ def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, dict], sele
 def stage_selected_subset(
     store: ArtifactStore, pool_ref: dict, vote_ref: dict, selection: SelectionConfig, lineage: dict | None = None
 ) -> StageResult:
-    fp = fingerprint("selected_subset", votes=vote_ref["fingerprint"], pool=pool_ref["fingerprint"], selection=selection)
-    directory = store.artifact_dir("selected_subset", fp)
-    result = reuse_artifact(store, "selected_subset", fp, directory)
+    stage = Stage(store, "selected_subset", votes=vote_ref["fingerprint"], pool=pool_ref["fingerprint"], selection=selection)
+    result = stage.reused()
     if result is None:
-        result = _build_subset(store, fp, directory, pool_ref, vote_ref, selection, lineage or {})
-    export_subset(store, directory)
+        result = _build_subset(stage, pool_ref, vote_ref, selection, lineage or {})
+    export_subset(store, stage.directory)
     return result
 
 
-def _build_subset(store, fp, directory, pool_ref, vote_ref, selection, lineage) -> StageResult:
+def _build_subset(stage: Stage, pool_ref: dict, vote_ref: dict, selection: SelectionConfig, lineage: dict) -> StageResult:
+    store = stage.store
     frame = pl.read_parquet(store.absolute(vote_ref["path"]) / VOTE_TABLE_FILE)
     benchmarks = vote_ref["benchmarks"]
     ids = frame["id"].to_list()
@@ -723,12 +632,12 @@ def _build_subset(store, fp, directory, pool_ref, vote_ref, selection, lineage) 
     }
     if families is not None:
         metadata["family_shares"] = analysis.family_shares(chosen.selected, families)
-    with building_artifact(store, directory, "selected_subset", fp, {"vote_table": vote_ref["fingerprint"], "training_pool": pool_ref["fingerprint"]}) as (tmp, manifest):
-        (tmp / SUBSET_JSON).write_text("[" + ",\n".join(subset_records) + "]\n", encoding="utf-8")
-        frame.sort("rank").write_parquet(tmp / SUBSET_PARQUET)
-        manifest["ref"] = {"n_selected": chosen.n_selected, "benchmarks": benchmarks}
-        manifest["metadata"] = metadata
-    return reuse_artifact(store, "selected_subset", fp, directory, built=True)
+    with stage.building({"vote_table": vote_ref["fingerprint"], "training_pool": pool_ref["fingerprint"]}) as out:
+        (out.folder / SUBSET_JSON).write_text("[" + ",\n".join(subset_records) + "]\n", encoding="utf-8")
+        frame.sort("rank").write_parquet(out.folder / SUBSET_PARQUET)
+        out.ref = {"n_selected": chosen.n_selected, "benchmarks": benchmarks}
+        out.metadata = metadata
+    return stage.result()
 
 
 def export_subset(store: ArtifactStore, directory: Path, prefix: str = "") -> dict[str, str]:
@@ -742,91 +651,3 @@ def export_subset(store: ArtifactStore, directory: Path, prefix: str = "") -> di
         tmp.replace(target)
         paths[name] = str(target)
     return paths
-
-
-# -- checks -------------------------------------------------------------------------------
-
-
-def check_features(store: ArtifactStore, ref: dict, num_checkpoints: int, tolerance: float = 2e-3) -> tuple[bool, dict]:
-    """Every stored feature is finite and unit-norm (float16 rounding within ``tolerance``)."""
-    directory = store.absolute(ref["path"])
-    return check_unit_rows([directory / features_file(c) for c in range(num_checkpoints)], tolerance)
-
-
-def check_unit_rows(files: list[Path], tolerance: float = 2e-3) -> tuple[bool, dict]:
-    """Every row of every npy file is finite with norm 1 (within ``tolerance``); rows = per file."""
-    worst = 0.0
-    finite = True
-    rows = 0
-    for path in files:
-        rows = 0
-        # Plain chunked reads: a memory map would count every page of the shard in RSS.
-        for chunk in iter_npy_rows(path, chunk_rows=65536):
-            chunk = chunk.astype(np.float32)
-            rows += chunk.shape[0]
-            finite &= bool(np.isfinite(chunk).all())
-            if chunk.size:
-                worst = max(worst, float(np.abs(np.linalg.norm(chunk, axis=1) - 1.0).max()))
-    passed = finite and worst <= tolerance
-    return passed, {"rows": rows, "finite": finite, "max_norm_error": worst, "tolerance": tolerance}
-
-
-def check_subset(store: ArtifactStore, ref: dict, n_pool: int, p: float) -> tuple[bool, dict]:
-    """The subset JSON parses and holds exactly floor(p N) records."""
-    expected = consensus.subset_size(n_pool, p)
-    records = json.loads((store.absolute(ref["path"]) / SUBSET_JSON).read_text(encoding="utf-8"))
-    ids = [r.get("id") for r in records]
-    passed = len(records) == expected and len(set(ids)) == len(ids)
-    return passed, {"n_records": len(records), "expected": expected, "fraction": len(records) / max(1, n_pool)}
-
-
-# -- why is this sample in? ------------------------------------------------------------------
-
-
-def explain_sample(store: ArtifactStore, subset_ref: dict, vote_ref: dict, sample_id: str) -> dict[str, Any]:
-    """A sample's per-benchmark influence, threshold, vote and percentile, its votes and rank."""
-    subset_dir = store.absolute(subset_ref["path"])
-    frame = pl.read_parquet(subset_dir / SUBSET_PARQUET)
-    row = frame.filter(pl.col("id") == sample_id)
-    if row.height == 0:
-        raise KeyError(f"sample {sample_id!r} is not in the scored pool ({subset_dir / SUBSET_PARQUET})")
-    thresholds = json.loads((store.absolute(vote_ref["path"]) / "thresholds.json").read_text(encoding="utf-8"))
-    record = row.row(0, named=True)
-    per_benchmark = {}
-    for name in vote_ref["benchmarks"]:
-        column = frame[f"influence__{name}"].to_numpy()
-        value = record[f"influence__{name}"]
-        per_benchmark[name] = {
-            "influence": value,
-            "threshold": thresholds[name],
-            "vote": bool(record[f"vote__{name}"]),
-            "percentile": float((column < value).mean()),
-        }
-    manifest = store.read_manifest(subset_dir)["metadata"]
-    return {
-        "id": sample_id,
-        "selected": bool(record["selected"]),
-        "rank": int(record["rank"]),
-        "votes": int(record["votes"]),
-        "n_pool": frame.height,
-        "n_selected": manifest["n_selected"],
-        "aggregation": manifest["aggregation"],
-        "cutoff_value": manifest["cutoff_value"],
-        "mean_percentile_rank": float(record["mean_percentile_rank"]),
-        "benchmarks": per_benchmark,
-    }
-
-
-def explanation_markdown(explanation: dict[str, Any]) -> str:
-    verdict = "selected" if explanation["selected"] else "not selected"
-    lines = [
-        f"**{explanation['id']}**: {verdict}, rank {explanation['rank']} of {explanation['n_pool']} "
-        f"(the subset is the top {explanation['n_selected']}; cutoff at {explanation['aggregation']} = {explanation['cutoff_value']}), "
-        f"{explanation['votes']} vote(s), mean percentile rank {explanation['mean_percentile_rank']:.3f}",
-        "",
-        "| benchmark | influence | threshold | vote | percentile |",
-        "|---|---|---|---|---|",
-    ]
-    for name, item in explanation["benchmarks"].items():
-        lines.append(f"| {name} | {item['influence']:.4f} | {item['threshold']:.4f} | {'yes' if item['vote'] else 'no'} | {item['percentile']:.3f} |")
-    return "\n".join(lines)

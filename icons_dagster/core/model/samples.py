@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from icons_dagster.core.encoding import ConversationEncoder, EncodedSample, EncodingError
-from icons_dagster.core.records import ImageLoadError, Record, load_image
+from icons_dagster.core.model.encoding import ConversationEncoder, EncodedSample, EncodingError
+from icons_dagster.core.data.records import ImageLoadError, Record, load_image
 
 
 @dataclass

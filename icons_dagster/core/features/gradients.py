@@ -47,25 +47,15 @@ import torch
 from torch.utils.checkpoint import set_checkpoint_early_stop
 from transformers.modeling_layers import GradientCheckpointingLayer as _CHECKPOINTED_LAYER
 
-from icons_dagster.core.encoding import Batch, answer_logit_positions, per_sample_loss
-from icons_dagster.core.model import Placement, gradient_mode, trainable_parameters
+from icons_dagster.core.model.encoding import Batch, answer_logit_positions, per_sample_loss
+from icons_dagster.core.model.training import AdamMoments
+from icons_dagster.core.model.loading import Placement, gradient_mode, trainable_parameters
 
 
 # Bump when the features' bits change for the same config and inputs, so no gradient
 # artifact written by an older computation is reused (part of their fingerprints).
 # 2: the vocabulary head runs at answer positions only (losses differ in the last bit).
 FEATURES_VERSION = 2
-
-
-@dataclass(frozen=True)
-class AdamMoments:
-    """The warm-up optimizer's state at a checkpoint, by parameter name."""
-
-    exp_avg: dict[str, torch.Tensor]
-    exp_avg_sq: dict[str, torch.Tensor]
-    beta1: float
-    beta2: float
-    eps: float
 
 
 @dataclass(frozen=True)
@@ -263,7 +253,7 @@ def projected_features(
 
 def loop_gradients(model, samples, pad_token_id: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The LESS-style reference: batch 1, backward, flatten ``.grad``; [N, D] fp32."""
-    from icons_dagster.core.encoding import collate
+    from icons_dagster.core.model.encoding import collate
 
     params = trainable_parameters(model)
     rows = []

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from icons_dagster.core.consensus import top_k_mask
+from icons_dagster.core.selection.consensus import top_k_mask
 
 
 def top_fraction_mask(scores: np.ndarray, p: float, ids: Sequence[str]) -> np.ndarray:

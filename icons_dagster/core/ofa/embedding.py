@@ -47,10 +47,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from icons_dagster.core.config import setting
-from icons_dagster.core.fingerprint import checkpoint_identity, folder_state
-from icons_dagster.core.model import no_progress_bars
-from icons_dagster.core.records import HUMAN, IMAGE_TOKEN, ImageLoadError, Record, load_image
-from icons_dagster.core.samples import SkipLog, batched
+from icons_dagster.core.storage.fingerprint import checkpoint_identity, folder_state
+from icons_dagster.core.model.loading import no_progress_bars
+from icons_dagster.core.data.records import HUMAN, IMAGE_TOKEN, ImageLoadError, Record, load_image
+from icons_dagster.core.model.samples import SkipLog, batched
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as _PILImage

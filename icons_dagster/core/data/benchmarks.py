@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from icons_dagster.core.records import LoadedRecords, RecordFileError, benchmark_image_root, load_records, split_file
+from icons_dagster.core.data.records import LoadedRecords, RecordFileError, benchmark_image_root, load_records, split_file
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icons_dagster.core import consensus
+from icons_dagster.core.selection import consensus
 from icons_dagster.core.config import _require, check_choices, setting
 
 CONFIDENCE_MEASURES = ("max_softmax", "margin", "entropy")

@@ -3,44 +3,33 @@
 A selector is only as good as the model trained on what it selects. For every method the
 same base model gets the same LoRA recipe (the warm-up trainer: AdamW, cosine, one epoch by
 default) on the method's subset; then every benchmark's test split is scored with the
-metric that fits its answers (``core/evaluation.py``), and the table gives Rel. (paper
+metric that fits its answers (``core/evaluation/metrics.py``), and the table gives Rel. (paper
 eq. 2: mean over benchmarks of score / full-data score).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from icons_dagster.core import analysis, consensus, plots
-from icons_dagster.core.benchmarks import load_benchmark
-from icons_dagster.core.config import LoraSettings, ModelConfig, WarmupConfig, setting
-from icons_dagster.core.evaluation import informative_benchmarks, relative_scores, results_markdown, score_benchmark
-from icons_dagster.core.fingerprint import fingerprint
-from icons_dagster.core.pipeline import (
-    MODELS,
-    SUBSET_PARQUET,
-    VOTE_TABLE_FILE,
-    ModelCache,
-    StageResult,
-    building_artifact,
-    family_column,
-    load_pool_manifest,
-    model_fingerprint_fields,
-    quiet_log,
-    reuse_artifact,
-)
-from icons_dagster.core.pool import records_from_manifest
-from icons_dagster.core.records import split_file
-from icons_dagster.core.samples import SkipLog
-from icons_dagster.core.store import write_json
+from icons_dagster.core.selection import analysis, consensus
+from icons_dagster.core import plots
+from icons_dagster.core.data.benchmarks import load_benchmark
+from icons_dagster.core.config import LoraSettings, ModelConfig
+from icons_dagster.core.evaluation.methods import SPECIALIST, EvaluationConfig, parse_method
+from icons_dagster.core.evaluation.metrics import informative_benchmarks, relative_scores, results_markdown, score_benchmark
+from icons_dagster.core.storage.fingerprint import fingerprint
+from icons_dagster.core.model.cache import MODELS, ModelCache, model_fingerprint_fields
+from icons_dagster.core.stages.icons import SUBSET_PARQUET, VOTE_TABLE_FILE, family_column, load_pool_manifest
+from icons_dagster.core.stages.kit import Log, Stage, StageResult, quiet_log
+from icons_dagster.core.data.pool import records_from_manifest
+from icons_dagster.core.data.records import split_file
+from icons_dagster.core.model.samples import SkipLog
+from icons_dagster.core.storage.artifacts import write_json
 
-Log = Callable[[str], None]
 
 SUBSETS_FILE = "subsets.parquet"
 SCORES_FILE = "scores.json"
@@ -48,103 +37,6 @@ TABLE_FILE = "evaluation_table.parquet"
 TABLE_MARKDOWN = "evaluation_table.md"
 # Bump when scoring changes what a benchmark_scores artifact holds (2: chance levels).
 SCORING_VERSION = 2
-# icons: the subset the ICONS graph exported (the selection as configured: by default the
-# vote with coverage 0.5). icons-paper: the paper's rule exactly (vote, mean-rank tie-break,
-# no coverage reserve); Table 6's aggregations with the same rule.
-EXPORTED = ("icons", "ofa")  # subsets an upstream selector wrote; the evaluation reads them
-ICONS_METHODS = {"icons-paper": "vote", "icons-mean": "mean", "icons-max": "max", "icons-rank": "rank", "icons-norm": "norm"}
-# The vote with the other tie-break at the cutoff (best single-benchmark percentile rank).
-MAX_RANK_METHOD = "icons-maxrank"
-# icons-cover-<percent>: the vote with that share of the subset reserved for each
-# benchmark's own top records (consensus ``coverage``), the Appendix D remedy.
-COVER_PREFIX = "icons-cover-"
-# direct-merge: Table 7 (one merged validation set); text-vote: the same vote over TF-IDF
-# similarity to each validation set, to learn what gradients add beyond surface text.
-BASELINES = ("direct-merge", "text-vote")
-# Table 3: one model per benchmark, trained on that benchmark's own top-p records and
-# scored on that benchmark only (one row, the diagonal of the specialists' matrix).
-SPECIALIST = "specialist"
-DEFAULT_METHODS = (
-    "full", "random-0", "random-1", "random-2", "icons", *ICONS_METHODS, MAX_RANK_METHOD,
-    f"{COVER_PREFIX}25", f"{COVER_PREFIX}50", f"{COVER_PREFIX}100",
-    *BASELINES, "ofa", SPECIALIST,
-)
-
-
-@dataclass(frozen=True)
-class EvaluationConfig:
-    """Which methods are compared and the one fine-tuning recipe they all get.
-
-    The subsets are cut at the selection's ``p`` (selection.p; OFA's ``p`` must match).
-    """
-
-    methods: tuple[str, ...] = setting((), "methods to compare (comma-separated); empty or 'all': every evaluation partition", aliases=("--methods",))
-    learning_rate: float = setting(2e-4, "fine-tune learning rate", aliases=("--learning-rate",))
-    epochs: int = setting(1, "fine-tune epochs over each subset", aliases=("--epochs",))
-    batch_size: int = setting(4, "fine-tune batch size", aliases=("--batch-size",))
-    seed: int = setting(0, "fine-tune seed", aliases=("--seed",))
-    max_new_tokens: int = setting(64, "tokens generated per test answer")
-    # False: the paper's recipe, ``epochs`` over each subset. True: every subset is trained
-    # for about as many steps as the full data gets (epochs x N / |subset|, rounded).
-    equal_steps: bool = setting(False, "train every subset about as many steps as the full data", aliases=("--equal-steps",))
-    lora_r: int = setting(0, "the fine-tune's LoRA rank; 0 = the warm-up's LoRA")
-    lora_alpha: int = setting(0, "the fine-tune's LoRA alpha; 0 = twice its rank")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.methods, (list, str)):
-            object.__setattr__(self, "methods", tuple([self.methods] if isinstance(self.methods, str) else self.methods))
-        if self.methods == ("all",):
-            object.__setattr__(self, "methods", ())
-        for method in self.methods:
-            known = method in (*EXPORTED, *ICONS_METHODS, MAX_RANK_METHOD, *BASELINES, "full", SPECIALIST)
-            if not known and _random_seed(method) is None and _coverage(method) is None:
-                raise ValueError(
-                    f"unknown evaluation method {method!r}: full, random-<seed>, icons, {', '.join(ICONS_METHODS)}, "
-                    f"{MAX_RANK_METHOD}, {COVER_PREFIX}<percent>, {', '.join(BASELINES)}, ofa, {SPECIALIST}"
-                )
-        if self.methods and "full" not in self.methods:
-            raise ValueError("the evaluation needs the 'full' method: Rel. divides by the full-data score")
-
-    @property
-    def compared(self) -> tuple[str, ...]:
-        """The methods compared: the configured ones, or every default method."""
-        return self.methods or DEFAULT_METHODS
-
-    def partition_methods(self) -> tuple[str, ...]:
-        """The compared methods in the evaluation partitions' order; each must be a partition."""
-        unknown = [m for m in self.compared if m not in DEFAULT_METHODS]
-        if unknown:
-            raise ValueError(f"evaluation.methods {unknown} are not evaluation partitions; choose from {list(DEFAULT_METHODS)}")
-        return tuple(m for m in DEFAULT_METHODS if m in self.compared)
-
-    def lora_for(self, model_lora: LoraSettings) -> LoraSettings:
-        """The LoRA every method's fine-tune gets (the selection's own LoRA unless set here)."""
-        if not self.lora_r:
-            return model_lora
-        return LoraSettings(self.lora_r, self.lora_alpha or 2 * self.lora_r, model_lora.dropout, model_lora.target_modules)
-
-    def recipe(self, n_subset: int, n_pool: int) -> WarmupConfig:
-        """The fine-tune recipe (the warm-up trainer on a whole subset: ratio 1, one checkpoint)."""
-        epochs = max(self.epochs, round(self.epochs * n_pool / max(1, n_subset))) if self.equal_steps else self.epochs
-        return WarmupConfig(
-            ratio=1.0, seed=self.seed, learning_rate=self.learning_rate, epochs=epochs, num_checkpoints=1, batch_size=self.batch_size
-        )
-
-
-def _random_seed(method: str) -> int | None:
-    if method.startswith("random-") and method[len("random-") :].isdigit():
-        return int(method[len("random-") :])
-    return None
-
-
-def _coverage(method: str) -> float | None:
-    """icons-cover-<percent> -> percent / 100 (1..100), else None."""
-    rest = method.removeprefix(COVER_PREFIX)
-    if method.startswith(COVER_PREFIX) and rest.isdigit() and 1 <= int(rest) <= 100:
-        return int(rest) / 100
-    return None
-
-
 # -- evaluation_subsets ---------------------------------------------------------------------
 
 
@@ -203,42 +95,37 @@ def method_subset(
     ``exported``: the subset frames (id, selected) the ICONS and OFA graphs wrote.
     ``baseline_scores``: "direct-merge" [N] and "text-vote" [N, K] scores in ``ids`` order.
     """
-    if method in BASELINES:
+    spec = parse_method(method)
+    if spec.kind == "baseline":
         if not baseline_scores or method not in baseline_scores:
             raise ValueError(f"method {method!r} needs its scores (the vote table and the benchmarks' validation sets)")
         scores = baseline_scores[method]
         chosen = consensus.select(ids, scores.reshape(len(ids), -1), p, method="vote" if method == "text-vote" else "mean")
         return [ids[i] for i in np.flatnonzero(chosen.selected)]
-    if method == "full":
+    if spec.kind == "full":
         return list(ids)
-    seed = _random_seed(method)
-    if seed is not None:
-        rng = np.random.Generator(np.random.PCG64(seed))
+    if spec.kind == "random":
+        rng = np.random.Generator(np.random.PCG64(spec.seed))
         chosen = np.sort(rng.choice(len(ids), size=consensus.subset_size(len(ids), p), replace=False))
         return [ids[i] for i in chosen]
-    if method in ICONS_METHODS or method == MAX_RANK_METHOD or _coverage(method) is not None:
+    if spec.kind == "icons-rule":
         if vote_frame is None:
             raise ValueError(f"method {method!r} needs the ICONS vote table")
         benchmarks, scores = _influence_columns(vote_frame)
         chosen = consensus.select(
-            vote_frame["id"].to_list(),
-            scores,
-            p,
-            method=ICONS_METHODS.get(method, "vote"),
-            tiebreak="max-rank" if method == MAX_RANK_METHOD else "mean-rank",
-            coverage=_coverage(method) or 0.0,
+            vote_frame["id"].to_list(), scores, p, method=spec.aggregation, tiebreak=spec.tiebreak, coverage=spec.coverage
         )
         return vote_frame.filter(pl.Series(chosen.selected))["id"].to_list()
-    if method in EXPORTED:
+    if spec.kind == "exported":
         frame = (exported or {}).get(method)
         if frame is None:
             raise ValueError(f"method {method!r} needs the subset the {method.upper()} graph exported")
         chosen = frame.filter(pl.col("selected"))["id"]
         if len(chosen) != consensus.subset_size(frame.height, p):
-            setting = "ofa.p" if method == "ofa" else "settings.p"
+            setting = "ofa.p" if method == "ofa" else "selection.p"
             raise ValueError(f"the {method} subset holds {len(chosen)} records, not floor(p N) for p = {p}: set {setting} = {p}")
         return chosen.to_list()
-    raise ValueError(f"unknown method {method!r}")
+    raise ValueError(f"method {method!r} ({spec.kind}) has no single subset")
 
 
 def stage_evaluation_subsets(
@@ -256,7 +143,8 @@ def stage_evaluation_subsets(
     validation = {}
     if vote_ref and benchmarks_dir is not None:
         validation = {b: load_benchmark(benchmarks_dir, b, default_image_root) for b in vote_ref["benchmarks"]}
-    fp = fingerprint(
+    stage = Stage(
+        store,
         "evaluation_subsets",
         pool=pool_ref["fingerprint"],
         votes=vote_ref["fingerprint"] if vote_ref else None,
@@ -265,8 +153,7 @@ def stage_evaluation_subsets(
         methods=list(config.compared),
         p=p,
     )
-    directory = store.artifact_dir("evaluation_subsets", fp)
-    if (reused := reuse_artifact(store, "evaluation_subsets", fp, directory)) is not None:
+    if (reused := stage.reused()) is not None:
         return reused
     ids = load_pool_manifest(store, pool_ref, columns=["id"])["id"].to_list()
     vote_frame = pl.read_parquet(store.absolute(vote_ref["path"]) / VOTE_TABLE_FILE) if vote_ref else None
@@ -293,18 +180,18 @@ def stage_evaluation_subsets(
     }
     frame = pl.DataFrame(rows, schema={"method": pl.String, "part": pl.String, "id": pl.String})
     metadata = {"sizes": sizes, "p": p, **subset_composition(store, pool_ref, ids, frame, vote_frame)}
-    with building_artifact(store, directory, "evaluation_subsets", fp, inputs) as (tmp, manifest):
-        frame.write_parquet(tmp / SUBSETS_FILE)
-        manifest["ref"] = {"sizes": sizes, "methods": list(config.compared)}
-        manifest["metadata"] = metadata
-    return reuse_artifact(store, "evaluation_subsets", fp, directory, built=True)
+    with stage.building(inputs) as out:
+        frame.write_parquet(out.folder / SUBSETS_FILE)
+        out.ref = {"sizes": sizes, "methods": list(config.compared)}
+        out.metadata = metadata
+    return stage.result()
 
 
 def _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation) -> dict[str, np.ndarray]:
     """Direct-merge and text-similarity scores, in ``ids`` order (empty without a vote table)."""
     if vote_frame is None or not validation:
         return {}
-    from icons_dagster.core.embedding import embedding_text
+    from icons_dagster.core.ofa.embedding import embedding_text
 
     position = {record_id: i for i, record_id in enumerate(vote_frame["id"].to_list())}
     order = np.array([position[i] for i in ids])
@@ -376,34 +263,35 @@ def stage_finetune(
         raise ValueError(f"evaluation_subsets has no records for method {method!r} (methods: {subsets_ref.get('methods')})")
     parts = {part or method: group["id"] for (part,), group in subsets.group_by(["part"], maintain_order=True)}
     recipes = {name: config.recipe(ids.len(), pool_ref["n_records"]) for name, ids in parts.items()}
-    fp = fingerprint(
+    stage = Stage(
+        store,
         "finetuned_adapter",
+        method,
         subsets={name: fingerprint("ids", ids=ids.to_list()) for name, ids in parts.items()},
         pool=pool_ref["fingerprint"],
         model=model_fingerprint_fields(model_config),
         lora=lora,
         recipes=recipes,
     )
-    directory = store.artifact_dir("finetuned_adapter", fp, method)
-    if (reused := reuse_artifact(store, "finetuned_adapter", fp, directory)) is not None:
+    if (reused := stage.reused()) is not None:
         return reused
-    from icons_dagster.core.warmup import train_warmup
+    from icons_dagster.core.model.training import train_warmup
 
     skips = SkipLog()
     adapters, steps, sizes = {}, {}, {}
-    with building_artifact(store, directory, "finetuned_adapter", fp, {"evaluation_subsets": subsets_ref["fingerprint"]}) as (tmp, manifest):
+    with stage.building({"evaluation_subsets": subsets_ref["fingerprint"]}) as out:
         for name, ids in parts.items():
             records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("id").is_in(ids.implode())))
-            out = tmp if name == method else tmp / name
+            folder = out.folder if name == method else out.folder / name
             log(f"{method}{'' if name == method else f'[{name}]'}: fine-tuning on {len(records)} records, {recipes[name].epochs} epoch(s)")
             with models.with_adapter(model_config, None, lora, recipes[name].seed) as peft_model:
                 checkpoints = train_warmup(
-                    peft_model, models.encoder(model_config), records, recipes[name], models.get(model_config)[2], out, skips, progress
+                    peft_model, models.encoder(model_config), records, recipes[name], models.get(model_config)[2], folder, skips, progress
                 )
-            adapters[name] = str((out / "checkpoint-0" / "adapter").relative_to(tmp))
+            adapters[name] = str((folder / "checkpoint-0" / "adapter").relative_to(out.folder))
             steps[name], sizes[name] = checkpoints[-1].step, len(records)
-        manifest["ref"] = {"method": method, "adapters": adapters, "n_records": sizes, "steps": steps}
-        manifest["metadata"] = {
+        out.ref = {"method": method, "adapters": adapters, "n_records": sizes, "steps": steps}
+        out.metadata = {
             "method": method,
             "n_records": sizes if len(parts) > 1 else sizes[method],
             "epochs": {name: r.epochs for name, r in recipes.items()} if len(parts) > 1 else recipes[method].epochs,
@@ -411,7 +299,7 @@ def stage_finetune(
             "schedule": "equal steps" if config.equal_steps else f"{config.epochs} epoch(s) per subset",
             **skips.as_metadata(),
         }
-    return reuse_artifact(store, "finetuned_adapter", fp, directory, built=True)
+    return stage.result()
 
 
 # -- benchmark_scores -----------------------------------------------------------------------
@@ -439,15 +327,16 @@ def stage_benchmark_scores(
     if not names:
         raise ValueError(f"no benchmark under {benchmarks_dir} has a test split (test.json beside val.json)")
     loaded = {name: load_benchmark(benchmarks_dir, name, default_image_root, split="test") for name in names}
-    fp = fingerprint(
+    stage = Stage(
+        store,
         "benchmark_scores",
+        method,
         adapter=adapter_ref["fingerprint"],
         tests={name: loaded[name].content_sha256 for name in names},
         max_new_tokens=config.max_new_tokens,
         scoring_version=SCORING_VERSION,
     )
-    directory = store.artifact_dir("benchmark_scores", fp, method)
-    if (reused := reuse_artifact(store, "benchmark_scores", fp, directory)) is not None:
+    if (reused := stage.reused()) is not None:
         return reused
     adapters = adapter_ref["adapters"]
     if method not in adapters:  # one adapter per benchmark: each scores its own benchmark only
@@ -469,23 +358,23 @@ def stage_benchmark_scores(
                     skips.add(problem.record_id or f"#{problem.index}", problem.reason)
                 result = score_benchmark(model, encoder, placement, name, list(loaded[name].records), skips=skips, max_new_tokens=config.max_new_tokens)
                 scores[name] = {**_score_dict(result), **skips.as_metadata()}
-    with building_artifact(store, directory, "benchmark_scores", fp, {"finetuned_adapter": adapter_ref["fingerprint"]}) as (tmp, manifest):
-        write_json(tmp / SCORES_FILE, scores)
-        manifest["ref"] = {
+    with stage.building({"finetuned_adapter": adapter_ref["fingerprint"]}) as out:
+        write_json(out.folder / SCORES_FILE, scores)
+        out.ref = {
             "method": method,
             "scores": {name: s["score"] for name, s in scores.items()},
             "chance": {name: s["chance"] for name, s in scores.items()},
             "n": {name: s["n"] for name, s in scores.items()},
             "collapsed": [name for name, s in scores.items() if s["collapsed"]],
         }
-        manifest["metadata"] = {
+        out.metadata = {
             "method": method,
             "scores": {name: s["score"] for name, s in scores.items()},
             "metrics": {name: s["metric"] for name, s in scores.items()},
             "collapsed": [name for name, s in scores.items() if s["collapsed"]],
             "reference_loss": {name: s["reference_loss"] for name, s in scores.items()},
         }
-    return reuse_artifact(store, "benchmark_scores", fp, directory, built=True)
+    return stage.result()
 
 
 def _score_dict(result) -> dict[str, Any]:
@@ -506,7 +395,7 @@ def _score_dict(result) -> dict[str, Any]:
 
 def random_summary(table: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
     """Mean and (population) std over the random-<seed> rows, per benchmark."""
-    rows = [scores for method, scores in table.items() if _random_seed(method) is not None]
+    rows = [scores for method, scores in table.items() if parse_method(method).kind == "random"]
     if not rows:
         return {}, {}
     names = sorted(rows[0])
@@ -516,9 +405,8 @@ def random_summary(table: dict[str, dict[str, float]]) -> tuple[dict[str, float]
 
 def stage_evaluation_table(store, score_refs: dict[str, dict], subsets_ref: dict) -> StageResult:
     methods = list(score_refs)
-    fp = fingerprint("evaluation_table", scores={m: score_refs[m]["fingerprint"] for m in sorted(methods)})
-    directory = store.artifact_dir("evaluation_table", fp)
-    if (reused := reuse_artifact(store, "evaluation_table", fp, directory)) is not None:
+    stage = Stage(store, "evaluation_table", scores={m: score_refs[m]["fingerprint"] for m in sorted(methods)})
+    if (reused := stage.reused()) is not None:
         return reused
     table = {m: dict(score_refs[m]["scores"]) for m in methods}
     mean, std = random_summary(table)
@@ -553,11 +441,11 @@ def stage_evaluation_table(store, score_refs: dict[str, dict], subsets_ref: dict
         for m in table
         for b in benchmarks
     ]
-    with building_artifact(store, directory, "evaluation_table", fp, {"benchmark_scores": {m: score_refs[m]["fingerprint"] for m in methods}}) as (tmp, manifest):
-        pl.DataFrame(rows).write_parquet(tmp / TABLE_FILE)
-        (tmp / TABLE_MARKDOWN).write_text(markdown + "\n", encoding="utf-8")
-        manifest["ref"] = {"rel": rel, "rel_all": rel_all, "rel_benchmarks": used, "methods": list(table)}
-        manifest["metadata"] = {
+    with stage.building({"benchmark_scores": {m: score_refs[m]["fingerprint"] for m in methods}}) as out:
+        pl.DataFrame(rows).write_parquet(out.folder / TABLE_FILE)
+        (out.folder / TABLE_MARKDOWN).write_text(markdown + "\n", encoding="utf-8")
+        out.ref = {"rel": rel, "rel_all": rel_all, "rel_benchmarks": used, "methods": list(table)}
+        out.metadata = {
             "table": markdown,
             "rel": rel,
             "rel_all": rel_all,
@@ -566,5 +454,5 @@ def stage_evaluation_table(store, score_refs: dict[str, dict], subsets_ref: dict
             "subset_sizes": subsets_ref.get("sizes", {}),
             "collapsed": collapsed,
         }
-    return reuse_artifact(store, "evaluation_table", fp, directory, built=True)
+    return stage.result()
 

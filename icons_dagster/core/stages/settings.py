@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from icons_dagster.core.pipeline import (
+from icons_dagster.core.stages.icons import (
     gradient_fingerprint_fields,
     influence_settings,
     model_fingerprint_fields,
@@ -21,7 +21,7 @@ from icons_dagster.core.pipeline import (
     warmup_checkpoint_settings,
     warmup_subset_settings,
 )
-from icons_dagster.core.evaluation_pipeline import SCORING_VERSION
+from icons_dagster.core.stages.evaluation import SCORING_VERSION
 from icons_dagster.core.schema import IconsConfig, section_to_json
 
 

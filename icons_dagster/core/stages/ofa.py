@@ -9,17 +9,17 @@ then not computed, and the selector's embedder fingerprint must match this pool'
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from icons_dagster.core import analysis, plots
-from icons_dagster.core.embedding import EmbedderConfig, embed_records, load_embedder
-from icons_dagster.core.fingerprint import file_sha256, fingerprint
-from icons_dagster.core.ofa import (
+from icons_dagster.core.selection import analysis
+from icons_dagster.core import plots
+from icons_dagster.core.ofa.embedding import EmbedderConfig, embed_records, load_embedder
+from icons_dagster.core.storage.fingerprint import file_sha256, fingerprint
+from icons_dagster.core.ofa.selector import (
     SELECTOR_CONFIG,
     SELECTOR_WEIGHTS,
     OFAConfig,
@@ -30,23 +30,12 @@ from icons_dagster.core.ofa import (
     selector_probabilities,
     train_selector,
 )
-from icons_dagster.core.pipeline import (
-    SUBSET_JSON,
-    SUBSET_PARQUET,
-    StageResult,
-    quiet_log,
-    building_artifact,
-    export_subset,
-    family_column,
-    load_pool_manifest,
-    reuse_artifact,
-)
-from icons_dagster.core.pool import records_from_manifest
-from icons_dagster.core.samples import SkipLog
-from icons_dagster.core.store import ArtifactStore, load_npy, save_npy
+from icons_dagster.core.stages.icons import SUBSET_JSON, SUBSET_PARQUET, export_subset, family_column, load_pool_manifest
+from icons_dagster.core.stages.kit import Log, Progress, Stage, StageResult, quiet_log
+from icons_dagster.core.data.pool import records_from_manifest
+from icons_dagster.core.model.samples import SkipLog
+from icons_dagster.core.storage.artifacts import ArtifactStore, load_npy, save_npy
 
-Log = Callable[[str], None]
-Progress = Callable[..., None]
 
 EMBEDDINGS_FILE = "embeddings.npy"
 IDS_FILE = "ids.parquet"
@@ -73,19 +62,18 @@ def stage_ofa_embeddings(
     progress: Progress | None = None,
 ) -> StageResult:
     space = embedder_fingerprint(embedder)
-    fp = fingerprint("ofa_embeddings", pool=pool_ref["fingerprint"], embedder=space, text=embedder.text)
-    directory = store.artifact_dir("ofa_embeddings", fp, shard)
-    if (reused := reuse_artifact(store, "ofa_embeddings", fp, directory)) is not None:
+    stage = Stage(store, "ofa_embeddings", shard, pool=pool_ref["fingerprint"], embedder=space, text=embedder.text)
+    if (reused := stage.reused()) is not None:
         return reused
     records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("shard") == shard))
     log(f"{shard}: embedding {len(records)} records ({embedder.kind})")
     skips = SkipLog()
     ids, vectors = embed_records(records, load_embedder(embedder), embedder, skips, progress)
-    with building_artifact(store, directory, "ofa_embeddings", fp, {"training_pool": pool_ref["fingerprint"], "embedder": space}) as (tmp, manifest):
-        save_npy(tmp / EMBEDDINGS_FILE, vectors.astype(np.float16))
-        pl.DataFrame({"id": ids}, schema={"id": pl.String}).write_parquet(tmp / IDS_FILE)
-        manifest["ref"] = {"n_samples": len(ids), "shard": shard, "embedder": space, "dim": int(vectors.shape[1])}
-        manifest["metadata"] = {
+    with stage.building({"training_pool": pool_ref["fingerprint"], "embedder": space}) as out:
+        save_npy(out.folder / EMBEDDINGS_FILE, vectors.astype(np.float16))
+        pl.DataFrame({"id": ids}, schema={"id": pl.String}).write_parquet(out.folder / IDS_FILE)
+        out.ref = {"n_samples": len(ids), "shard": shard, "embedder": space, "dim": int(vectors.shape[1])}
+        out.metadata = {
             "shard": shard,
             "n_samples": len(ids),
             "dim": int(vectors.shape[1]),
@@ -94,7 +82,7 @@ def stage_ofa_embeddings(
             "embedder_fingerprint": space,
             **skips.as_metadata(),
         }
-    return reuse_artifact(store, "ofa_embeddings", fp, directory, built=True)
+    return stage.result()
 
 
 def load_pool_embeddings(store: ArtifactStore, embedding_refs: dict[str, dict]) -> tuple[list[str], list[str], np.ndarray]:
@@ -139,17 +127,15 @@ def stage_ofa_pseudo_labels(
     inputs = _embedding_inputs(embedding_refs)
     kmeans_fields = {k: v for k, v in config.selector_fields().items() if k.startswith(("num_clusters", "kmeans"))}
     if selector_source is not None:
-        fp = fingerprint("ofa_pseudo_labels", imported=str(selector_source))
-        directory = store.artifact_dir("ofa_pseudo_labels", fp)
-        if (reused := reuse_artifact(store, "ofa_pseudo_labels", fp, directory)) is not None:
+        stage = Stage(store, "ofa_pseudo_labels", imported=str(selector_source))
+        if (reused := stage.reused()) is not None:
             return reused
-        with building_artifact(store, directory, "ofa_pseudo_labels", fp, {"selector_source": str(selector_source)}) as (_, manifest):
-            manifest["ref"] = {"computed": False}
-            manifest["metadata"] = {"computed": False, "why": f"a trained selector is imported from {selector_source}"}
-        return reuse_artifact(store, "ofa_pseudo_labels", fp, directory, built=True)
-    fp = fingerprint("ofa_pseudo_labels", embeddings=inputs, kmeans=kmeans_fields)
-    directory = store.artifact_dir("ofa_pseudo_labels", fp)
-    if (reused := reuse_artifact(store, "ofa_pseudo_labels", fp, directory)) is not None:
+        with stage.building({"selector_source": str(selector_source)}) as out:
+            out.ref = {"computed": False}
+            out.metadata = {"computed": False, "why": f"a trained selector is imported from {selector_source}"}
+        return stage.result()
+    stage = Stage(store, "ofa_pseudo_labels", embeddings=inputs, kmeans=kmeans_fields)
+    if (reused := stage.reused()) is not None:
         return reused
     ids, shards, x = load_pool_embeddings(store, embedding_refs)
     log(f"k-means: {len(ids)} records, k={config.num_clusters}")
@@ -172,14 +158,14 @@ def stage_ofa_pseudo_labels(
     families = family_column(load_pool_manifest(store, pool_ref, columns=["id", "family"]), ids)
     if families is not None:
         metadata["cluster_family_purity"] = cluster_purity(result.labels, families)
-    with building_artifact(store, directory, "ofa_pseudo_labels", fp, {"ofa_embeddings": inputs}) as (tmp, manifest):
+    with stage.building({"ofa_embeddings": inputs}) as out:
         pl.DataFrame({"id": ids, "shard": shards, "cluster": result.labels, "distance": np.sqrt(result.sq_distances)}).write_parquet(
-            tmp / LABELS_FILE
+            out.folder / LABELS_FILE
         )
-        save_npy(tmp / CENTROIDS_FILE, result.centroids)
-        manifest["ref"] = {"computed": True, "n_records": len(ids), "num_clusters": config.num_clusters}
-        manifest["metadata"] = metadata
-    return reuse_artifact(store, "ofa_pseudo_labels", fp, directory, built=True)
+        save_npy(out.folder / CENTROIDS_FILE, result.centroids)
+        out.ref = {"computed": True, "n_records": len(ids), "num_clusters": config.num_clusters}
+        out.metadata = metadata
+    return stage.result()
 
 
 def cluster_purity(labels: np.ndarray, families: list[str]) -> float:
@@ -206,9 +192,8 @@ def stage_ofa_selector(
     space = embedder_fingerprint(embedder)
     if selector_source is not None:
         return _import_selector(store, Path(selector_source), space, log)
-    fp = fingerprint("ofa_selector", labels=labels_ref["fingerprint"], embedder=space, training=config.selector_fields())
-    directory = store.artifact_dir("ofa_selector", fp)
-    if (reused := reuse_artifact(store, "ofa_selector", fp, directory)) is not None:
+    stage = Stage(store, "ofa_selector", labels=labels_ref["fingerprint"], embedder=space, training=config.selector_fields())
+    if (reused := stage.reused()) is not None:
         return reused
     if not labels_ref.get("computed", False):
         raise ValueError("ofa_pseudo_labels were not computed (a selector import is configured): nothing to train on")
@@ -219,11 +204,11 @@ def stage_ofa_selector(
     log(f"training the selector on {len(ids)} records, {config.num_clusters} pseudo labels")
     selector = train_selector(x, labels_frame["cluster"].to_numpy(), config, space, progress)
     selector.training["pool_records"] = len(ids)
-    with building_artifact(store, directory, "ofa_selector", fp, {"ofa_pseudo_labels": labels_ref["fingerprint"], "embedder": space}) as (tmp, manifest):
-        selector.save(tmp / SELECTOR_DIR)
+    with stage.building({"ofa_pseudo_labels": labels_ref["fingerprint"], "embedder": space}) as out:
+        selector.save(out.folder / SELECTOR_DIR)
         history = selector.training["history"]
-        manifest["ref"] = {"embedder": space, "imported_from": None, "num_clusters": config.num_clusters}
-        manifest["metadata"] = {
+        out.ref = {"embedder": space, "imported_from": None, "num_clusters": config.num_clusters}
+        out.metadata = {
             "imported": False,
             "embedder_fingerprint": space,
             "n_train": len(ids),
@@ -233,31 +218,30 @@ def stage_ofa_selector(
             "final_accuracy": history[-1]["accuracy"],
             "parameters": int(sum(p.numel() for p in selector.model.parameters())),
         }
-    return reuse_artifact(store, "ofa_selector", fp, directory, built=True)
+    return stage.result()
 
 
 def _import_selector(store: ArtifactStore, source: Path, space: str, log: Log) -> StageResult:
     """Copy a trained selector into the store after checking it loads and fits this embedder."""
     selector = load_selector(source, expected_embedder_fingerprint=space)
     content = {name: file_sha256(source / name) for name in (SELECTOR_CONFIG, SELECTOR_WEIGHTS)}
-    fp = fingerprint("ofa_selector", imported=content, embedder=space)
-    directory = store.artifact_dir("ofa_selector", fp)
-    if (reused := reuse_artifact(store, "ofa_selector", fp, directory)) is not None:
+    stage = Stage(store, "ofa_selector", imported=content, embedder=space)
+    if (reused := stage.reused()) is not None:
         return reused
     log(f"importing the trained selector from {source}")
-    with building_artifact(store, directory, "ofa_selector", fp, {"selector_source": str(source), "content_sha256": content}) as (tmp, manifest):
-        (tmp / SELECTOR_DIR).mkdir()
+    with stage.building({"selector_source": str(source), "content_sha256": content}) as out:
+        (out.folder / SELECTOR_DIR).mkdir()
         for name in (SELECTOR_CONFIG, SELECTOR_WEIGHTS):
-            shutil.copyfile(source / name, tmp / SELECTOR_DIR / name)
-        manifest["ref"] = {"embedder": space, "imported_from": str(source), "num_clusters": selector.num_clusters}
-        manifest["metadata"] = {
+            shutil.copyfile(source / name, out.folder / SELECTOR_DIR / name)
+        out.ref = {"embedder": space, "imported_from": str(source), "num_clusters": selector.num_clusters}
+        out.metadata = {
             "imported": True,
             "source": str(source),
             "embedder_fingerprint": space,
             "trained_on_records": selector.training.get("pool_records"),
             "num_clusters": selector.num_clusters,
         }
-    return reuse_artifact(store, "ofa_selector", fp, directory, built=True)
+    return stage.result()
 
 
 def selector_dir(store: ArtifactStore, selector_ref: dict) -> Path:
@@ -276,7 +260,8 @@ def stage_ofa_selected_subset(
     lineage: dict | None = None,
 ) -> StageResult:
     """Every record's confidence under the selector, and the least-confident floor(pN)."""
-    fp = fingerprint(
+    stage = Stage(
+        store,
         "ofa_selected_subset",
         pool=pool_ref["fingerprint"],
         embeddings=_embedding_inputs(embedding_refs),
@@ -284,16 +269,16 @@ def stage_ofa_selected_subset(
         confidence=config.confidence,
         p=config.p,
     )
-    directory = store.artifact_dir("ofa_selected_subset", fp)
-    result = reuse_artifact(store, "ofa_selected_subset", fp, directory)
+    result = stage.reused()
     if result is None:
-        result = _build_ofa_subset(store, fp, directory, pool_ref, embedding_refs, selector_ref, config, lineage or {})
-    export_subset(store, directory, prefix=EXPORT_PREFIX)
+        result = _build_ofa_subset(stage, pool_ref, embedding_refs, selector_ref, config, lineage or {})
+    export_subset(store, stage.directory, prefix=EXPORT_PREFIX)
     export_selector(store, selector_ref)
     return result
 
 
-def _build_ofa_subset(store, fp, directory, pool_ref, embedding_refs, selector_ref, config: OFAConfig, lineage) -> StageResult:
+def _build_ofa_subset(stage: Stage, pool_ref: dict, embedding_refs: dict[str, dict], selector_ref: dict, config: OFAConfig, lineage: dict) -> StageResult:
+    store = stage.store
     ids, shards, x = load_pool_embeddings(store, embedding_refs)
     selector = load_selector(selector_dir(store, selector_ref), expected_embedder_fingerprint=selector_ref["embedder"])
     probabilities = selector_probabilities(selector, x)
@@ -342,12 +327,12 @@ def _build_ofa_subset(store, fp, directory, pool_ref, embedding_refs, selector_r
     families = family_column(load_pool_manifest(store, pool_ref, columns=["id", "family"]), ids)
     if families is not None:
         metadata["family_shares"] = analysis.family_shares(chosen.selected, families)
-    with building_artifact(store, directory, "ofa_selected_subset", fp, {"ofa_selector": selector_ref["fingerprint"], "training_pool": pool_ref["fingerprint"]}) as (tmp, manifest):
-        (tmp / SUBSET_JSON).write_text("[" + ",\n".join(subset_records["raw_json"].to_list()) + "]\n", encoding="utf-8")
-        frame.sort("rank").write_parquet(tmp / SUBSET_PARQUET)
-        manifest["ref"] = {"n_selected": chosen.n_selected, "method": "ofa"}
-        manifest["metadata"] = metadata
-    return reuse_artifact(store, "ofa_selected_subset", fp, directory, built=True)
+    with stage.building({"ofa_selector": selector_ref["fingerprint"], "training_pool": pool_ref["fingerprint"]}) as out:
+        (out.folder / SUBSET_JSON).write_text("[" + ",\n".join(subset_records["raw_json"].to_list()) + "]\n", encoding="utf-8")
+        frame.sort("rank").write_parquet(out.folder / SUBSET_PARQUET)
+        out.ref = {"n_selected": chosen.n_selected, "method": "ofa"}
+        out.metadata = metadata
+    return stage.result()
 
 
 def export_selector(store: ArtifactStore, selector_ref: dict) -> Path:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from icons_dagster.core.config import AUTO_LORA_TARGET, LoraSettings, ModelConfig
-from icons_dagster.core.devices import LEASE_DEVICE, lease_device
+from icons_dagster.core.model.devices import LEASE_DEVICE, lease_device
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from icons_dagster.core.records import Record, Turn
+from icons_dagster.core.data.records import Record, Turn
 
 MANIFEST_FILE = "manifest.parquet"
 PROBLEMS_FILE = "problems.json"

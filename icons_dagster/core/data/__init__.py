@@ -1,0 +1,1 @@
+"""The data users bring: records and their validation, the pool manifest, benchmarks."""

@@ -1,0 +1,1 @@
+"""Scoring benchmarks: metrics, candidate answers, Rel."""

@@ -1,0 +1,1 @@
+"""Per-sample gradient features: the hooks, the projectors, the featurization loop."""

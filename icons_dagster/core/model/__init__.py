@@ -1,0 +1,1 @@
+"""Checkpoints: loading, chat encoding, device placement, the LoRA trainer."""

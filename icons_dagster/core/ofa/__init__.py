@@ -1,0 +1,1 @@
+"""The OFA selector: the frozen image-text space, k-means, the selector MLP."""

@@ -1,0 +1,83 @@
+"""The stage kit: what every stage does around its own computation.
+
+A stage names itself once: ``Stage(store, "warmup_subset", partition, **fingerprint_parts)``
+derives its fingerprint and folder; ``reused()`` returns the committed artifact with that
+fingerprint, if any; ``building(inputs)`` yields a temporary folder and the reference and
+metadata to fill, and commits them atomically (the manifest is the commit point) with the
+seconds the work took and the inputs' fingerprints (the lineage a user reads in the UI);
+``result()`` is then the committed artifact. Nothing here is process-global: the clock
+starts when ``reused()`` finds nothing, so ``seconds`` covers model loads too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from icons_dagster.core.storage.fingerprint import fingerprint
+from icons_dagster.core.storage.artifacts import ArtifactStore
+
+Log = Callable[[str], None]
+Progress = Callable[..., None]  # (done, total, *extra): the asset logs it, throttled
+
+
+def quiet_log(_: str) -> None:
+    """The default log: stages run silently unless given one."""
+
+
+@dataclass
+class StageResult:
+    ref: dict[str, Any]  # fingerprint, path (relative to the store root), summary for downstream stages
+    metadata: dict[str, Any] = field(default_factory=dict)  # JSON values; "plots": {name: markdown}
+
+
+@dataclass
+class Output:
+    """What a stage fills while building: its folder, its reference and its metadata."""
+
+    folder: Path
+    ref: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    """One artifact of one stage: its fingerprint, folder, reuse, timing and commit."""
+
+    def __init__(self, store: ArtifactStore, name: str, partition: str | None = None, /, **fingerprint_parts: Any):
+        self.store = store
+        self.name = name
+        self.fingerprint = fingerprint(name, **fingerprint_parts)
+        self.directory = store.artifact_dir(name, self.fingerprint, partition)
+        self._started: float | None = None
+
+    def reused(self) -> StageResult | None:
+        """The committed artifact with this fingerprint, or None (and the clock starts)."""
+        if not self.store.is_complete(self.directory):
+            self._started = time.perf_counter()
+            return None
+        return self._result(reused=True)
+
+    @contextmanager
+    def building(self, inputs: dict[str, Any]) -> Iterator[Output]:
+        """A temporary folder to write; on success the artifact is committed with its
+        reference, metadata, ``seconds`` and ``inputs`` (the fingerprints it was made from)."""
+        started = self._started if self._started is not None else time.perf_counter()
+        manifest: dict[str, Any] = {"stage": self.name, "fingerprint": self.fingerprint, "metadata": {}, "ref": {}}
+        with self.store.writing(self.directory, manifest) as tmp:
+            out = Output(tmp)
+            yield out
+            manifest["ref"] = out.ref
+            manifest["metadata"] = {**out.metadata, "seconds": round(time.perf_counter() - started, 3), "inputs": inputs}
+
+    def result(self) -> StageResult:
+        """The artifact just committed by ``building``."""
+        return self._result(reused=False)
+
+    def _result(self, reused: bool) -> StageResult:
+        manifest = self.store.read_manifest(self.directory)
+        ref = {"stage": self.name, "fingerprint": self.fingerprint, "path": self.store.relative(self.directory), "reused": reused, **manifest.get("ref", {})}
+        return StageResult(ref=ref, metadata={**manifest.get("metadata", {}), "fingerprint": self.fingerprint, "reused": reused})

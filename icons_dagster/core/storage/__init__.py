@@ -1,0 +1,1 @@
+"""Where artifacts live: the artifact store (local and shared), fingerprints, .npy files."""

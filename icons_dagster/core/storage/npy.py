@@ -1,0 +1,159 @@
+"""Streaming reads of stored ``.npy`` feature files: plain file reads into reused buffers
+(never a memory map, whose touched pages all count in RSS, and never a pickle), so peak
+memory is set by the chunk size, not the file size."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.lib import format as npy_format
+
+
+@dataclass(frozen=True)
+class NpyInfo:
+    """Layout of a C-ordered 2-D ``.npy`` file: rows start at ``offset``, ``row_bytes`` apart."""
+
+    path: Path
+    shape: tuple[int, int]
+    dtype: np.dtype
+    offset: int
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def row_bytes(self) -> int:
+        return self.shape[1] * self.dtype.itemsize
+
+
+def npy_info(path: str | Path) -> NpyInfo:
+    """Parse a ``.npy`` header (format 1.0 or 2.0) without reading the data.
+
+    Refuses, naming the file: non-.npy files, object dtypes (pickled data),
+    Fortran-ordered arrays (rows are not contiguous on disk), anything but 2-D, and
+    files shorter than their header says.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            version = npy_format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran_order, dtype = npy_format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = npy_format.read_array_header_2_0(f)
+            else:
+                raise ValueError(
+                    f"format version {version[0]}.{version[1]} is not supported (1.0 and 2.0 are; "
+                    "np.save writes 3.0 only for structured dtypes with non-latin-1 field names)"
+                )
+        except ValueError as exc:
+            raise ValueError(f"{path}: cannot read .npy header: {exc}") from None
+        offset = f.tell()
+        size = os.fstat(f.fileno()).st_size
+    if dtype.hasobject:
+        raise ValueError(
+            f"{path}: dtype {dtype} holds Python objects (a pickled array); only plain numeric "
+            "arrays can be streamed"
+        )
+    if len(shape) != 2:
+        raise ValueError(f"{path}: expected a 2-D [rows, d] array, got shape {shape}")
+    if fortran_order:
+        raise ValueError(
+            f"{path}: array is stored in Fortran (column-major) order, so its rows are not "
+            "contiguous on disk; re-save it C-ordered (np.save(path, np.ascontiguousarray(a)))"
+        )
+    info = NpyInfo(path=path, shape=(int(shape[0]), int(shape[1])), dtype=dtype, offset=offset)
+    need = offset + info.rows * info.row_bytes
+    if size < need:
+        raise ValueError(
+            f"{path}: file has {size} bytes but its header ({info.shape}, {dtype}) needs {need}; "
+            "it is truncated"
+        )
+    return info
+
+
+def _read_rows(f, info: NpyInfo, start: int, out: np.ndarray) -> None:
+    """Fill C-contiguous ``out`` ([r, d] of info.dtype) with rows start..start+r of ``f``."""
+    mv = memoryview(out.reshape(-1).view(np.uint8))
+    f.seek(info.offset + start * info.row_bytes)
+    got = 0
+    while got < len(mv):
+        k = f.readinto(mv[got:])
+        if not k:
+            raise ValueError(
+                f"{info.path}: file ended inside row {start + got // max(1, info.row_bytes)} "
+                f"of {info.rows}; it is truncated"
+            )
+        got += k
+
+
+def iter_npy_rows(path: str | Path, chunk_rows: int = 65536, *, reuse_buffer: bool = True) -> Iterator[np.ndarray]:
+    """Yield a 2-D ``.npy`` file's rows in order, ``chunk_rows`` ([chunk, d] arrays) at a time.
+
+    Plain file reads into one buffer (no memory map, no pickle), so memory is
+    ``chunk_rows * d * itemsize`` whatever the file size. With ``reuse_buffer`` (the
+    default) each yielded array is a view of that buffer and is overwritten by the next
+    chunk: copy what you keep. ``reuse_buffer=False`` yields a fresh array per chunk.
+    The dtype is the file's. See ``npy_info`` for the files it refuses.
+    """
+    if int(chunk_rows) < 1:
+        raise ValueError("chunk_rows must be >= 1")
+    info = npy_info(path)
+    n, d = info.shape
+    if n == 0:
+        return
+    step = min(int(chunk_rows), n)
+    buf = np.empty((step, d), dtype=info.dtype) if reuse_buffer else None
+    with open(info.path, "rb", buffering=0) as f:
+        for i in range(0, n, step):
+            r = min(step, n - i)
+            out = buf[:r] if buf is not None else np.empty((r, d), dtype=info.dtype)
+            _read_rows(f, info, i, out)
+            yield out
+
+
+def _prefetched_chunks(infos: Sequence[NpyInfo], jobs: list[tuple[int, int, int]], step: int, prefetch: bool):
+    """Yield ``(job, rows)`` for ``jobs = [(file, start, stop)]``, in order.
+
+    With ``prefetch`` a background thread reads job j+1 into the second of two buffers
+    while the caller works on job j (file reads release the GIL, so a cold read
+    overlaps the arithmetic).
+    """
+    nbytes = step * max(info.row_bytes for info in infos)
+    bufs = [np.empty(max(1, nbytes), dtype=np.uint8) for _ in range(2 if prefetch else 1)]
+    handles: dict[int, object] = {}
+
+    def read(j: int):
+        fi, a, b = jobs[j]
+        info = infos[fi]
+        rows = bufs[j % len(bufs)][: (b - a) * info.row_bytes].view(info.dtype).reshape(b - a, info.shape[1])
+        f = handles.get(fi)
+        if f is None:
+            for other in list(handles):  # jobs are grouped by file: close the previous one
+                handles.pop(other).close()
+            f = handles[fi] = open(info.path, "rb", buffering=0)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        _read_rows(f, info, a, rows)
+        return rows
+
+    try:
+        if not prefetch:
+            for j, job in enumerate(jobs):
+                yield job, read(j)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="npy-prefetch") as pool:
+            pending = pool.submit(read, 0) if jobs else None
+            for j, job in enumerate(jobs):
+                rows = pending.result()
+                pending = pool.submit(read, j + 1) if j + 1 < len(jobs) else None
+                yield job, rows
+    finally:
+        for f in handles.values():
+            f.close()
