@@ -170,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.method != "ofa":
             print("--benchmarks is required for ICONS (--method icons or both)", file=sys.stderr)
             return 2
-        benchmarks = home / "benchmarks"  # OFA needs none: an empty folder the sensor can watch later
+        benchmarks = ArtifactStore(home).watched_benchmarks_dir  # OFA needs none: a folder the sensor can watch later
         benchmarks.mkdir(parents=True, exist_ok=True)
         config = config.replace(data={"benchmarks": str(benchmarks)})
     return _run(home, config, _methods(args.method))

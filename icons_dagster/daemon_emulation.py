@@ -5,7 +5,7 @@
 apply and run them on a given instance the way the daemons do (the requested benchmarks
 of the benchmark-partitioned assets in one run per contiguous range, as the automation
 sensor's backfill does under their single-run backfill policy; the unpartitioned vote and
-subset once after them), with nothing but public Dagster APIs.
+subset once after them, in the runner's waves), with nothing but public Dagster APIs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dagster import (
 
 from icons_dagster.automation import benchmark_folder_sensor
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, contiguous_ranges, partition_range_tags
+from icons_dagster.runner import run_waves
 
 
 def apply_benchmark_sensor(instance: DagsterInstance, assets: list, resources: dict) -> SkipReason | None:
@@ -41,26 +42,30 @@ def apply_benchmark_sensor(instance: DagsterInstance, assets: list, resources: d
 
 
 def run_automation(instance: DagsterInstance, defs, assets: list, resources: dict, cursor=None, max_ticks: int = 5):
-    """Evaluate the automation conditions and run what they request until they request nothing."""
-    keys = [a.key for a in assets]
+    """Evaluate the automation conditions and run what they request until they request nothing.
+
+    The requested assets run in the runner's waves (``run_waves``: graph order, one
+    partitions definition per run); within a wave, the assets asking for the same
+    benchmarks run together, one run per contiguous range of them."""
+    asset_graph = defs.resolve_asset_graph()
     for _ in range(max_ticks):
         result = evaluate_automation_conditions(defs, instance, cursor=cursor)
         cursor = result.cursor
         if not result.total_requested:
             return cursor
-        # assets asking for the same benchmarks run together, in graph order (``keys`` is topological)
-        by_benchmarks: dict[frozenset, list] = {}
-        unpartitioned = []
-        for key in keys:
-            requested = set(result.get_requested_partitions(key))
-            if None in requested:
-                unpartitioned.append(key)
-            if requested - {None}:
-                by_benchmarks.setdefault(frozenset(requested - {None}), []).append(key)
+        requested = {a.key: set(result.get_requested_partitions(a.key)) for a in assets}
+        requested = {key: wanted for key, wanted in requested.items() if wanted}
         order = instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME)
-        runs = [(selection, partition_range_tags(*span)) for wanted, selection in by_benchmarks.items() for span in contiguous_ranges(order, wanted)]
-        # Partitioned work first, then the unpartitioned vote and subset once for all of it.
-        for selection, tags in [*runs, *([(unpartitioned, {})] if unpartitioned else [])]:
+        runs = []
+        for partitions, keys in run_waves(asset_graph, requested):
+            if partitions is None:
+                runs.append((keys, {}))
+                continue
+            by_benchmarks: dict[frozenset, list] = {}
+            for key in keys:
+                by_benchmarks.setdefault(frozenset(requested[key]), []).append(key)
+            runs += [(selection, partition_range_tags(*span)) for wanted, selection in by_benchmarks.items() for span in contiguous_ranges(order, wanted)]
+        for selection, tags in runs:
             if not materialize(assets, selection=selection, tags=tags, instance=instance, resources=resources).success:
                 raise RuntimeError(f"automation run failed: {selection} {tags}")
     raise RuntimeError(f"automation still requested runs after {max_ticks} ticks")

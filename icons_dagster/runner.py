@@ -1,10 +1,12 @@
 """Launching the asset graph through Dagster on the home's persistent instance.
 
-A run may hold partitions of one partitions definition plus unpartitioned assets, never
-two partitions definitions, so the graph runs as a sequence of runs: the unpartitioned
-head, one run per training shard, one run over the range of benchmarks (their
-validation features, then every benchmark's influence in one pass over the training
-features, as a single-run backfill does), then the vote. Every run lands in the instance
+A run may hold partitions of one partitions definition, never two, so the graph runs as
+a sequence of runs derived from the asset graph itself (``run_waves``): in graph order,
+each asset joins the first run of its partitions definition after its upstream assets'
+runs. For the ICONS graph that is the unpartitioned head, one run per training shard, one
+run over the range of benchmarks (their validation features, then every benchmark's
+influence in one pass over the training features, as a single-run backfill does), then
+the vote; a new asset needs no edit here. Every run lands in the instance
 under ``<home>/dagster``, so ``dagster dev`` on the same home shows the same runs,
 lineage and metadata.
 """
@@ -44,10 +46,21 @@ def prepare_instance_home(home: Path) -> Path:
 
 @dataclass(frozen=True)
 class Step:
-    label: str
+    """One run: assets of one partitions definition, for one partition or one range of them."""
+
     assets: tuple[str, ...]
     partition: str | None = None
     partition_range: tuple[str, str] | None = None  # (first, last): one run over the range
+
+    @property
+    def label(self) -> str:
+        names = " + ".join(self.assets)
+        if self.partition is not None:
+            return f"{names}[{self.partition}]"
+        if self.partition_range is not None:
+            first, last = self.partition_range
+            return f"{names}[{first}{'' if first == last else '...' + last}]"
+        return names
 
     def tags(self) -> dict[str, str]:
         from icons_dagster.partitions import partition_range_tags
@@ -55,37 +68,68 @@ class Step:
         return {"icons/step": self.label, **(partition_range_tags(*self.partition_range) if self.partition_range else {})}
 
 
-METHODS = ("icons", "ofa", "evaluation")
+def run_waves(asset_graph, keys) -> list[tuple[Any, list]]:
+    """The selected assets as an ordered list of (partitions definition, asset keys): one
+    Dagster run holds one partitions definition, so each asset, in graph order, joins the
+    first wave of its partitions definition that comes at or after the waves of all its
+    selected upstream assets (the same wave only when that shares its partitions)."""
+    selected = set(keys)
+    waves: list[tuple[Any, list]] = []
+    placed: dict = {}
+    for key in asset_graph.toposorted_asset_keys:
+        if key not in selected:
+            continue
+        node = asset_graph.get(key)
+        partitions = node.partitions_def
+        upstream = [placed[parent] for parent in node.parent_keys if parent in placed]
+        earliest = max(upstream, default=0)
+        # an upstream asset of another partitions definition must have finished in an earlier run
+        if any(placed[p] == earliest and waves[earliest][0] != partitions for p in node.parent_keys if p in placed):
+            earliest += 1
+        index = next((i for i in range(earliest, len(waves)) if waves[i][0] == partitions), None)
+        if index is None:
+            waves.append((partitions, []))
+            index = len(waves) - 1
+        waves[index][1].append(key)
+        placed[key] = index
+    return waves
 
 
-def plan_steps(
-    shards: list[str], benchmark_ranges: list[tuple[str, str]], methods: tuple[str, ...] = ("icons",), evaluation_methods: tuple[str, ...] = ()
-) -> list[Step]:
-    """The runs, in order. ``benchmark_ranges``: (first, last) registered benchmarks of each
-    run over benchmarks (see ``contiguous_ranges``)."""
-    unknown = sorted(set(methods) - set(METHODS))
+# What each of the CLI's methods selects: an asset group (and whatever it depends on).
+METHOD_GROUPS = {"icons": "icons", "ofa": "ofa", "evaluation": "evaluation"}
+
+
+def selected_keys(asset_graph, methods: tuple[str, ...]) -> set:
+    """The assets of the methods' groups and every asset upstream of them."""
+    unknown = sorted(set(methods) - set(METHOD_GROUPS))
     if unknown or not methods:
-        raise ValueError(f"unknown method(s) {unknown or methods}; choose from {METHODS}")
-    icons, ofa = "icons" in methods, "ofa" in methods
-    head = ("training_pool", "warmup_subset", "warmup_checkpoint") if icons else ("training_pool",)
-    steps = [Step("pool, warm-up subset and warm-up checkpoint" if icons else "pool", head)]
-    per_shard = (("training_gradients",) if icons else ()) + (("ofa_embeddings",) if ofa else ())
-    steps += [Step(f"{' + '.join(per_shard)}[{s}]", per_shard, s) for s in shards]
-    if icons:
-        per_benchmark = ("validation_gradients", "task_influence")
-        steps += [Step(f"{' + '.join(per_benchmark)}[{a}{'' if a == b else '...' + b}]", per_benchmark, partition_range=(a, b)) for a, b in benchmark_ranges]
-        steps.append(Step("vote_table and selected_subset", ("vote_table", "selected_subset")))
-    if ofa:
-        steps.append(Step("OFA pseudo labels, selector and subset", ("ofa_pseudo_labels", "ofa_selector", "ofa_selected_subset")))
-    if "evaluation" in methods:
-        if not (icons and ofa):
-            raise ValueError("the evaluation compares every method: run it with icons and ofa")
-        from icons_dagster.partitions import evaluation_method_partitions
+        raise ValueError(f"unknown method(s) {unknown or methods}; choose from {tuple(METHOD_GROUPS)}")
+    groups = {METHOD_GROUPS[m] for m in methods}
+    pending = [key for key in asset_graph.toposorted_asset_keys if asset_graph.get(key).group_name in groups]
+    keys: set = set()
+    while pending:
+        key = pending.pop()
+        if key not in keys:
+            keys.add(key)
+            pending.extend(asset_graph.get(key).parent_keys)
+    return keys
 
-        steps.append(Step("evaluation subsets", ("evaluation_subsets",)))
-        keys = evaluation_methods or tuple(evaluation_method_partitions.get_partition_keys())
-        steps += [Step(f"fine-tune + scores[{m}]", ("finetuned_adapter", "benchmark_scores"), m) for m in keys]
-        steps.append(Step("evaluation table", ("evaluation_table",)))
+
+def plan_steps(asset_graph, methods: tuple[str, ...], partition_keys: dict[Any, list[str]], benchmark_ranges: list[tuple[str, str]]) -> list[Step]:
+    """The runs, in order: each wave of ``run_waves`` once when unpartitioned, once per
+    contiguous range of benchmarks (dynamic partitions, as a single-run backfill does), and
+    once per key of any other partitions definition (``partition_keys`` may narrow them)."""
+    from dagster import DynamicPartitionsDefinition
+
+    steps = []
+    for partitions, keys in run_waves(asset_graph, selected_keys(asset_graph, methods)):
+        names = tuple(key.to_user_string() for key in keys)
+        if partitions is None:
+            steps.append(Step(names))
+        elif isinstance(partitions, DynamicPartitionsDefinition):
+            steps += [Step(names, partition_range=span) for span in benchmark_ranges]
+        else:
+            steps += [Step(names, key) for key in partition_keys.get(partitions, partitions.get_partition_keys())]
     return steps
 
 
@@ -98,13 +142,12 @@ def run_graph(
     methods: tuple[str, ...] = ("icons",),
 ) -> dict[str, Any]:
     """Register benchmarks and materialize the whole graph; returns the subset's location and stats."""
-    from dagster import AssetKey, DagsterInstance, materialize
+    from dagster import AssetKey, DagsterInstance, Definitions, materialize
 
     from icons_dagster.core.stages.ofa import EXPORT_PREFIX, SELECTOR_DIR
     from icons_dagster.core.stages.icons import SUBSET_JSON, SUBSET_PARQUET
     from icons_dagster.definitions import build_resources, graph_assets
-    from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, contiguous_ranges
-    from icons_dagster.core.data.pool import shard_keys
+    from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, contiguous_ranges, evaluation_method_partitions
     from icons_dagster.registration import register_benchmarks
 
     resources = build_resources(home, config)
@@ -118,7 +161,8 @@ def run_graph(
         raise ValueError(f"no benchmark with a val.json / val.jsonl under {benchmarks_dir}")
     assets = graph_assets(config)  # code versions = settings fingerprints
     ranges = contiguous_ranges(instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME), benchmarks)
-    steps = plan_steps(shard_keys(config.data.num_shards), ranges, methods, config.evaluation.partition_methods())
+    asset_graph = Definitions(assets=assets, resources=resources).resolve_asset_graph()
+    steps = plan_steps(asset_graph, methods, {evaluation_method_partitions: list(config.evaluation.partition_methods())}, ranges)
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     for index, step in enumerate(steps):
         if on_step is not None:

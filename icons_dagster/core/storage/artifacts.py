@@ -114,6 +114,11 @@ class ArtifactStore:
     def config_file(self) -> Path:
         return self.root / CONFIG_FILE
 
+    @property
+    def watched_benchmarks_dir(self) -> Path:
+        """The benchmarks folder of a home given none (OFA alone): the sensor watches it."""
+        return self.root / "benchmarks"
+
     def export_path(self, name: str) -> Path:
         return self.exports_dir / name
 
