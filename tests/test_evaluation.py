@@ -227,6 +227,29 @@ def test_long_answer_score_is_mean_token_f1(scorer, splits):
     assert result.chance is None  # generation, not a choice: no guessing level
 
 
+def test_a_declared_answer_kind_replaces_the_inferred_one(scorer, splits, tmp_path):
+    """A counting benchmark declared free-form is scored by token F1 of a greedy answer."""
+    from icons_dagster.core.data.benchmarks import benchmark_problem, declared_answers
+
+    model, encoder, placement = scorer
+    records = splits("counting")[:3]
+    result = score_benchmark(model, encoder, placement, "counting", records, max_new_tokens=3, kind="long_answer")
+    assert (result.kind, result.metric, result.extra["scored_by"], result.chance) == ("long_answer", "token_f1", "greedy", None)
+    expected = np.mean([token_f1(greedy_answer(model, encoder, placement, r, 3), r.turns[-1].text) for r in records])
+    assert result.score == pytest.approx(expected)
+    with pytest.raises(ValueError, match=r"benchmark counting: unknown answer kind 'essay'; choose from \['yes_no'"):
+        score_benchmark(model, encoder, placement, "counting", records, kind="essay")
+    folder = tmp_path / "counting"
+    folder.mkdir()
+    assert declared_answers(folder) is None
+    (folder / "benchmark.json").write_text('{"answers": "long_answer"}')
+    assert declared_answers(folder) == "long_answer"
+    (folder / "benchmark.json").write_text('{"metric": "f1"}')
+    with pytest.raises(ValueError, match=r"benchmark\.json: expected \{\"answers\": <kind>\}"):
+        declared_answers(folder)
+    assert "benchmark.json: expected" in benchmark_problem(folder, None)  # the folder sensor says why
+
+
 def test_large_answer_sets_fall_back_to_greedy_exact_match(scorer, splits):
     model, encoder, placement = scorer
     records = splits("counting")[:3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,32 @@ def load_benchmark(benchmarks_dir: Path, name: str, default_image_root: Path | N
     return load_records(path, benchmark_image_root(folder, default_image_root))
 
 
+# A benchmark folder's own description: {"answers": <kind>} names how its test split is
+# scored (core/evaluation/metrics.py ANSWER_KINDS) instead of inferring it from the answers.
+DESCRIPTION_FILE = "benchmark.json"
+
+
+def declared_answers(folder: Path) -> str | None:
+    """The answer kind ``<folder>/benchmark.json`` declares, or None (inferred from the answers)."""
+    path = Path(folder) / DESCRIPTION_FILE
+    if not path.is_file():
+        return None
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: malformed JSON ({error})") from error
+    if not isinstance(description, dict) or set(description) - {"answers"}:
+        raise ValueError(f'{path}: expected {{"answers": <kind>}}, got {description!r}')
+    answers = description.get("answers")
+    if answers is not None and not isinstance(answers, str):
+        raise ValueError(f"{path}: answers must be a string naming an answer kind, got {answers!r}")
+    return answers
+
+
 def benchmark_problem(folder: Path, default_image_root: Path | None) -> str | None:
     """Why ``folder`` cannot serve as a benchmark, or None when its validation set is usable."""
     try:
+        declared_answers(folder)
         loaded = load_benchmark(folder.parent, folder.name, default_image_root)
     except (RecordFileError, OSError, ValueError) as error:
         return str(error)

@@ -46,7 +46,9 @@ from icons_dagster.core.data.records import ImageLoadError, Record, Turn, load_i
 from icons_dagster.core.model.samples import SkipLog
 
 __all__ = [
+    "ANSWER_KINDS",
     "KINDS",
+    "AnswerKind",
     "BenchmarkScore",
     "answer_log_likelihoods",
     "candidate_answers",
@@ -62,8 +64,6 @@ __all__ = [
     "token_f1",
 ]
 
-KINDS = ("yes_no", "multiple_choice", "short_answer", "long_answer")
-METRICS = {"yes_no": "accuracy", "multiple_choice": "accuracy", "short_answer": "exact_match", "long_answer": "token_f1"}
 LONG_ANSWER_WORDS = 5  # median reference length (words) above which a benchmark is free-form
 _TRAILING_PUNCTUATION = ".,;:!?\"'"
 _OPTION_LINE = re.compile(r"^\s*(?:\(([A-H])\)|([A-H])[.)])\s*\S")
@@ -153,38 +153,77 @@ def _cased_like(word: str, reference: str) -> str:
     return word.capitalize()
 
 
+def _yes_no_candidates(record: Record, answer_set: Sequence[str]) -> list[str]:
+    """"Yes"/"No" cased like the reference."""
+    return [_cased_like("yes", _reference(record)), _cased_like("no", _reference(record))]
+
+
+def _option_candidates(record: Record, answer_set: Sequence[str]) -> list[str]:
+    """The question's option letters in the reference's style ("(A)" when it answers "(C)")."""
+    letters = question_options(_question(record))
+    if not letters:
+        raise ValueError(f"record {record.id}: multiple-choice question lists no options")
+    reference = _reference(record).strip()
+    letter = _option_letter(reference)
+    if letter is None:
+        return letters
+    at = reference.upper().index(letter)
+    case = str.lower if reference[at].islower() else str.upper
+    return [reference[:at] + case(option) + reference[at + 1 :] for option in letters]
+
+
+def _answer_set_candidates(record: Record, answer_set: Sequence[str]) -> list[str]:
+    """The benchmark's answer set as given (sorted distinct references of the split)."""
+    if not answer_set:
+        raise ValueError("short_answer candidates need the benchmark's answer set")
+    return list(answer_set)
+
+
+def _same_normalized(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def _same_letter(prediction: str, reference: str) -> float:
+    letter = _option_letter(prediction)
+    return float(letter is not None and letter == _option_letter(reference))
+
+
+@dataclass(frozen=True)
+class AnswerKind:
+    """How one answer format is scored: its metric, the candidates a closed format is
+    scored over by likelihood (None: free-form, scored on a greedy answer), and the score
+    of one prediction against its reference."""
+
+    metric: str
+    score: Callable[[str, str], float]
+    candidates: Callable[[Record, Sequence[str]], list[str]] | None = None
+    uses_answer_set: bool = False  # candidates are the split's distinct references
+
+
+#: The answer formats, in the order ``infer_kind`` tries them. A benchmark's folder may
+#: declare its format (``benchmark.json``: {"answers": <kind>}); otherwise it is inferred.
+ANSWER_KINDS = {
+    "yes_no": AnswerKind("accuracy", _same_normalized, _yes_no_candidates),
+    "multiple_choice": AnswerKind("accuracy", _same_letter, _option_candidates),
+    "short_answer": AnswerKind("exact_match", _same_normalized, _answer_set_candidates, uses_answer_set=True),
+    "long_answer": AnswerKind("token_f1", token_f1),
+}
+KINDS = tuple(ANSWER_KINDS)
+METRICS = {kind: answers.metric for kind, answers in ANSWER_KINDS.items()}
+
+
+def answer_kind(kind: str, source: str = "") -> AnswerKind:
+    if kind not in ANSWER_KINDS:
+        raise ValueError(f"{source + ': ' if source else ''}unknown answer kind {kind!r}; choose from {list(KINDS)}")
+    return ANSWER_KINDS[kind]
+
+
 def candidate_answers(kind: str, record: Record, answer_set: Sequence[str] = ()) -> list[str]:
-    """The closed set scored by likelihood, written in the reference's own format.
-
-    yes_no: "Yes"/"No" cased like the reference; multiple_choice: the question's option
-    letters in the reference's style ("(A)" when it answers "(C)"); short_answer: the
-    benchmark's answer set as given (sorted distinct references of the split).
-    """
-    if kind == "yes_no":
-        return [_cased_like("yes", _reference(record)), _cased_like("no", _reference(record))]
-    if kind == "multiple_choice":
-        letters = question_options(_question(record))
-        if not letters:
-            raise ValueError(f"record {record.id}: multiple-choice question lists no options")
-        reference = _reference(record).strip()
-        letter = _option_letter(reference)
-        if letter is None:
-            return letters
-        at = reference.upper().index(letter)
-        case = str.lower if reference[at].islower() else str.upper
-        return [reference[:at] + case(option) + reference[at + 1 :] for option in letters]
-    if kind == "short_answer":
-        if not answer_set:
-            raise ValueError("short_answer candidates need the benchmark's answer set")
-        return list(answer_set)
-    raise ValueError(f"no candidate answers for kind {kind!r} (closed-form kinds: yes_no, multiple_choice, short_answer)")
-
-
-def _same_answer(kind: str, prediction: str, reference: str) -> bool:
-    if kind == "multiple_choice":
-        letter = _option_letter(prediction)
-        return letter is not None and letter == _option_letter(reference)
-    return normalize_answer(prediction) == normalize_answer(reference)
+    """The closed set scored by likelihood, written in the reference's own format."""
+    candidates = answer_kind(kind).candidates
+    if candidates is None:
+        raise ValueError(f"no candidate answers for kind {kind!r} (closed-form kinds: {[k for k, a in ANSWER_KINDS.items() if a.candidates]})")
+    return candidates(record, answer_set)
 
 
 # -- model --------------------------------------------------------------------------------
@@ -344,20 +383,23 @@ def score_benchmark(
     *,
     batch_size: int = 16,
     max_candidates: int = 64,
+    kind: str | None = None,
 ) -> BenchmarkScore:
     """Score one benchmark split (see the module docstring for the metric of each kind).
 
+    ``kind``: the answer format the benchmark declares (``ANSWER_KINDS``); None infers it.
     Records whose image cannot be decoded or that cannot be encoded are skipped and added
     to ``skips`` (and listed in ``extra["skipped"]``); a split with nothing scorable raises.
     """
     skips = skips if skips is not None else SkipLog()
-    kind = infer_kind(records)
+    kind = kind or infer_kind(records)
+    answers = answer_kind(kind, f"benchmark {name}")
     references_all = [_reference(r) for r in records]
-    answer_set = sorted(set(references_all)) if kind == "short_answer" else []
-    by_likelihood = kind != "long_answer" and not (kind == "short_answer" and len(answer_set) > max_candidates)
-    metric = METRICS[kind]
+    answer_set = sorted(set(references_all)) if answers.uses_answer_set else []
+    by_likelihood = answers.candidates is not None and len(answer_set) <= max_candidates
+    metric = answers.metric
     extra: dict = {"scored_by": "likelihood" if by_likelihood else "greedy"}
-    if kind == "short_answer":
+    if answers.uses_answer_set:
         extra["answer_set_size"] = len(answer_set)
 
     skipped: list[dict] = []
@@ -377,16 +419,13 @@ def score_benchmark(
                 at = texts.index(reference)
                 prediction = candidates[int(np.argmax(-sums[: len(candidates)]))]
                 ref_sum, ref_count = float(sums[at]), int(counts[at])
-                record_score = float(_same_answer(kind, prediction, reference))
+                record_score = answers.score(prediction, reference)
                 guess_odds.append(1.0 / len(candidates))
             else:
                 sums, counts = _answer_nll(model, encoder, placement, record, [reference], image, batch_size)
                 ref_sum, ref_count = float(sums[0]), int(counts[0])
                 prediction = greedy_answer(model, encoder, placement, record, max_new_tokens, image=image)
-                if kind == "long_answer":
-                    record_score = token_f1(prediction, reference)
-                else:
-                    record_score = float(normalize_answer(prediction) == normalize_answer(reference))
+                record_score = answers.score(prediction, reference)
         except (ImageLoadError, EncodingError) as error:
             skips.add(record.id, str(error))
             skipped.append({"id": record.id, "reason": str(error)})

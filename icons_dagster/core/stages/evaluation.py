@@ -17,7 +17,7 @@ import polars as pl
 
 from icons_dagster.core.selection import analysis, consensus
 from icons_dagster.core import plots
-from icons_dagster.core.data.benchmarks import load_benchmark
+from icons_dagster.core.data.benchmarks import declared_answers, load_benchmark
 from icons_dagster.core.config import LoraSettings, ModelConfig
 from icons_dagster.core.evaluation.methods import SPECIALIST, EvaluationConfig, parse_method
 from icons_dagster.core.evaluation.metrics import informative_benchmarks, relative_scores, results_markdown, score_benchmark
@@ -327,6 +327,7 @@ def stage_benchmark_scores(
     if not names:
         raise ValueError(f"no benchmark under {benchmarks_dir} has a test split (test.json beside val.json)")
     loaded = {name: load_benchmark(benchmarks_dir, name, default_image_root, split="test") for name in names}
+    declared = {name: kind for name in names if (kind := declared_answers(Path(benchmarks_dir) / name)) is not None}
     stage = Stage(
         store,
         "benchmark_scores",
@@ -335,6 +336,7 @@ def stage_benchmark_scores(
         tests={name: loaded[name].content_sha256 for name in names},
         max_new_tokens=config.max_new_tokens,
         scoring_version=SCORING_VERSION,
+        **({"answers": declared} if declared else {}),  # benchmarks that declare their answer kind
     )
     if (reused := stage.reused()) is not None:
         return reused
@@ -356,7 +358,10 @@ def stage_benchmark_scores(
                 skips = SkipLog()
                 for problem in loaded[name].problems:
                     skips.add(problem.record_id or f"#{problem.index}", problem.reason)
-                result = score_benchmark(model, encoder, placement, name, list(loaded[name].records), skips=skips, max_new_tokens=config.max_new_tokens)
+                result = score_benchmark(
+                    model, encoder, placement, name, list(loaded[name].records), skips=skips,
+                    max_new_tokens=config.max_new_tokens, kind=declared.get(name),
+                )
                 scores[name] = {**_score_dict(result), **skips.as_metadata()}
     with stage.building({"finetuned_adapter": adapter_ref["fingerprint"]}) as out:
         write_json(out.folder / SCORES_FILE, scores)
