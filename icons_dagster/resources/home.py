@@ -53,7 +53,7 @@ LEGACY_FIELDS = {
     "ofa:embedder_batch_size": "embedder.batch_size",
     "ofa:embedder_device": "embedder.device",
     "ofa:trust_remote_code": "embedder.trust_remote_code",
-    # the demo is a bootstrap now (``icons-dagster demo`` writes real paths): dropped
+    # the demo is a bootstrap (``icons-dagster demo`` writes real paths): dropped
     "data:demo_size": None,
     "model:demo_stage1_steps": None,
 }

@@ -53,10 +53,8 @@ _NORM_TOL = 1e-2
 # 42 MiB, made each product a pass over main memory: ~3x slower at 10 benchmarks).
 # Scores depend on this constant in the last bits (BLAS summation order follows the
 # matrix shape), so changing it changes scores by ~1 float32 ulp of the row norm.
-# Against the earlier version (2048-row tiles, one multi-column product per benchmark),
-# measured at d=5120: single-group benchmarks have the same bits except a few rows of
-# each file's last, partial tile; multi-group benchmarks differ in most rows by <= 6e-8.
 TILE_ROWS = 256
+
 
 def normalize_rows(x: np.ndarray | torch.Tensor, eps: float = 1e-12):
     """L2-normalize rows in float32; returns ``(normalized, norms)`` of x's type.
