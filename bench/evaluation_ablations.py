@@ -64,15 +64,15 @@ def evaluate(home: Path, config: IconsConfig, pool_ref: dict, vote_ref: dict, me
     evaluation = dataclasses.replace(config.evaluation, methods=methods)
     benchmarks, image_root = paths.benchmarks_path(), paths.image_root_path()
     subsets = stage_evaluation_subsets(store, pool_ref, vote_ref, {}, evaluation, p, benchmarks, image_root).ref
-    frame = pl.read_parquet(store.absolute(subsets["path"]) / SUBSETS_FILE)
+    frame = pl.read_parquet(store.absolute(subsets.path) / SUBSETS_FILE)
     scores, chosen, informative = {}, {}, []
     for method in methods:
         adapter = stage_finetune(store, method, pool_ref, subsets, model_config, lora, evaluation).ref
         result = stage_benchmark_scores(store, method, adapter, benchmarks, image_root, model_config, evaluation).ref
-        scores[method] = result["scores"]
+        scores[method] = result.scores
         chosen[method] = set(frame.filter(pl.col("method") == method)["id"].to_list())
         if method == "full":
-            informative = informative_benchmarks(result["scores"], result["chance"], result["n"])[0]
+            informative = informative_benchmarks(result.scores, result.chance, result.n)[0]
     return scores, chosen, informative
 
 

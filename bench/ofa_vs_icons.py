@@ -90,7 +90,7 @@ def stage_seconds(home: Path) -> dict[str, float]:
 
 def vote_table_of(home: Path) -> pl.DataFrame:
     ref = json.loads((home / "refs" / "vote_table" / "__unpartitioned__.json").read_text())
-    return pl.read_parquet(home / ref["path"] / "vote_table.parquet")
+    return pl.read_parquet(home / ref.path / "vote_table.parquet")
 
 
 def main() -> None:

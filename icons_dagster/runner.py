@@ -190,6 +190,6 @@ def run_graph(
         from icons_dagster.core.stages.evaluation import TABLE_MARKDOWN
 
         table = store.read_ref("evaluation_table")
-        summary["evaluation_table"] = str(store.absolute(table["path"]) / TABLE_MARKDOWN)
-        summary["rel"] = table["rel"]
+        summary["evaluation_table"] = str(store.absolute(table.path) / TABLE_MARKDOWN)
+        summary["rel"] = table.rel
     return summary

@@ -149,11 +149,11 @@ def test_warmup_features_and_influence(arch, tmp_path):
     lora = LoraSettings(r=4, alpha=8)
     subset = stage_warmup_subset(store, pool_ref, warmup).ref
     ckpt = stage_warmup_checkpoint(store, pool_ref, subset, config, lora, warmup, models)
-    assert (store.absolute(ckpt.ref["path"]) / "checkpoint-0" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (store.absolute(ckpt.ref.path) / "checkpoint-0" / "adapter" / "adapter_model.safetensors").is_file()
     gradients = GradientConfig(dim=64, seed=3, batch_size=4)
     shards = {s: stage_train_shard(store, s, pool_ref, ckpt.ref, config, gradients, models) for s in ("shard-0000", "shard-0001")}
-    n_pool = pool_ref["n_records"]
-    n_features = sum(r.ref["n_samples"] for r in shards.values())
+    n_pool = pool_ref.n_records
+    n_features = sum(r.ref.n_samples for r in shards.values())
     skipped = sum(r.metadata["skipped_count"] for r in shards.values())
     assert n_features + skipped == n_pool  # nothing lost silently
     assert skipped == (0 if ARCHS[name][2] else 1)
@@ -163,11 +163,11 @@ def test_warmup_features_and_influence(arch, tmp_path):
     bench = "vqa_short"
     validation = stage_validation(store, bench, benchmarks, image_root, ckpt.ref, config, gradients, models).ref
     influence = stage_influences(store, pool_ref, ckpt.ref, {s: r.ref for s, r in shards.items()}, {bench: validation}, 0.2)[bench].ref
-    frame = pl.read_parquet(store.absolute(influence["path"]) / "influence.parquet")
+    frame = pl.read_parquet(store.absolute(influence.path) / "influence.parquet")
     # eq. 3 by hand: the mean cosine of each training feature to the validation features
-    val = load_features(store.absolute(validation["path"]), 0, mmap=False).astype(np.float64)
+    val = load_features(store.absolute(validation.path), 0, mmap=False).astype(np.float64)
     for shard, result in shards.items():
-        directory = store.absolute(result.ref["path"])
+        directory = store.absolute(result.ref.path)
         train = load_features(directory, 0, mmap=False).astype(np.float64)
         assert np.allclose(np.linalg.norm(train, axis=1), 1.0, atol=2e-3)
         expected = (train @ val.T).mean(axis=1)

@@ -36,7 +36,7 @@ def evaluated(demo_paths, tmp_path_factory):
 
 
 def _subsets(home: Path) -> pl.DataFrame:
-    return pl.read_parquet(home / ArtifactStore(home).read_ref("evaluation_subsets")["path"] / SUBSETS_FILE)
+    return pl.read_parquet(home / ArtifactStore(home).read_ref("evaluation_subsets").path / SUBSETS_FILE)
 
 
 def test_each_method_trains_on_its_own_selection(evaluated, demo_records):
@@ -52,7 +52,7 @@ def test_each_method_trains_on_its_own_selection(evaluated, demo_records):
     ofa = pl.read_parquet(home / "exports" / "ofa_selected_subset.parquet").filter(pl.col("selected"))["id"]
     assert set(by_method["icons"]) == set(icons.to_list())
     # the paper's rule is the vote without the coverage reserve (the default reserves 0.5)
-    votes_frame = pl.read_parquet(home / ArtifactStore(home).read_ref("vote_table")["path"] / "vote_table.parquet")
+    votes_frame = pl.read_parquet(home / ArtifactStore(home).read_ref("vote_table").path / "vote_table.parquet")
     scores = votes_frame.select(pl.selectors.starts_with("influence__")).to_numpy()
     paper = select(votes_frame["id"].to_list(), scores, 0.2, coverage=0.0)
     assert set(by_method["icons-paper"]) == set(votes_frame.filter(pl.Series(paper.selected))["id"])
@@ -61,7 +61,7 @@ def test_each_method_trains_on_its_own_selection(evaluated, demo_records):
     # three random seeds draw three different subsets
     assert len({tuple(sorted(by_method[f"random-{s}"])) for s in range(3)}) == 3
     # a specialist per benchmark: that benchmark's own top m records by its influence alone
-    votes = pl.read_parquet(home / ArtifactStore(home).read_ref("vote_table")["path"] / "vote_table.parquet")
+    votes = pl.read_parquet(home / ArtifactStore(home).read_ref("vote_table").path / "vote_table.parquet")
     specialists = subsets.filter(pl.col("method") == "specialist")
     assert sorted(specialists["part"].unique()) == sorted(EXPECTED_METRICS)
     for benchmark, group in specialists.group_by("part"):
@@ -91,7 +91,7 @@ def test_one_recipe_one_epoch_per_method(evaluated, demo_records):
 def test_every_benchmark_scored_with_the_metric_that_fits(evaluated):
     home, _, _ = evaluated
     ref = ArtifactStore(home).read_ref("benchmark_scores", "full")
-    scores = json.loads((home / ref["path"] / SCORES_FILE).read_text())
+    scores = json.loads((home / ref.path / SCORES_FILE).read_text())
     assert {name: s["metric"] for name, s in scores.items()} == EXPECTED_METRICS
     chance = {"yes_no": 0.5, "multiple_choice": 0.25}  # two and four candidates per record
     for name, s in scores.items():
@@ -105,7 +105,7 @@ def test_every_benchmark_scored_with_the_metric_that_fits(evaluated):
 
 def test_table_has_every_method_and_rel_relative_to_full(evaluated):
     home, instance, summary = evaluated
-    table = pl.read_parquet(home / ArtifactStore(home).read_ref("evaluation_table")["path"] / TABLE_FILE)
+    table = pl.read_parquet(home / ArtifactStore(home).read_ref("evaluation_table").path / TABLE_FILE)
     assert set(table["method"].unique()) == {*DEFAULT_METHODS, "random (mean)"}
     rel = summary["rel"]
     table_ref = ArtifactStore(home).read_ref("evaluation_table")
@@ -113,12 +113,12 @@ def test_table_has_every_method_and_rel_relative_to_full(evaluated):
     full = dict(table.filter(pl.col("method") == "full").select("benchmark", "score").iter_rows())
     icons = dict(table.filter(pl.col("method") == "icons").select("benchmark", "score").iter_rows())
     kept = [b for b in full if full[b] > 0]
-    assert table_ref["rel_all"]["full"] == pytest.approx(1.0)
-    assert table_ref["rel_all"]["icons"] == pytest.approx(sum(icons[b] / full[b] for b in kept) / len(kept))
+    assert table_ref.rel_all["full"] == pytest.approx(1.0)
+    assert table_ref.rel_all["icons"] == pytest.approx(sum(icons[b] / full[b] for b in kept) / len(kept))
     # Rel. over the benchmarks where full beats chance, as the table's in_rel column marks them
-    used = table_ref["rel_benchmarks"]
+    used = table_ref.rel_benchmarks
     assert sorted(table.filter(pl.col("in_rel") & (pl.col("method") == "full"))["benchmark"].to_list()) == sorted(used)
-    scores = json.loads((home / ArtifactStore(home).read_ref("benchmark_scores", "full")["path"] / SCORES_FILE).read_text())
+    scores = json.loads((home / ArtifactStore(home).read_ref("benchmark_scores", "full").path / SCORES_FILE).read_text())
     for name in full:  # the rule, from each benchmark's chance level and size
         level = scores[name]["chance"]
         beats = full[name] > 0 if level is None else full[name] > chance_threshold(level, scores[name]["n"])

@@ -58,7 +58,7 @@ def user_home(demo_paths, tiny_model_dir, tmp_path_factory):
 
 
 def test_the_suite_runs_on_a_users_pool_benchmarks_and_checkpoint(user_home, tiny_model_dir, capsys):
-    table = pl.read_parquet(user_home / ArtifactStore(user_home).read_ref("evaluation_table")["path"] / TABLE_FILE)
+    table = pl.read_parquet(user_home / ArtifactStore(user_home).read_ref("evaluation_table").path / TABLE_FILE)
     # only the chosen methods, one column per user benchmark, Rel. relative to full
     assert sorted(table["method"].unique()) == sorted([*METHODS, "random (mean)"])
     assert sorted(table["benchmark"].unique()) == sorted(RENAMED.values())
@@ -67,12 +67,12 @@ def test_the_suite_runs_on_a_users_pool_benchmarks_and_checkpoint(user_home, tin
     assert config["model"]["name_or_path"] == str(tiny_model_dir)
     assert config["evaluation"]["methods"] == METHODS
     # the benchmarks' metrics come from their answers, not their names
-    scores = json.loads((user_home / ArtifactStore(user_home).read_ref("benchmark_scores", "full")["path"] / "scores.json").read_text())
+    scores = json.loads((user_home / ArtifactStore(user_home).read_ref("benchmark_scores", "full").path / "scores.json").read_text())
     assert {b: s["metric"] for b, s in scores.items()} == {"what_is_it": "exact_match", "describe": "token_f1"}
     subsets = ArtifactStore(user_home).read_ref("evaluation_subsets")
-    assert subsets["methods"] == METHODS
+    assert subsets.methods == METHODS
     # the pool has no families: the subsets report coverage, not family shares
-    composition = json.loads((user_home / subsets["path"] / "_COMPLETE.json").read_text())["metadata"]
+    composition = json.loads((user_home / subsets.path / "_COMPLETE.json").read_text())["metadata"]
     assert "family_shares" not in composition and set(composition["benchmark_coverage"]) == set(METHODS) - {"full"}
 
 

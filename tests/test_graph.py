@@ -16,6 +16,7 @@ from icons_dagster.core.selection.consensus import subset_size
 from icons_dagster.core.storage.fingerprint import ALGORITHM_VERSION
 from icons_dagster.definitions import build_definitions, build_resources
 from icons_dagster.core.schema import IconsConfig
+from icons_dagster.core.storage.artifacts import ArtifactStore
 from icons_dagster.demo.bootstrap import demo_settings
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
 from icons_dagster.runner import run_graph
@@ -95,8 +96,8 @@ def test_benchmarks_share_one_run_and_keep_their_own_metadata(first_run):
         assert len({r.run_id for r in latest.values()}) == 1, asset
         for benchmark, record in latest.items():
             metadata = {k: v.value for k, v in record.asset_materialization.metadata.items()}
-            ref = json.loads((home / "refs" / asset / f"{benchmark}.json").read_text())
-            assert metadata["benchmark"] == benchmark and metadata["fingerprint"] == ref["fingerprint"]
+            ref = ArtifactStore(home).read_ref(asset, benchmark)
+            assert metadata["benchmark"] == benchmark and metadata["fingerprint"] == ref.fingerprint
     run = instance.get_run_by_id(latest["yes_no"].run_id)
     assert run.tags["dagster/asset_partition_range_start"] == "multiple_choice"
     assert run.tags["dagster/asset_partition_range_end"] == "yes_no"

@@ -102,7 +102,7 @@ def test_trained_selector_selects_on_another_pool_without_retraining(trained, no
     for name in ("selector.safetensors", "selector.json"):
         assert sha(Path(summary["ofa_selector"]) / name) == sha(Path(first["ofa_selector"]) / name)
     scores = pl.read_parquet(summary["ofa_subset_parquet"])
-    assert ArtifactStore(home).read_ref("training_pool")["content_sha256"] != ArtifactStore(trained[0]).read_ref("training_pool")["content_sha256"]
+    assert ArtifactStore(home).read_ref("training_pool").content_sha256 != ArtifactStore(trained[0]).read_ref("training_pool").content_sha256
     assert scores.filter(pl.col("selected")).height == subset_size(scores.height, 0.2)
     assert latest_metadata(instance, "ofa_selected_subset")["selector_imported_from"] == first["ofa_selector"]
 
@@ -117,7 +117,7 @@ def test_a_selector_from_another_embedder_is_refused(trained, tmp_path):
     # the exported selector itself loads, names its embedder and says what it was trained on
     selector = load_selector(first["ofa_selector"])
     assert selector.num_clusters == 12
-    assert selector.training["pool_records"] == sum(store.read_ref("ofa_embeddings", k)["n_samples"] for k in embeddings)
+    assert selector.training["pool_records"] == sum(store.read_ref("ofa_embeddings", k).n_samples for k in embeddings)
 
 
 def test_a_clip_checkpoint_folder_embeds_through_the_graph(demo_paths, demo_records, no_benchmarks, tmp_path):
@@ -130,8 +130,8 @@ def test_a_clip_checkpoint_folder_embeds_through_the_graph(demo_paths, demo_reco
         demo_paths, no_benchmarks, embedder={"kind": "clip", "name_or_path": str(clip), "image_weight": 0.5}, ofa={"num_clusters": 6}
     )
     summary = run_graph(home, config, instance=temp_instance(home), methods=OFA_ONLY)
-    refs = [json.loads(f.read_text()) for f in sorted((home / "refs" / "ofa_embeddings").glob("*.json"))]
-    assert {ref["dim"] for ref in refs} == {2 * 16}  # image and text projections of the tiny CLIP
-    assert sum(ref["n_samples"] for ref in refs) == len(demo_records)
+    refs = [ArtifactStore(home).read_ref("ofa_embeddings", f.stem) for f in sorted((home / "refs" / "ofa_embeddings").glob("*.json"))]
+    assert {ref.dim for ref in refs} == {2 * 16}  # image and text projections of the tiny CLIP
+    assert sum(ref.n_samples for ref in refs) == len(demo_records)
     assert len(json.loads(Path(summary["ofa_subset_json"]).read_text())) == subset_size(len(demo_records), 0.2)
     assert load_selector(summary["ofa_selector"]).input_dim == 32

@@ -10,6 +10,11 @@ from dagster import BackfillPolicy, DagsterInstance, DynamicPartitionsDefinition
 from icons_dagster.partitions import partition_range_tags
 from icons_dagster.resources.refs import ArtifactRefIOManager, PartitionRefs
 from icons_dagster.core.storage.artifacts import ArtifactStore
+from icons_dagster.core.storage.refs import InfluenceRef, make_ref
+
+
+def ref(key: str) -> InfluenceRef:
+    return InfluenceRef(stage="task_influence", fingerprint=f"fp-{key}", path=f"artifacts/task_influence/fp-{key}/{key}", benchmark=key)
 
 PARTS = DynamicPartitionsDefinition(name="refs_test_benchmarks")
 
@@ -34,19 +39,19 @@ def _error(result) -> str:
 
 
 def test_each_partition_of_the_run_gets_its_own_reference(tmp_path):
-    result = _run(tmp_path, lambda keys: PartitionRefs({k: {"fingerprint": f"fp-{k}"} for k in keys}))
+    result = _run(tmp_path, lambda keys: PartitionRefs({k: ref(k) for k in keys}))
     assert result.success
-    assert ArtifactStore(tmp_path).read_ref("scored", "a") == {"fingerprint": "fp-a"}
-    assert json.loads((tmp_path / "refs" / "scored" / "b.json").read_text()) == {"fingerprint": "fp-b"}
+    assert ArtifactStore(tmp_path).read_ref("scored", "a") == ref("a")  # typed again when read
+    assert json.loads((tmp_path / "refs" / "scored" / "b.json").read_text())["fingerprint"] == "fp-b"
     assert not (tmp_path / "refs" / "scored" / "c.json").exists()  # not in the run's range
 
 
 @pytest.mark.parametrize(
     ("returned", "message"),
     [
-        (lambda keys: {"fingerprint": "one"}, "materializes 2 partitions in this run: return PartitionRefs"),
-        (lambda keys: PartitionRefs({"a": {"fingerprint": "x"}}), "returned references for ['a'] but the run materializes ['a', 'b']"),
-        (lambda keys: PartitionRefs({"a": {"fingerprint": "x"}, "b": "not a dict"}), "scored[b] must return a reference dict, got str"),
+        (lambda keys: ref("a"), "materializes 2 partitions in this run: return PartitionRefs"),
+        (lambda keys: PartitionRefs({"a": ref("a")}), "returned references for ['a'] but the run materializes ['a', 'b']"),
+        (lambda keys: PartitionRefs({"a": ref("a"), "b": {"fingerprint": "x"}}), "scored[b] must return a reference (storage/refs.py), got dict"),
     ],
 )
 def test_a_run_that_returns_the_wrong_references_fails_clearly(tmp_path, returned, message):
@@ -54,3 +59,10 @@ def test_a_run_that_returns_the_wrong_references_fails_clearly(tmp_path, returne
     assert not result.success
     assert message in _error(result)
     assert not (tmp_path / "refs" / "scored").exists()  # nothing written, not even the valid partition
+
+
+def test_a_reference_names_its_fields_and_a_misspelt_one_fails_the_writer():
+    typed = make_ref("vote_table", "fp", "artifacts/vote_table/fp", True, {"benchmarks": ["a", "b"], "n_samples": 3})
+    assert (type(typed).__name__, typed.benchmarks, typed.n_samples, typed.reused) == ("VoteTableRef", ["a", "b"], 3, True)
+    with pytest.raises(TypeError, match=r"vote_table: VoteTableRef has no field\(s\) \['benchmark'\]"):
+        make_ref("vote_table", "fp", "p", False, {"benchmark": ["a"]})

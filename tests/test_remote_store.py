@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -66,7 +67,7 @@ def test_a_local_only_artifact_is_uploaded_when_next_asked_for(tmp_path, remote_
     assert (elsewhere.absolute("artifacts/s/cafe") / "part" / "data.bin").read_bytes() == b"xyz"
 
 
-def test_a_second_machine_reuses_the_whole_graph_from_a_file_url(demo_paths, tiny_model_dir, tmp_path):
+def test_a_second_machine_reuses_the_whole_graph_from_a_file_url(demo_paths, tiny_model_dir, tmp_path, capsys):
     shared = (tmp_path / "shared").as_uri()  # file:///...
     config = demo_config(demo_paths, demo_paths.benchmarks, store={"remote": shared})
     assert config.model.name_or_path == str(tiny_model_dir)  # one checkpoint both machines name alike
@@ -75,6 +76,16 @@ def test_a_second_machine_reuses_the_whole_graph_from_a_file_url(demo_paths, tin
     second = run_graph(second_home, config, instance=temp_instance(second_home))
     # the second machine computed nothing: every artifact came from the shared store
     for asset in ("training_pool", "warmup_checkpoint", "vote_table", "selected_subset"):
-        assert ArtifactStore(second_home).read_ref(asset)["reused"], asset
-    assert ArtifactStore(second_home).read_ref("training_gradients", "shard-0000")["reused"]
+        assert ArtifactStore(second_home).read_ref(asset).reused, asset
+    assert ArtifactStore(second_home).read_ref("training_gradients", "shard-0000").reused
     assert sha(second["subset_json"]) == sha(first_home / "exports" / "selected_subset.json")
+    # a third machine that shares only the store (no run, no local reference) explains a sample
+    from icons_dagster.cli import main
+    from icons_dagster.resources.home import write_home_config
+
+    third_home = tmp_path / "three"
+    write_home_config(third_home, config)
+    selected = json.loads((first_home / "exports" / "selected_subset.json").read_text())[0]["id"]
+    assert not (third_home / "refs").exists()
+    assert main(["--home", str(third_home), "explain", selected]) == 0
+    assert f"**{selected}**: selected" in capsys.readouterr().out

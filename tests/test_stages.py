@@ -41,14 +41,14 @@ def two_checkpoint_run(demo_paths, tiny_model_dir, tmp_path_factory):
 
 def test_checkpoints_carry_lr_weights(two_checkpoint_run):
     store, _, _, _, ckpt = two_checkpoint_run
-    entries = ckpt["checkpoints"]
+    entries = ckpt.checkpoints
     assert [e["index"] for e in entries] == [0, 1]
     lrs = [e["mean_learning_rate"] for e in entries]
     assert lrs[0] > lrs[1] > 0  # cosine decay: the second epoch's mean LR is lower
     assert [e["weight"] for e in entries] == pytest.approx(checkpoint_weights(lrs))
     assert sum(e["weight"] for e in entries) == pytest.approx(1.0)
     for e in entries:
-        folder = store.absolute(ckpt["path"]) / e["dir"]
+        folder = store.absolute(ckpt.path) / e["dir"]
         assert (folder / "adapter" / "adapter_model.safetensors").is_file()
         assert (folder / "adam_moments.safetensors").is_file()
 
@@ -59,35 +59,35 @@ def test_influence_sums_checkpoints_by_lr_weight_with_adam_features(two_checkpoi
     sgd = GradientConfig(dim=128, seed=5, train_gradient="sgd", batch_size=8)
     shards = {s: stage_train_shard(store, s, pool, ckpt, model, adam, models).ref for s in ("shard-0000", "shard-0001")}
     sgd_shard = stage_train_shard(store, "shard-0000", pool, ckpt, model, sgd, models).ref
-    assert sgd_shard["path"] != shards["shard-0000"]["path"]
-    adam_features = load_features(store.absolute(shards["shard-0000"]["path"]), 1, mmap=False).astype(np.float32)
-    sgd_features = load_features(store.absolute(sgd_shard["path"]), 1, mmap=False).astype(np.float32)
+    assert sgd_shard.path != shards["shard-0000"].path
+    adam_features = load_features(store.absolute(shards["shard-0000"].path), 1, mmap=False).astype(np.float32)
+    sgd_features = load_features(store.absolute(sgd_shard.path), 1, mmap=False).astype(np.float32)
     assert adam_features.shape == sgd_features.shape
     assert not np.allclose(adam_features, sgd_features, atol=1e-2)
     np.testing.assert_allclose(np.linalg.norm(adam_features, axis=1), 1.0, atol=2e-3)
 
     val = stage_validation(store, "yes_no", demo_paths.benchmarks, demo_paths.image_root, ckpt, model, sgd, models).ref
     influence = stage_influences(store, pool, ckpt, shards, {"yes_no": val}, p=0.2, write_full_matrix=True)["yes_no"].ref
-    frame = pl.read_parquet(store.absolute(influence["path"]) / "influence.parquet")
+    frame = pl.read_parquet(store.absolute(influence.path) / "influence.parquet")
     # The full matrix, on request, agrees with the streamed means (eq. 3).
-    matrix = np.load(store.absolute(influence["path"]) / "influence_matrix-checkpoint-1.npy", allow_pickle=False)
+    matrix = np.load(store.absolute(influence.path) / "influence_matrix-checkpoint-1.npy", allow_pickle=False)
     assert matrix.shape[0] == frame.height
     np.testing.assert_allclose(matrix.mean(axis=1), frame["influence_checkpoint_1"].to_numpy(), rtol=1e-4, atol=1e-5)
-    weights = [e["weight"] for e in ckpt["checkpoints"]]
+    weights = [e["weight"] for e in ckpt.checkpoints]
     expected = weights[0] * frame["influence_checkpoint_0"].to_numpy() + weights[1] * frame["influence_checkpoint_1"].to_numpy()
     np.testing.assert_allclose(frame["influence"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
     # eq. 3 by brute force for checkpoint 0: mean over validation rows of the cosine.
-    val_dir = store.absolute(val["path"])
+    val_dir = store.absolute(val.path)
     v = load_features(val_dir, 0, mmap=False).astype(np.float32)
-    t = load_features(store.absolute(shards["shard-0000"]["path"]), 0, mmap=False).astype(np.float32)
-    n0 = len(load_samples(store.absolute(shards["shard-0000"]["path"])))
+    t = load_features(store.absolute(shards["shard-0000"].path), 0, mmap=False).astype(np.float32)
+    n0 = len(load_samples(store.absolute(shards["shard-0000"].path)))
     np.testing.assert_allclose(frame["influence_checkpoint_0"].to_numpy()[:n0], (t @ v.T).mean(axis=1), rtol=1e-4, atol=1e-5)
     # Every pool record is scored exactly once across shards.
     assert sorted(frame["id"].to_list()) == sorted(r["id"] for r in json.loads(demo_paths.pool.read_text()))
 
     votes = stage_vote_table(store, {"yes_no": influence}, SelectionConfig(p=0.2)).ref
     result = stage_selected_subset(store, pool, votes, SelectionConfig(p=0.2))
-    assert result.ref["n_selected"] == int(0.2 * frame.height)
+    assert result.ref.n_selected == int(0.2 * frame.height)
     # the default coverage reserve (0.5) of one benchmark is its own top half of the cut,
     # which its vote keeps anyway: the reserve adds nothing with a single benchmark
     metadata = result.metadata
@@ -113,25 +113,25 @@ def test_benchmarks_scored_in_one_pass_equal_each_scored_alone(two_checkpoint_ru
     monkeypatch.setattr(pipeline, "influence_scores_from_files", counted)
     together = stage_influences(store, pool, ckpt, shards, vals, p=0.2)
     assert sorted(together) == list(names) and passes == [3, 3]  # one pass per checkpoint, all benchmarks in it
-    frames = {b: pl.read_parquet(store.absolute(r.ref["path"]) / "influence.parquet") for b, r in together.items()}
+    frames = {b: pl.read_parquet(store.absolute(r.ref.path) / "influence.parquet") for b, r in together.items()}
     shared = ("seconds", "reused", "scored_together")  # what depends on the pass, not the scores
     metadata = {b: {k: v for k, v in r.metadata.items() if k not in shared} for b, r in together.items()}
     assert metadata["multiple_choice"]["subtask_groups"] == ["color", "shape"]
     assert all(r.metadata["scored_together"] == list(names) for r in together.values())
     for b in names:
-        shutil.rmtree(store.absolute(together[b].ref["path"]))
+        shutil.rmtree(store.absolute(together[b].ref.path))
         passes.clear()
         alone = stage_influences(store, pool, ckpt, shards, {b: vals[b]}, p=0.2)[b]
-        assert passes == [1, 1] and alone.ref["fingerprint"] == together[b].ref["fingerprint"]
-        assert pl.read_parquet(store.absolute(alone.ref["path"]) / "influence.parquet").equals(frames[b])
+        assert passes == [1, 1] and alone.ref.fingerprint == together[b].ref.fingerprint
+        assert pl.read_parquet(store.absolute(alone.ref.path) / "influence.parquet").equals(frames[b])
         assert {k: v for k, v in alone.metadata.items() if k not in shared} == metadata[b]
         assert alone.metadata["scored_together"] == [b]
     # stored benchmarks are reused; only the missing one is scored
-    shutil.rmtree(store.absolute(together["yes_no"].ref["path"]))
+    shutil.rmtree(store.absolute(together["yes_no"].ref.path))
     passes.clear()
     again = stage_influences(store, pool, ckpt, shards, vals, p=0.2)
     assert passes == [1, 1]
-    assert [again[b].ref["reused"] for b in names] == [True, True, False]
+    assert [again[b].ref.reused for b in names] == [True, True, False]
 
 
 def test_store_never_trusts_a_half_written_artifact(tmp_path):
@@ -157,24 +157,25 @@ def test_an_empty_shard_is_valid_and_scores_nothing(two_checkpoint_run, demo_pat
     store, models, model, pool, ckpt = two_checkpoint_run
     sgd = GradientConfig(dim=64, seed=0, batch_size=8)
     empty = stage_train_shard(store, "shard-9999", pool, ckpt, model, sgd, models)
-    assert empty.ref["n_samples"] == 0
-    assert load_features(store.absolute(empty.ref["path"]), 0, mmap=False).shape == (0, 64)
+    assert empty.ref.n_samples == 0
+    assert load_features(store.absolute(empty.ref.path), 0, mmap=False).shape == (0, 64)
     full = stage_train_shard(store, "shard-0000", pool, ckpt, model, sgd, models).ref
     val = stage_validation(store, "counting", demo_paths.benchmarks, demo_paths.image_root, ckpt, model, sgd, models).ref
     scored = stage_influences(store, pool, ckpt, {"shard-0000": full, "shard-9999": empty.ref}, {"counting": val}, p=0.2)["counting"].ref
-    assert scored["n_train"] == full["n_samples"]
+    assert scored.n_train == full.n_samples
 
 
 def test_feature_check_fails_on_a_row_that_is_not_unit_norm(tmp_path):
     from icons_dagster.core.stages.checks import check_features
     from icons_dagster.core.storage.artifacts import save_npy
+    from icons_dagster.core.storage.refs import TrainFeaturesRef
 
     store = ArtifactStore(tmp_path)
     folder = store.artifact_dir("training_gradients", "fp", "shard-0000")
     folder.mkdir(parents=True)
     rows = np.eye(3, 8, dtype=np.float16)
     save_npy(folder / "features-checkpoint-0.npy", rows)
-    ref = {"path": store.relative(folder)}
+    ref = TrainFeaturesRef(stage="training_gradients", fingerprint="fp", path=store.relative(folder), n_samples=3, shard="shard-0000")
     assert check_features(store, ref, 1)[0] is True
     rows[1] *= 2
     save_npy(folder / "features-checkpoint-0.npy", rows)

@@ -51,13 +51,13 @@ def to_metadata(result: StageResult) -> dict[str, Any]:
             metadata[key] = MetadataValue.text("none")
         else:
             metadata[key] = value
-    metadata["path"] = MetadataValue.path(result.ref["path"])
+    metadata["path"] = MetadataValue.path(result.ref.path)
     return metadata
 
 
 def output(result: StageResult) -> Output:
     """The reference as the asset's value; its fingerprint as the data version."""
-    return Output(result.ref, metadata=to_metadata(result), data_version=DataVersion(result.ref["fingerprint"]))
+    return Output(result.ref, metadata=to_metadata(result), data_version=DataVersion(result.ref.fingerprint))
 
 
 def partition_outputs(context: AssetExecutionContext, results: dict[str, StageResult]) -> Output:
@@ -68,6 +68,6 @@ def partition_outputs(context: AssetExecutionContext, results: dict[str, StageRe
     """
     for key, result in results.items():
         context.add_asset_metadata(to_metadata(result), partition_key=key)
-    fingerprints = {key: result.ref["fingerprint"] for key, result in results.items()}
+    fingerprints = {key: result.ref.fingerprint for key, result in results.items()}
     version = next(iter(fingerprints.values())) if len(fingerprints) == 1 else fingerprint("partitions", refs=fingerprints)
     return Output(PartitionRefs({key: result.ref for key, result in results.items()}), data_version=DataVersion(version))

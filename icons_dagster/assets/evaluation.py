@@ -16,6 +16,7 @@ from icons_dagster.core.stages.evaluation import (
 from icons_dagster.partitions import evaluation_method_partitions
 from icons_dagster.resources import DataResource, EvaluationResource, LoraResource, ModelResource, SelectionResource, StoreResource
 from icons_dagster.resources.refs import MATERIALIZED_PARTITIONS
+from icons_dagster.core.storage.refs import AdapterRef, EvaluationSubsetsRef, OFASubsetRef, PoolRef, SubsetRef, VoteTableRef
 
 EVALUATION_GROUP = "evaluation"
 
@@ -26,10 +27,10 @@ def evaluation_subsets(
     data: DataResource,
     selection: SelectionResource,
     evaluation: EvaluationResource,
-    training_pool: dict,
-    vote_table: dict,
-    selected_subset: dict,
-    ofa_selected_subset: dict,
+    training_pool: PoolRef,
+    vote_table: VoteTableRef,
+    selected_subset: SubsetRef,
+    ofa_selected_subset: OFASubsetRef,
 ) -> Iterator:
     """The ids each compared method trains on: full, 3 random seeds, the exported ICONS subset,
     the paper's vote and its variants, direct-merge, the TF-IDF vote, OFA, the specialists."""
@@ -50,8 +51,8 @@ def finetuned_adapter(
     model: ModelResource,
     lora: LoraResource,
     evaluation: EvaluationResource,
-    training_pool: dict,
-    evaluation_subsets: dict,
+    training_pool: PoolRef,
+    evaluation_subsets: EvaluationSubsetsRef,
 ) -> Iterator:
     """The base model + a LoRA trained on one method's subset with the shared recipe."""
     config = evaluation.config()
@@ -76,7 +77,7 @@ def benchmark_scores(
     data: DataResource,
     model: ModelResource,
     evaluation: EvaluationResource,
-    finetuned_adapter: dict,
+    finetuned_adapter: AdapterRef,
 ) -> Iterator:
     """Every benchmark's test split scored with the metric that fits its answers."""
     paths = data.config()
@@ -94,7 +95,7 @@ def benchmark_scores(
 
 
 @asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", ins={"benchmark_scores": AssetIn(metadata=MATERIALIZED_PARTITIONS)})
-def evaluation_table(store: StoreResource, evaluation: EvaluationResource, benchmark_scores: dict, evaluation_subsets: dict) -> Iterator:
+def evaluation_table(store: StoreResource, evaluation: EvaluationResource, benchmark_scores: dict, evaluation_subsets: EvaluationSubsetsRef) -> Iterator:
     """Paper Table 1's shape: a row per configured method, a column per benchmark, and Rel. (eq. 2)."""
     methods = evaluation.config().partition_methods()
     missing = [m for m in methods if m not in benchmark_scores]

@@ -26,6 +26,7 @@ def _with_check(context: AssetExecutionContext, artifacts: ArtifactStore, result
     yield AssetCheckResult(check_name=FEATURE_CHECK, passed=passed, metadata=metadata)
 from icons_dagster.partitions import benchmark_partitions, train_shard_partitions
 from icons_dagster.resources import DataResource, GradientsResource, ModelResource, StoreResource
+from icons_dagster.core.storage.refs import CheckpointRef, PoolRef
 
 
 @asset(
@@ -39,8 +40,8 @@ def training_gradients(
     store: StoreResource,
     model: ModelResource,
     gradients: GradientsResource,
-    training_pool: dict,
-    warmup_checkpoint: dict,
+    training_pool: PoolRef,
+    warmup_checkpoint: CheckpointRef,
 ) -> Iterator:
     """Projected, normalized float16 gradient features of one shard of the pool, per checkpoint."""
     artifacts = store.store()
@@ -54,7 +55,7 @@ def training_gradients(
         log=context.log.info,
         progress=throttled_progress(context, f"training_gradients[{context.partition_key}]"),
     )
-    yield from _with_check(context, artifacts, {context.partition_key: result}, len(warmup_checkpoint["checkpoints"]))
+    yield from _with_check(context, artifacts, {context.partition_key: result}, len(warmup_checkpoint.checkpoints))
 
 
 @asset(
@@ -71,7 +72,7 @@ def validation_gradients(
     data: DataResource,
     model: ModelResource,
     gradients: GradientsResource,
-    warmup_checkpoint: dict,
+    warmup_checkpoint: CheckpointRef,
 ) -> Iterator:
     """SGD gradient features of each benchmark's validation set in the run, same projector as
     training (one model load for all of them)."""
@@ -91,4 +92,4 @@ def validation_gradients(
         )
         for benchmark in context.partition_keys
     }
-    yield from _with_check(context, artifacts, results, len(warmup_checkpoint["checkpoints"]))
+    yield from _with_check(context, artifacts, results, len(warmup_checkpoint.checkpoints))

@@ -8,6 +8,7 @@ from icons_dagster.core.stages.icons import stage_influences
 from icons_dagster.partitions import benchmark_partitions
 from icons_dagster.resources import InfluenceResource, SelectionResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS
+from icons_dagster.core.storage.refs import CheckpointRef, PoolRef
 
 
 @asset(
@@ -26,8 +27,8 @@ def task_influence(
     store: StoreResource,
     influence: InfluenceResource,
     selection: SelectionResource,
-    training_pool: dict,
-    warmup_checkpoint: dict,
+    training_pool: PoolRef,
+    warmup_checkpoint: CheckpointRef,
     training_gradients: dict,
     validation_gradients: dict,
 ) -> Output:

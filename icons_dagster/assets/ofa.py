@@ -17,6 +17,7 @@ from icons_dagster.core.stages.checks import check_subset, check_unit_rows
 from icons_dagster.partitions import train_shard_partitions
 from icons_dagster.resources import EmbedderResource, OFAResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS
+from icons_dagster.core.storage.refs import PoolRef, PseudoLabelsRef, SelectorRef
 
 OFA_GROUP = "ofa"
 
@@ -27,7 +28,7 @@ OFA_GROUP = "ofa"
     partitions_def=train_shard_partitions,
     check_specs=[AssetCheckSpec("embeddings_finite_unit_norm", asset="ofa_embeddings")],
 )
-def ofa_embeddings(context: AssetExecutionContext, store: StoreResource, embedder: EmbedderResource, training_pool: dict) -> Iterator:
+def ofa_embeddings(context: AssetExecutionContext, store: StoreResource, embedder: EmbedderResource, training_pool: PoolRef) -> Iterator:
     """One shard's records in the frozen image-text space (float16, unit norm)."""
     artifacts = store.store()
     result = stage_ofa_embeddings(
@@ -39,12 +40,12 @@ def ofa_embeddings(context: AssetExecutionContext, store: StoreResource, embedde
         progress=throttled_progress(context, f"ofa_embeddings[{context.partition_key}]"),
     )
     yield output(result)
-    passed, metadata = check_unit_rows([artifacts.absolute(result.ref["path"]) / EMBEDDINGS_FILE])
+    passed, metadata = check_unit_rows([artifacts.absolute(result.ref.path) / EMBEDDINGS_FILE])
     yield AssetCheckResult(check_name="embeddings_finite_unit_norm", passed=passed, metadata=metadata)
 
 
 @asset(group_name=OFA_GROUP, io_manager_key="refs_io_manager", ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)})
-def ofa_pseudo_labels(context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, training_pool: dict, ofa_embeddings: dict) -> Iterator:
+def ofa_pseudo_labels(context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, training_pool: PoolRef, ofa_embeddings: dict) -> Iterator:
     """Seeded k-means over the whole pool: each record's cluster is its pseudo label."""
     config = ofa.config()
     result = stage_ofa_pseudo_labels(
@@ -61,7 +62,7 @@ def ofa_pseudo_labels(context: AssetExecutionContext, store: StoreResource, ofa:
 
 @asset(group_name=OFA_GROUP, io_manager_key="refs_io_manager", ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)})
 def ofa_selector(
-    context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, embedder: EmbedderResource, ofa_embeddings: dict, ofa_pseudo_labels: dict
+    context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, embedder: EmbedderResource, ofa_embeddings: dict, ofa_pseudo_labels: PseudoLabelsRef
 ) -> Iterator:
     """The MLP that predicts pseudo labels (trained here, or imported from ``ofa.selector``)."""
     config = ofa.config()
@@ -84,15 +85,15 @@ def ofa_selector(
     ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)},
     check_specs=[AssetCheckSpec("subset_size", asset="ofa_selected_subset")],
 )
-def ofa_selected_subset(store: StoreResource, ofa: OFAResource, training_pool: dict, ofa_embeddings: dict, ofa_selector: dict) -> Iterator:
+def ofa_selected_subset(store: StoreResource, ofa: OFAResource, training_pool: PoolRef, ofa_embeddings: dict, ofa_selector: SelectorRef) -> Iterator:
     """The least-confident floor(pN) records, as LLaVA JSON + Parquet confidences."""
     artifacts, config = store.store(), ofa.config()
     lineage = {
-        "pool": training_pool["fingerprint"],
-        "pool_source": training_pool.get("source"),
-        "selector": ofa_selector["fingerprint"],
-        "selector_imported_from": ofa_selector.get("imported_from"),
-        "embedder": ofa_selector.get("embedder"),
+        "pool": training_pool.fingerprint,
+        "pool_source": training_pool.source,
+        "selector": ofa_selector.fingerprint,
+        "selector_imported_from": ofa_selector.imported_from,
+        "embedder": ofa_selector.embedder,
         "ofa": ofa.model_dump(),
     }
     result = stage_ofa_selected_subset(artifacts, training_pool, ofa_embeddings, ofa_selector, config, lineage)

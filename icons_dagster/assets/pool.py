@@ -6,6 +6,7 @@ from dagster import AssetExecutionContext, Output, asset
 from icons_dagster.assets._context import GROUP, output
 from icons_dagster.core.stages.icons import stage_pool, stage_warmup_subset
 from icons_dagster.resources import DataResource, StoreResource, WarmupResource
+from icons_dagster.core.storage.refs import PoolRef
 
 
 @asset(group_name=GROUP, io_manager_key="refs_io_manager")
@@ -16,6 +17,6 @@ def training_pool(context: AssetExecutionContext, store: StoreResource, data: Da
 
 
 @asset(group_name=GROUP, io_manager_key="refs_io_manager")
-def warmup_subset(store: StoreResource, warmup: WarmupResource, training_pool: dict) -> Output:
+def warmup_subset(store: StoreResource, warmup: WarmupResource, training_pool: PoolRef) -> Output:
     """The seeded random r% of the pool the warm-up trains on."""
     return output(stage_warmup_subset(store.store(), training_pool, warmup.config()))

@@ -11,6 +11,7 @@ from icons_dagster.core.stages.icons import stage_selected_subset, stage_vote_ta
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
 from icons_dagster.resources import GradientsResource, SelectionResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS
+from icons_dagster.core.storage.refs import CheckpointRef, PoolRef, VoteTableRef
 
 
 @asset(
@@ -26,7 +27,7 @@ def vote_table(context: AssetExecutionContext, store: StoreResource, selection: 
     result = stage_vote_table(store.store(), task_influence, selection.config())
     yield output(result)
     registered = sorted(context.instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME))
-    voted = sorted(result.ref["benchmarks"])
+    voted = sorted(result.ref.benchmarks)
     yield AssetCheckResult(
         check_name="every_registered_benchmark_voted",
         passed=registered == voted,
@@ -45,27 +46,27 @@ def selected_subset(
     store: StoreResource,
     gradients: GradientsResource,
     selection: SelectionResource,
-    training_pool: dict,
-    warmup_checkpoint: dict,
-    vote_table: dict,
+    training_pool: PoolRef,
+    warmup_checkpoint: CheckpointRef,
+    vote_table: VoteTableRef,
 ) -> Iterator:
     """The top floor(pN) by votes (after each benchmark's coverage reserve) with the documented
     tie-break, as LLaVA JSON + Parquet."""
     artifacts, config = store.store(), selection.config()
     lineage = {
-        "pool": training_pool["fingerprint"],
-        "pool_source": training_pool.get("source"),
-        "checkpoint": warmup_checkpoint["fingerprint"],
-        "checkpoints": warmup_checkpoint.get("checkpoints"),
-        "model": warmup_checkpoint.get("model"),
-        "vote_table": vote_table["fingerprint"],
-        "benchmarks": vote_table.get("benchmarks"),
-        "task_influence": vote_table.get("influence"),
-        "benchmark_content_sha256": vote_table.get("benchmark_content_sha256"),
+        "pool": training_pool.fingerprint,
+        "pool_source": training_pool.source,
+        "checkpoint": warmup_checkpoint.fingerprint,
+        "checkpoints": warmup_checkpoint.checkpoints,
+        "model": warmup_checkpoint.model,
+        "vote_table": vote_table.fingerprint,
+        "benchmarks": vote_table.benchmarks,
+        "task_influence": vote_table.influence,
+        "benchmark_content_sha256": vote_table.benchmark_content_sha256,
         "gradients": gradients.config().__dict__,
         "selection": {"p": config.p, "aggregation": config.method, "task_weights": dict(config.task_weights)},
     }
     result = stage_selected_subset(artifacts, training_pool, vote_table, config, lineage)
     yield output(result)
-    passed, metadata = check_subset(artifacts, result.ref, training_pool["n_records"], config.p)
+    passed, metadata = check_subset(artifacts, result.ref, training_pool.n_records, config.p)
     yield AssetCheckResult(check_name="subset_size", passed=passed, metadata=metadata)

@@ -6,6 +6,7 @@ from dagster import AssetExecutionContext, Output, asset
 from icons_dagster.assets._context import GROUP, output, throttled_progress
 from icons_dagster.core.stages.icons import stage_warmup_checkpoint
 from icons_dagster.resources import LoraResource, ModelResource, StoreResource, WarmupResource
+from icons_dagster.core.storage.refs import PoolRef, WarmupSubsetRef
 
 
 @asset(group_name=GROUP, io_manager_key="refs_io_manager")
@@ -15,8 +16,8 @@ def warmup_checkpoint(
     model: ModelResource,
     lora: LoraResource,
     warmup: WarmupResource,
-    training_pool: dict,
-    warmup_subset: dict,
+    training_pool: PoolRef,
+    warmup_subset: WarmupSubsetRef,
 ) -> Output:
     """LoRA warm-up on the warm-up subset; one or more checkpoints saved with save_pretrained."""
     result = stage_warmup_checkpoint(

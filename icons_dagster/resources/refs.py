@@ -1,10 +1,10 @@
 """An IO manager that passes small JSON references to artifacts between assets.
 
 Assets write their real outputs (Parquet, npy, safetensors, JSON) into the store and
-return a reference dict (fingerprint, path relative to the store root, counts). This IO
-manager keeps that dict as JSON, never a pickle. A downstream input declared with
-``ALL_PARTITIONS`` metadata always receives ``{partition_key: ref}``, even when one
-partition is mapped (UPathIOManager would hand over a bare object then); a missing
+return a typed reference (``core/storage/refs.py``: fingerprint, path relative to the
+store root, counts). This IO manager keeps it as JSON through the store, never a pickle.
+A downstream input declared with ``ALL_PARTITIONS`` metadata always receives
+``{partition_key: ref}``, even when one partition is mapped (UPathIOManager would hand over a bare object then); a missing
 upstream partition is a clear error naming it. ``MATERIALIZED_PARTITIONS`` hands over only
 the partitions materialized so far (the asset decides which it needs). An asset that
 materializes several partitions in one run (a single-run backfill policy) returns
@@ -21,6 +21,7 @@ import functools
 from dagster import ConfigurableIOManager, InputContext, OutputContext
 
 from icons_dagster.core.storage.artifacts import ArtifactStore
+from icons_dagster.core.storage.refs import Ref
 
 ALL_PARTITIONS = {"all_partitions": True}
 MATERIALIZED_PARTITIONS = {"all_partitions": True, "materialized_only": True}
@@ -33,8 +34,8 @@ def _store(root: str, remote: str) -> ArtifactStore:
 
 
 class PartitionRefs(dict):
-    """``{partition_key: ref}`` for every partition a run materialized (a plain JSON dict
-    underneath; the type tells the IO manager it holds several references, not one)."""
+    """``{partition_key: ref}`` for every partition a run materialized (the type tells the
+    IO manager it holds several references, not one)."""
 
 
 class ArtifactRefIOManager(ConfigurableIOManager):
@@ -44,10 +45,10 @@ class ArtifactRefIOManager(ConfigurableIOManager):
     def _store(self) -> ArtifactStore:
         return _store(self.root, self.remote)
 
-    def handle_output(self, context: OutputContext, obj: dict) -> None:
+    def handle_output(self, context: OutputContext, obj: Ref | PartitionRefs) -> None:
         name = context.asset_key.to_user_string()
-        if not isinstance(obj, dict):
-            raise TypeError(f"asset {name} must return a reference dict, got {type(obj).__name__}")
+        if not isinstance(obj, (Ref, PartitionRefs)):
+            raise TypeError(f"asset {name} must return a reference (storage/refs.py), got {type(obj).__name__}")
         keys = sorted(context.asset_partition_keys) if context.has_asset_partitions else [None]
         if isinstance(obj, PartitionRefs):
             if sorted(obj) != keys:
@@ -58,8 +59,8 @@ class ArtifactRefIOManager(ConfigurableIOManager):
         else:
             raise ValueError(f"asset {name} materializes {len(keys)} partitions in this run: return PartitionRefs, one reference each")
         for partition, ref in refs.items():  # all checked before any is written
-            if not isinstance(ref, dict):
-                raise TypeError(f"asset {name}[{partition}] must return a reference dict, got {type(ref).__name__}")
+            if not isinstance(ref, Ref):
+                raise TypeError(f"asset {name}[{partition}] must return a reference (storage/refs.py), got {type(ref).__name__}")
         for partition, ref in refs.items():
             self._store().write_ref(name, partition, ref)
 

@@ -12,11 +12,12 @@ from icons_dagster.core.selection import consensus
 from icons_dagster.core.storage.artifacts import ArtifactStore
 from icons_dagster.core.storage.npy import iter_npy_rows
 from icons_dagster.core.stages.icons import SUBSET_JSON
+from icons_dagster.core.storage.refs import Ref
 
 
-def check_features(store: ArtifactStore, ref: dict, num_checkpoints: int, tolerance: float = 2e-3) -> tuple[bool, dict]:
+def check_features(store: ArtifactStore, ref: Ref, num_checkpoints: int, tolerance: float = 2e-3) -> tuple[bool, dict]:
     """Every stored feature is finite and unit-norm (float16 rounding within ``tolerance``)."""
-    directory = store.absolute(ref["path"])
+    directory = store.absolute(ref.path)
     return check_unit_rows([directory / features_file(c) for c in range(num_checkpoints)], tolerance)
 
 
@@ -38,10 +39,10 @@ def check_unit_rows(files: list[Path], tolerance: float = 2e-3) -> tuple[bool, d
     return passed, {"rows": rows, "finite": finite, "max_norm_error": worst, "tolerance": tolerance}
 
 
-def check_subset(store: ArtifactStore, ref: dict, n_pool: int, p: float) -> tuple[bool, dict]:
+def check_subset(store: ArtifactStore, ref: Ref, n_pool: int, p: float) -> tuple[bool, dict]:
     """The subset JSON parses and holds exactly floor(p N) records."""
     expected = consensus.subset_size(n_pool, p)
-    records = json.loads((store.absolute(ref["path"]) / SUBSET_JSON).read_text(encoding="utf-8"))
+    records = json.loads((store.absolute(ref.path) / SUBSET_JSON).read_text(encoding="utf-8"))
     ids = [r.get("id") for r in records]
     passed = len(records) == expected and len(set(ids)) == len(ids)
     return passed, {"n_records": len(records), "expected": expected, "fraction": len(records) / max(1, n_pool)}

@@ -29,6 +29,7 @@ from icons_dagster.core.data.pool import records_from_manifest
 from icons_dagster.core.data.records import split_file
 from icons_dagster.core.model.samples import SkipLog
 from icons_dagster.core.storage.artifacts import write_json
+from icons_dagster.core.storage.refs import AdapterRef, EvaluationSubsetsRef, OFASubsetRef, PoolRef, ScoresRef, SubsetRef, VoteTableRef
 
 
 SUBSETS_FILE = "subsets.parquet"
@@ -130,9 +131,9 @@ def method_subset(
 
 def stage_evaluation_subsets(
     store,
-    pool_ref: dict,
-    vote_ref: dict | None,
-    exported_refs: dict[str, dict | None],
+    pool_ref: PoolRef,
+    vote_ref: VoteTableRef | None,
+    exported_refs: dict[str, SubsetRef | OFASubsetRef | None],
     config: EvaluationConfig,
     p: float,
     benchmarks_dir: Path | None = None,
@@ -142,13 +143,13 @@ def stage_evaluation_subsets(
     exported_refs = {m: ref for m, ref in exported_refs.items() if ref}
     validation = {}
     if vote_ref and benchmarks_dir is not None:
-        validation = {b: load_benchmark(benchmarks_dir, b, default_image_root) for b in vote_ref["benchmarks"]}
+        validation = {b: load_benchmark(benchmarks_dir, b, default_image_root) for b in vote_ref.benchmarks}
     stage = Stage(
         store,
         "evaluation_subsets",
-        pool=pool_ref["fingerprint"],
-        votes=vote_ref["fingerprint"] if vote_ref else None,
-        exported={m: ref["fingerprint"] for m, ref in sorted(exported_refs.items())},
+        pool=pool_ref.fingerprint,
+        votes=vote_ref.fingerprint if vote_ref else None,
+        exported={m: ref.fingerprint for m, ref in sorted(exported_refs.items())},
         validation={b: loaded.content_sha256 for b, loaded in validation.items()},
         methods=list(config.compared),
         p=p,
@@ -156,8 +157,8 @@ def stage_evaluation_subsets(
     if (reused := stage.reused()) is not None:
         return reused
     ids = load_pool_manifest(store, pool_ref, columns=["id"])["id"].to_list()
-    vote_frame = pl.read_parquet(store.absolute(vote_ref["path"]) / VOTE_TABLE_FILE) if vote_ref else None
-    exported = {m: pl.read_parquet(store.absolute(ref["path"]) / SUBSET_PARQUET, columns=["id", "selected"]) for m, ref in exported_refs.items()}
+    vote_frame = pl.read_parquet(store.absolute(vote_ref.path) / VOTE_TABLE_FILE) if vote_ref else None
+    exported = {m: pl.read_parquet(store.absolute(ref.path) / SUBSET_PARQUET, columns=["id", "selected"]) for m, ref in exported_refs.items()}
     baseline_scores = _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation)
     rows: dict[str, list] = {"method": [], "part": [], "id": []}
     sizes = {}
@@ -174,9 +175,9 @@ def stage_evaluation_subsets(
             rows["id"] += chosen
         sizes[method] = len(next(iter(parts.values())))
     inputs = {
-        "training_pool": pool_ref["fingerprint"],
-        "vote_table": vote_ref and vote_ref["fingerprint"],
-        **{f"{m}_subset": ref["fingerprint"] for m, ref in exported_refs.items()},
+        "training_pool": pool_ref.fingerprint,
+        "vote_table": vote_ref and vote_ref.fingerprint,
+        **{f"{m}_subset": ref.fingerprint for m, ref in exported_refs.items()},
     }
     frame = pl.DataFrame(rows, schema={"method": pl.String, "part": pl.String, "id": pl.String})
     metadata = {"sizes": sizes, "p": p, **subset_composition(store, pool_ref, ids, frame, vote_frame)}
@@ -196,7 +197,7 @@ def _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation) -> 
     position = {record_id: i for i, record_id in enumerate(vote_frame["id"].to_list())}
     order = np.array([position[i] for i in ids])
     sizes = {}
-    for b, fp in vote_ref["influence"].items():
+    for b, fp in vote_ref.influence.items():
         sizes[b] = int(store.read_manifest(store.artifact_dir("task_influence", fp, b))["metadata"]["n_validation"])
     pool_records = records_from_manifest(load_pool_manifest(store, pool_ref))
     text_of = {r.id: embedding_text(r, "conversation") for r in pool_records}
@@ -206,7 +207,7 @@ def _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation) -> 
     return {"direct-merge": direct_merge_scores(vote_frame, sizes)[order], "text-vote": text_scores}
 
 
-def subset_composition(store, pool_ref: dict, ids: list[str], frame: pl.DataFrame, vote_frame: pl.DataFrame | None) -> dict[str, Any]:
+def subset_composition(store, pool_ref: PoolRef, ids: list[str], frame: pl.DataFrame, vote_frame: pl.DataFrame | None) -> dict[str, Any]:
     """What each method's subset holds: overlaps between methods (Figure 5), each benchmark's
     coverage (share of its specialist top-p voters kept) and, on pools with task families,
     each family's share: the Appendix D risk that a consensus drops whole families."""
@@ -244,8 +245,8 @@ def subset_composition(store, pool_ref: dict, ids: list[str], frame: pl.DataFram
 def stage_finetune(
     store,
     method: str,
-    pool_ref: dict,
-    subsets_ref: dict,
+    pool_ref: PoolRef,
+    subsets_ref: EvaluationSubsetsRef,
     model_config: ModelConfig,
     lora: LoraSettings,
     config: EvaluationConfig,
@@ -256,19 +257,19 @@ def stage_finetune(
     """The base model + a fresh LoRA trained on one method's subset with the shared recipe.
 
     A method with parts (the specialists: one subset per benchmark) gets one LoRA per part,
-    each in its own folder; ``ref["adapters"]`` maps part (or the method) to the adapter.
+    each in its own folder; ``ref.adapters`` maps part (or the method) to the adapter.
     """
-    subsets = pl.read_parquet(store.absolute(subsets_ref["path"]) / SUBSETS_FILE).filter(pl.col("method") == method)
+    subsets = pl.read_parquet(store.absolute(subsets_ref.path) / SUBSETS_FILE).filter(pl.col("method") == method)
     if subsets.height == 0:
-        raise ValueError(f"evaluation_subsets has no records for method {method!r} (methods: {subsets_ref.get('methods')})")
+        raise ValueError(f"evaluation_subsets has no records for method {method!r} (methods: {subsets_ref.methods})")
     parts = {part or method: group["id"] for (part,), group in subsets.group_by(["part"], maintain_order=True)}
-    recipes = {name: config.recipe(ids.len(), pool_ref["n_records"]) for name, ids in parts.items()}
+    recipes = {name: config.recipe(ids.len(), pool_ref.n_records) for name, ids in parts.items()}
     stage = Stage(
         store,
         "finetuned_adapter",
         method,
         subsets={name: fingerprint("ids", ids=ids.to_list()) for name, ids in parts.items()},
-        pool=pool_ref["fingerprint"],
+        pool=pool_ref.fingerprint,
         model=model_fingerprint_fields(model_config),
         lora=lora,
         recipes=recipes,
@@ -279,7 +280,7 @@ def stage_finetune(
 
     skips = SkipLog()
     adapters, steps, sizes = {}, {}, {}
-    with stage.building({"evaluation_subsets": subsets_ref["fingerprint"]}) as out:
+    with stage.building({"evaluation_subsets": subsets_ref.fingerprint}) as out:
         for name, ids in parts.items():
             records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("id").is_in(ids.implode())))
             folder = out.folder if name == method else out.folder / name
@@ -314,7 +315,7 @@ def test_benchmarks(benchmarks_dir: Path) -> list[str]:
 def stage_benchmark_scores(
     store,
     method: str,
-    adapter_ref: dict,
+    adapter_ref: AdapterRef,
     benchmarks_dir: Path,
     default_image_root: Path | None,
     model_config: ModelConfig,
@@ -332,7 +333,7 @@ def stage_benchmark_scores(
         store,
         "benchmark_scores",
         method,
-        adapter=adapter_ref["fingerprint"],
+        adapter=adapter_ref.fingerprint,
         tests={name: loaded[name].content_sha256 for name in names},
         max_new_tokens=config.max_new_tokens,
         scoring_version=SCORING_VERSION,
@@ -340,7 +341,7 @@ def stage_benchmark_scores(
     )
     if (reused := stage.reused()) is not None:
         return reused
-    adapters = adapter_ref["adapters"]
+    adapters = adapter_ref.adapters
     if method not in adapters:  # one adapter per benchmark: each scores its own benchmark only
         missing = [name for name in names if name not in adapters]
         if missing:
@@ -352,7 +353,7 @@ def stage_benchmark_scores(
     for name in names:
         by_adapter.setdefault(adapters.get(method) or adapters[name], []).append(name)
     for adapter, benchmark_names in by_adapter.items():
-        with models.with_adapter(model_config, store.absolute(adapter_ref["path"]) / adapter) as model:
+        with models.with_adapter(model_config, store.absolute(adapter_ref.path) / adapter) as model:
             for name in benchmark_names:
                 log(f"{method}: scoring {name} ({len(loaded[name].records)} test records)")
                 skips = SkipLog()
@@ -363,7 +364,7 @@ def stage_benchmark_scores(
                     max_new_tokens=config.max_new_tokens, kind=declared.get(name),
                 )
                 scores[name] = {**_score_dict(result), **skips.as_metadata()}
-    with stage.building({"finetuned_adapter": adapter_ref["fingerprint"]}) as out:
+    with stage.building({"finetuned_adapter": adapter_ref.fingerprint}) as out:
         write_json(out.folder / SCORES_FILE, scores)
         out.ref = {
             "method": method,
@@ -408,18 +409,18 @@ def random_summary(table: dict[str, dict[str, float]]) -> tuple[dict[str, float]
     return dict(zip(names, values.mean(axis=0).tolist(), strict=True)), dict(zip(names, values.std(axis=0).tolist(), strict=True))
 
 
-def stage_evaluation_table(store, score_refs: dict[str, dict], subsets_ref: dict) -> StageResult:
+def stage_evaluation_table(store, score_refs: dict[str, ScoresRef], subsets_ref: EvaluationSubsetsRef) -> StageResult:
     methods = list(score_refs)
-    stage = Stage(store, "evaluation_table", scores={m: score_refs[m]["fingerprint"] for m in sorted(methods)})
+    stage = Stage(store, "evaluation_table", scores={m: score_refs[m].fingerprint for m in sorted(methods)})
     if (reused := stage.reused()) is not None:
         return reused
-    table = {m: dict(score_refs[m]["scores"]) for m in methods}
+    table = {m: dict(score_refs[m].scores) for m in methods}
     mean, std = random_summary(table)
     if mean:
         table["random (mean)"] = mean
     # Rel. over the benchmarks where the full-data model beats guessing; the paper's Rel.
     # over all of them beside it (chance levels do not depend on the model: take full's).
-    used, excluded = informative_benchmarks(table["full"], score_refs["full"]["chance"], score_refs["full"]["n"])
+    used, excluded = informative_benchmarks(table["full"], score_refs["full"].chance, score_refs["full"].n)
     # no informative benchmark: Rel. is left empty rather than computed from noise
     rel = relative_scores(table, benchmarks=used) if used else {}
     rel_all = relative_scores(table)
@@ -435,7 +436,7 @@ def stage_evaluation_table(store, score_refs: dict[str, dict], subsets_ref: dict
         markdown += "\n\nrandom std over seeds: " + ", ".join(f"{b} {std[b]:.3f}" for b in benchmarks)
     if SPECIALIST in table:
         markdown += "\n\nspecialist: each benchmark scored by its own model, trained on that benchmark's top-p records (Table 3)"
-    collapsed = {m: score_refs[m].get("collapsed", []) for m in methods if score_refs[m].get("collapsed")}
+    collapsed = {m: score_refs[m].collapsed for m in methods if score_refs[m].collapsed}
     if collapsed:
         # a model answering (nearly) everything alike measures nothing on that benchmark
         markdown += "\n\ncollapsed predictions (one answer for >= 80% of a benchmark): " + "; ".join(
@@ -446,7 +447,7 @@ def stage_evaluation_table(store, score_refs: dict[str, dict], subsets_ref: dict
         for m in table
         for b in benchmarks
     ]
-    with stage.building({"benchmark_scores": {m: score_refs[m]["fingerprint"] for m in methods}}) as out:
+    with stage.building({"benchmark_scores": {m: score_refs[m].fingerprint for m in methods}}) as out:
         pl.DataFrame(rows).write_parquet(out.folder / TABLE_FILE)
         (out.folder / TABLE_MARKDOWN).write_text(markdown + "\n", encoding="utf-8")
         out.ref = {"rel": rel, "rel_all": rel_all, "rel_benchmarks": used, "methods": list(table)}
@@ -456,7 +457,7 @@ def stage_evaluation_table(store, score_refs: dict[str, dict], subsets_ref: dict
             "rel_all": rel_all,
             "rel_benchmarks": used,
             "excluded_from_rel": excluded,
-            "subset_sizes": subsets_ref.get("sizes", {}),
+            "subset_sizes": subsets_ref.sizes,
             "collapsed": collapsed,
         }
     return stage.result()

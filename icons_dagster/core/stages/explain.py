@@ -9,19 +9,20 @@ import polars as pl
 
 from icons_dagster.core.stages.icons import SUBSET_PARQUET
 from icons_dagster.core.storage.artifacts import ArtifactStore
+from icons_dagster.core.storage.refs import SubsetRef, VoteTableRef
 
 
-def explain_sample(store: ArtifactStore, subset_ref: dict, vote_ref: dict, sample_id: str) -> dict[str, Any]:
+def explain_sample(store: ArtifactStore, subset_ref: SubsetRef, vote_ref: VoteTableRef, sample_id: str) -> dict[str, Any]:
     """A sample's per-benchmark influence, threshold, vote and percentile, its votes and rank."""
-    subset_dir = store.absolute(subset_ref["path"])
+    subset_dir = store.absolute(subset_ref.path)
     frame = pl.read_parquet(subset_dir / SUBSET_PARQUET)
     row = frame.filter(pl.col("id") == sample_id)
     if row.height == 0:
         raise KeyError(f"sample {sample_id!r} is not in the scored pool ({subset_dir / SUBSET_PARQUET})")
-    thresholds = json.loads((store.absolute(vote_ref["path"]) / "thresholds.json").read_text(encoding="utf-8"))
+    thresholds = json.loads((store.absolute(vote_ref.path) / "thresholds.json").read_text(encoding="utf-8"))
     record = row.row(0, named=True)
     per_benchmark = {}
-    for name in vote_ref["benchmarks"]:
+    for name in vote_ref.benchmarks:
         column = frame[f"influence__{name}"].to_numpy()
         value = record[f"influence__{name}"]
         per_benchmark[name] = {

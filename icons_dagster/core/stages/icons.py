@@ -41,6 +41,7 @@ from icons_dagster.core.selection.influence import (
 from icons_dagster.core.stages.kit import Log, Progress, Stage, StageResult, quiet_log
 from icons_dagster.core.storage.artifacts import ArtifactStore, save_npy, write_json
 from icons_dagster.core.storage.fingerprint import file_sha256
+from icons_dagster.core.storage.refs import CheckpointRef, InfluenceRef, PoolRef, TrainFeaturesRef, ValidationFeaturesRef, VoteTableRef, WarmupSubsetRef
 
 VOTE_TABLE_FILE = "vote_table.parquet"
 INFLUENCE_FILE = "influence.parquet"
@@ -107,10 +108,10 @@ def problem_dict(problem) -> dict:
 
 
 def load_pool_manifest(
-    store: ArtifactStore, pool_ref: dict, columns: list[str] | None = None, where: pl.Expr | None = None
+    store: ArtifactStore, pool_ref: PoolRef, columns: list[str] | None = None, where: pl.Expr | None = None
 ) -> pl.DataFrame:
     """The manifest, or only some of its columns / rows (read lazily: it holds every record's JSON)."""
-    frame = pl.scan_parquet(store.absolute(pool_ref["path"]) / MANIFEST_FILE)
+    frame = pl.scan_parquet(store.absolute(pool_ref.path) / MANIFEST_FILE)
     if where is not None:
         frame = frame.filter(where)
     if columns is not None:
@@ -121,14 +122,14 @@ def load_pool_manifest(
 # -- warmup_subset ------------------------------------------------------------------------
 
 
-def stage_warmup_subset(store: ArtifactStore, pool_ref: dict, config: WarmupConfig) -> StageResult:
-    stage = Stage(store, "warmup_subset", pool=pool_ref["fingerprint"], **warmup_subset_settings(config))
+def stage_warmup_subset(store: ArtifactStore, pool_ref: PoolRef, config: WarmupConfig) -> StageResult:
+    stage = Stage(store, "warmup_subset", pool=pool_ref.fingerprint, **warmup_subset_settings(config))
     if (reused := stage.reused()) is not None:
         return reused
     manifest_df = load_pool_manifest(store, pool_ref, columns=["id"])
     chosen = warmup_indices(manifest_df.height, config.ratio, config.seed)
     ids = manifest_df["id"].gather(chosen)
-    with stage.building({"training_pool": pool_ref["fingerprint"]}) as out:
+    with stage.building({"training_pool": pool_ref.fingerprint}) as out:
         pl.DataFrame({"id": ids}).write_parquet(out.folder / "ids.parquet")
         out.ref = {"n_records": len(ids)}
         out.metadata = {"n_records": len(ids), "ratio": config.ratio, "seed": config.seed}
@@ -140,8 +141,8 @@ def stage_warmup_subset(store: ArtifactStore, pool_ref: dict, config: WarmupConf
 
 def stage_warmup_checkpoint(
     store: ArtifactStore,
-    pool_ref: dict,
-    subset_ref: dict,
+    pool_ref: PoolRef,
+    subset_ref: WarmupSubsetRef,
     model_config: ModelConfig,
     lora: LoraSettings,
     config: WarmupConfig,
@@ -152,17 +153,17 @@ def stage_warmup_checkpoint(
     stage = Stage(
         store,
         "warmup_checkpoint",
-        subset=subset_ref["fingerprint"],
+        subset=subset_ref.fingerprint,
         **warmup_checkpoint_settings(model_config, lora, config),
     )
     if (reused := stage.reused()) is not None:
         return reused
-    subset_ids = pl.read_parquet(store.absolute(subset_ref["path"]) / "ids.parquet")["id"]
+    subset_ids = pl.read_parquet(store.absolute(subset_ref.path) / "ids.parquet")["id"]
     records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("id").is_in(subset_ids.implode())))
     encoder = models.encoder(model_config)
     placement = models.get(model_config)[2]
     skips = SkipLog()
-    with stage.building({"warmup_subset": subset_ref["fingerprint"], "model": model_fingerprint_fields(model_config)}) as out:
+    with stage.building({"warmup_subset": subset_ref.fingerprint, "model": model_fingerprint_fields(model_config)}) as out:
         log(f"warm-up: {len(records)} records, {config.epochs} epoch(s), {config.num_checkpoints} checkpoint(s)")
         with models.with_adapter(model_config, None, lora, config.seed) as peft_model:
             checkpoints = train_warmup(peft_model, encoder, records, config, placement, out.folder, skips, progress)
@@ -190,7 +191,7 @@ def stage_warmup_checkpoint(
 def _features(
     store: ArtifactStore,
     records,
-    checkpoint_ref: dict,
+    checkpoint_ref: CheckpointRef,
     model_config: ModelConfig,
     gradients: GradientConfig,
     gradient_type: str,
@@ -198,8 +199,8 @@ def _features(
     progress: Progress | None,
 ) -> FeatureSet:
     """Features at every warm-up checkpoint: its adapter loaded once onto the base weights."""
-    ckpt_dir = store.absolute(checkpoint_ref["path"])
-    folders = [ckpt_dir / entry["dir"] for entry in checkpoint_ref["checkpoints"]]
+    ckpt_dir = store.absolute(checkpoint_ref.path)
+    folders = [ckpt_dir / entry["dir"] for entry in checkpoint_ref.checkpoints]
     return compute_features(
         records,
         models.encoder(model_config),
@@ -247,8 +248,8 @@ def gradient_fingerprint_fields(gradients: GradientConfig, gradient_type: str) -
 def stage_train_shard(
     store: ArtifactStore,
     shard: str,
-    pool_ref: dict,
-    checkpoint_ref: dict,
+    pool_ref: PoolRef,
+    checkpoint_ref: CheckpointRef,
     model_config: ModelConfig,
     gradients: GradientConfig,
     models: ModelCache = MODELS,
@@ -260,8 +261,8 @@ def stage_train_shard(
         store,
         "training_gradients",
         shard,
-        pool=pool_ref["fingerprint"],
-        checkpoint=checkpoint_ref["fingerprint"],
+        pool=pool_ref.fingerprint,
+        checkpoint=checkpoint_ref.fingerprint,
         gradients=gradient_fingerprint_fields(gradients, gradient_type),
     )
     if (reused := stage.reused()) is not None:
@@ -269,7 +270,7 @@ def stage_train_shard(
     records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("shard") == shard))
     log(f"{shard}: gradient features of {len(records)} records")
     features = _features(store, records, checkpoint_ref, model_config, gradients, gradient_type, models, progress)
-    with stage.building({"training_pool": pool_ref["fingerprint"], "warmup_checkpoint": checkpoint_ref["fingerprint"]}) as out:
+    with stage.building({"training_pool": pool_ref.fingerprint, "warmup_checkpoint": checkpoint_ref.fingerprint}) as out:
         features.save(out.folder)
         out.ref = {"n_samples": len(features.ids), "shard": shard}
         out.metadata = {"shard": shard, **_feature_metadata(features, gradients, gradient_type)}
@@ -281,7 +282,7 @@ def stage_validation(
     benchmark: str,
     benchmarks_dir: Path,
     default_image_root: Path | None,
-    checkpoint_ref: dict,
+    checkpoint_ref: CheckpointRef,
     model_config: ModelConfig,
     gradients: GradientConfig,
     models: ModelCache = MODELS,
@@ -296,7 +297,7 @@ def stage_validation(
         benchmark=benchmark,
         content=loaded.content_sha256,
         image_root=str(benchmark_image_root(Path(benchmarks_dir) / benchmark, default_image_root)),
-        checkpoint=checkpoint_ref["fingerprint"],
+        checkpoint=checkpoint_ref.fingerprint,
         gradients=gradient_fingerprint_fields(gradients, "sgd"),
     )
     if (reused := stage.reused()) is not None:
@@ -309,7 +310,7 @@ def stage_validation(
         raise ValueError(f"benchmark {benchmark!r}: every validation record was skipped: {features.skips.entries[:5]}")
     for skip_id, reason in [(p.record_id or f"#{p.index}", p.reason) for p in loaded.problems]:
         features.skips.add(skip_id, reason)
-    with stage.building({"benchmark_content_sha256": loaded.content_sha256, "warmup_checkpoint": checkpoint_ref["fingerprint"]}) as out:
+    with stage.building({"benchmark_content_sha256": loaded.content_sha256, "warmup_checkpoint": checkpoint_ref.fingerprint}) as out:
         features.save(out.folder)
         subtasks = sorted({s for s in features.subtasks if s})
         out.ref = {"n_samples": len(features.ids), "benchmark": benchmark, "content_sha256": loaded.content_sha256}
@@ -336,7 +337,7 @@ class _ValidationSet:
 
     @classmethod
     def load(cls, store: ArtifactStore, ref: dict) -> _ValidationSet:
-        directory = store.absolute(ref["path"])
+        directory = store.absolute(ref.path)
         labels = load_samples(directory)["subtask"].to_list()
         return cls(directory, labels if any(s is not None for s in labels) else None, len(labels))
 
@@ -349,10 +350,10 @@ class _ValidationSet:
 
 def stage_influences(
     store: ArtifactStore,
-    pool_ref: dict,
-    checkpoint_ref: dict,
-    train_refs: dict[str, dict],
-    validation_refs: dict[str, dict],
+    pool_ref: PoolRef,
+    checkpoint_ref: CheckpointRef,
+    train_refs: dict[str, TrainFeaturesRef],
+    validation_refs: dict[str, ValidationFeaturesRef],
     p: float,
     write_full_matrix: bool = False,
     log: Log = quiet_log,
@@ -367,7 +368,7 @@ def stage_influences(
     matrix.
     """
     shards = sorted(train_refs)
-    train_fingerprints = [train_refs[s]["fingerprint"] + "/" + s for s in shards]
+    train_fingerprints = [train_refs[s].fingerprint + "/" + s for s in shards]
     results: dict[str, StageResult] = {}
     pending: dict[str, Stage] = {}
     for benchmark in sorted(validation_refs):
@@ -377,8 +378,8 @@ def stage_influences(
             benchmark,
             benchmark=benchmark,
             train=train_fingerprints,
-            validation=validation_refs[benchmark]["fingerprint"],
-            checkpoint=checkpoint_ref["fingerprint"],
+            validation=validation_refs[benchmark].fingerprint,
+            checkpoint=checkpoint_ref.fingerprint,
             **influence_settings(p, write_full_matrix),
         )
         if (reused := stage.reused()) is not None:
@@ -387,8 +388,8 @@ def stage_influences(
             pending[benchmark] = stage
     if not pending:
         return results
-    weights = [entry["weight"] for entry in checkpoint_ref["checkpoints"]]
-    shard_dirs = [store.absolute(train_refs[shard]["path"]) for shard in shards]
+    weights = [entry["weight"] for entry in checkpoint_ref.checkpoints]
+    shard_dirs = [store.absolute(train_refs[shard].path) for shard in shards]
     ids: list[str] = []
     shard_col: list[str] = []
     for shard, shard_dir in zip(shards, shard_dirs, strict=True):
@@ -418,10 +419,10 @@ def stage_influences(
 def _write_influence(
     stage: Stage,
     benchmark: str,
-    pool_ref: dict,
-    train_refs: dict[str, dict],
+    pool_ref: PoolRef,
+    train_refs: dict[str, TrainFeaturesRef],
     shards: list[str],
-    validation_ref: dict,
+    validation_ref: ValidationFeaturesRef,
     validation: _ValidationSet,
     ids: list[str],
     shard_col: list[str],
@@ -466,20 +467,20 @@ def _write_influence(
             plots.histogram_png(scores, f"{benchmark}: influence", "mean cosine to validation", threshold), "influence histogram"
         )
     metadata["plots"] = plots_md
-    with stage.building({"training_gradients": {s: train_refs[s]["fingerprint"] for s in shards}, "validation_gradients": validation_ref["fingerprint"]}) as out:
+    with stage.building({"training_gradients": {s: train_refs[s].fingerprint for s in shards}, "validation_gradients": validation_ref.fingerprint}) as out:
         frame.write_parquet(out.folder / INFLUENCE_FILE)
         if write_full_matrix:
             for c in range(len(weights)):
                 val_features = load_features(validation.directory, c, mmap=False)
                 matrix = np.concatenate(
-                    [full_influence_matrix(load_features(store.absolute(train_refs[s]["path"]), c), val_features) for s in shards]
+                    [full_influence_matrix(load_features(store.absolute(train_refs[s].path), c), val_features) for s in shards]
                 )
                 save_npy(out.folder / f"influence_matrix-checkpoint-{c}.npy", matrix)
         out.ref = {
             "benchmark": benchmark,
             "n_train": len(ids),
-            "benchmark_content_sha256": validation_ref.get("content_sha256"),
-            "validation": validation_ref["fingerprint"],
+            "benchmark_content_sha256": validation_ref.content_sha256,
+            "validation": validation_ref.fingerprint,
         }
         out.metadata = metadata
     return stage.result()
@@ -513,19 +514,19 @@ def top_sample_table(manifest_df: pl.DataFrame, ids: list[str], frame: pl.DataFr
 # -- vote_table ---------------------------------------------------------------------------
 
 
-def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, dict], selection: SelectionConfig) -> StageResult:
+def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, InfluenceRef], selection: SelectionConfig) -> StageResult:
     benchmarks = sorted(influence_refs)
     if not benchmarks:
         raise ValueError("no benchmark has been registered and scored: register at least one benchmark partition")
     stage = Stage(
         store,
         "vote_table",
-        influence=[influence_refs[b]["fingerprint"] + "/" + b for b in benchmarks],
+        influence=[influence_refs[b].fingerprint + "/" + b for b in benchmarks],
         selection=selection,
     )
     if (reused := stage.reused()) is not None:
         return reused
-    frames = [pl.read_parquet(store.absolute(influence_refs[b]["path"]) / INFLUENCE_FILE) for b in benchmarks]
+    frames = [pl.read_parquet(store.absolute(influence_refs[b].path) / INFLUENCE_FILE) for b in benchmarks]
     ids = frames[0]["id"].to_list()
     for b, f in zip(benchmarks, frames, strict=True):
         if f["id"].to_list() != ids:
@@ -558,14 +559,14 @@ def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, dict], sele
             "task_overlap": plots.markdown_image(plots.heatmap_png(overlap, names, "overlap of per-task top-p voters"), "overlap"),
         },
     }
-    with stage.building({"task_influence": {b: influence_refs[b]["fingerprint"] for b in benchmarks}}) as out:
+    with stage.building({"task_influence": {b: influence_refs[b].fingerprint for b in benchmarks}}) as out:
         frame.write_parquet(out.folder / VOTE_TABLE_FILE)
         write_json(out.folder / "thresholds.json", metadata["thresholds"])
         out.ref = {
             "benchmarks": benchmarks,
             "n_samples": len(ids),
-            "influence": {b: influence_refs[b]["fingerprint"] for b in benchmarks},
-            "benchmark_content_sha256": {b: influence_refs[b].get("benchmark_content_sha256") for b in benchmarks},
+            "influence": {b: influence_refs[b].fingerprint for b in benchmarks},
+            "benchmark_content_sha256": {b: influence_refs[b].benchmark_content_sha256 for b in benchmarks},
         }
         out.metadata = metadata
     return stage.result()
@@ -575,9 +576,9 @@ def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, dict], sele
 
 
 def stage_selected_subset(
-    store: ArtifactStore, pool_ref: dict, vote_ref: dict, selection: SelectionConfig, lineage: dict | None = None
+    store: ArtifactStore, pool_ref: PoolRef, vote_ref: VoteTableRef, selection: SelectionConfig, lineage: dict | None = None
 ) -> StageResult:
-    stage = Stage(store, "selected_subset", votes=vote_ref["fingerprint"], pool=pool_ref["fingerprint"], selection=selection)
+    stage = Stage(store, "selected_subset", votes=vote_ref.fingerprint, pool=pool_ref.fingerprint, selection=selection)
     result = stage.reused()
     if result is None:
         result = _build_subset(stage, pool_ref, vote_ref, selection, lineage or {})
@@ -585,10 +586,10 @@ def stage_selected_subset(
     return result
 
 
-def _build_subset(stage: Stage, pool_ref: dict, vote_ref: dict, selection: SelectionConfig, lineage: dict) -> StageResult:
+def _build_subset(stage: Stage, pool_ref: PoolRef, vote_ref: VoteTableRef, selection: SelectionConfig, lineage: dict) -> StageResult:
     store = stage.store
-    frame = pl.read_parquet(store.absolute(vote_ref["path"]) / VOTE_TABLE_FILE)
-    benchmarks = vote_ref["benchmarks"]
+    frame = pl.read_parquet(store.absolute(vote_ref.path) / VOTE_TABLE_FILE)
+    benchmarks = vote_ref.benchmarks
     ids = frame["id"].to_list()
     scores = np.stack([frame[f"influence__{b}"].to_numpy() for b in benchmarks], axis=1)
     chosen = consensus.select(
@@ -632,7 +633,7 @@ def _build_subset(stage: Stage, pool_ref: dict, vote_ref: dict, selection: Selec
     }
     if families is not None:
         metadata["family_shares"] = analysis.family_shares(chosen.selected, families)
-    with stage.building({"vote_table": vote_ref["fingerprint"], "training_pool": pool_ref["fingerprint"]}) as out:
+    with stage.building({"vote_table": vote_ref.fingerprint, "training_pool": pool_ref.fingerprint}) as out:
         (out.folder / SUBSET_JSON).write_text("[" + ",\n".join(subset_records) + "]\n", encoding="utf-8")
         frame.sort("rank").write_parquet(out.folder / SUBSET_PARQUET)
         out.ref = {"n_selected": chosen.n_selected, "benchmarks": benchmarks}

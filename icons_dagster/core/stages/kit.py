@@ -20,6 +20,7 @@ from typing import Any
 
 from icons_dagster.core.storage.fingerprint import fingerprint
 from icons_dagster.core.storage.artifacts import ArtifactStore
+from icons_dagster.core.storage.refs import Ref, make_ref
 
 Log = Callable[[str], None]
 Progress = Callable[..., None]  # (done, total, *extra): the asset logs it, throttled
@@ -31,13 +32,14 @@ def quiet_log(_: str) -> None:
 
 @dataclass
 class StageResult:
-    ref: dict[str, Any]  # fingerprint, path (relative to the store root), summary for downstream stages
+    ref: Ref  # where the artifact is, its fingerprint, what downstream stages need
     metadata: dict[str, Any] = field(default_factory=dict)  # JSON values; "plots": {name: markdown}
 
 
 @dataclass
 class Output:
-    """What a stage fills while building: its folder, its reference and its metadata."""
+    """What a stage fills while building: its folder, its reference's fields (those of its
+    type in ``storage/refs.py``) and its metadata."""
 
     folder: Path
     ref: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +72,7 @@ class Stage:
         with self.store.writing(self.directory, manifest) as tmp:
             out = Output(tmp)
             yield out
+            make_ref(self.name, self.fingerprint, "", False, out.ref)  # a field its type lacks fails before the commit
             manifest["ref"] = out.ref
             manifest["metadata"] = {**out.metadata, "seconds": round(time.perf_counter() - started, 3), "inputs": inputs}
 
@@ -79,5 +82,5 @@ class Stage:
 
     def _result(self, reused: bool) -> StageResult:
         manifest = self.store.read_manifest(self.directory)
-        ref = {"stage": self.name, "fingerprint": self.fingerprint, "path": self.store.relative(self.directory), "reused": reused, **manifest.get("ref", {})}
+        ref = make_ref(self.name, self.fingerprint, self.store.relative(self.directory), reused, manifest.get("ref", {}))
         return StageResult(ref=ref, metadata={**manifest.get("metadata", {}), "fingerprint": self.fingerprint, "reused": reused})

@@ -35,6 +35,7 @@ from icons_dagster.core.stages.kit import Log, Progress, Stage, StageResult, qui
 from icons_dagster.core.data.pool import records_from_manifest
 from icons_dagster.core.model.samples import SkipLog
 from icons_dagster.core.storage.artifacts import ArtifactStore, load_npy, save_npy
+from icons_dagster.core.storage.refs import EmbeddingsRef, PoolRef, PseudoLabelsRef, SelectorRef
 
 
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -56,20 +57,20 @@ def embedder_fingerprint(config: EmbedderConfig) -> str:
 def stage_ofa_embeddings(
     store: ArtifactStore,
     shard: str,
-    pool_ref: dict,
+    pool_ref: PoolRef,
     embedder: EmbedderConfig,
     log: Log = quiet_log,
     progress: Progress | None = None,
 ) -> StageResult:
     space = embedder_fingerprint(embedder)
-    stage = Stage(store, "ofa_embeddings", shard, pool=pool_ref["fingerprint"], embedder=space, text=embedder.text)
+    stage = Stage(store, "ofa_embeddings", shard, pool=pool_ref.fingerprint, embedder=space, text=embedder.text)
     if (reused := stage.reused()) is not None:
         return reused
     records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("shard") == shard))
     log(f"{shard}: embedding {len(records)} records ({embedder.kind})")
     skips = SkipLog()
     ids, vectors = embed_records(records, load_embedder(embedder), embedder, skips, progress)
-    with stage.building({"training_pool": pool_ref["fingerprint"], "embedder": space}) as out:
+    with stage.building({"training_pool": pool_ref.fingerprint, "embedder": space}) as out:
         save_npy(out.folder / EMBEDDINGS_FILE, vectors.astype(np.float16))
         pl.DataFrame({"id": ids}, schema={"id": pl.String}).write_parquet(out.folder / IDS_FILE)
         out.ref = {"n_samples": len(ids), "shard": shard, "embedder": space, "dim": int(vectors.shape[1])}
@@ -85,13 +86,13 @@ def stage_ofa_embeddings(
     return stage.result()
 
 
-def load_pool_embeddings(store: ArtifactStore, embedding_refs: dict[str, dict]) -> tuple[list[str], list[str], np.ndarray]:
+def load_pool_embeddings(store: ArtifactStore, embedding_refs: dict[str, EmbeddingsRef]) -> tuple[list[str], list[str], np.ndarray]:
     """(ids, shard of each id, float16 [N, d]) over every shard, in shard-key order."""
     ids: list[str] = []
     shards: list[str] = []
     blocks = []
     for shard in sorted(embedding_refs):
-        directory = store.absolute(embedding_refs[shard]["path"])
+        directory = store.absolute(embedding_refs[shard].path)
         shard_ids = pl.read_parquet(directory / IDS_FILE)["id"].to_list()
         block = load_npy(directory / EMBEDDINGS_FILE)
         if block.shape[0] != len(shard_ids):
@@ -99,7 +100,7 @@ def load_pool_embeddings(store: ArtifactStore, embedding_refs: dict[str, dict]) 
         ids += shard_ids
         shards += [shard] * len(shard_ids)
         blocks.append(block)
-    spaces = {ref["embedder"] for ref in embedding_refs.values()}
+    spaces = {ref.embedder for ref in embedding_refs.values()}
     if len(spaces) > 1:
         raise ValueError(f"ofa_embeddings shards come from different embedders: {sorted(spaces)}")
     if not blocks:
@@ -107,8 +108,8 @@ def load_pool_embeddings(store: ArtifactStore, embedding_refs: dict[str, dict]) 
     return ids, shards, np.concatenate(blocks)
 
 
-def _embedding_inputs(embedding_refs: dict[str, dict]) -> dict[str, str]:
-    return {shard: embedding_refs[shard]["fingerprint"] for shard in sorted(embedding_refs)}
+def _embedding_inputs(embedding_refs: dict[str, EmbeddingsRef]) -> dict[str, str]:
+    return {shard: embedding_refs[shard].fingerprint for shard in sorted(embedding_refs)}
 
 
 # -- ofa_pseudo_labels ----------------------------------------------------------------------
@@ -116,8 +117,8 @@ def _embedding_inputs(embedding_refs: dict[str, dict]) -> dict[str, str]:
 
 def stage_ofa_pseudo_labels(
     store: ArtifactStore,
-    pool_ref: dict,
-    embedding_refs: dict[str, dict],
+    pool_ref: PoolRef,
+    embedding_refs: dict[str, EmbeddingsRef],
     config: OFAConfig,
     selector_source: Path | None = None,
     log: Log = quiet_log,
@@ -180,8 +181,8 @@ def cluster_purity(labels: np.ndarray, families: list[str]) -> float:
 
 def stage_ofa_selector(
     store: ArtifactStore,
-    embedding_refs: dict[str, dict],
-    labels_ref: dict,
+    embedding_refs: dict[str, EmbeddingsRef],
+    labels_ref: PseudoLabelsRef,
     config: OFAConfig,
     embedder: EmbedderConfig,
     selector_source: Path | None = None,
@@ -192,19 +193,19 @@ def stage_ofa_selector(
     space = embedder_fingerprint(embedder)
     if selector_source is not None:
         return _import_selector(store, Path(selector_source), space, log)
-    stage = Stage(store, "ofa_selector", labels=labels_ref["fingerprint"], embedder=space, training=config.selector_fields())
+    stage = Stage(store, "ofa_selector", labels=labels_ref.fingerprint, embedder=space, training=config.selector_fields())
     if (reused := stage.reused()) is not None:
         return reused
-    if not labels_ref.get("computed", False):
+    if not labels_ref.computed:
         raise ValueError("ofa_pseudo_labels were not computed (a selector import is configured): nothing to train on")
     ids, _, x = load_pool_embeddings(store, embedding_refs)
-    labels_frame = pl.read_parquet(store.absolute(labels_ref["path"]) / LABELS_FILE)
+    labels_frame = pl.read_parquet(store.absolute(labels_ref.path) / LABELS_FILE)
     if labels_frame["id"].to_list() != ids:
         raise ValueError("ofa_pseudo_labels cover other records than ofa_embeddings: materialize ofa_pseudo_labels again")
     log(f"training the selector on {len(ids)} records, {config.num_clusters} pseudo labels")
     selector = train_selector(x, labels_frame["cluster"].to_numpy(), config, space, progress)
     selector.training["pool_records"] = len(ids)
-    with stage.building({"ofa_pseudo_labels": labels_ref["fingerprint"], "embedder": space}) as out:
+    with stage.building({"ofa_pseudo_labels": labels_ref.fingerprint, "embedder": space}) as out:
         selector.save(out.folder / SELECTOR_DIR)
         history = selector.training["history"]
         out.ref = {"embedder": space, "imported_from": None, "num_clusters": config.num_clusters}
@@ -244,8 +245,8 @@ def _import_selector(store: ArtifactStore, source: Path, space: str, log: Log) -
     return stage.result()
 
 
-def selector_dir(store: ArtifactStore, selector_ref: dict) -> Path:
-    return store.absolute(selector_ref["path"]) / SELECTOR_DIR
+def selector_dir(store: ArtifactStore, selector_ref: SelectorRef) -> Path:
+    return store.absolute(selector_ref.path) / SELECTOR_DIR
 
 
 # -- ofa_selected_subset --------------------------------------------------------------------
@@ -253,9 +254,9 @@ def selector_dir(store: ArtifactStore, selector_ref: dict) -> Path:
 
 def stage_ofa_selected_subset(
     store: ArtifactStore,
-    pool_ref: dict,
-    embedding_refs: dict[str, dict],
-    selector_ref: dict,
+    pool_ref: PoolRef,
+    embedding_refs: dict[str, EmbeddingsRef],
+    selector_ref: SelectorRef,
     config: OFAConfig,
     lineage: dict | None = None,
 ) -> StageResult:
@@ -263,9 +264,9 @@ def stage_ofa_selected_subset(
     stage = Stage(
         store,
         "ofa_selected_subset",
-        pool=pool_ref["fingerprint"],
+        pool=pool_ref.fingerprint,
         embeddings=_embedding_inputs(embedding_refs),
-        selector=selector_ref["fingerprint"],
+        selector=selector_ref.fingerprint,
         confidence=config.confidence,
         p=config.p,
     )
@@ -277,10 +278,10 @@ def stage_ofa_selected_subset(
     return result
 
 
-def _build_ofa_subset(stage: Stage, pool_ref: dict, embedding_refs: dict[str, dict], selector_ref: dict, config: OFAConfig, lineage: dict) -> StageResult:
+def _build_ofa_subset(stage: Stage, pool_ref: PoolRef, embedding_refs: dict[str, EmbeddingsRef], selector_ref: SelectorRef, config: OFAConfig, lineage: dict) -> StageResult:
     store = stage.store
     ids, shards, x = load_pool_embeddings(store, embedding_refs)
-    selector = load_selector(selector_dir(store, selector_ref), expected_embedder_fingerprint=selector_ref["embedder"])
+    selector = load_selector(selector_dir(store, selector_ref), expected_embedder_fingerprint=selector_ref.embedder)
     probabilities = selector_probabilities(selector, x)
     measures = confidence_scores(probabilities)
     confidence = measures[config.confidence]
@@ -303,7 +304,7 @@ def _build_ofa_subset(stage: Stage, pool_ref: dict, embedding_refs: dict[str, di
     metadata: dict[str, Any] = {
         "n_selected": chosen.n_selected,
         "n_pool": len(ids),
-        "n_skipped_by_embedding": pool_ref["n_records"] - len(ids),
+        "n_skipped_by_embedding": pool_ref.n_records - len(ids),
         "p": config.p,
         "confidence_measure": config.confidence,
         "cutoff_confidence": -chosen.cutoff_score,
@@ -314,8 +315,8 @@ def _build_ofa_subset(stage: Stage, pool_ref: dict, embedding_refs: dict[str, di
         # then all look uncertain and crowd the subset (train longer or at a higher rate)
         "clusters_predicted": f"{clusters_predicted} of {selector.num_clusters}",
         "clusters_in_subset": len(np.unique(predicted[chosen.selected])),
-        "selector": selector_ref["fingerprint"],
-        "selector_imported_from": selector_ref.get("imported_from"),
+        "selector": selector_ref.fingerprint,
+        "selector_imported_from": selector_ref.imported_from,
         "lineage": lineage,
         "plots": {
             "confidence_histogram": plots.markdown_image(
@@ -327,7 +328,7 @@ def _build_ofa_subset(stage: Stage, pool_ref: dict, embedding_refs: dict[str, di
     families = family_column(load_pool_manifest(store, pool_ref, columns=["id", "family"]), ids)
     if families is not None:
         metadata["family_shares"] = analysis.family_shares(chosen.selected, families)
-    with stage.building({"ofa_selector": selector_ref["fingerprint"], "training_pool": pool_ref["fingerprint"]}) as out:
+    with stage.building({"ofa_selector": selector_ref.fingerprint, "training_pool": pool_ref.fingerprint}) as out:
         (out.folder / SUBSET_JSON).write_text("[" + ",\n".join(subset_records["raw_json"].to_list()) + "]\n", encoding="utf-8")
         frame.sort("rank").write_parquet(out.folder / SUBSET_PARQUET)
         out.ref = {"n_selected": chosen.n_selected, "method": "ofa"}
@@ -335,7 +336,7 @@ def _build_ofa_subset(stage: Stage, pool_ref: dict, embedding_refs: dict[str, di
     return stage.result()
 
 
-def export_selector(store: ArtifactStore, selector_ref: dict) -> Path:
+def export_selector(store: ArtifactStore, selector_ref: SelectorRef) -> Path:
     """The trained selector at a stable path (``exports/ofa_selector``), ready to reuse on another pool."""
     target = store.export_path(EXPORT_PREFIX + SELECTOR_DIR)
     tmp = target.with_name(f".{target.name}.tmp")

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from icons_dagster.core.storage.refs import Ref, ref_from_json
+
 COMPLETE_MARKER = "_COMPLETE.json"
 CONFIG_FILE = "icons.json"
 UNPARTITIONED = "__unpartitioned__"
@@ -127,7 +129,7 @@ class ArtifactStore:
         """Where an asset's (partition's) current reference lives, relative to the root."""
         return f"refs/{asset}/{_safe_component(partition or UNPARTITIONED)}.json"
 
-    def read_ref(self, asset: str, partition: str | None = None) -> dict:
+    def read_ref(self, asset: str, partition: str | None = None) -> Ref:
         """The current reference of an asset (partition), from the remote when there is one."""
         relative = self.ref_relative(asset, partition)
         where = f"{self.remote.url}/{relative}" if self.remote is not None else str(self.root / relative)
@@ -135,21 +137,21 @@ class ArtifactStore:
         if self.remote is not None:
             if not self.remote.has_file(relative):
                 raise FileNotFoundError(f"{label} has not been materialized yet (no reference at {where})")
-            return json.loads(self.remote.read_text(relative))
+            return ref_from_json(json.loads(self.remote.read_text(relative)))
         if not (self.root / relative).is_file():
             raise FileNotFoundError(f"{label} has not been materialized yet (no reference at {where})")
-        return json.loads((self.root / relative).read_text(encoding="utf-8"))
+        return ref_from_json(json.loads((self.root / relative).read_text(encoding="utf-8")))
 
     def has_ref(self, asset: str, partition: str | None = None) -> bool:
         relative = self.ref_relative(asset, partition)
         return self.remote.has_file(relative) if self.remote is not None else (self.root / relative).is_file()
 
-    def write_ref(self, asset: str, partition: str | None, ref: dict) -> None:
+    def write_ref(self, asset: str, partition: str | None, ref: Ref) -> None:
         """Store a reference locally (atomically) and on the remote."""
         relative = self.ref_relative(asset, partition)
         path = self.root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, ref)
+        write_json(path, ref.to_json())
         if self.remote is not None:
             self.remote.write_text(relative, path.read_text(encoding="utf-8"))
 
