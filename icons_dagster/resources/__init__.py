@@ -8,6 +8,7 @@ the home's ``icons.json`` (``home.py``).
 
 from __future__ import annotations
 
+import types
 import typing
 from dataclasses import fields
 from typing import Any, Optional
@@ -40,7 +41,7 @@ def _resource_type(annotation: Any, mapping: bool) -> Any:
     if typing.get_origin(annotation) is tuple:
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
         return list[args[0]]
-    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         return Optional[inner[0]]
     return annotation
@@ -49,11 +50,11 @@ def _resource_type(annotation: Any, mapping: bool) -> Any:
 def section_resource(section: str) -> type[ConfigurableResource]:
     """A ConfigurableResource with the section dataclass's fields, defaults and help."""
     cls = SECTIONS[section]
-    types = field_types(cls)
+    annotations = field_types(cls)
     defaults = default_json(cls)
     namespace: dict[str, Any] = {"__annotations__": {}, "__doc__": cls.__doc__, "__module__": __name__}
     for f in fields(cls):
-        namespace["__annotations__"][f.name] = _resource_type(types[f.name], f.metadata.get("mapping", False))
+        namespace["__annotations__"][f.name] = _resource_type(annotations[f.name], f.metadata.get("mapping", False))
         namespace[f.name] = Field(default=defaults[f.name], description=f.metadata.get("help"))
 
     def config(self):
@@ -65,26 +66,16 @@ def section_resource(section: str) -> type[ConfigurableResource]:
     return type(name, (ConfigurableResource,), namespace)
 
 
-DataResource = section_resource("data")
-ModelResource = section_resource("model")
-LoraResource = section_resource("lora")
-WarmupResource = section_resource("warmup")
-GradientsResource = section_resource("gradients")
-InfluenceResource = section_resource("influence")
-SelectionResource = section_resource("selection")
-EmbedderResource = section_resource("embedder")
-OFAResource = section_resource("ofa")
-EvaluationResource = section_resource("evaluation")
+SECTION_RESOURCES: dict[str, type[ConfigurableResource]] = {section: section_resource(section) for section in ASSET_SECTIONS}
 
-SECTION_RESOURCES: dict[str, type[ConfigurableResource]] = {
-    "data": DataResource,
-    "model": ModelResource,
-    "lora": LoraResource,
-    "warmup": WarmupResource,
-    "gradients": GradientsResource,
-    "influence": InfluenceResource,
-    "selection": SelectionResource,
-    "embedder": EmbedderResource,
-    "ofa": OFAResource,
-    "evaluation": EvaluationResource,
-}
+# The names asset parameters are annotated with (Dagster finds resources by annotation).
+DataResource = SECTION_RESOURCES["data"]
+ModelResource = SECTION_RESOURCES["model"]
+LoraResource = SECTION_RESOURCES["lora"]
+WarmupResource = SECTION_RESOURCES["warmup"]
+GradientsResource = SECTION_RESOURCES["gradients"]
+InfluenceResource = SECTION_RESOURCES["influence"]
+SelectionResource = SECTION_RESOURCES["selection"]
+EmbedderResource = SECTION_RESOURCES["embedder"]
+OFAResource = SECTION_RESOURCES["ofa"]
+EvaluationResource = SECTION_RESOURCES["evaluation"]
