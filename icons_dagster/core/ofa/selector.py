@@ -73,6 +73,14 @@ class OFAConfig:
         """The trained selector folder to reuse, or None to train one."""
         return Path(self.selector).expanduser().resolve() if self.selector else None
 
+    def kmeans_fields(self) -> dict:
+        """What the pseudo labels depend on: k and the k-means settings."""
+        return {k: v for k, v in self.selector_fields().items() if k.startswith(("num_clusters", "kmeans"))}
+
+    def subset_fields(self) -> dict:
+        """What the subset depends on beyond the selector: the confidence measure and p."""
+        return {"confidence": self.confidence, "p": self.p}
+
     def selector_fields(self) -> dict:
         """What the trained selector depends on (not p, the confidence measure, or where an
         imported selector comes from: its content enters the fingerprint instead)."""

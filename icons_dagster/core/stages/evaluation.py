@@ -38,6 +38,16 @@ TABLE_FILE = "evaluation_table.parquet"
 TABLE_MARKDOWN = "evaluation_table.md"
 # Bump when scoring changes what a benchmark_scores artifact holds (2: chance levels).
 SCORING_VERSION = 2
+def subsets_settings(config: EvaluationConfig, p: float) -> dict:
+    """What evaluation_subsets' fingerprint takes from the configuration."""
+    return {"methods": list(config.compared), "p": p}
+
+
+def scores_settings(config: EvaluationConfig) -> dict:
+    """What benchmark_scores' fingerprint takes from the configuration."""
+    return {"max_new_tokens": config.max_new_tokens, "scoring_version": SCORING_VERSION}
+
+
 # -- evaluation_subsets ---------------------------------------------------------------------
 
 
@@ -151,8 +161,7 @@ def stage_evaluation_subsets(
         votes=vote_ref.fingerprint if vote_ref else None,
         exported={m: ref.fingerprint for m, ref in sorted(exported_refs.items())},
         validation={b: loaded.content_sha256 for b, loaded in validation.items()},
-        methods=list(config.compared),
-        p=p,
+        **subsets_settings(config, p),
     )
     if (reused := stage.reused()) is not None:
         return reused
@@ -335,8 +344,7 @@ def stage_benchmark_scores(
         method,
         adapter=adapter_ref.fingerprint,
         tests={name: loaded[name].content_sha256 for name in names},
-        max_new_tokens=config.max_new_tokens,
-        scoring_version=SCORING_VERSION,
+        **scores_settings(config),
         **({"answers": declared} if declared else {}),  # benchmarks that declare their answer kind
     )
     if (reused := stage.reused()) is not None:

@@ -126,7 +126,6 @@ def stage_ofa_pseudo_labels(
 ) -> StageResult:
     """k-means clusters of the pool's embeddings: the selector's training labels."""
     inputs = _embedding_inputs(embedding_refs)
-    kmeans_fields = {k: v for k, v in config.selector_fields().items() if k.startswith(("num_clusters", "kmeans"))}
     if selector_source is not None:
         stage = Stage(store, "ofa_pseudo_labels", imported=str(selector_source))
         if (reused := stage.reused()) is not None:
@@ -135,7 +134,7 @@ def stage_ofa_pseudo_labels(
             out.ref = {"computed": False}
             out.metadata = {"computed": False, "why": f"a trained selector is imported from {selector_source}"}
         return stage.result()
-    stage = Stage(store, "ofa_pseudo_labels", embeddings=inputs, kmeans=kmeans_fields)
+    stage = Stage(store, "ofa_pseudo_labels", embeddings=inputs, kmeans=config.kmeans_fields())
     if (reused := stage.reused()) is not None:
         return reused
     ids, shards, x = load_pool_embeddings(store, embedding_refs)
@@ -267,8 +266,7 @@ def stage_ofa_selected_subset(
         pool=pool_ref.fingerprint,
         embeddings=_embedding_inputs(embedding_refs),
         selector=selector_ref.fingerprint,
-        confidence=config.confidence,
-        p=config.p,
+        **config.subset_fields(),
     )
     result = stage.reused()
     if result is None:

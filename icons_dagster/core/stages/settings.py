@@ -2,9 +2,9 @@
 
 Each entry is the configuration part of that stage's fingerprint (the rest of the
 fingerprint is its inputs' fingerprints and the data's content), so the UI marks exactly
-the assets a changed setting affects, and their downstream, as stale. The ICONS stages
-build their fingerprints from the same helpers; two entries use the configuration where
-the stage uses what it resolves to: ofa_embeddings (the embedder's settings, not the
+the assets a changed setting affects, and their downstream, as stale. The stages build
+their fingerprints from the same helpers; two entries use the configuration where the
+stage uses what it resolves to: ofa_embeddings (the embedder's settings, not the
 loaded embedder's identity, which would load its weights) and finetuned_adapter (the
 recipe's settings, not the per-subset epochs they give).
 """
@@ -21,7 +21,7 @@ from icons_dagster.core.stages.icons import (
     warmup_checkpoint_settings,
     warmup_subset_settings,
 )
-from icons_dagster.core.stages.evaluation import SCORING_VERSION
+from icons_dagster.core.stages.evaluation import scores_settings, subsets_settings
 from icons_dagster.core.schema import IconsConfig, section_to_json
 
 
@@ -39,15 +39,15 @@ def stage_settings(config: IconsConfig) -> dict[str, dict[str, Any]]:
         "vote_table": {"selection": config.selection},
         "selected_subset": {"selection": config.selection},
         "ofa_embeddings": {"embedder": embedder},
-        "ofa_pseudo_labels": {"kmeans": {k: v for k, v in ofa.selector_fields().items() if k.startswith(("num_clusters", "kmeans"))}, "imported": ofa.selector},
+        "ofa_pseudo_labels": {"kmeans": ofa.kmeans_fields(), "imported": ofa.selector},
         "ofa_selector": {"training": ofa.selector_fields(), "imported": ofa.selector, "embedder": embedder},
-        "ofa_selected_subset": {"confidence": ofa.confidence, "p": ofa.p},
-        "evaluation_subsets": {"methods": list(evaluation.compared), "p": config.selection.p},
+        "ofa_selected_subset": ofa.subset_fields(),
+        "evaluation_subsets": subsets_settings(evaluation, config.selection.p),
         "finetuned_adapter": {
             "model": model_fingerprint_fields(config.model),
             "lora": evaluation.lora_for(config.lora),
             "recipe": {k: getattr(evaluation, k) for k in ("learning_rate", "epochs", "batch_size", "seed", "equal_steps")},
         },
-        "benchmark_scores": {"max_new_tokens": evaluation.max_new_tokens, "scoring_version": SCORING_VERSION},
+        "benchmark_scores": scores_settings(evaluation),
         "evaluation_table": {"methods": list(evaluation.compared)},
     }
