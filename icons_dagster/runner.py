@@ -95,17 +95,14 @@ def run_waves(asset_graph, keys) -> list[tuple[Any, list]]:
     return waves
 
 
-# What each of the CLI's methods selects: an asset group (and whatever it depends on).
-METHOD_GROUPS = {"icons": "icons", "ofa": "ofa", "evaluation": "evaluation"}
-
-
 def selected_keys(asset_graph, methods: tuple[str, ...]) -> set:
-    """The assets of the methods' groups and every asset upstream of them."""
-    unknown = sorted(set(methods) - set(METHOD_GROUPS))
+    """The assets of the methods' asset groups (a CLI method is a group: icons, ofa,
+    evaluation) and every asset upstream of them."""
+    groups = {asset_graph.get(key).group_name for key in asset_graph.toposorted_asset_keys}
+    unknown = sorted(set(methods) - groups)
     if unknown or not methods:
-        raise ValueError(f"unknown method(s) {unknown or methods}; choose from {tuple(METHOD_GROUPS)}")
-    groups = {METHOD_GROUPS[m] for m in methods}
-    pending = [key for key in asset_graph.toposorted_asset_keys if asset_graph.get(key).group_name in groups]
+        raise ValueError(f"unknown method(s) {unknown or methods}; choose from {sorted(groups)}")
+    pending = [key for key in asset_graph.toposorted_asset_keys if asset_graph.get(key).group_name in methods]
     keys: set = set()
     while pending:
         key = pending.pop()

@@ -141,3 +141,12 @@ def test_registries_feed_the_config_the_cli_and_the_evaluation(monkeypatch):
         parse_method("icons-median")
     with pytest.raises(SystemExit):  # the CLI offers exactly the registered rules
         build_parser().parse_args(["run", "--selection-method", "median"])
+
+
+def test_a_malformed_icons_json_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "icons.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"icons\.json: malformed JSON"):
+        read_home_config(tmp_path)
+    (tmp_path / "icons.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"icons\.json: expected a JSON object of sections \['data'"):
+        read_home_config(tmp_path)

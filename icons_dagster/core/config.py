@@ -1,7 +1,7 @@
 """The configuration schema: one frozen dataclass per section, validated on construction.
 
-Every setting is declared once, here or in the section dataclasses of ``embedding.py``,
-``ofa.py`` and ``evaluation_pipeline.py``, with its default and help text (``setting``).
+Every setting is declared once, here or in the section dataclasses of ``ofa/embedding.py``,
+``ofa/selector.py`` and ``evaluation/methods.py``, with its default and help text (``setting``).
 The home's ``icons.json``, the Dagster resources and the CLI's flags are all generated
 from these fields (``schema.py``, ``resources/``, ``cli.py``), and every artifact's
 fingerprint is derived from them, so a field added here changes the paths of everything

@@ -142,10 +142,17 @@ def default_json(section: type) -> dict[str, Any]:
     return {f.name: _to_json_value(f, field_default(f)) for f in fields(section)}
 
 
-def load_config_file(path: Path) -> IconsConfig:
-    """``icons.json``: malformed JSON or a bad setting fails naming the file."""
+def read_config_document(path: Path) -> dict[str, Any]:
+    """A configuration file's JSON object; malformed JSON or another value fails naming the file."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: malformed JSON ({error})") from error
-    return IconsConfig.from_json(document, str(path))
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a JSON object of sections {list(SECTIONS)}")
+    return document
+
+
+def load_config_file(path: Path) -> IconsConfig:
+    """``icons.json``: malformed JSON or a bad setting fails naming the file."""
+    return IconsConfig.from_json(read_config_document(path), str(path))

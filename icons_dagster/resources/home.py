@@ -9,12 +9,11 @@ num_shards) is read through ``LEGACY_FIELDS`` and rewritten in today's form.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from icons_dagster.core.schema import IconsConfig, SECTIONS
+from icons_dagster.core.schema import IconsConfig, read_config_document
 from icons_dagster.core.storage.artifacts import ArtifactStore, write_json
 
 HOME_ENV = "ICONS_HOME"
@@ -94,12 +93,7 @@ def read_home_config(home: Path) -> IconsConfig:
     path = config_file(home)
     if not path.is_file():
         return IconsConfig()
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: malformed JSON ({error})") from error
-    if not isinstance(document, dict):
-        raise ValueError(f"{path}: expected a JSON object of sections {list(SECTIONS)}")
+    document = read_config_document(path)
     upgraded = upgrade_legacy(document)
     config = IconsConfig.from_json(upgraded, str(path))
     if upgraded is not document:
