@@ -28,7 +28,8 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
 from icons_dagster.demo.data import DemoSize, generate_alignment_data, generate_demo  # noqa: E402
 from icons_dagster.demo.smollm2 import build_smollm2_llava  # noqa: E402
-from icons_dagster.demo.stage1 import alignment_records, answer_loss, train_stage1  # noqa: E402
+from icons_dagster.core.model.alignment import AlignmentRecipe, answer_loss, train_alignment  # noqa: E402
+from icons_dagster.demo.stage1 import alignment_records  # noqa: E402
 from icons_dagster.core.schema import IconsConfig  # noqa: E402
 from icons_dagster.demo.bootstrap import demo_settings  # noqa: E402
 from icons_dagster.resources.home import write_home_config  # noqa: E402
@@ -72,10 +73,9 @@ def main() -> None:
                 last[0] = time.perf_counter()
 
         last[0] = time.perf_counter()
-        train_stage1(
-            base, align, stage1, args.stage1_steps, batch_size=8, learning_rate=1e-3, progress=progress,
-            num_threads=args.threads, freeze_language_model=True,
-        )
+        recipe = AlignmentRecipe(steps=args.stage1_steps, batch_size=8, learning_rate=1e-3, train="projector", num_threads=args.threads)
+        info = train_alignment(base, align, stage1, recipe, progress=progress)
+        (stage1 / "stage1.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")  # the marker: trained
         seconds["stage1"] = round(time.perf_counter() - start, 1)
     heldout = {
         "before": answer_loss(base, held, batch_size=8, num_threads=args.threads),

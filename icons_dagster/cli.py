@@ -1,7 +1,8 @@
 """``icons-dagster``: run the asset graph, validate data, open the UI.
 
 The CLI writes the home's ``icons.json`` and launches the same assets through Dagster on
-the home's persistent instance; it never computes anything on a second code path.
+the home's persistent instance; it never computes anything on a second code path. ``align``
+prepares a base checkpoint before any graph (stage-1 alignment, ``core/model/alignment.py``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from icons_dagster.core.model.alignment import TRAIN_CHOICES, AlignmentRecipe
 from icons_dagster.core.schema import SECTIONS, IconsConfig, field_types
 from icons_dagster.core.storage.artifacts import ArtifactStore
-from icons_dagster.demo.data import DEMO_SIZES
+from icons_dagster.demo.bootstrap import demo_sizes
 from icons_dagster.resources.home import read_home_config, resolve_home, write_home_config
 
 # The sections each command's flags set (generated from the section dataclasses' fields).
@@ -90,13 +92,11 @@ def _progress_printer():
     return bar, on_step
 
 
-def _bootstrap_demo(home: Path, size: str, num_shards: int | None = None) -> IconsConfig:
-    """The demo's inputs built under the home (stage 1 shown as it trains), and their config."""
+def _loss_bar(description: str):
+    """A tqdm bar on stderr for a training loop's ``progress(step, steps, loss)`` callback."""
     from tqdm import tqdm
 
-    from icons_dagster.demo.bootstrap import bootstrap_demo
-
-    bar = tqdm(total=1, unit="step", file=sys.stderr, dynamic_ncols=True, desc="demo model: stage-1 alignment", disable=None)
+    bar = tqdm(total=1, unit="step", file=sys.stderr, dynamic_ncols=True, desc=description, disable=None)
 
     def progress(step: int, steps: int, loss: float) -> None:
         bar.total = steps
@@ -104,6 +104,14 @@ def _bootstrap_demo(home: Path, size: str, num_shards: int | None = None) -> Ico
         bar.set_postfix(loss=f"{loss:.3f}")
         bar.refresh()
 
+    return bar, progress
+
+
+def _bootstrap_demo(home: Path, size: str, num_shards: int | None = None) -> IconsConfig:
+    """The demo's inputs built under the home (stage 1 shown as it trains), and their config."""
+    from icons_dagster.demo.bootstrap import bootstrap_demo
+
+    bar, progress = _loss_bar("demo model: stage-1 alignment")
     try:
         return bootstrap_demo(home, size, num_shards, progress=progress)
     finally:
@@ -217,6 +225,48 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if problems_total else 0
 
 
+def cmd_align(args: argparse.Namespace) -> int:
+    """Stage-1 alignment of a base checkpoint on a caption file (the paper's starting regime)."""
+    from icons_dagster.core.model.alignment import AlignmentInputError, align
+
+    bar = None
+    try:
+        recipe = AlignmentRecipe(
+            steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed, train=args.train,
+            heldout_fraction=args.heldout_fraction, num_threads=args.threads, max_length=args.max_length,
+        )
+        bar, progress = _loss_bar("stage-1 alignment")
+        result = align(
+            args.captions, args.image_root, args.model, args.out, recipe,
+            heldout_captions=args.heldout_captions, heldout_image_root=args.heldout_image_root, force=args.force,
+            progress=progress, revision=args.revision, trust_remote_code=args.trust_remote_code,
+        )
+    except AlignmentInputError as error:
+        print(f"align: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if bar is not None:
+            bar.close()
+    report = result.report
+    caps, recipe_info = report["captions"], report["recipe"]
+    if result.reused:
+        print(f"reused: {result.out} already holds this alignment (same inputs and recipe)")
+    print(f"captions: {caps['n_usable']} usable of {caps['n_entries']} in {caps['path']}; {caps['n_problems']} skipped")
+    for problem in caps["problems"][:5]:
+        print(f"  {problem}")
+    frozen = ", ".join(report["frozen"]) or "nothing"
+    print(f"trained {' + '.join(report['trained'])} (frozen: {frozen}) on {report['n_encoded']} records: "
+          f"{recipe_info['steps']} steps of {recipe_info['batch_size']}, lr {recipe_info['learning_rate']:g}")
+    print(f"training loss: {report['first_loss']:.3f} (first step) -> {report['final_window_loss']:.3f} (last {min(10, recipe_info['steps'])} steps)")
+    held = report["heldout"]
+    if held:
+        mismatched = held["loss_after_mismatched_images"]
+        print(f"held-out caption loss per answer token ({held['n_encoded']} records): before {held['loss_before']:.3f}, "
+              f"after {held['loss_after']:.3f}, after with mismatched images " + (f"{mismatched:.3f}" if mismatched is not None else "n/a (one image)"))
+    print(f"aligned checkpoint: {result.out}  (report: {result.out / 'alignment.json'}, {report['seconds']:.0f} s)")
+    return 0
+
+
 def cmd_register(args: argparse.Namespace) -> int:
     home = resolve_home(args.home)
     from icons_dagster.runner import prepare_instance_home
@@ -263,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the whole graph on the embedded demo pool and tiny model")
-    demo.add_argument("--size", choices=sorted(DEMO_SIZES), default="default")
+    demo.add_argument("--size", choices=demo_sizes(), default="default", help="which world (mix: the LLaVA-665K-shaped one, docs/preregistration-mix.md)")
     demo.add_argument("--shards", type=int, help="number of training-gradient shards (default 4)")
     demo.add_argument("--method", choices=["icons", "ofa", "both"], default="both", help="which selector(s) to run (default both)")
     demo.set_defaults(func=cmd_demo)
@@ -274,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     evaluate = sub.add_parser("evaluate", help="fine-tune on every method's subset and score each benchmark's test split")
-    evaluate.add_argument("--size", choices=sorted(DEMO_SIZES), default="default", help="demo size when the home has no config yet (large: 2,640 records)")
+    evaluate.add_argument("--size", choices=demo_sizes(), default="default", help="world when the home has no config yet (large: 2,640 records; mix: the LLaVA-665K-shaped world)")
     add_section_flags(evaluate, EVALUATE_SECTIONS)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -284,6 +334,35 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--benchmarks", help="a folder of benchmark folders")
     validate.add_argument("--image-root")
     validate.set_defaults(func=cmd_validate)
+
+    defaults = AlignmentRecipe()
+    align_cmd = sub.add_parser(
+        "align",
+        help="stage-1 alignment of a base checkpoint on a LLaVA-format caption file (vision tower frozen); writes an aligned checkpoint",
+        description="Stage-1 (feature-alignment) training as LLaVA's, on CPU: the vision tower frozen, the projector (and the "
+        "language model) trained on captions; reports held-out caption loss before, after, and after with mismatched images.",
+    )
+    align_cmd.add_argument("--captions", required=True, help="LLaVA-format caption file (.json or .jsonl); bad records are skipped and listed")
+    align_cmd.add_argument("--image-root", required=True, help="folder the captions' image paths are relative to")
+    align_cmd.add_argument("--model", required=True, help="base checkpoint: a local folder or a hub id")
+    align_cmd.add_argument("--out", required=True, help="folder for the aligned checkpoint and alignment.json")
+    align_cmd.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})")
+    align_cmd.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"records per step (default {defaults.batch_size})")
+    align_cmd.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+                           help=f"peak AdamW learning rate, 3%% linear warm-up then cosine (default {defaults.learning_rate:g}; LLaVA's projector-only stage 1 uses 1e-3)")
+    align_cmd.add_argument("--seed", type=int, default=defaults.seed, help="seed of the visiting order and the held-out split (default 0)")
+    align_cmd.add_argument("--train", choices=TRAIN_CHOICES, default=defaults.train,
+                           help="what trains: projector+lm (a random or small LM, the demo's) or projector (LLaVA's, for a pretrained LM); default projector+lm")
+    align_cmd.add_argument("--heldout-fraction", type=float, default=defaults.heldout_fraction,
+                           help=f"share of the captions' images held out for the loss check, at most 1000 images; 0: none (default {defaults.heldout_fraction})")
+    align_cmd.add_argument("--heldout-captions", help="a separate held-out caption file instead of --heldout-fraction")
+    align_cmd.add_argument("--heldout-image-root", help="image root of --heldout-captions (default: --image-root)")
+    align_cmd.add_argument("--threads", type=int, default=defaults.num_threads, help="torch threads; the weights are byte-identical for equal inputs, seed and threads (default 1)")
+    align_cmd.add_argument("--max-length", type=int, default=defaults.max_length, help=f"tokens per record, longer ones truncated and counted (default {defaults.max_length})")
+    align_cmd.add_argument("--revision", help="hub revision of --model")
+    align_cmd.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code (off unless asked)")
+    align_cmd.add_argument("--force", action="store_true", help="replace an earlier alignment of other inputs or another recipe in --out")
+    align_cmd.set_defaults(func=cmd_align)
 
     register = sub.add_parser("register-benchmarks", help="register the benchmarks folder's sub-folders as partitions")
     register.set_defaults(func=cmd_register)

@@ -201,15 +201,18 @@ def test_multiple_choice_score_is_argmax_accuracy(scorer, splits):
     result = score_benchmark(model, encoder, placement, "multiple_choice", records, progress=lambda i, n: calls.append((i, n)))
     assert (result.kind, result.metric, result.n, result.n_skipped) == ("multiple_choice", "accuracy", len(records), 0)
     assert calls[-1] == (len(records), len(records)) and len(calls) == len(records)
-    correct, nll, tokens = 0, 0.0, 0
+    correct, nll, tokens, per_record = 0, 0.0, 0, {}
     for record in records:
         options = ["A", "B", "C", "D"]
         ll = answer_log_likelihoods(model, encoder, placement, record, options)
-        correct += options[int(np.argmax(ll))] == record.turns[-1].text
+        per_record[record.id] = float(options[int(np.argmax(ll))] == record.turns[-1].text)
+        correct += per_record[record.id]
         at = options.index(record.turns[-1].text)
         nll -= ll[at]
         tokens += encoder.encode(record.id, record.turns, load_image(record.image_path)).n_answer_tokens
     assert result.score == pytest.approx(correct / len(records))
+    assert result.record_scores == per_record  # each record's 0/1, in split order, for the paired bootstrap
+    assert list(result.record_scores) == [r.id for r in records]
     assert result.reference_loss == pytest.approx(nll / tokens, rel=1e-5)
     assert set(result.prediction_counts) <= {"a", "b", "c", "d"}
     assert sum(result.prediction_counts.values()) == len(records)
@@ -221,8 +224,9 @@ def test_long_answer_score_is_mean_token_f1(scorer, splits):
     records = splits("long_answer")[:3]
     result = score_benchmark(model, encoder, placement, "long_answer", records, max_new_tokens=6)
     assert (result.kind, result.metric, result.extra["scored_by"]) == ("long_answer", "token_f1", "greedy")
-    expected = np.mean([token_f1(greedy_answer(model, encoder, placement, r, 6), r.turns[-1].text) for r in records])
-    assert result.score == pytest.approx(expected)
+    f1 = {r.id: token_f1(greedy_answer(model, encoder, placement, r, 6), r.turns[-1].text) for r in records}
+    assert result.record_scores == pytest.approx(f1)  # each record's own token F1
+    assert result.score == pytest.approx(np.mean(list(f1.values())))
     assert 0.0 <= result.score <= 1.0 and result.reference_loss > 0
     assert result.chance is None  # generation, not a choice: no guessing level
 
@@ -273,6 +277,7 @@ def test_unreadable_image_is_skipped_and_listed(scorer, splits, tmp_path):
     assert [entry[0] for entry in skips.entries] == [records[2].id]
     assert "cannot load image" in skips.entries[0][1]
     assert result.extra["skipped"][0]["id"] == records[2].id
+    assert list(result.record_scores) == [r.id for k, r in enumerate(records) if k != 2]  # the skipped record has no score
     with pytest.raises(ValueError, match="no record could be scored"):
         score_benchmark(model, encoder, placement, "yes_no", [records[2]])
 
@@ -352,6 +357,13 @@ def test_results_markdown_with_both_rel_columns():
     assert lines[0] == "| Method | a | b | Rel. (%) | Rel. all (%) |"
     assert lines[1] == "|---|---:|---:|---:|---:|"
     assert lines[3] == "| icons | 0.600 | 0.400 | 120.0 | 85.0 |"
+    # more columns after both Rel.: a method without a cell gets "–"
+    columns = {"Δ Rel. vs random (95% CI)": {"icons": "+3.1 (+0.4, +5.9)"}}
+    lines = results_markdown(table, {}, ["a"], rel_all=relative_scores(table), columns=columns).splitlines()
+    assert lines[0] == "| Method | a | Rel. (%) | Rel. all (%) | Δ Rel. vs random (95% CI) |"
+    assert lines[1] == "|---|---:|---:|---:|---:|"
+    assert lines[2] == "| full | 0.500 | – | 100.0 | – |"
+    assert lines[3] == "| icons | 0.600 | – | 85.0 | +3.1 (+0.4, +5.9) |"
 
 
 def test_results_markdown():

@@ -213,11 +213,14 @@ def test_code_versions_follow_exactly_the_settings_an_asset_depends_on():
         return {k for k, v in after.items() if v != before[k]}
 
     assert changed(base.replace(gradients={"seed": 9})) == {"training_gradients", "validation_gradients"}
+    # the visual dependency's batches follow the gradients' (padding changes a loss's last bits)
+    assert changed(base.replace(gradients={"batch_size": 4})) == {"training_gradients", "validation_gradients", "visual_dependency"}
     assert changed(base.replace(selection={"p": 0.3})) == {"task_influence", "vote_table", "selected_subset", "evaluation_subsets"}
     assert changed(base.replace(lora={"r": 16})) == {"warmup_checkpoint"}
     assert changed(own_lora.replace(lora={"r": 16}), own_lora) == {"warmup_checkpoint", "finetuned_adapter"}  # the model the evaluation tunes, too
     assert changed(base.replace(ofa={"num_clusters": 7})) == {"ofa_pseudo_labels", "ofa_selector"}
     assert changed(base.replace(evaluation={"epochs": 2})) == {"finetuned_adapter"}
+    assert changed(base.replace(evaluation={"bootstrap_resamples": 500})) == {"evaluation_table"}
     assert changed(base.replace(data={"num_shards": 8})) == {"training_pool"}
     assert changed(base.replace(embedder={"batch_size": 8})) == set()  # speed, not what is computed
     assert asset_code_versions(base) == asset_code_versions(IconsConfig.from_json(base.to_json()))

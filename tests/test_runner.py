@@ -31,6 +31,9 @@ def test_the_icons_graph_runs_as_head_shards_benchmark_ranges_then_the_vote():
     everything = labels(graph, ("icons", "ofa", "evaluation"))
     assert everything[-3:] == ["finetuned_adapter + benchmark_scores[full]", "finetuned_adapter + benchmark_scores[ofa]", "evaluation_table"]
     assert "vote_table + selected_subset + evaluation_subsets" in everything
+    # visual_dependency serves the evaluation: it runs with the head there, never for the selection alone
+    assert everything[0] == "training_pool + warmup_subset + warmup_checkpoint + visual_dependency"
+    assert not any("visual_dependency" in step for step in labels(graph, ("icons",)) + labels(graph, ("ofa",)))
     assert [s.tags()["dagster/asset_partition_range_end"] for s in plan_steps(graph, ("icons",), {}, [("a", "c")]) if s.partition_range] == ["c"]
 
 

@@ -54,14 +54,16 @@ def test_the_checkpoint_carries_smollm2s_weights_and_a_chatml_template(smol_dir,
 def test_projector_only_stage1_leaves_the_language_model_untouched(smol_dir, tmp_path):
     from safetensors.torch import load_file
 
+    from icons_dagster.core.model.alignment import AlignmentRecipe, train_alignment
     from icons_dagster.demo.data import generate_alignment_data
-    from icons_dagster.demo.stage1 import alignment_records, train_stage1
+    from icons_dagster.demo.stage1 import alignment_records
 
     records = alignment_records(generate_alignment_data(tmp_path / "align", 8))
-    out = train_stage1(smol_dir, records, tmp_path / "stage1", steps=2, batch_size=4, learning_rate=1e-3, freeze_language_model=True, num_threads=2)
+    out = tmp_path / "stage1"
+    recipe = AlignmentRecipe(steps=2, batch_size=4, learning_rate=1e-3, train="projector", num_threads=2)
+    info = train_alignment(smol_dir, records, out, recipe)
     before, after = load_file(smol_dir / "model.safetensors"), load_file(out / "model.safetensors")
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all("multi_modal_projector" in name for name in changed)
-    info = json.loads((out / "stage1.json").read_text())
-    assert info["trained"] == "multi_modal_projector (vision tower frozen)"
+    assert info["trained"] == ["model.multi_modal_projector"] and info["frozen"] == ["model.vision_tower", "model.language_model", "lm_head"]
     assert info["trainable_parameters"] == sum(v.numel() for k, v in before.items() if "multi_modal_projector" in k)

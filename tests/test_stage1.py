@@ -1,4 +1,4 @@
-"""Stage-1 alignment data and pre-training of the tiny LLaVA (icons_dagster.demo.stage1)."""
+"""Stage-1 alignment data and pre-training of the tiny LLaVA (core/model/alignment.py, demo/stage1.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from safetensors.torch import load_file
 
 from icons_dagster.core.data.records import load_records
+from icons_dagster.core.model.alignment import AlignmentRecipe, answer_loss, train_alignment
 from icons_dagster.demo.data import generate_alignment_data, generate_demo
-from icons_dagster.demo.stage1 import STAGE1_DIR, STAGE1_FILE, alignment_records, answer_loss, ensure_stage1_model, train_stage1
+from icons_dagster.demo.stage1 import STAGE1_DIR, STAGE1_FILE, alignment_records, ensure_stage1_model
 
 # sha256 of pool.json and of the benchmark split files of generate_demo(size="test", seed=0),
 # recorded before the alignment generator was added to demo/data.py: they guard that it does
@@ -44,9 +45,10 @@ def stage1_runs(tmp_path_factory, tiny_model_dir, align_dir):
     records = alignment_records(align_dir)
     root = tmp_path_factory.mktemp("stage1")
     seen: list[tuple[int, int, float]] = []
-    first = train_stage1(tiny_model_dir, records, root / "a", steps=30, batch_size=8, progress=lambda *a: seen.append(a), num_threads=THREADS)
-    second = train_stage1(tiny_model_dir, records, root / "b", steps=30, batch_size=8, num_threads=THREADS)
-    return first, second, seen
+    recipe = AlignmentRecipe(steps=30, batch_size=8, num_threads=THREADS)
+    info = train_alignment(tiny_model_dir, records, root / "a", recipe, progress=lambda *a: seen.append(a))
+    train_alignment(tiny_model_dir, records, root / "b", recipe)
+    return root / "a", root / "b", seen, info
 
 
 # --------------------------------------------------------------------------- data
@@ -94,19 +96,19 @@ def test_alignment_data_loads_and_is_disjoint_from_demo(align_dir, demo_paths):
 
 
 def test_train_stage1_lowers_heldout_loss(stage1_runs, tiny_model_dir, heldout):
-    first, _, seen = stage1_runs
+    first, _, seen, info = stage1_runs
     before = answer_loss(tiny_model_dir, heldout, num_threads=THREADS)
     after = answer_loss(first, heldout, num_threads=THREADS)
     assert after < 0.8 * before, (before, after)
-    info = json.loads((first / STAGE1_FILE).read_text(encoding="utf-8"))
-    assert info["steps"] == 30 and info["n_records"] == 96 and info["n_encoded"] == 96
+    assert info["n_records"] == 96 and info["n_encoded"] == 96 and info["epochs_started"] == 3
     assert info["final_window_loss"] < info["loss_curve"][0]["loss"]
     assert [p["step"] for p in info["loss_curve"]] == [10, 20, 30]
     assert [s for s, _, _ in seen] == list(range(1, 31))
 
 
 def test_train_stage1_freezes_vision_and_trains_the_rest(stage1_runs, tiny_model_dir):
-    first, _, _ = stage1_runs
+    first, _, _, info = stage1_runs
+    assert info["trained"] == ["model.multi_modal_projector", "model.language_model", "lm_head"] and info["frozen"] == ["model.vision_tower"]
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     trained = load_file(str(first / "model.safetensors"))
     assert base.keys() == trained.keys()
@@ -120,7 +122,7 @@ def test_train_stage1_freezes_vision_and_trains_the_rest(stage1_runs, tiny_model
 def test_train_stage1_is_deterministic_and_reloads(stage1_runs):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    first, second, _ = stage1_runs
+    first, second, _, _ = stage1_runs
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
     model = AutoModelForImageTextToText.from_pretrained(str(first))
     assert type(model).__name__ == "LlavaForConditionalGeneration"
@@ -132,12 +134,13 @@ def test_ensure_stage1_model_reuses_a_complete_build(tmp_path, tiny_model_dir):
     out = ensure_stage1_model(tmp_path, steps=2, n_records=24, heldout=8)
     assert out == tmp_path / STAGE1_DIR
     info = json.loads((out / STAGE1_FILE).read_text(encoding="utf-8"))
-    assert info["steps"] == 2 and info["key"] and info["heldout"]["n_records"] == 8
+    assert info["recipe"]["steps"] == 2 and info["key"] and info["heldout"]["n_records"] == 8
+    assert info["n_records"] == 24 and info["recipe"]["num_threads"] == 1
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
     assert ensure_stage1_model(tmp_path, steps=2, n_records=24, heldout=8) == out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
     ensure_stage1_model(tmp_path, steps=3, n_records=24, heldout=0)  # another recipe: rebuilt in place
-    assert json.loads((out / STAGE1_FILE).read_text(encoding="utf-8"))["steps"] == 3
+    assert json.loads((out / STAGE1_FILE).read_text(encoding="utf-8"))["recipe"]["steps"] == 3
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]

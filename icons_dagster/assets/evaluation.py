@@ -1,4 +1,5 @@
-"""The ``evaluation`` group: every method's subset, a fine-tune on each, scores, the Rel. table."""
+"""The ``evaluation`` group: every method's subset, a fine-tune on each, scores, the Rel. table,
+and each pool record's visual dependency (for the analysis of what a subset holds)."""
 
 
 from collections.abc import Iterator
@@ -13,10 +14,21 @@ from icons_dagster.core.stages.evaluation import (
     stage_evaluation_table,
     stage_finetune,
 )
+from icons_dagster.core.stages.visual_dependency import stage_visual_dependency
 from icons_dagster.partitions import evaluation_method_partitions
-from icons_dagster.resources import DataResource, EvaluationResource, LoraResource, ModelResource, SelectionResource, StoreResource
+from icons_dagster.resources import (
+    DataResource,
+    EvaluationResource,
+    GradientsResource,
+    LoraResource,
+    ModelResource,
+    SelectionResource,
+    StoreResource,
+)
 from icons_dagster.resources.refs import MATERIALIZED_PARTITIONS
-from icons_dagster.core.storage.refs import AdapterRef, EvaluationSubsetsRef, OFASubsetRef, PoolRef, SubsetRef, VoteTableRef
+from icons_dagster.core.storage.refs import (
+    AdapterRef, CheckpointRef, EvaluationSubsetsRef, OFASubsetRef, PoolRef, SubsetRef, VisualDependencyRef, VoteTableRef,
+)  # fmt: skip
 
 EVALUATION_GROUP = "evaluation"
 
@@ -95,14 +107,48 @@ def benchmark_scores(
 
 
 @asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", ins={"benchmark_scores": AssetIn(metadata=MATERIALIZED_PARTITIONS)})
-def evaluation_table(store: StoreResource, evaluation: EvaluationResource, benchmark_scores: dict, evaluation_subsets: EvaluationSubsetsRef) -> Iterator:
-    """Paper Table 1's shape: a row per configured method, a column per benchmark, and Rel. (eq. 2)."""
-    methods = evaluation.config().partition_methods()
+def evaluation_table(
+    store: StoreResource,
+    evaluation: EvaluationResource,
+    benchmark_scores: dict,
+    evaluation_subsets: EvaluationSubsetsRef,
+    training_pool: PoolRef,
+    visual_dependency: VisualDependencyRef,
+) -> Iterator:
+    """Paper Table 1's shape: a row per configured method, a column per benchmark, Rel. (eq. 2),
+    each method's Rel. difference to random with its paired bootstrap 95% interval, and what
+    each subset holds (sources, wrong answers, mean Visual Dependency Score)."""
+    config = evaluation.config()
+    methods = config.partition_methods()
     missing = [m for m in methods if m not in benchmark_scores]
     if missing:
         raise ValueError(f"benchmark_scores has not been materialized for {missing}: materialize those partitions first")
-    result = stage_evaluation_table(store.store(), {m: benchmark_scores[m] for m in methods}, evaluation_subsets)
+    scores = {m: benchmark_scores[m] for m in methods}
+    result = stage_evaluation_table(store.store(), scores, evaluation_subsets, config, training_pool, visual_dependency)
     yield output(result)
 
 
-EVALUATION_ASSETS = [evaluation_subsets, finetuned_adapter, benchmark_scores, evaluation_table]
+@asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager")
+def visual_dependency(
+    context: AssetExecutionContext,
+    store: StoreResource,
+    model: ModelResource,
+    gradients: GradientsResource,
+    training_pool: PoolRef,
+    warmup_checkpoint: CheckpointRef,
+) -> Iterator:
+    """Per pool record: answer loss with a Gaussian-noise image minus with its own image, at the
+    warm-up checkpoint (ICONS App. B.3, loss form); null for text-only records."""
+    result = stage_visual_dependency(
+        store.store(),
+        training_pool,
+        warmup_checkpoint,
+        model.config(),
+        gradients.config(),
+        log=context.log.info,
+        progress=throttled_progress(context, "visual_dependency"),
+    )
+    yield output(result)
+
+
+EVALUATION_ASSETS = [visual_dependency, evaluation_subsets, finetuned_adapter, benchmark_scores, evaluation_table]

@@ -42,6 +42,10 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
 STAGE1_STEPS = {"test": 200}
 DEFAULT_STAGE1_STEPS = 1200
 
+# The mix world (docs/preregistration-mix.md) differs from the demo's settings in one place:
+# the paper's 5% warm-up (150 of its 3,000 records; the demo's 20% was for its 720).
+MIX_SETTINGS: dict[str, dict[str, Any]] = {"warmup": {"ratio": 0.05}}
+
 
 def demo_settings(**sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The demo's settings as a config document, with ``sections`` merged over them."""
@@ -63,14 +67,32 @@ def bootstrap_demo(
     progress: Callable[[int, int, float], None] | None = None,
 ) -> IconsConfig:
     """Build the demo inputs under ``<home>/demo`` and return their configuration."""
-    from icons_dagster.demo.data import generate_demo
-    from icons_dagster.demo.stage1 import ensure_stage1_model
+    from icons_dagster.demo.data import DEMO_SIZES, generate_demo
+    from icons_dagster.demo.mix import MIX_SIZES, generate_mix
+    from icons_dagster.demo.stage1 import ensure_mix_model, ensure_stage1_model
 
     demo_dir = ArtifactStore(home).demo_dir
-    demo = generate_demo(demo_dir / f"data-{size}", size=size)
-    steps = STAGE1_STEPS.get(size, DEFAULT_STAGE1_STEPS)
-    model = ensure_stage1_model(demo_dir, steps, stage1_records(steps), progress=progress)
+    if size in MIX_SIZES:
+        demo = generate_mix(demo_dir / f"data-{size}", size=size)
+        model = ensure_mix_model(demo_dir, size, progress=progress)
+        overrides = MIX_SETTINGS
+    elif size in DEMO_SIZES:
+        demo = generate_demo(demo_dir / f"data-{size}", size=size)
+        steps = STAGE1_STEPS.get(size, DEFAULT_STAGE1_STEPS)
+        model = ensure_stage1_model(demo_dir, steps, stage1_records(steps), progress=progress)
+        overrides = {}
+    else:
+        raise ValueError(f"unknown demo size {size!r}; choose one of {demo_sizes()}")
     data = {"pool": str(demo.pool), "image_root": str(demo.image_root), "benchmarks": str(demo.benchmarks)}
     if num_shards:
         data["num_shards"] = num_shards
-    return IconsConfig.from_json(demo_settings(data=data, model={"name_or_path": str(model)}), "the demo's settings")
+    document = demo_settings(data=data, model={"name_or_path": str(model)}, **overrides)
+    return IconsConfig.from_json(document, "the demo's settings")
+
+
+def demo_sizes() -> list[str]:
+    """Every world ``demo`` and ``evaluate`` can build: the demo's sizes and the mix world's."""
+    from icons_dagster.demo.data import DEMO_SIZES
+    from icons_dagster.demo.mix import MIX_SIZES
+
+    return [*DEMO_SIZES, *MIX_SIZES]

@@ -61,6 +61,22 @@ def _family(raw_json: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def record_labels(manifest: pl.DataFrame) -> dict[str, list]:
+    """Each row's analysis labels, None where a record has none: ``family`` (the demo's task
+    family, a manifest column), ``source`` and ``wrong`` (the mix world's record fields). The
+    selection never reads them; the evaluation reports subsets by them."""
+    family = manifest["family"].to_list() if "family" in manifest.columns else [None] * manifest.height
+    raws = manifest["raw_json"].to_list()
+    return {"family": family, "source": [_field(raw, "source", str) for raw in raws], "wrong": [_field(raw, "wrong", bool) for raw in raws]}
+
+
+def _field(raw_json: str, key: str, kind: type) -> object | None:
+    if f'"{key}"' not in raw_json:  # parsed only where present
+        return None
+    value = json.loads(raw_json).get(key)
+    return value if isinstance(value, kind) else None
+
+
 def records_from_manifest(manifest: pl.DataFrame) -> list[Record]:
     """Rebuild records (turns from the untouched JSON) for the rows of a manifest."""
     records = []

@@ -33,7 +33,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from statistics import median
@@ -351,6 +351,9 @@ class BenchmarkScore:
     # 1 / #candidates); None where scoring is not a choice (greedy exact match, token F1)
     chance: float | None = None
     extra: dict = field(default_factory=dict)
+    # record id -> its score (0/1, or token F1), in split order, skipped records absent:
+    # what the paired bootstrap of Rel. resamples (``statistics.bootstrap_rel_differences``)
+    record_scores: dict[str, float] = field(default_factory=dict)
 
 
 def _top_share(values: Sequence[str]) -> float:
@@ -405,7 +408,7 @@ def score_benchmark(
     skipped: list[dict] = []
     predictions: list[str] = []
     references: list[str] = []
-    scores: list[float] = []
+    scores: dict[str, float] = {}
     guess_odds: list[float] = []
     nll_sum, nll_tokens = 0.0, 0
     for done, record in enumerate(records, start=1):
@@ -432,7 +435,7 @@ def score_benchmark(
         else:
             predictions.append(prediction)
             references.append(reference)
-            scores.append(record_score)
+            scores[record.id] = float(record_score)
             nll_sum += ref_sum
             nll_tokens += ref_count
         if progress is not None:
@@ -449,7 +452,7 @@ def score_benchmark(
         benchmark=name,
         kind=kind,
         metric=metric,
-        score=float(np.mean(scores)),
+        score=float(np.mean(list(scores.values()))),
         n=len(scores),
         n_skipped=len(skipped),
         reference_loss=nll_sum / max(nll_tokens, 1),
@@ -457,6 +460,7 @@ def score_benchmark(
         collapsed=collapsed(predictions, references=references),
         chance=float(np.mean(guess_odds)) if by_likelihood else None,
         extra=extra,
+        record_scores=scores,
     )
 
 
@@ -535,11 +539,13 @@ def results_markdown(
     rel: dict[str, float],
     benchmarks: Sequence[str],
     rel_all: dict[str, float] | None = None,
+    columns: Mapping[str, Mapping[str, str]] | None = None,
 ) -> str:
     """One row per method, one column per benchmark (3 decimals), and Rel. in percent (1 decimal).
 
     ``rel_all``: a second Rel. column over every benchmark (the paper's eq. 2 as written),
-    beside ``rel`` over the informative ones.
+    beside ``rel`` over the informative ones. ``columns``: more columns after them, header
+    -> {method: cell text} (a method without a cell gets "–").
     """
 
     def cell(value: float | None, fmt: str) -> str:
@@ -549,15 +555,18 @@ def results_markdown(
         value = values.get(method)
         return cell(None if value is None else 100 * value, ".1f")
 
+    columns = columns or {}
     extra = " Rel. all (%) |" if rel_all is not None else ""
+    extra += "".join(f" {header} |" for header in columns)
     lines = [
         "| Method | " + " | ".join(benchmarks) + " | Rel. (%) |" + extra,
-        "|---|" + "---:|" * (len(benchmarks) + 1 + (rel_all is not None)),
+        "|---|" + "---:|" * (len(benchmarks) + 1 + (rel_all is not None) + len(columns)),
     ]
     for method, row in table.items():
         scores = [cell(row.get(b), ".3f") for b in benchmarks]
         line = f"| {method} | " + " | ".join(scores) + f" | {percent(rel, method)} |"
         if rel_all is not None:
             line += f" {percent(rel_all, method)} |"
+        line += "".join(f" {cells.get(method, '–')} |" for cells in columns.values())
         lines.append(line)
     return "\n".join(lines)

@@ -4,7 +4,9 @@ A selector is only as good as the model trained on what it selects. For every me
 same base model gets the same LoRA recipe (the warm-up trainer: AdamW, cosine, one epoch by
 default) on the method's subset; then every benchmark's test split is scored with the
 metric that fits its answers (``core/evaluation/metrics.py``), and the table gives Rel. (paper
-eq. 2: mean over benchmarks of score / full-data score).
+eq. 2: mean over benchmarks of score / full-data score) and each method's Rel. difference to
+the random seeds with a paired bootstrap interval over the per-record scores
+(``core/evaluation/statistics.py``).
 """
 
 from __future__ import annotations
@@ -21,23 +23,38 @@ from icons_dagster.core.data.benchmarks import declared_answers, load_benchmark
 from icons_dagster.core.config import LoraSettings, ModelConfig
 from icons_dagster.core.evaluation.methods import SPECIALIST, EvaluationConfig, parse_method
 from icons_dagster.core.evaluation.metrics import informative_benchmarks, relative_scores, results_markdown, score_benchmark
+from icons_dagster.core.evaluation.statistics import align_record_scores, bootstrap_rel_differences, format_interval
 from icons_dagster.core.storage.fingerprint import fingerprint
 from icons_dagster.core.model.cache import MODELS, ModelCache, model_fingerprint_fields
 from icons_dagster.core.stages.icons import SUBSET_PARQUET, VOTE_TABLE_FILE, family_column, load_pool_manifest
 from icons_dagster.core.stages.kit import Log, Stage, StageResult, quiet_log
-from icons_dagster.core.data.pool import records_from_manifest
+from icons_dagster.core.data.pool import record_labels, records_from_manifest
 from icons_dagster.core.data.records import split_file
 from icons_dagster.core.model.samples import SkipLog
 from icons_dagster.core.storage.artifacts import write_json
-from icons_dagster.core.storage.refs import AdapterRef, EvaluationSubsetsRef, OFASubsetRef, PoolRef, ScoresRef, SubsetRef, VoteTableRef
+from icons_dagster.core.stages.visual_dependency import load_visual_dependency
+from icons_dagster.core.storage.refs import (
+    AdapterRef, EvaluationSubsetsRef, OFASubsetRef, PoolRef, ScoresRef, SubsetRef, VisualDependencyRef, VoteTableRef,
+)  # fmt: skip
 
 
 SUBSETS_FILE = "subsets.parquet"
 SCORES_FILE = "scores.json"
+RECORD_SCORES_FILE = "record_scores.parquet"  # benchmark, id, score: one row per scored test record
 TABLE_FILE = "evaluation_table.parquet"
 TABLE_MARKDOWN = "evaluation_table.md"
-# Bump when scoring changes what a benchmark_scores artifact holds (2: chance levels).
-SCORING_VERSION = 2
+COMPOSITION_FILE = "composition.parquet"  # method, n, wrong_share, mean_vds, one share column per source
+INTERVALS_FILE = "rel_vs_random.parquet"  # method, measure (rel | rel_all), difference, low, high, beats_random
+INTERVALS_SCHEMA = {
+    "method": pl.String, "measure": pl.String, "difference": pl.Float64, "low": pl.Float64, "high": pl.Float64, "beats_random": pl.Boolean
+}
+# Bump when scoring changes what a benchmark_scores artifact holds (2: chance levels;
+# 3: per-record scores).
+SCORING_VERSION = 3
+# The bootstrap's generator seed: fixed, so a table is reproduced exactly (pre-registered).
+BOOTSTRAP_SEED = 0
+
+
 def subsets_settings(config: EvaluationConfig, p: float) -> dict:
     """What evaluation_subsets' fingerprint takes from the configuration."""
     return {"methods": list(config.compared), "p": p}
@@ -46,6 +63,11 @@ def subsets_settings(config: EvaluationConfig, p: float) -> dict:
 def scores_settings(config: EvaluationConfig) -> dict:
     """What benchmark_scores' fingerprint takes from the configuration."""
     return {"max_new_tokens": config.max_new_tokens, "scoring_version": SCORING_VERSION}
+
+
+def table_settings(config: EvaluationConfig) -> dict:
+    """What evaluation_table's fingerprint takes from the configuration: the bootstrap."""
+    return {"bootstrap": {"resamples": config.bootstrap_resamples, "seed": BOOTSTRAP_SEED}}
 
 
 # -- evaluation_subsets ---------------------------------------------------------------------
@@ -357,6 +379,7 @@ def stage_benchmark_scores(
     encoder = models.encoder(model_config)
     placement = models.get(model_config)[2]
     scores = {}
+    records: dict[str, dict[str, float]] = {}  # benchmark -> record id -> its score
     by_adapter: dict[str, list[str]] = {}
     for name in names:
         by_adapter.setdefault(adapters.get(method) or adapters[name], []).append(name)
@@ -372,8 +395,17 @@ def stage_benchmark_scores(
                     max_new_tokens=config.max_new_tokens, kind=declared.get(name),
                 )
                 scores[name] = {**_score_dict(result), **skips.as_metadata()}
+                records[name] = result.record_scores
     with stage.building({"finetuned_adapter": adapter_ref.fingerprint}) as out:
         write_json(out.folder / SCORES_FILE, scores)
+        pl.DataFrame(
+            {
+                "benchmark": [name for name in names for _ in records[name]],
+                "id": [record for name in names for record in records[name]],
+                "score": [score for name in names for score in records[name].values()],
+            },
+            schema={"benchmark": pl.String, "id": pl.String, "score": pl.Float64},
+        ).write_parquet(out.folder / RECORD_SCORES_FILE)
         out.ref = {
             "method": method,
             "scores": {name: s["score"] for name, s in scores.items()},
@@ -417,9 +449,104 @@ def random_summary(table: dict[str, dict[str, float]]) -> tuple[dict[str, float]
     return dict(zip(names, values.mean(axis=0).tolist(), strict=True)), dict(zip(names, values.std(axis=0).tolist(), strict=True))
 
 
-def stage_evaluation_table(store, score_refs: dict[str, ScoresRef], subsets_ref: EvaluationSubsetsRef) -> StageResult:
+def load_record_scores(store, ref: ScoresRef) -> pl.DataFrame:
+    """One method's per-record test scores (benchmark, id, score)."""
+    path = store.absolute(ref.path) / RECORD_SCORES_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"benchmark_scores[{ref.method}] at {ref.path} has no {RECORD_SCORES_FILE} (scored before scoring version "
+            f"{SCORING_VERSION}): materialize benchmark_scores again"
+        )
+    return pl.read_parquet(path)
+
+
+def rel_intervals(
+    store, score_refs: dict[str, ScoresRef], used: list[str], resamples: int
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Each method's Rel. and Rel. all difference to the random seeds' mean, with its paired
+    bootstrap interval ({} and {} without random-<seed> methods; Rel.'s {} without ``used``)."""
+    randoms = [m for m in score_refs if parse_method(m).kind == "random"]
+    if not randoms or "full" not in score_refs:
+        return {}, {}
+    frames = {m: load_record_scores(store, ref) for m, ref in score_refs.items()}
+    per_record = {
+        m: {b: (group["id"].to_list(), group["score"].to_numpy()) for (b,), group in frame.group_by(["benchmark"], maintain_order=True)}
+        for m, frame in frames.items()
+    }
+    aligned = align_record_scores(per_record, "full", sorted(score_refs["full"].scores))
+    common = {"random_methods": randoms, "resamples": resamples, "seed": BOOTSTRAP_SEED}
+    rel = bootstrap_rel_differences(aligned, benchmarks=used, **common) if used else {}
+    return rel, bootstrap_rel_differences(aligned, **common)
+
+
+def composition_by_label(store, pool_ref: PoolRef, subsets_ref: EvaluationSubsetsRef, vds_ref: VisualDependencyRef | None) -> tuple[list[dict], str]:
+    """What each method's subset holds by the pool's analysis labels, against random's and the
+    pool's own: each ``source`` (else ``family``) share, the share of records marked ``wrong``,
+    and the mean Visual Dependency Score. Rows and a markdown table; none when the pool has
+    no label and no VDS was computed. A specialist's row is the union of its per-benchmark subsets."""
+    manifest = load_pool_manifest(store, pool_ref, columns=["id", "family", "raw_json"])
+    labels = record_labels(manifest)
+    group_name = next((name for name in ("source", "family") if any(v is not None for v in labels[name])), None)
+    has_wrong = any(v is not None for v in labels["wrong"])
+    if group_name is None and not has_wrong and vds_ref is None:
+        return [], ""
+    table = pl.DataFrame(
+        {"id": manifest["id"], "group": labels[group_name] if group_name else [None] * manifest.height,
+         "wrong": [bool(v) for v in labels["wrong"]]},
+        schema={"id": pl.String, "group": pl.String, "wrong": pl.Boolean},
+    )  # fmt: skip
+    if vds_ref is not None:
+        table = table.join(load_visual_dependency(store, vds_ref).select("id", pl.col("vds").cast(pl.Float64)), on="id", how="left")
+    groups = sorted({g for g in table["group"].to_list() if g is not None})
+    subsets = pl.read_parquet(store.absolute(subsets_ref.path) / SUBSETS_FILE).select("method", "id").unique(maintain_order=True)
+
+    def row(method: str, chosen: pl.DataFrame) -> dict:
+        counts = dict(chosen.group_by("group").len().iter_rows())
+        out = {"method": method, "n": chosen.height, "wrong_share": float(chosen["wrong"].mean()) if has_wrong else None}
+        out["mean_vds"] = chosen["vds"].mean() if vds_ref is not None else None
+        return out | {f"share:{g}": counts.get(g, 0) / max(chosen.height, 1) for g in groups}
+
+    rows = [row(method, table.join(part.select("id"), on="id", how="semi")) for (method,), part in subsets.group_by("method", maintain_order=True)]
+    randoms = [r for r in rows if parse_method(r["method"]).kind == "random"]
+    if randoms:
+        rows.append({k: (f"random (mean of {len(randoms)})" if k == "method" else _mean_or_none([r[k] for r in randoms])) for k in rows[0]})
+    rows.append(row("pool", table))
+    headers = ["n", *(["wrong"] if has_wrong else []), *(["mean VDS"] if vds_ref is not None else []), *groups]
+    keys = ["n", *(["wrong_share"] if has_wrong else []), *(["mean_vds"] if vds_ref is not None else []), *(f"share:{g}" for g in groups)]
+    lines = ["| Method | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(headers)]
+    for r in rows:
+        cells = [f"{r[k]:.0f}" if k == "n" else ("–" if r[k] is None else f"{r[k]:.3f}") for k in keys]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    what = f"share of each {group_name}, " if group_name else ""
+    markdown = "\n".join(lines) + (
+        f"\n\nSubset composition: {what}share of records marked wrong, mean Visual Dependency Score "
+        "(answer loss with a noise image minus with the record's image, at the warm-up checkpoint); "
+        "the pool's own row for reference"
+    )
+    return rows, markdown
+
+
+def _mean_or_none(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def stage_evaluation_table(
+    store,
+    score_refs: dict[str, ScoresRef],
+    subsets_ref: EvaluationSubsetsRef,
+    config: EvaluationConfig,
+    pool_ref: PoolRef | None = None,
+    vds_ref: VisualDependencyRef | None = None,
+) -> StageResult:
+    """The Rel. table, with each method's difference to random and its 95% bootstrap interval,
+    and (given the pool) each subset's composition by source, wrong answers and VDS."""
     methods = list(score_refs)
-    stage = Stage(store, "evaluation_table", scores={m: score_refs[m].fingerprint for m in sorted(methods)})
+    inputs = {"pool": pool_ref.fingerprint if pool_ref else None, "visual_dependency": vds_ref.fingerprint if vds_ref else None}
+    stage = Stage(
+        store, "evaluation_table", scores={m: score_refs[m].fingerprint for m in sorted(methods)},
+        subsets=subsets_ref.fingerprint, **inputs, **table_settings(config),
+    )  # fmt: skip
     if (reused := stage.reused()) is not None:
         return reused
     table = {m: dict(score_refs[m].scores) for m in methods}
@@ -432,13 +559,27 @@ def stage_evaluation_table(store, score_refs: dict[str, ScoresRef], subsets_ref:
     # no informative benchmark: Rel. is left empty rather than computed from noise
     rel = relative_scores(table, benchmarks=used) if used else {}
     rel_all = relative_scores(table)
+    vs_random, vs_random_all = rel_intervals(store, score_refs, used, config.bootstrap_resamples)
     benchmarks = sorted(next(iter(table.values())))
-    markdown = results_markdown(table, rel, benchmarks, rel_all=rel_all)
+    columns = {}
+    if vs_random_all:
+        columns = {
+            "Δ Rel. vs random (95% CI)": {m: format_interval(d) for m, d in vs_random.items()},
+            "Δ Rel. all vs random (95% CI)": {m: format_interval(d) for m, d in vs_random_all.items()},
+        }
+    markdown = results_markdown(table, rel, benchmarks, rel_all=rel_all, columns=columns)
     if excluded:
         markdown += (
             "\n\nRel. averages the benchmarks where the full-data model beats chance (" + (", ".join(used) or "none") + "); "
             "Rel. all is eq. 2 over every benchmark. Left out of Rel.: "
             + "; ".join(f"{name} ({why})" for name, why in excluded.items())
+        )
+    if columns:
+        randoms = ", ".join(m for m in methods if parse_method(m).kind == "random")
+        markdown += (
+            f"\n\nΔ: the method's Rel. minus the mean Rel. of {randoms}, in points, with a 95% percentile interval over "
+            f"{config.bootstrap_resamples} resamples of each benchmark's test records, the same records for every method; "
+            "a method beats random when its interval lies above 0"
         )
     if std:
         markdown += "\n\nrandom std over seeds: " + ", ".join(f"{b} {std[b]:.3f}" for b in benchmarks)
@@ -455,10 +596,29 @@ def stage_evaluation_table(store, score_refs: dict[str, ScoresRef], subsets_ref:
         for m in table
         for b in benchmarks
     ]
-    with stage.building({"benchmark_scores": {m: score_refs[m].fingerprint for m in methods}}) as out:
+    intervals = [
+        {"method": m, "measure": measure, **d, "beats_random": d["low"] > 0}
+        for measure, values in (("rel", vs_random), ("rel_all", vs_random_all))
+        for m, d in values.items()
+    ]
+    beats_random = {measure: [m for m, d in values.items() if d["low"] > 0] for measure, values in (("rel", vs_random), ("rel_all", vs_random_all))}
+    composition, composition_markdown = composition_by_label(store, pool_ref, subsets_ref, vds_ref) if pool_ref else ([], "")
+    if composition_markdown:
+        markdown += "\n\n" + composition_markdown
+    with stage.building({"benchmark_scores": {m: score_refs[m].fingerprint for m in methods}, **inputs}) as out:
         pl.DataFrame(rows).write_parquet(out.folder / TABLE_FILE)
+        if composition:
+            pl.DataFrame(composition).write_parquet(out.folder / COMPOSITION_FILE)
+        pl.DataFrame(intervals, schema=INTERVALS_SCHEMA).write_parquet(out.folder / INTERVALS_FILE)
         (out.folder / TABLE_MARKDOWN).write_text(markdown + "\n", encoding="utf-8")
-        out.ref = {"rel": rel, "rel_all": rel_all, "rel_benchmarks": used, "methods": list(table)}
+        out.ref = {
+            "rel": rel,
+            "rel_all": rel_all,
+            "rel_benchmarks": used,
+            "methods": list(table),
+            "rel_vs_random": vs_random,
+            "rel_all_vs_random": vs_random_all,
+        }
         out.metadata = {
             "table": markdown,
             "rel": rel,
@@ -467,6 +627,10 @@ def stage_evaluation_table(store, score_refs: dict[str, ScoresRef], subsets_ref:
             "excluded_from_rel": excluded,
             "subset_sizes": subsets_ref.sizes,
             "collapsed": collapsed,
+            "rel_vs_random": vs_random,
+            "rel_all_vs_random": vs_random_all,
+            "beats_random": beats_random,  # the methods whose interval lies above 0, by Rel. and by Rel. all
+            "bootstrap_resamples": config.bootstrap_resamples,
+            "composition": composition,
         }
     return stage.result()
-

@@ -21,7 +21,8 @@ from icons_dagster.core.stages.icons import (
     warmup_checkpoint_settings,
     warmup_subset_settings,
 )
-from icons_dagster.core.stages.evaluation import scores_settings, subsets_settings
+from icons_dagster.core.stages.evaluation import scores_settings, subsets_settings, table_settings
+from icons_dagster.core.stages.visual_dependency import visual_dependency_settings
 from icons_dagster.core.schema import IconsConfig, section_to_json
 
 
@@ -42,6 +43,7 @@ def stage_settings(config: IconsConfig) -> dict[str, dict[str, Any]]:
         "ofa_pseudo_labels": {"kmeans": ofa.kmeans_fields(), "imported": ofa.selector},
         "ofa_selector": {"training": ofa.selector_fields(), "imported": ofa.selector, "embedder": embedder},
         "ofa_selected_subset": ofa.subset_fields(),
+        "visual_dependency": visual_dependency_settings(config.gradients),
         "evaluation_subsets": subsets_settings(evaluation, config.selection.p),
         "finetuned_adapter": {
             "model": model_fingerprint_fields(config.model),
@@ -49,5 +51,5 @@ def stage_settings(config: IconsConfig) -> dict[str, dict[str, Any]]:
             "recipe": {k: getattr(evaluation, k) for k in ("learning_rate", "epochs", "batch_size", "seed", "equal_steps")},
         },
         "benchmark_scores": scores_settings(evaluation),
-        "evaluation_table": {"methods": list(evaluation.compared)},
+        "evaluation_table": {"methods": list(evaluation.compared), **table_settings(evaluation)},
     }

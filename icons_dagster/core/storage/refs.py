@@ -112,6 +112,13 @@ class OFASubsetRef(Ref):
 
 
 @dataclass(frozen=True)
+class VisualDependencyRef(Ref):
+    n_records: int = 0
+    n_scored: int = 0  # records with a score (not text-only, not skipped)
+    checkpoint: int = 0  # the warm-up checkpoint's index the losses were computed at
+
+
+@dataclass(frozen=True)
 class EvaluationSubsetsRef(Ref):
     sizes: dict[str, int] = field(default_factory=dict)
     methods: list[str] = field(default_factory=list)
@@ -140,6 +147,10 @@ class TableRef(Ref):
     rel_all: dict[str, float] = field(default_factory=dict)
     rel_benchmarks: list[str] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)
+    # method -> {difference, low, high}: Rel. (and Rel. all) minus the random seeds' mean,
+    # with its paired bootstrap 95% interval; empty without random-<seed> methods
+    rel_vs_random: dict[str, dict[str, float]] = field(default_factory=dict)
+    rel_all_vs_random: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 #: Each stage's reference type, by stage (asset) name.
@@ -156,6 +167,7 @@ REF_TYPES: dict[str, type[Ref]] = {
     "ofa_pseudo_labels": PseudoLabelsRef,
     "ofa_selector": SelectorRef,
     "ofa_selected_subset": OFASubsetRef,
+    "visual_dependency": VisualDependencyRef,
     "evaluation_subsets": EvaluationSubsetsRef,
     "finetuned_adapter": AdapterRef,
     "benchmark_scores": ScoresRef,
