@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -651,26 +652,33 @@ def _distinct(img: Image.Image, taken: set[bytes], seed: int, *keys: object) -> 
     return img
 
 
-def _write_world(tmp: Path, size: MixSize, seed: int) -> None:
-    n = size.image_size
-    pool = _pool_drafts(size, seed)
+def _world_images(pool: list[_Draft], benchmarks: dict[str, dict[str, list[_Draft]]], size: MixSize, seed: int) -> Iterator[tuple[str, Image.Image]]:
+    """(path under the world's folder, image) of every image ``generate_mix`` writes, once per
+    file, each nudged until no earlier image of the world has its pixels."""
     taken: set[bytes] = set()
     written: set[str] = set()
     for d in sorted(pool, key=lambda d: d.record["id"]):
         if d.image is None or d.record["image"] in written:
             continue
         written.add(d.record["image"])
-        path = tmp / "images" / d.record["image"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(demo._png_bytes(_distinct(_render(d.image, n), taken, seed, "mix", d.record["image"])))
-    demo._dump_json(tmp / "pool.json", [demo._final(d) for d in pool])
-    for name, splits in _benchmark_drafts(size, seed).items():
-        folder = tmp / "benchmarks" / name
+        yield f"images/{d.record['image']}", _distinct(_render(d.image, size.image_size), taken, seed, "mix", d.record["image"])
+    for name, splits in benchmarks.items():
         for split in demo.SPLITS:
             for d in splits[split]:
-                path = folder / "images" / d.record["image"]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(demo._png_bytes(_distinct(_render(d.image, n), taken, seed, "mix", d.record["id"])))
+                image = _distinct(_render(d.image, size.image_size), taken, seed, "mix", d.record["id"])
+                yield f"benchmarks/{name}/images/{d.record['image']}", image
+
+
+def _write_world(tmp: Path, size: MixSize, seed: int) -> None:
+    pool, benchmarks = _pool_drafts(size, seed), _benchmark_drafts(size, seed)
+    for relative, image in _world_images(pool, benchmarks, size, seed):
+        path = tmp / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(demo._png_bytes(image))
+    demo._dump_json(tmp / "pool.json", [demo._final(d) for d in pool])
+    for name, splits in benchmarks.items():
+        folder = tmp / "benchmarks" / name
+        for split in demo.SPLITS:
             demo._dump_json(folder / f"{split}.json", [demo._final(d) for d in splits[split]])
         demo._dump_json(folder / "benchmark.json", {"answers": MIX_BENCHMARKS[name]})
 
@@ -744,19 +752,8 @@ def _caption_drafts(n: int, seed: int) -> list[_Draft]:
 
 
 def _world_hashes(size: MixSize, seed: int) -> set[bytes]:
-    """Pixel hashes of every image ``generate_mix`` writes (rendered the same way)."""
-    taken: set[bytes] = set()
-    written: set[str] = set()
-    n = size.image_size
-    for d in sorted(_pool_drafts(size, seed), key=lambda d: d.record["id"]):
-        if d.image is not None and d.record["image"] not in written:
-            written.add(d.record["image"])
-            _distinct(_render(d.image, n), taken, seed, "mix", d.record["image"])
-    for splits in _benchmark_drafts(size, seed).values():
-        for split in demo.SPLITS:
-            for d in splits[split]:
-                _distinct(_render(d.image, n), taken, seed, "mix", d.record["id"])
-    return taken
+    """Pixel hashes of every image ``generate_mix`` writes."""
+    return {_sha(image) for _, image in _world_images(_pool_drafts(size, seed), _benchmark_drafts(size, seed), size, seed)}
 
 
 def generate_mix_captions(out_dir: str | Path, n: int, seed: int = 1000, *, world: str | MixSize = "mix", world_seed: int = 0) -> Path:

@@ -33,8 +33,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from statistics import median
 
@@ -43,6 +42,7 @@ import torch
 
 from icons_dagster.core.model.encoding import IGNORE_INDEX, ConversationEncoder, EncodedSample, EncodingError, collate, per_sample_loss
 from icons_dagster.core.data.records import ImageLoadError, Record, Turn, load_image
+from icons_dagster.core.model.loading import scoring_mode
 from icons_dagster.core.model.samples import SkipLog
 
 __all__ = [
@@ -229,18 +229,6 @@ def candidate_answers(kind: str, record: Record, answer_set: Sequence[str] = ())
 # -- model --------------------------------------------------------------------------------
 
 
-@contextmanager
-def _eval_mode(model) -> Iterator[None]:
-    """Dropout off and no autograd while scoring; the caller's train/eval mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def _record_image(record: Record):
     return load_image(record.image_path) if record.image_path is not None else None
 
@@ -277,7 +265,7 @@ def _answer_nll(model, encoder: ConversationEncoder, placement, record: Record, 
     sums = np.empty(len(samples), dtype=np.float64)
     counts = np.empty(len(samples), dtype=np.int64)
     pad_id = encoder.tokenizer.pad_token_id
-    with _eval_mode(model):
+    with scoring_mode(model):
         for start in range(0, len(samples), batch_size):
             batch = collate(samples[start : start + batch_size], pad_id)
             with placement.forward_context():
@@ -322,7 +310,7 @@ def greedy_answer(model, encoder: ConversationEncoder, placement, record: Record
             value = value.to(placement.device)
             model_inputs[key] = value.to(placement.dtype) if value.is_floating_point() else value
     tokenizer = encoder.tokenizer
-    with _eval_mode(model), placement.forward_context():
+    with scoring_mode(model), placement.forward_context():
         output = model.generate(
             **model_inputs,
             do_sample=False,

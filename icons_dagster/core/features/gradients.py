@@ -39,7 +39,6 @@ so features accumulate in fp32 whatever the forward precision.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,7 +48,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer as _CHECKPOI
 
 from icons_dagster.core.model.encoding import Batch, answer_logit_positions, per_sample_loss
 from icons_dagster.core.model.training import AdamMoments
-from icons_dagster.core.model.loading import Placement, gradient_mode, trainable_parameters
+from icons_dagster.core.model.loading import Placement, gradient_mode, keeps_logits, trainable_parameters
 
 
 # Bump when the features' bits change for the same config and inputs, so no gradient
@@ -96,8 +95,7 @@ class PerSampleGradients:
         self.dimension = offset
         # the vocabulary head only at the positions the loss reads (answer tokens), where the
         # model's forward can be told so: the same loss, without B x T x vocab logits
-        forward = getattr(model, "get_base_model", lambda: model)().forward
-        self._keeps_logits = "logits_to_keep" in inspect.signature(forward).parameters
+        self._keeps_logits = keeps_logits(model)
         self._layers_around = {i: layers_around[id(slot.module)] for i, slot in enumerate(slots) if id(slot.module) in layers_around}
         self._replayed: set[int] = set()  # this backward's modules whose input comes from the replay
         self._forward_calls: dict[int, int] = {}

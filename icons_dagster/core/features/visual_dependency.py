@@ -21,9 +21,7 @@ at the answer positions alone where the model takes ``logits_to_keep``.
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -32,7 +30,7 @@ import torch
 
 from icons_dagster.core.data.records import Record
 from icons_dagster.core.model.encoding import ConversationEncoder, EncodedSample, EncodingError, answer_logit_positions, collate, per_sample_loss
-from icons_dagster.core.model.loading import Placement
+from icons_dagster.core.model.loading import Placement, keeps_logits, scoring_mode
 from icons_dagster.core.model.samples import SkipLog, encode_records, length_grouped_batches
 
 NOISE_KEY = "pixel_values"  # the processor output the noise replaces
@@ -107,27 +105,10 @@ class VisualDependency:
         )
 
 
-def _keeps_logits(model) -> bool:
-    forward = getattr(model, "get_base_model", lambda: model)().forward
-    return "logits_to_keep" in inspect.signature(forward).parameters
-
-
-@contextmanager
-def _scoring(model) -> Iterator[None]:
-    """Eval mode (no dropout) and no autograd; the caller's mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _losses(model, samples: Sequence[EncodedSample], pad_id: int, placement: Placement, keeps_logits: bool) -> torch.Tensor:
+def _losses(model, samples: Sequence[EncodedSample], pad_id: int, placement: Placement, head_at_answers: bool) -> torch.Tensor:
     """[B] mean answer cross-entropy of each sample, fp32 on the CPU."""
     batch = collate(samples, pad_id)
-    positions = answer_logit_positions(batch.labels).to(placement.device) if keeps_logits else None
+    positions = answer_logit_positions(batch.labels).to(placement.device) if head_at_answers else None
     head = {"logits_to_keep": positions} if positions is not None and positions.numel() else {}
     with placement.forward_context():
         outputs = model(**batch.model_inputs(placement.device, placement.dtype), **head)
@@ -159,7 +140,7 @@ def visual_dependency(
     n_answer = np.zeros(n, dtype=np.int32)
     skips = SkipLog()
     pad_id = encoder.tokenizer.pad_token_id
-    keeps_logits = _keeps_logits(model)
+    head_at_answers = keeps_logits(model)
     with_image = [i for i, r in enumerate(records) if r.image_path is not None]
 
     def pairs() -> Iterator[tuple[int, EncodedSample, EncodedSample]]:
@@ -174,11 +155,11 @@ def visual_dependency(
                 yield position, sample, noisy
 
     done = n - len(with_image)  # the text-only records need no pass
-    with _scoring(model):
+    with scoring_mode(model):
         for chunk in length_grouped_batches(pairs(), batch_size, length_grouping, length=lambda item: item[1].input_ids.numel()):
             positions = [p for p, _, _ in chunk]
-            own = _losses(model, [s for _, s, _ in chunk], pad_id, placement, keeps_logits)
-            noise = _losses(model, [z for _, _, z in chunk], pad_id, placement, keeps_logits)
+            own = _losses(model, [s for _, s, _ in chunk], pad_id, placement, head_at_answers)
+            noise = _losses(model, [z for _, _, z in chunk], pad_id, placement, head_at_answers)
             loss_image[positions] = own.numpy()
             loss_noise[positions] = noise.numpy()
             for position, sample, _ in chunk:

@@ -14,6 +14,7 @@ the architecture names them.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -92,6 +93,26 @@ def use_deterministic_cuda() -> None:
     if not torch.are_deterministic_algorithms_enabled():
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+
+
+@contextmanager
+def scoring_mode(model) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd, for losses and likelihoods that train nothing;
+    the caller's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def keeps_logits(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (the vocabulary head run only at
+    the positions a loss reads); a peft wrapper is looked through."""
+    forward = getattr(model, "get_base_model", lambda: model)().forward
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 @contextmanager

@@ -89,8 +89,9 @@ def stage_visual_dependency(
             report = None if progress is None else (lambda done, _, offset=len(order): progress(offset + done, pool_ref.n_records))
             parts.append(visual_dependency(records, encoder, model, placement, gradients.batch_size, NOISE_SEED, gradients.length_grouping, report))
             order += [r.index for r in records]
+            shard_labels = record_labels(manifest)
             for name in GROUP_FIELDS:
-                labels[name] += record_labels(manifest)[name]
+                labels[name] += shard_labels[name]
     result = VisualDependency.concat(parts)
     pool_order = np.argsort(np.asarray(order, dtype=np.int64), kind="stable")
     frame = result.frame()[pool_order]
