@@ -107,13 +107,13 @@ def _loss_bar(description: str):
     return bar, progress
 
 
-def _bootstrap_demo(home: Path, size: str, num_shards: int | None = None) -> IconsConfig:
+def _bootstrap_demo(home: Path, size: str, num_shards: int | None = None, world_seed: int = 0) -> IconsConfig:
     """The demo's inputs built under the home (stage 1 shown as it trains), and their config."""
     from icons_dagster.demo.bootstrap import bootstrap_demo
 
     bar, progress = _loss_bar("demo model: stage-1 alignment")
     try:
-        return bootstrap_demo(home, size, num_shards, progress=progress)
+        return bootstrap_demo(home, size, num_shards, progress=progress, world_seed=world_seed)
     finally:
         bar.close()
 
@@ -154,14 +154,14 @@ def _run(home: Path, config: IconsConfig, methods: tuple[str, ...] = ("icons",))
 def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never touches the network
     home = resolve_home(args.home)
-    return _run(home, _bootstrap_demo(home, args.size, args.shards), _methods(args.method))
+    return _run(home, _bootstrap_demo(home, args.size, args.shards, args.world_seed), _methods(args.method))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Both selectors on the home's configuration (cached when done), then fine-tune and score each method."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     home = resolve_home(args.home)
-    config = read_home_config(home) if ArtifactStore(home).config_file.is_file() else _bootstrap_demo(home, args.size)
+    config = read_home_config(home) if ArtifactStore(home).config_file.is_file() else _bootstrap_demo(home, args.size, world_seed=args.world_seed)
     return _run(home, config.replace(**section_overrides(args)), ("icons", "ofa", "evaluation"))
 
 
@@ -262,7 +262,7 @@ def cmd_align(args: argparse.Namespace) -> int:
     if held:
         mismatched = held["loss_after_mismatched_images"]
         print(f"held-out caption loss per answer token ({held['n_encoded']} records): before {held['loss_before']:.3f}, "
-              f"after {held['loss_after']:.3f}, after with mismatched images " + (f"{mismatched:.3f}" if mismatched is not None else "n/a (one image)"))
+              f"after {held['loss_after']:.3f}, after with mismatched images " + (f"{mismatched:.3f}" if mismatched is not None else "n/a (one image, or text-only records)"))
     print(f"aligned checkpoint: {result.out}  (report: {result.out / 'alignment.json'}, {report['seconds']:.0f} s)")
     return 0
 
@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the whole graph on the embedded demo pool and tiny model")
     demo.add_argument("--size", choices=demo_sizes(), default="default", help="which world (mix: the LLaVA-665K-shaped one, docs/preregistration-mix.md)")
+    demo.add_argument("--world-seed", type=int, default=0, help="seed of the generated world and (mix) its base model; 0 is the one results are reported on (default 0)")
     demo.add_argument("--shards", type=int, help="number of training-gradient shards (default 4)")
     demo.add_argument("--method", choices=["icons", "ofa", "both"], default="both", help="which selector(s) to run (default both)")
     demo.set_defaults(func=cmd_demo)
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="fine-tune on every method's subset and score each benchmark's test split")
     evaluate.add_argument("--size", choices=demo_sizes(), default="default", help="world when the home has no config yet (large: 2,640 records; mix: the LLaVA-665K-shaped world)")
+    evaluate.add_argument("--world-seed", type=int, default=0, help="seed of the generated world and (mix) its base model; 0 is the one results are reported on (default 0)")
     add_section_flags(evaluate, EVALUATE_SECTIONS)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -352,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"peak AdamW learning rate, 3%% linear warm-up then cosine (default {defaults.learning_rate:g}; LLaVA's projector-only stage 1 uses 1e-3)")
     align_cmd.add_argument("--seed", type=int, default=defaults.seed, help="seed of the visiting order and the held-out split (default 0)")
     align_cmd.add_argument("--train", choices=TRAIN_CHOICES, default=defaults.train,
-                           help="what trains: projector+lm (a random or small LM, the demo's) or projector (LLaVA's, for a pretrained LM); default projector+lm")
+                           help="what trains: projector+lm (a random or small LM, the demo's), projector (LLaVA's, for a pretrained LM) or lm "
+                           "(the language model alone; text-only records train too: a first stage for a random LM); default projector+lm")
     align_cmd.add_argument("--heldout-fraction", type=float, default=defaults.heldout_fraction,
                            help=f"share of the captions' images held out for the loss check, at most 1000 images; 0: none (default {defaults.heldout_fraction})")
     align_cmd.add_argument("--heldout-captions", help="a separate held-out caption file instead of --heldout-fraction")

@@ -124,3 +124,35 @@ def test_align_bad_input_is_one_line_naming_the_file(captions, tiny_model_dir, t
         err = capsys.readouterr().err.strip()
         assert err.startswith("align: ") and expected in err and "\n" not in err, err
     assert not out.exists() and not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_align_lm_only_trains_on_text_only_records(captions, tiny_model_dir, tmp_path, capsys):
+    """``--train lm``: text-only records are usable, the language model and head train, the
+    projector and vision tower keep their weights; a held-out fraction splits text records one by one."""
+    images = json.loads((captions / ALIGN_FILE).read_text(encoding="utf-8"))[:4]
+    texts = [
+        {"id": f"t{i}", "conversations": [{"from": "human", "value": f"The image shows the digit {i % 10}.\nWhat number is written here?"},
+                                          {"from": "gpt", "value": str(i % 10)}]}
+        for i in range(36)
+    ]  # fmt: skip
+    mixed = tmp_path / "texts.json"
+    mixed.write_text(json.dumps(texts + images), encoding="utf-8")
+    out = tmp_path / "text-stage"
+    assert main(_args(captions, tiny_model_dir, out, *STEPS, "--train", "lm", "--heldout-fraction", "0.25", file=mixed)) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert f"40 usable of 40 in {mixed}; 0 skipped" in printed and "n/a (one image, or text-only records)" in printed
+
+    report = _report(out)
+    assert report["trained"] == ["model.language_model", "lm_head"]
+    assert report["frozen"] == ["model.vision_tower", "model.multi_modal_projector"]
+    assert report["heldout"]["n_records"] == 10 and report["n_records"] == 30  # 25% of 40 groups: 36 texts + 4 images
+    assert report["heldout"]["loss_after_mismatched_images"] is None
+    assert report["heldout"]["loss_after"] < report["heldout"]["loss_before"]
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    trained = load_file(str(out / "model.safetensors"))
+    changed = {k for k in base if not base[k].equal(trained[k])}
+    assert changed and all(k.startswith(("language_model.", "lm_head.")) for k in changed)
+
+    # The same file without --train lm: the text-only records are skipped and listed.
+    assert main(_args(captions, tiny_model_dir, tmp_path / "projector", *STEPS, "--heldout-fraction", "0", file=mixed)) == 0
+    assert f"4 usable of 40 in {mixed}; 36 skipped" in capsys.readouterr().out

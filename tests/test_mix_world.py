@@ -20,9 +20,12 @@ from icons_dagster.demo.mix import (
     MIX_SOURCES,
     OFF_TARGET_SOURCES,
     QUESTIONS_PER_IMAGE,
+    TEXT_FORMATS,
+    TEXTS_FILE,
     _pool_drafts,
     generate_mix,
     generate_mix_captions,
+    generate_mix_texts,
 )
 
 TEST = MIX_SIZES["mix-test"]
@@ -145,26 +148,65 @@ def test_captions_are_llava_records_of_new_images(world, tmp_path):
     assert len(caption_pixels) == 40 and not caption_pixels & world_pixels
 
 
-def test_bootstrap_builds_the_world_and_its_aligned_base_model(tmp_path):
-    """``--size mix-test``: the world, a base model whose tokenizer knows the world's texts,
-    aligned on the world's captions, and the mix settings (the paper's 5% warm-up)."""
+def test_texts_answer_from_the_description_they_carry(tmp_path):
+    """Text-only records: balanced formats and yes/no and letter answers; every answer is
+    right about the description in the same turn (checked here from the text alone)."""
+    folder = generate_mix_texts(tmp_path / "texts", 400)
+    assert generate_mix_texts(tmp_path / "again", 400).joinpath(TEXTS_FILE).read_bytes() == (folder / TEXTS_FILE).read_bytes()
+    loaded = load_records(folder / TEXTS_FILE, folder)
+    assert not loaded.problems and len(loaded.records) == 400 and all(r.image_path is None for r in loaded.records)
+    records = _json(folder / TEXTS_FILE)
+    assert collections.Counter(r["format"] for r in records) == {f: 100 for f in TEXT_FORMATS}
+    yes_no = collections.Counter(r["conversations"][1]["value"] for r in records if r["format"] == "yes_no")
+    letters = collections.Counter(r["conversations"][1]["value"] for r in records if r["format"] == "mc")
+    assert set(yes_no) == {"Yes", "No"} and min(yes_no.values()) >= 35
+    assert set(letters) == set("ABCD") and min(letters.values()) >= 15
+    checked = collections.Counter()
+    for r in records:
+        human, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        description = next(line for line in human.split("\n") if line.startswith(("The image shows", "This is a")))
+        if r["format"] == "mc" and (m := re.search(rf"^{answer}\. (.+)$", human, re.M)) and r["kind"] in ("single", "text", "cover", "digit"):
+            option = m.group(1)
+            counted = f"shows {option} shape" in description  # a count option
+            assert option in description.replace("The image shows the digit", "") or counted, r
+            checked["mc"] += 1
+        elif m := re.search(r"^Is there an? (\w+) (\w+) in the image\?$", human, re.M):
+            assert (answer == "Yes") == (f"a {m.group(1)} {m.group(2)}" in description), r
+            checked["exists"] += 1
+        elif r["format"] == "short" and r["kind"] in ("text", "cover", "digit"):
+            assert answer in description, r
+            checked["short"] += 1
+    assert min(checked.values()) >= 20, checked
+
+
+def test_bootstrap_builds_the_world_and_its_aligned_base_model(world, tmp_path):
+    """``--size mix-test`` (here on world seed 1, the confirmation's): the world, a base model
+    whose tokenizer knows the world's texts, first trained on text about the world, aligned on
+    the world's captions, and the mix settings (the paper's 5% warm-up)."""
     from icons_dagster.core.model.alignment import REPORT_FILE
     from icons_dagster.demo.bootstrap import bootstrap_demo, demo_sizes
 
     assert {"mix", "mix-test"} <= set(demo_sizes())
-    config = bootstrap_demo(tmp_path, "mix-test")
+    config = bootstrap_demo(tmp_path, "mix-test", world_seed=1)
     assert Path(config.data.pool).name == "pool.json" and len(_json(Path(config.data.pool))) == TEST.pool
+    assert "seed1" in config.model.name_or_path and "seed1" in config.data.pool
+    assert _json(Path(config.data.pool)) != _json(world.pool)  # another world than seed 0's
     assert sorted(p.name for p in Path(config.data.benchmarks).iterdir()) == sorted(MIX_BENCHMARKS)
     assert config.warmup.ratio == 0.05
     report = _json(Path(config.model.name_or_path) / REPORT_FILE)
     assert report["recipe"]["steps"] == 40 and report["n_records"] == 64
+    text_stage = _json(Path(report["model"]) / REPORT_FILE)  # aligned from the text stage's checkpoint
+    assert text_stage["recipe"]["train"] == "lm" and text_stage["n_records"] == 64 and text_stage["captions"]["n_problems"] == 0
+    assert text_stage["trained"] == ["model.language_model", "lm_head"]
+    assert text_stage["heldout"]["loss_after"] < text_stage["heldout"]["loss_before"] - 1.0
     held = report["heldout"]
     assert held["loss_after"] < held["loss_before"] - 1.0  # 40 steps already learn the caption language
-    # the tokenizer was trained on the world: a box answer is a handful of tokens, not bytes
+    # the tokenizer was trained on the world: a box answer takes fewer tokens than bytes
     from transformers import AutoTokenizer
 
-    tokens = AutoTokenizer.from_pretrained(config.model.name_or_path)("[0.12, 0.30, 0.45, 0.62]")["input_ids"]
-    assert len(tokens) < 20
+    box = "[0.12, 0.30, 0.45, 0.62]"
+    tokens = AutoTokenizer.from_pretrained(config.model.name_or_path)(box)["input_ids"]
+    assert len(tokens) < len(box) - 2  # BOS + one token per byte without merges learned from the world's boxes
 
 
 def test_evaluation_composition_by_source_and_wrong_answers(world, tmp_path):

@@ -65,19 +65,25 @@ def bootstrap_demo(
     size: str = "default",
     num_shards: int | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    world_seed: int = 0,
 ) -> IconsConfig:
-    """Build the demo inputs under ``<home>/demo`` and return their configuration."""
+    """Build the demo inputs under ``<home>/demo`` and return their configuration.
+
+    ``world_seed`` draws another world of the same size (and, for the mix world, its own base
+    model: tokenizer and captions follow the world), for confirming a result on fresh data.
+    """
     from icons_dagster.demo.data import DEMO_SIZES, generate_demo
     from icons_dagster.demo.mix import MIX_SIZES, generate_mix
     from icons_dagster.demo.stage1 import ensure_mix_model, ensure_stage1_model
 
     demo_dir = ArtifactStore(home).demo_dir
+    suffix = f"-seed{world_seed}" if world_seed else ""
     if size in MIX_SIZES:
-        demo = generate_mix(demo_dir / f"data-{size}", size=size)
-        model = ensure_mix_model(demo_dir, size, progress=progress)
+        demo = generate_mix(demo_dir / f"data-{size}{suffix}", size=size, seed=world_seed)
+        model = ensure_mix_model(demo_dir, size, progress=progress, world_seed=world_seed)
         overrides = MIX_SETTINGS
     elif size in DEMO_SIZES:
-        demo = generate_demo(demo_dir / f"data-{size}", size=size)
+        demo = generate_demo(demo_dir / f"data-{size}{suffix}", size=size, seed=world_seed)
         steps = STAGE1_STEPS.get(size, DEFAULT_STAGE1_STEPS)
         model = ensure_stage1_model(demo_dir, steps, stage1_records(steps), progress=progress)
         overrides = {}

@@ -66,6 +66,7 @@ __all__ = [
     "MixSize",
     "generate_mix",
     "generate_mix_captions",
+    "generate_mix_texts",
     "mix_corpus",
 ]
 
@@ -781,4 +782,125 @@ def generate_mix_captions(out_dir: str | Path, n: int, seed: int = 1000, *, worl
 
     if not demo._is_complete(out, manifest, CAPTIONS_MANIFEST):
         demo._build_folder(out, manifest, CAPTIONS_MANIFEST, write)
+    return out
+
+
+# --------------------------------------------------------------------------- texts (attempt 2's first stage)
+# Text about the same world with no image: a description where the image would be, then a
+# question in one of the benchmarks' formats about what it describes. It teaches a random
+# language model the world's answer formats (and to answer from the content it was given)
+# before it sees an image; on its own random streams, sharing no image with anything.
+
+TEXTS_FILE = "texts.json"
+TEXT_FORMATS = ("short", "yes_no", "mc", "long")
+
+
+def _yes_no(question: str, yes: bool) -> tuple[str, str]:
+    return f"{question}\n{YES_NO_SUFFIX}", "Yes" if yes else "No"
+
+
+def _first(makers: list) -> tuple[str, str, str]:
+    return next(qa for make in makers if (qa := make()) is not None)
+
+
+def _scene_question(fmt: str, scene: _ShapeScene, rng: random.Random) -> tuple[str, str]:
+    shapes = scene.shapes
+    if fmt == "short":
+        makers = [lambda: _q_color(rng, scene), lambda: _q_shape(rng, scene), lambda: _q_count(rng, scene),
+                  lambda: _q_relation(rng, scene), lambda: _q_exists(rng, scene)]  # fmt: skip
+        return _first(rng.sample(makers, len(makers)))[:2]
+    if fmt == "yes_no":  # MME's kinds: colour (one shape), count, position (grid scenes); POPE's existence
+        yes, s = rng.random() < 0.5, rng.choice(shapes)
+        ask = rng.choice(("exists", "color", "count") if s.cell < 0 else ("exists", "count", "position"))
+        if ask == "exists":
+            return _q_exists(rng, scene, YES_NO_SUFFIX)[:2]
+        if ask == "color":
+            return _yes_no(f"Is the {s.kind} {s.color if yes else _other(rng, COLOR_NAMES, s.color)}?", yes)
+        if ask == "count":
+            n = len(shapes)
+            return _yes_no(f"Are there {NUMBER_WORDS[n if yes else _other(rng, range(1, 7), n)]} shapes in the image?", yes)
+        cell = s.cell if yes else _other(rng, range(demo.GRID * demo.GRID), s.cell)
+        return _yes_no(f"Is the {s.color} {s.kind} in the {demo.CELL_NAMES[cell]} of the image?", yes)
+    if fmt == "mc":
+        makers = [lambda: _q_mc(rng, scene, "color"), lambda: _q_mc(rng, scene, "shape"), lambda: _q_mc(rng, scene, "count")]
+        return _first(rng.sample(makers, len(makers)))[:2]
+    return _reasoning(rng, scene)
+
+
+def _text_question(fmt: str, spec: Any, caption: str, rng: random.Random) -> tuple[str, str]:
+    """(question, answer) of format ``fmt`` about the content ``caption`` describes."""
+    if isinstance(spec, _ShapeScene):
+        return _scene_question(fmt, spec, rng)
+    if fmt == "long":
+        return rng.choice(DETAIL_PROMPTS), caption
+    if isinstance(spec, demo._PhotoCrop):
+        answer, others = PHOTOS[spec.photo]["answer"], [p["answer"] for p in PHOTOS.values()]
+        if fmt == "short":
+            if rng.random() < 0.5:
+                return f"What is shown in this photo?\n{VQA_SUFFIX}", answer
+            return f"Is this photo in black and white?\n{VQA_SUFFIX}", "No" if PHOTOS[spec.photo]["color"] else "Yes"
+        if fmt == "yes_no":
+            yes = rng.random() < 0.5
+            return _yes_no(f"Is this a photo of {answer if yes else _other(rng, others, answer)}?", yes)
+        return _options("What is shown in this photo?", [answer, *rng.sample([o for o in others if o != answer], 3)], rng.choice(LETTER), rng)[:2]
+    if isinstance(spec, _Cover):
+        if fmt == "short":
+            if rng.random() < 0.5:
+                return f"What is the title of this book?\n{VQA_SUFFIX}", spec.title
+            return f"Who wrote this book?\n{VQA_SUFFIX}", spec.author
+        if fmt == "yes_no":
+            yes = rng.random() < 0.5
+            return _yes_no(f"Was this book written by {spec.author if yes else _other(rng, AUTHORS, spec.author)}?", yes)
+        options = [spec.author, *rng.sample([a for a in AUTHORS if a != spec.author], 3)]
+        return _options("Who wrote this book?", options, rng.choice(LETTER), rng)[:2]
+    if isinstance(spec, demo._DigitImage):
+        label = str(spec.label)
+        if fmt == "short":
+            return f"What number is written here?\n{VQA_SUFFIX}", label
+        if fmt == "yes_no":
+            yes = rng.random() < 0.5
+            return _yes_no(f"Is the number {label if yes else _other(rng, [str(d) for d in range(10)], label)} written here?", yes)
+        return _options("What number is written here?", [label, *rng.sample([str(d) for d in range(10) if str(d) != label], 3)], rng.choice(LETTER), rng)[:2]
+    text = spec.text  # a word or a number
+    pool = list(WORDS) if text in WORDS else [str(v) for v in range(10, 1000)]
+    if fmt == "short":
+        if rng.random() < 0.5:
+            return f"What word is written in the image?\n{OCR_SUFFIX}", text
+        return f"What does the text in the image say?\n{VQA_SUFFIX}", text
+    if fmt == "yes_no":
+        yes = rng.random() < 0.5
+        return _yes_no(f"Does the image show the word {text if yes else _other(rng, pool, text)}?", yes)
+    return _options("What word is written in the image?", [text, *rng.sample([w for w in pool if w != text], 3)], rng.choice(LETTER), rng)[:2]
+
+
+def _text_drafts(n: int, seed: int) -> list[_Draft]:
+    rng = _rng(seed, "mix", "texts")
+    seed_rng = _rng(seed, "mix", "texts", "pixels")  # scene noise seeds: drawn as for captions, never rendered
+    kinds = _balanced(_CAPTION_KINDS, n, rng)
+    formats = _balanced(TEXT_FORMATS, n, rng)
+    positions = _balanced(("start", "end"), n, rng)
+    drafts = []
+    for i, (kind, fmt, pos) in enumerate(zip(kinds, formats, positions, strict=True)):
+        spec, caption = _caption_item(kind, rng, seed_rng)
+        question, answer = _text_question(fmt, spec, caption, rng)
+        human = f"{caption}\n{question}" if pos == "start" else f"{question}\n{caption}"
+        record = {"id": f"text-{i:06d}", "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]}
+        drafts.append(_Draft(record, None, {"kind": kind, "format": fmt}))
+    return drafts
+
+
+def generate_mix_texts(out_dir: str | Path, n: int, seed: int = 3000) -> Path:
+    """Write ``n`` text-only records about the mix world's content; return the folder.
+
+    ``texts.json`` (LLaVA format, no image): a description of a scene, photo crop, word,
+    cover or digit in the captions' words, and a question about it in one of four formats
+    (short answer, yes/no, multiple choice, long answer), balanced. The input of
+    ``icons-dagster align --train lm``. Idempotent and crash-safe.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    out = Path(out_dir)
+    manifest = {"format": MIX_FORMAT_VERSION, "kind": "texts", "n": n, "seed": seed}
+    if not demo._is_complete(out, manifest, CAPTIONS_MANIFEST):
+        demo._build_folder(out, manifest, CAPTIONS_MANIFEST, lambda tmp: demo._dump_json(tmp / TEXTS_FILE, [demo._final(d) for d in _text_drafts(n, seed)]))
     return out

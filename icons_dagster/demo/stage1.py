@@ -115,26 +115,44 @@ def ensure_stage1_model(
     return out
 
 
-# The mix world's base model (docs/preregistration-mix.md, section 3): the tiny LLaVA with a
-# tokenizer of the world's own texts, aligned on captions of the same visual world.
+# The mix world's base model (docs/preregistration-mix.md, section 3 and its change log, gate
+# attempt 2): the tiny LLaVA with a tokenizer of the world's own texts, whose language model
+# first learns text about the world (descriptions and questions in the benchmarks' formats, no
+# image), then aligned on captions of the same visual world.
 MIX_CAPTIONS = {"mix": 8000, "mix-test": 64}
 MIX_STEPS = {"mix": 4000, "mix-test": 40}
+MIX_TEXTS = {"mix": 8000, "mix-test": 64}
+MIX_TEXT_STEPS = {"mix": 4000, "mix-test": 40}
+TEXT_SEED, TEXT_HELDOUT_SEED = 3000, 3001
 
 
-def ensure_mix_model(demo_dir: str | Path, size: str, *, progress: Callable[[int, int, float], None] | None = None) -> Path:
-    """Build (or reuse) the mix world's aligned base model under ``demo_dir`` and return its path."""
-    from icons_dagster.demo.mix import CAPTIONS_FILE, generate_mix_captions, mix_corpus
+def ensure_mix_model(demo_dir: str | Path, size: str, *, progress: Callable[[int, int, float], None] | None = None, world_seed: int = 0) -> Path:
+    """Build (or reuse) the base model of the mix world (``size``, ``world_seed``) under ``demo_dir``.
+
+    Three folders, each reused when its inputs are unchanged: the random tiny LLaVA, its
+    language model after the text stage (``align --train lm``), and that after caption
+    alignment. Another world seed gets its own tokenizer and captions (no image of that world).
+    """
+    from icons_dagster.demo.mix import CAPTIONS_FILE, TEXTS_FILE, generate_mix_captions, generate_mix_texts, mix_corpus
     from icons_dagster.demo.tiny_model import build_tiny_llava
 
     demo_dir = Path(demo_dir)
     n = MIX_CAPTIONS[size]
-    base_dir = Path(build_tiny_llava(demo_dir / f"tiny-llava-{size}", mix_corpus(size, captions=n)))
-    captions = generate_mix_captions(demo_dir / f"captions-{size}", n, world=size)
-    held = generate_mix_captions(demo_dir / f"captions-{size}-heldout", min(HELDOUT_N, n), seed=HELDOUT_SEED, world=size)
-    recipe = AlignmentRecipe(steps=MIX_STEPS[size], heldout_fraction=0.0, num_threads=BUILD_THREADS)
-    out = demo_dir / f"tiny-llava-{size}-aligned"
+    size_name = f"{size}-seed{world_seed}" if world_seed else size
+    base_dir = Path(build_tiny_llava(demo_dir / f"tiny-llava-{size_name}", mix_corpus(size, seed=world_seed, captions=n)))
+    texts = generate_mix_texts(demo_dir / f"texts-{size}", MIX_TEXTS[size], seed=TEXT_SEED)
+    held_texts = generate_mix_texts(demo_dir / f"texts-{size}-heldout", min(HELDOUT_N, MIX_TEXTS[size]), seed=TEXT_HELDOUT_SEED)
+    read = demo_dir / f"tiny-llava-{size_name}-text"
     align(
-        captions / CAPTIONS_FILE, captions / "images", base_dir, out, recipe,
+        texts / TEXTS_FILE, texts, base_dir, read, AlignmentRecipe(steps=MIX_TEXT_STEPS[size], train="lm", heldout_fraction=0.0, num_threads=BUILD_THREADS),
+        heldout_captions=held_texts / TEXTS_FILE, heldout_image_root=held_texts, force=True, progress=progress,
+    )  # fmt: skip
+    captions = generate_mix_captions(demo_dir / f"captions-{size_name}", n, world=size, world_seed=world_seed)
+    held = generate_mix_captions(demo_dir / f"captions-{size_name}-heldout", min(HELDOUT_N, n), seed=HELDOUT_SEED, world=size, world_seed=world_seed)
+    recipe = AlignmentRecipe(steps=MIX_STEPS[size], heldout_fraction=0.0, num_threads=BUILD_THREADS)
+    out = demo_dir / f"tiny-llava-{size_name}-aligned"
+    align(
+        captions / CAPTIONS_FILE, captions / "images", read, out, recipe,
         heldout_captions=held / CAPTIONS_FILE, heldout_image_root=held / "images", force=True, progress=progress,
     )  # fmt: skip
     return out

@@ -10,7 +10,9 @@ writes the aligned checkpoint: the regime the paper starts from, reachable on an
 Recipe: the vision tower (and every module that is neither projector nor language model)
 stays frozen; the projector trains, and with ``train="projector+lm"`` the language model and
 its output head too (a random LM must learn language; LLaVA keeps a *pretrained* LM frozen:
-``train="projector"``). Loss: the answer-token loss of the warm-up (``ConversationEncoder``
+``train="projector"``). ``train="lm"`` trains the language model and its head alone and also
+takes text-only records: a first stage that teaches a random LM the world's language and
+answer formats before any image (text-only records are skipped and listed otherwise). Loss: the answer-token loss of the warm-up (``ConversationEncoder``
 labels, ``per_sample_loss``, token mean over the batch, as HF's loss in LLaVA's script).
 AdamW (betas 0.9/0.999, no weight decay), linear warm-up over 3% of the steps then cosine to
 0, gradient norm clipped at 1; records visited in a seeded shuffled order, epoch after epoch.
@@ -71,7 +73,8 @@ __all__ = [
 #: Bump when the recipe computes something different, so finished outputs are not reused.
 ALIGNMENT_VERSION = 1
 REPORT_FILE = "alignment.json"
-TRAIN_CHOICES = ("projector+lm", "projector")
+TRAIN_CHOICES = ("projector+lm", "projector", "lm")
+TEXT_TRAIN = "lm"  # the choice that trains on text-only records too
 #: Module names of the projector across architectures (LLaVA, LLaVA-style mm_projector,
 #: Idefics3/SmolVLM, Qwen2.5-VL's merger inside its vision tower).
 PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "connector", "merger")
@@ -162,7 +165,9 @@ def _module_name(model, module) -> str:
 
 
 def trained_prefixes(model, train: str) -> tuple[str, ...]:
-    """Module paths that train: the projector(s), plus the language model and its output head."""
+    """Module paths that train: the projector(s), the language model and its output head, or (``lm``) the last two."""
+    if train == TEXT_TRAIN:
+        return _language_prefixes(model)
     found = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in PROJECTOR_NAMES]
     projectors = [n for n in found if not any(n.startswith(other + ".") for other in found)]
     if not projectors:
@@ -172,12 +177,16 @@ def trained_prefixes(model, train: str) -> tuple[str, ...]:
         )
     if train == "projector":
         return tuple(projectors)
+    return (*projectors, *_language_prefixes(model))
+
+
+def _language_prefixes(model) -> tuple[str, ...]:
     try:
         language = language_model_path(model)
     except ValueError as error:
         raise AlignmentInputError(f"{type(model).__name__}: {error}") from error
     head = model.get_output_embeddings()
-    return (*projectors, language, *([_module_name(model, head)] if head is not None else []))
+    return (language, *([_module_name(model, head)] if head is not None else []))
 
 
 def _under(name: str, prefixes: Sequence[str]) -> bool:
@@ -347,9 +356,9 @@ def _losses(model_source, records, batch_size, num_threads, max_length, revision
 
 def mismatched_images(records: Sequence[Record]) -> list[Record] | None:
     """Each record with the image of the next record (cyclically) that has another image: the
-    loss of a model that ignores the image. None when all records share one image."""
+    loss of a model that ignores the image. None when all records share one image or any has none."""
     images = [r.image_path for r in records]
-    if len(set(images)) < 2:
+    if len(set(images)) < 2 or None in images:
         return None
     out = []
     for i, record in enumerate(records):
@@ -362,15 +371,17 @@ def mismatched_images(records: Sequence[Record]) -> list[Record] | None:
 
 def split_heldout(records: Sequence[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """(train, held-out): a seeded ``fraction`` of the distinct images (at most HELDOUT_MAX_IMAGES),
-    with every caption of those images, is held out; both keep file order."""
-    images = sorted({str(r.image_path) for r in records})
+    with every caption of those images, is held out; a text-only record counts as its own
+    image. Both keep file order."""
+    group = [str(r.image_path) if r.image_path is not None else f"\0{r.index}" for r in records]
+    images = sorted(set(group))
     if fraction <= 0:
         return list(records), []
     n = min(HELDOUT_MAX_IMAGES, max(1, round(fraction * len(images))))
     if n >= len(images):
         raise AlignmentInputError(f"a held-out fraction of {fraction} leaves no image to train on ({len(images)} images)")
     chosen = {images[i] for i in np.random.default_rng([seed, HELDOUT_STREAM]).choice(len(images), size=n, replace=False)}
-    return [r for r in records if str(r.image_path) not in chosen], [r for r in records if str(r.image_path) in chosen]
+    return [r for r, g in zip(records, group, strict=True) if g not in chosen], [r for r, g in zip(records, group, strict=True) if g in chosen]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -390,7 +401,8 @@ class Captions:
         """What the weights depend on: the file's bytes and the images' sizes (not where they sit)."""
         digest = hashlib.sha256()
         for r in self.records:
-            digest.update(f"{r.image}\0{r.image_path.stat().st_size}\n".encode())
+            if r.image_path is not None:
+                digest.update(f"{r.image}\0{r.image_path.stat().st_size}\n".encode())
         return {"sha256": self.sha256, "image_sizes_sha256": digest.hexdigest()}
 
     def summary(self) -> dict[str, Any]:
@@ -405,9 +417,10 @@ class Captions:
         }
 
 
-def load_captions(path: str | Path, image_root: str | Path) -> Captions:
-    """A LLaVA-format caption file: bad records (and text-only ones) are counted and listed;
-    an unreadable file, a missing image root, or no usable record is an error naming the file."""
+def load_captions(path: str | Path, image_root: str | Path, *, text_only: bool = False) -> Captions:
+    """A LLaVA-format caption file: bad records (and text-only ones, unless ``text_only``) are
+    counted and listed; an unreadable file, a missing image root, or no usable record is an
+    error naming the file."""
     path, image_root = Path(path).expanduser().resolve(), Path(image_root).expanduser().resolve()
     if not path.is_file():
         raise AlignmentInputError(f"{path}: no such caption file")
@@ -420,7 +433,7 @@ def load_captions(path: str | Path, image_root: str | Path) -> Captions:
     problems = list(loaded.problems)
     records = []
     for r in loaded.records:
-        if r.image_path is None:
+        if r.image_path is None and not text_only:
             problems.append(RecordProblem(str(path), r.index, r.id, "no image: alignment trains on image-caption pairs"))
         else:
             records.append(r)
@@ -502,8 +515,9 @@ def align(
         check_model_source(source)
     except (ValueError, OSError) as error:
         raise AlignmentInputError(_first_line(error)) from error
-    caps = load_captions(captions, image_root)
-    held_caps = load_captions(heldout_captions, heldout_image_root or image_root) if heldout_captions is not None else None
+    text_only = recipe.train == TEXT_TRAIN
+    caps = load_captions(captions, image_root, text_only=text_only)
+    held_caps = load_captions(heldout_captions, heldout_image_root or image_root, text_only=text_only) if heldout_captions is not None else None
     key = alignment_key(caps, held_caps, source, revision, trust_remote_code, recipe)
     stored = _check_out(out, key, force, source)
     if stored is not None:
