@@ -40,6 +40,7 @@ from icons_dagster.core.data.records import Record, load_records
 from icons_dagster.core.model.alignment import REPORT_FILE, AlignmentRecipe, align
 from icons_dagster.demo.build import ensure_demo_model
 from icons_dagster.demo.data import ALIGN_FILE, generate_alignment_data
+from icons_dagster.demo.tiny_model import TinyModelSpec, build_tiny_llava
 
 __all__ = [
     "STAGE1_DIR",
@@ -124,22 +125,30 @@ MIX_STEPS = {"mix": 4000, "mix-test": 40}
 MIX_TEXTS = {"mix": 8000, "mix-test": 64}
 MIX_TEXT_STEPS = {"mix": 4000, "mix-test": 40}
 TEXT_SEED, TEXT_HELDOUT_SEED = 3000, 3001
+MIX_MODEL_SPEC = TinyModelSpec()
 
 
-def ensure_mix_model(demo_dir: str | Path, size: str, *, progress: Callable[[int, int, float], None] | None = None, world_seed: int = 0) -> Path:
+def ensure_mix_model(
+    demo_dir: str | Path,
+    size: str,
+    *,
+    progress: Callable[[int, int, float], None] | None = None,
+    world_seed: int = 0,
+    spec: TinyModelSpec | None = None,
+) -> Path:
     """Build (or reuse) the base model of the mix world (``size``, ``world_seed``) under ``demo_dir``.
 
     Three folders, each reused when its inputs are unchanged: the random tiny LLaVA, its
     language model after the text stage (``align --train lm``), and that after caption
     alignment. Another world seed gets its own tokenizer and captions (no image of that world).
+    ``spec``: the tiny LLaVA's sizes (default MIX_MODEL_SPEC).
     """
     from icons_dagster.demo.mix import CAPTIONS_FILE, TEXTS_FILE, generate_mix_captions, generate_mix_texts, mix_corpus
-    from icons_dagster.demo.tiny_model import build_tiny_llava
 
     demo_dir = Path(demo_dir)
     n = MIX_CAPTIONS[size]
     size_name = f"{size}-seed{world_seed}" if world_seed else size
-    base_dir = Path(build_tiny_llava(demo_dir / f"tiny-llava-{size_name}", mix_corpus(size, seed=world_seed, captions=n)))
+    base_dir = Path(build_tiny_llava(demo_dir / f"tiny-llava-{size_name}", mix_corpus(size, seed=world_seed, captions=n), spec or MIX_MODEL_SPEC))
     texts = generate_mix_texts(demo_dir / f"texts-{size}", MIX_TEXTS[size], seed=TEXT_SEED)
     held_texts = generate_mix_texts(demo_dir / f"texts-{size}-heldout", min(HELDOUT_N, MIX_TEXTS[size]), seed=TEXT_HELDOUT_SEED)
     read = demo_dir / f"tiny-llava-{size_name}-text"
