@@ -137,6 +137,9 @@ def test_registries_feed_the_config_the_cli_and_the_evaluation(monkeypatch):
     assert (parse_method("icons-cover-25").coverage, parse_method("icons-cover-25").aggregation) == (0.25, "vote")
     assert (parse_method("icons-maxrank").tiebreak, parse_method("icons-norm").aggregation) == ("max-rank", "norm")
     assert parse_method("text-vote").kind == "baseline" and parse_method("ofa").kind == "exported"
+    assert (parse_method("icons-quota").groups, parse_method("icons-quota").group_shares) == ("source", "voters")
+    assert (parse_method("icons-cluster").groups, parse_method("icons-cluster").group_shares) == ("cluster", "pool")
+    assert parse_method("icons-wvote").aggregation == "wvote" and {"icons-quota", "icons-cluster", "icons-wvote"} <= set(DEFAULT_METHODS)
     with pytest.raises(ValueError, match=r"unknown evaluation method 'icons-median': full, random-<seed>"):
         parse_method("icons-median")
     with pytest.raises(SystemExit):  # the CLI offers exactly the registered rules

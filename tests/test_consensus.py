@@ -10,6 +10,7 @@ from icons_dagster.core.selection.analysis import top_fraction_mask
 from icons_dagster.core.selection.consensus import (
     Selection,
     aggregate,
+    group_quotas,
     id_hash,
     percentile_ranks,
     select,
@@ -157,6 +158,8 @@ def test_table6_aggregations_by_hand():
     np.testing.assert_array_equal(aggregate(s, "vote", p=1 / 3), [1.0, 0.0, 1.0])
     # weights [2, 1]: row0 = 1, row1 = 0, row2 = 2
     np.testing.assert_array_equal(aggregate(s, "vote", p=1 / 3, weights=[2.0, 1.0]), [1.0, 0.0, 2.0])
+    # weighted vote: each vote counts the influence that cast it: row0 4, row1 0, row2 3
+    np.testing.assert_array_equal(aggregate(s, "wvote", p=1 / 3), [4.0, 0.0, 3.0])
 
 
 def test_weights_change_selection():
@@ -392,3 +395,58 @@ def test_coverage_properties_and_permutation_invariance(tiebreak, coverage):
         perm = rng.permutation(n)
         sel = select([ids[i] for i in perm], s[perm], p, tiebreak=tiebreak, coverage=coverage)
         assert [ids[perm[i]] for i in sel.order] == [ids[i] for i in base.order]
+
+
+def test_group_quotas_by_largest_remainder():
+    # shares 3/5, 1/5, 1/5 of m = 3: exact 1.8, 0.6, 0.6 -> floors 1, 0, 0; two places left by
+    # remainder: x (0.8), then y before z (equal 0.6, by label)
+    everyone = np.ones(5, dtype=bool)
+    assert group_quotas(["x", "x", "x", "y", "z"], everyone, 3) == {"x": 2, "y": 1, "z": 0}
+    # only the reference rows count: x's two non-reference rows make it 1/3 of three
+    assert group_quotas(["x", "x", "x", "y", "z"], np.array([True, False, False, True, True]), 3) == {"x": 1, "y": 1, "z": 1}
+    with pytest.raises(ValueError, match="no row"):
+        group_quotas(["x"], np.zeros(1, dtype=bool), 1)
+
+
+def test_quota_fill_on_the_worked_example():
+    # p = 0.2: m = 2, plain order s1, s0, s2, s3, ..., s9 and voters s0, s1, s2 (first test).
+    groups = ["x", "x"] + ["y"] * 8
+    # pool shares 2/10 and 8/10: exact 0.4 and 1.6 -> y gets both places: its first two rows
+    pool = select(IDS, SCORES, 0.2, groups=groups)
+    assert pool.group_quotas == {"x": 0, "y": 2}
+    assert [IDS[i] for i in pool.order[:4]] == ["s2", "s3", "s1", "s0"]
+    assert [IDS[i] for i in np.flatnonzero(pool.selected)] == ["s2", "s3"]
+    # the voters' shares 2/3 and 1/3: exact 4/3 and 2/3 -> one place each: s1 (x) and s2 (y)
+    voters = select(IDS, SCORES, 0.2, groups=groups, group_shares="voters")
+    assert voters.group_quotas == {"x": 1, "y": 1}
+    assert [IDS[i] for i in np.flatnonzero(voters.selected)] == ["s1", "s2"]
+    # one group: the plain selection
+    np.testing.assert_array_equal(select(IDS, SCORES, 0.2, groups=["g"] * 10).order, select(IDS, SCORES, 0.2).order)
+    with pytest.raises(ValueError, match="coverage"):
+        select(IDS, SCORES, 0.2, groups=groups, coverage=1)
+    with pytest.raises(ValueError, match="group labels"):
+        select(IDS, SCORES, 0.2, groups=groups[:3])
+    with pytest.raises(ValueError, match="group_shares"):
+        select(IDS, SCORES, 0.2, groups=groups, group_shares="benchmarks")
+
+
+def test_quota_fill_properties_and_permutation_invariance():
+    rng = np.random.default_rng(7)
+    n, k, p = 300, 4, 0.2
+    s = rng.integers(0, 9, size=(n, k)).astype(np.float64) / 9
+    ids = [f"id-{i:04d}" for i in range(n)]
+    groups = [("a", "b", "c")[i % 3] if i < 240 else "d" for i in range(n)]
+    base = select(ids, s, p, groups=groups, group_shares="voters")
+    m = subset_size(n, p)
+    assert base.selected.sum() == m and sum(base.group_quotas.values()) == m
+    plain_rank = {i: r for r, i in enumerate(select(ids, s, p).order.tolist())}
+    for g, q in base.group_quotas.items():
+        members = [i for i in range(n) if groups[i] == g]
+        chosen = sorted((i for i in members if base.selected[i]), key=plain_rank.get)
+        assert len(chosen) == q
+        # each group's places go to its best rows in the plain order
+        assert chosen == sorted(members, key=plain_rank.get)[:q]
+    for _ in range(2):
+        perm = rng.permutation(n)
+        again = select([ids[i] for i in perm], s[perm], p, groups=[groups[i] for i in perm], group_shares="voters")
+        assert [ids[perm[i]] for i in again.order] == [ids[i] for i in base.order]

@@ -246,3 +246,36 @@ def test_evaluation_composition_by_source_and_wrong_answers(world, tmp_path):
     mean = by_method["random (mean of 2)"]
     assert mean["wrong_share"] == pytest.approx((by_method["random-0"]["wrong_share"] + by_method["random-1"]["wrong_share"]) / 2)
     assert markdown.splitlines()[0] == "| Method | n | wrong | " + " | ".join(sorted(MIX_SOURCES)) + " |"
+
+
+def test_source_quota_subset_follows_the_voters_source_mix(world, tmp_path):
+    """``icons-quota`` on the mix world: the sources' places are the voters' source mix, each
+    filled with that source's best records in the paper rule's order."""
+    import numpy as np
+    import polars as pl
+
+    from icons_dagster.core.selection import consensus
+    from icons_dagster.core.stages.evaluation import _group_labels, method_subset
+    from icons_dagster.core.stages.icons import stage_pool
+    from icons_dagster.core.storage.artifacts import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "home")
+    pool_ref = stage_pool(store, world.pool, world.image_root, 2).ref
+    records = _json(world.pool)
+    labels = _group_labels(store, pool_ref, {"source"}, None)
+    assert labels["source"] == {r["id"]: r["source"] for r in records}
+    ids = [r["id"] for r in records]
+    scores = np.random.default_rng(3).normal(size=(len(ids), 4))
+    vote_frame = pl.DataFrame({"id": ids, **{f"influence__b{k}": scores[:, k] for k in range(4)}})
+    chosen = method_subset("icons-quota", ids, 0.2, vote_frame, group_labels=labels)
+    m = consensus.subset_size(len(ids), 0.2)
+    voters = consensus.votes(scores, consensus.vote_thresholds(scores, 0.2)).any(axis=1)
+    sources = [labels["source"][i] for i in ids]
+    quotas = consensus.group_quotas(sources, voters, m)
+    assert len(chosen) == m and collections.Counter(labels["source"][i] for i in chosen) == {s: q for s, q in quotas.items() if q}
+    paper = consensus.select(ids, scores, 0.2).order.tolist()
+    for source, q in quotas.items():
+        best = [ids[i] for i in paper if sources[i] == source][:q]
+        assert sorted(best) == sorted(i for i in chosen if labels["source"][i] == source)
+    with pytest.raises(ValueError, match="source label"):
+        method_subset("icons-quota", ids, 0.2, vote_frame)

@@ -27,7 +27,7 @@ from icons_dagster.resources import (
 )
 from icons_dagster.resources.refs import MATERIALIZED_PARTITIONS
 from icons_dagster.core.storage.refs import (
-    AdapterRef, CheckpointRef, EvaluationSubsetsRef, OFASubsetRef, PoolRef, SubsetRef, VisualDependencyRef, VoteTableRef,
+    AdapterRef, CheckpointRef, EvaluationSubsetsRef, OFASubsetRef, PoolRef, PseudoLabelsRef, SubsetRef, VisualDependencyRef, VoteTableRef,
 )  # fmt: skip
 
 EVALUATION_GROUP = "evaluation"
@@ -43,16 +43,18 @@ def evaluation_subsets(
     vote_table: VoteTableRef,
     selected_subset: SubsetRef,
     ofa_selected_subset: OFASubsetRef,
+    ofa_pseudo_labels: PseudoLabelsRef,
 ) -> Iterator:
-    """The ids each compared method trains on: full, 3 random seeds, the exported ICONS subset,
+    """The ids each compared method trains on: full, the random seeds, the exported ICONS subset,
     the paper's vote and its variants, direct-merge, the TF-IDF vote, OFA, the specialists."""
     paths, config = data.config(), evaluation.config()
     config = replace(config, methods=config.partition_methods())  # partitions only, in their order
     exported = {"icons": selected_subset, "ofa": ofa_selected_subset}
     yield output(
         stage_evaluation_subsets(
-            store.store(), training_pool, vote_table, exported, config, selection.config().p, paths.benchmarks_path(), paths.image_root_path()
-        )
+            store.store(), training_pool, vote_table, exported, config, selection.config().p, paths.benchmarks_path(), paths.image_root_path(),
+            clusters_ref=ofa_pseudo_labels,
+        )  # fmt: skip
     )
 
 

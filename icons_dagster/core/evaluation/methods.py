@@ -10,7 +10,11 @@ validation and the subsets stage all go through it:
   reserve); ``icons-<rule>``: Table 6's other aggregations (``consensus.AGGREGATIONS``)
   with the same rule; ``icons-maxrank``: the vote with the best single-benchmark
   percentile rank as the tie-break; ``icons-cover-<percent>``: the vote with that share of
-  the subset reserved for each benchmark's own top records (Appendix D's remedy).
+  the subset reserved for each benchmark's own top records (Appendix D's remedy);
+  ``icons-wvote``: votes weighted by their influence (the paper's future work).
+- The pre-registered quota levers for the default (docs/preregistration-mix.md, section 5),
+  each on the paper's vote: ``icons-quota`` (places per pool ``source`` in the voters' mix),
+  ``icons-cluster`` (places per OFA k-means cluster in the pool's mix).
 - ``direct-merge``: Table 7 (one merged validation set); ``text-vote``: the same vote over
   TF-IDF similarity to each validation set (what gradients add beyond surface text).
 - ``specialist``: Table 3, one model per benchmark on its own top-p records, scored on it.
@@ -30,15 +34,17 @@ COVER_PREFIX = "icons-cover-"
 RANDOM_PREFIX = "random-"
 BASELINES = ("direct-merge", "text-vote")
 SPECIALIST = "specialist"
+#: name -> (group labels, whose shares set the group quotas)
+LEVERS = {"icons-quota": ("source", "voters"), "icons-cluster": ("cluster", "pool")}
 #: icons-paper and icons-<rule>: the vote table's influence under each aggregation rule
 ICONS_RULES = {PAPER_RULE: "vote", **{f"icons-{name}": name for name in AGGREGATIONS if name != "vote"}}
 DEFAULT_METHODS = (
     "full", *(f"{RANDOM_PREFIX}{seed}" for seed in range(5)), "icons", *ICONS_RULES, MAX_RANK_METHOD,
-    f"{COVER_PREFIX}25", f"{COVER_PREFIX}50", f"{COVER_PREFIX}100",
+    f"{COVER_PREFIX}25", f"{COVER_PREFIX}50", f"{COVER_PREFIX}100", *LEVERS,
     *BASELINES, "ofa", SPECIALIST,
 )
 FORMS = (
-    f"full, {RANDOM_PREFIX}<seed>, icons, {', '.join(ICONS_RULES)}, {MAX_RANK_METHOD}, {COVER_PREFIX}<percent>, "
+    f"full, {RANDOM_PREFIX}<seed>, icons, {', '.join(ICONS_RULES)}, {MAX_RANK_METHOD}, {COVER_PREFIX}<percent>, {', '.join(LEVERS)}, "
     f"{', '.join(BASELINES)}, ofa, {SPECIALIST}"
 )
 
@@ -54,6 +60,8 @@ class Method:
     aggregation: str = "vote"  # icons-rule
     tiebreak: str = "mean-rank"  # icons-rule
     coverage: float = 0.0  # icons-rule
+    groups: str | None = None  # icons-rule: "source" or "cluster" quotas
+    group_shares: str = "pool"  # icons-rule
 
 
 def parse_method(name: str) -> Method:
@@ -68,6 +76,9 @@ def parse_method(name: str) -> Method:
         return Method(name, "icons-rule", aggregation=ICONS_RULES[name])
     if name == MAX_RANK_METHOD:
         return Method(name, "icons-rule", tiebreak="max-rank")
+    if name in LEVERS:
+        groups, shares = LEVERS[name]
+        return Method(name, "icons-rule", groups=groups, group_shares=shares)
     kinds = {"full": "full", SPECIALIST: "specialist", **dict.fromkeys(EXPORTED, "exported"), **dict.fromkeys(BASELINES, "baseline")}
     if name in kinds:
         return Method(name, kinds[name])

@@ -50,6 +50,7 @@ __all__ = [
     "METHODS",
     "TIEBREAKS",
     "coverage_quota",
+    "group_quotas",
     "top_k_mask",
     "subset_size",
     "vote_thresholds",
@@ -241,10 +242,20 @@ def _norm(s: np.ndarray, p: float | None, weights) -> np.ndarray:
     return _row_sum(z) / k
 
 
-#: How benchmarks' influences combine into one score per sample (Table 6): name -> rule.
-#: The config's choices, the vote table's ``agg_*`` columns and the evaluation's
-#: ``icons-<name>`` methods all read this registry; a new rule is one entry here.
-AGGREGATIONS = {"vote": _vote, "mean": _mean, "max": _max, "rank": _rank, "norm": _norm}
+def _weighted_vote(s: np.ndarray, p: float | None, weights) -> np.ndarray:
+    """Each vote weighted by the influence that cast it: sum_k 1[I_k >= tau_k] * I_k (the
+    paper's future work). I_k is already a mean over the benchmark's validation records, so
+    benchmarks with many validation records do not weigh more."""
+    if p is None:
+        raise ValueError("method='wvote' needs p")
+    v = votes(s, vote_thresholds(s, p))
+    return _row_sum(np.where(v, s.astype(np.float64), 0.0))
+
+
+#: How benchmarks' influences combine into one score per sample (Table 6, and the weighted
+#: vote): name -> rule. The config's choices, the vote table's ``agg_*`` columns and the
+#: evaluation's ``icons-<name>`` methods all read this registry; a new rule is one entry here.
+AGGREGATIONS = {"vote": _vote, "mean": _mean, "max": _max, "rank": _rank, "norm": _norm, "wvote": _weighted_vote}
 METHODS = tuple(AGGREGATIONS)
 
 
@@ -348,16 +359,30 @@ class Selection:
     n_decided_by_tiebreak: int  # selected rows at cutoff_score while others at it were left out
     n_reserved: int = 0  # rows selected first as some benchmark's own top-q (coverage > 0)
     n_by_coverage: int = 0  # of those, rows the plain order would have left out
+    group_quotas: dict[str, int] | None = None  # places per group (groups given)
 
 
 def select(
-    ids: Sequence[str], scores, p: float, method: str = "vote", weights=None, tiebreak: str = "mean-rank", coverage: float = 0.0
+    ids: Sequence[str],
+    scores,
+    p: float,
+    method: str = "vote",
+    weights=None,
+    tiebreak: str = "mean-rank",
+    coverage: float = 0.0,
+    *,
+    groups: Sequence[str] | None = None,
+    group_shares: str = "pool",
 ) -> Selection:
     """Top m = subset_size(N, p) rows by ``aggregate(scores, method, p, weights)``.
 
     The order is the one in the module docstring (``tiebreak`` picks step 2); with
     ``coverage`` > 0 each benchmark's reserved top records come first. ``ids`` must be
-    unique strings.
+    unique strings. ``groups`` (one label per row) asks for a quota fill instead of the
+    plain cut: group g gets m * share_g places (largest remainders, ties by label), its
+    share taken over the whole pool (``group_shares="pool"``) or over the rows with at least
+    one vote ("voters"); each group fills its places in the order above. Not combined with
+    ``coverage``.
     """
     s = _check_scores(scores)
     n, _ = s.shape
@@ -380,6 +405,11 @@ def select(
     else:
         agg = aggregate(s, method, p=p, weights=weights)
     order = _selection_order(ids, agg, secondary)
+    quotas = None
+    if groups is not None:
+        if coverage:
+            raise ValueError("a group quota fill and a coverage reserve do not combine; pass one")
+        order, quotas = _quota_order(order, _check_groups(groups, n), m, _quota_reference(s, p, group_shares))
     reserved = np.zeros(n, dtype=bool)
     for c in range(s.shape[1] if quota else 0):
         reserved |= top_k_mask(ids, s[:, c], quota)
@@ -410,4 +440,55 @@ def select(
         n_decided_by_tiebreak=decided,
         n_reserved=int(reserved.sum()),
         n_by_coverage=n_by_coverage,
+        group_quotas=quotas,
     )
+
+
+GROUP_SHARES = ("pool", "voters")
+
+
+def _check_groups(groups: Sequence[str], n: int) -> list[str]:
+    labels = [str(g) for g in groups]
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} group labels for {n} score rows")
+    return labels
+
+
+def _quota_reference(s: np.ndarray, p: float, group_shares: str) -> np.ndarray:
+    """[N] bool: the rows whose groups' shares set the quotas."""
+    if group_shares == "pool":
+        return np.ones(s.shape[0], dtype=bool)
+    if group_shares == "voters":
+        return votes(s, vote_thresholds(s, p)).any(axis=1)
+    raise ValueError(f"unknown group_shares {group_shares!r}; choose from {GROUP_SHARES}")
+
+
+def group_quotas(labels: Sequence[str], reference: np.ndarray, m: int) -> dict[str, int]:
+    """Places per group: m times each group's share of the ``reference`` rows, rounded by
+    largest remainders (ties by label), summing to m. Groups absent from the reference get 0."""
+    counts: dict[str, int] = {}
+    for label, ref in zip(labels, reference.tolist(), strict=True):
+        counts[label] = counts.get(label, 0) + int(ref)
+    total = sum(counts.values())
+    if total == 0:
+        raise ValueError("no row is in the quota's reference set (no row has a vote)")
+    exact = {g: Fraction(m * c, total) for g, c in counts.items()}
+    quotas = {g: int(q) for g, q in exact.items()}  # floor (non-negative)
+    left = m - sum(quotas.values())
+    for g in sorted(exact, key=lambda g: (-(exact[g] - quotas[g]), g))[:left]:
+        quotas[g] += 1
+    return dict(sorted(quotas.items()))
+
+
+def _quota_order(order: np.ndarray, labels: list[str], m: int, reference: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    """The order with the quota fill's m rows first (each part keeping the given order)."""
+    quotas = group_quotas(labels, reference, m)
+    room = dict(quotas)
+    chosen = np.zeros(len(labels), dtype=bool)
+    for i in order.tolist():
+        if room.get(labels[i], 0) > 0:
+            room[labels[i]] -= 1
+            chosen[i] = True
+    # a quota never exceeds its group's rows (m <= the reference rows, which are the group's or fewer)
+    assert int(chosen.sum()) == m
+    return np.concatenate([order[chosen[order]], order[~chosen[order]]]), quotas

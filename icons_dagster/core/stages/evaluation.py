@@ -28,13 +28,14 @@ from icons_dagster.core.storage.fingerprint import fingerprint
 from icons_dagster.core.model.cache import MODELS, ModelCache, model_fingerprint_fields
 from icons_dagster.core.stages.icons import SUBSET_PARQUET, VOTE_TABLE_FILE, family_column, load_pool_manifest
 from icons_dagster.core.stages.kit import Log, Stage, StageResult, quiet_log
+from icons_dagster.core.stages.ofa import LABELS_FILE as OFA_LABELS_FILE
 from icons_dagster.core.data.pool import record_labels, records_from_manifest
 from icons_dagster.core.data.records import split_file
 from icons_dagster.core.model.samples import SkipLog
 from icons_dagster.core.storage.artifacts import write_json
 from icons_dagster.core.stages.visual_dependency import load_visual_dependency
 from icons_dagster.core.storage.refs import (
-    AdapterRef, EvaluationSubsetsRef, OFASubsetRef, PoolRef, ScoresRef, SubsetRef, VisualDependencyRef, VoteTableRef,
+    AdapterRef, EvaluationSubsetsRef, OFASubsetRef, PoolRef, PseudoLabelsRef, ScoresRef, SubsetRef, VisualDependencyRef, VoteTableRef,
 )  # fmt: skip
 
 
@@ -122,11 +123,13 @@ def method_subset(
     vote_frame: pl.DataFrame | None,
     exported: dict[str, pl.DataFrame] | None = None,
     baseline_scores: dict[str, np.ndarray] | None = None,
+    group_labels: dict[str, dict[str, str]] | None = None,
 ) -> list[str]:
     """The ids one method trains on (``ids`` is the pool in manifest order).
 
     ``exported``: the subset frames (id, selected) the ICONS and OFA graphs wrote.
     ``baseline_scores``: "direct-merge" [N] and "text-vote" [N, K] scores in ``ids`` order.
+    ``group_labels``: "source" / "cluster" -> id -> label, for the quota levers.
     """
     spec = parse_method(method)
     if spec.kind == "baseline":
@@ -145,9 +148,17 @@ def method_subset(
         if vote_frame is None:
             raise ValueError(f"method {method!r} needs the ICONS vote table")
         benchmarks, scores = _influence_columns(vote_frame)
+        vote_ids = vote_frame["id"].to_list()
+        groups = None
+        if spec.groups is not None:
+            labels = (group_labels or {}).get(spec.groups)
+            if labels is None:
+                raise ValueError(f"method {method!r} needs each record's {spec.groups} label")
+            groups = [labels.get(i, "") for i in vote_ids]  # a record without a label is its own group ""
         chosen = consensus.select(
-            vote_frame["id"].to_list(), scores, p, method=spec.aggregation, tiebreak=spec.tiebreak, coverage=spec.coverage
-        )
+            vote_ids, scores, p, method=spec.aggregation, tiebreak=spec.tiebreak, coverage=spec.coverage,
+            groups=groups, group_shares=spec.group_shares,
+        )  # fmt: skip
         return vote_frame.filter(pl.Series(chosen.selected))["id"].to_list()
     if spec.kind == "exported":
         frame = (exported or {}).get(method)
@@ -170,9 +181,13 @@ def stage_evaluation_subsets(
     p: float,
     benchmarks_dir: Path | None = None,
     default_image_root: Path | None = None,
+    clusters_ref: PseudoLabelsRef | None = None,
 ) -> StageResult:
-    """Every method's ids at ratio ``p``; ``exported_refs``: the ICONS and OFA subsets ({"icons": ref, "ofa": ref})."""
+    """Every method's ids at ratio ``p``; ``exported_refs``: the ICONS and OFA subsets ({"icons": ref, "ofa": ref});
+    ``clusters_ref``: OFA's k-means clusters, for the cluster-quota lever."""
     exported_refs = {m: ref for m, ref in exported_refs.items() if ref}
+    grouped = {g for m in config.compared if (g := parse_method(m).groups)}
+    clusters_ref = clusters_ref if "cluster" in grouped and clusters_ref is not None and clusters_ref.computed else None
     validation = {}
     if vote_ref and benchmarks_dir is not None:
         validation = {b: load_benchmark(benchmarks_dir, b, default_image_root) for b in vote_ref.benchmarks}
@@ -183,6 +198,7 @@ def stage_evaluation_subsets(
         votes=vote_ref.fingerprint if vote_ref else None,
         exported={m: ref.fingerprint for m, ref in sorted(exported_refs.items())},
         validation={b: loaded.content_sha256 for b, loaded in validation.items()},
+        clusters=clusters_ref.fingerprint if clusters_ref else None,
         **subsets_settings(config, p),
     )
     if (reused := stage.reused()) is not None:
@@ -191,6 +207,7 @@ def stage_evaluation_subsets(
     vote_frame = pl.read_parquet(store.absolute(vote_ref.path) / VOTE_TABLE_FILE) if vote_ref else None
     exported = {m: pl.read_parquet(store.absolute(ref.path) / SUBSET_PARQUET, columns=["id", "selected"]) for m, ref in exported_refs.items()}
     baseline_scores = _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation)
+    group_labels = _group_labels(store, pool_ref, grouped, clusters_ref)
     rows: dict[str, list] = {"method": [], "part": [], "id": []}
     sizes = {}
     for method in config.compared:
@@ -199,7 +216,7 @@ def stage_evaluation_subsets(
                 raise ValueError("method 'specialist' needs the ICONS vote table")
             parts = specialist_subsets(vote_frame, p)
         else:
-            parts = {None: method_subset(method, ids, p, vote_frame, exported, baseline_scores)}
+            parts = {None: method_subset(method, ids, p, vote_frame, exported, baseline_scores, group_labels)}
         for part, chosen in parts.items():
             rows["method"] += [method] * len(chosen)
             rows["part"] += [part] * len(chosen)
@@ -209,6 +226,7 @@ def stage_evaluation_subsets(
         "training_pool": pool_ref.fingerprint,
         "vote_table": vote_ref and vote_ref.fingerprint,
         **{f"{m}_subset": ref.fingerprint for m, ref in exported_refs.items()},
+        **({"ofa_pseudo_labels": clusters_ref.fingerprint} if clusters_ref else {}),
     }
     frame = pl.DataFrame(rows, schema={"method": pl.String, "part": pl.String, "id": pl.String})
     metadata = {"sizes": sizes, "p": p, **subset_composition(store, pool_ref, ids, frame, vote_frame)}
@@ -217,6 +235,18 @@ def stage_evaluation_subsets(
         out.ref = {"sizes": sizes, "methods": list(config.compared)}
         out.metadata = metadata
     return stage.result()
+
+
+def _group_labels(store, pool_ref: PoolRef, grouped: set[str], clusters_ref: PseudoLabelsRef | None) -> dict[str, dict[str, str]]:
+    """id -> label of each grouping the compared methods use: the records' ``source`` field, OFA's cluster."""
+    out: dict[str, dict[str, str]] = {}
+    if "source" in grouped:
+        manifest = load_pool_manifest(store, pool_ref, columns=["id", "raw_json"])
+        out["source"] = {i: s or "" for i, s in zip(manifest["id"].to_list(), record_labels(manifest)["source"], strict=True)}
+    if clusters_ref is not None:
+        frame = pl.read_parquet(store.absolute(clusters_ref.path) / OFA_LABELS_FILE, columns=["id", "cluster"])
+        out["cluster"] = {i: f"cluster-{c}" for i, c in zip(frame["id"].to_list(), frame["cluster"].to_list(), strict=True)}
+    return out
 
 
 def _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation) -> dict[str, np.ndarray]:
