@@ -4,7 +4,7 @@
   (a) random's mean Rel. >= 90% of full, (b) full beats chance on >= 7 of 10 benchmarks,
   a yes/no and a multiple-choice one among them;
 - ``seeds``: the whole pipeline (warm-up seed = projection seed) 0, 1, 2, every protocol
-  method at p = 0.2 (full and the random fine-tunes are shared between pipeline seeds);
+  method (the candidate defaults' levers included) at p = 0.2 (full and the random fine-tunes are shared between pipeline seeds);
 - ``ratios``: Figure 4, p = 5/10/20/40/60% with pipeline seed 0: full, random-0..2, the
   paper's vote and the default.
 
@@ -34,7 +34,8 @@ from icons_dagster.demo.bootstrap import bootstrap_demo
 
 RANDOMS = tuple(f"random-{seed}" for seed in range(5))
 PROTOCOL_METHODS = (
-    "full", *RANDOMS, "icons-paper", "icons", "icons-cover-25", "icons-cover-50", "icons-cover-100", "ofa", "text-vote", "specialist",
+    "full", *RANDOMS, "icons-paper", "icons", "icons-cover-25", "icons-cover-50", "icons-cover-100",
+    "icons-wvote", "icons-quota", "icons-cluster", "ofa", "text-vote", "specialist",
 )  # fmt: skip
 PIPELINE_SEEDS = (0, 1, 2)
 RATIOS = (0.05, 0.1, 0.2, 0.4, 0.6)

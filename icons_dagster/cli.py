@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from icons_dagster.core.model.alignment import TRAIN_CHOICES, AlignmentRecipe
+from icons_dagster.core.model.alignment import DEVICE_CHOICES, TRAIN_CHOICES, AlignmentRecipe
 from icons_dagster.core.schema import SECTIONS, IconsConfig, field_types
 from icons_dagster.core.storage.artifacts import ArtifactStore
 from icons_dagster.demo.bootstrap import demo_sizes
@@ -233,7 +233,7 @@ def cmd_align(args: argparse.Namespace) -> int:
     try:
         recipe = AlignmentRecipe(
             steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed, train=args.train,
-            heldout_fraction=args.heldout_fraction, num_threads=args.threads, max_length=args.max_length,
+            heldout_fraction=args.heldout_fraction, num_threads=args.threads, max_length=args.max_length, device=args.device,
         )
         bar, progress = _loss_bar("stage-1 alignment")
         result = align(
@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     align_cmd.add_argument("--heldout-captions", help="a separate held-out caption file instead of --heldout-fraction")
     align_cmd.add_argument("--heldout-image-root", help="image root of --heldout-captions (default: --image-root)")
     align_cmd.add_argument("--threads", type=int, default=defaults.num_threads, help="torch threads; the weights are byte-identical for equal inputs, seed and threads (default 1)")
+    align_cmd.add_argument("--device", choices=DEVICE_CHOICES, default=defaults.device,
+                           help="cpu (byte-identical for equal inputs, seed and threads) or cuda (bf16 autocast; a real checkpoint's stage 1); default cpu")
     align_cmd.add_argument("--max-length", type=int, default=defaults.max_length, help=f"tokens per record, longer ones truncated and counted (default {defaults.max_length})")
     align_cmd.add_argument("--revision", help="hub revision of --model")
     align_cmd.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code (off unless asked)")

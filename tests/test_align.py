@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from icons_dagster.cli import main
@@ -119,6 +120,8 @@ def test_align_bad_input_is_one_line_naming_the_file(captions, tiny_model_dir, t
         (_args(captions, tmp_path / "no-model", out), "no-model"),
         (_args(captions, tiny_model_dir, out, "--steps", "0"), "steps and batch size must be >= 1"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((_args(captions, tiny_model_dir, out, "--device", "cuda"), "device cuda: no CUDA device is available here"))
     for args, expected in cases:
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()

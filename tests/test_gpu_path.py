@@ -183,3 +183,19 @@ def test_placement_defaults(process_determinism):
     assert off.autocast is None
     with pytest.raises(ValueError, match="autocast"):
         ModelConfig("x", autocast="int8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_alignment_is_byte_identical_on_a_rerun_and_learns(tiny_model_dir, tmp_path, process_determinism):
+    """``align --device cuda``: a real checkpoint's stage 1 on the GPU, deterministic kernels on."""
+    from icons_dagster.core.model.alignment import AlignmentRecipe, align
+    from icons_dagster.demo.data import ALIGN_FILE, generate_alignment_data
+
+    captions = generate_alignment_data(tmp_path / "caps", 40)
+    recipe = AlignmentRecipe(steps=8, batch_size=8, heldout_fraction=0.25, device="cuda")
+    first = align(captions / ALIGN_FILE, captions / "images", tiny_model_dir, tmp_path / "a", recipe)
+    second = align(captions / ALIGN_FILE, captions / "images", tiny_model_dir, tmp_path / "b", recipe)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    held = first.report["heldout"]
+    assert held["loss_after"] < held["loss_before"] - 1.0 and first.report["recipe"]["device"] == "cuda" and not second.reused

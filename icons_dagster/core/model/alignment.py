@@ -16,8 +16,9 @@ answer formats before any image (text-only records are skipped and listed otherw
 labels, ``per_sample_loss``, token mean over the batch, as HF's loss in LLaVA's script).
 AdamW (betas 0.9/0.999, no weight decay), linear warm-up over 3% of the steps then cosine to
 0, gradient norm clipped at 1; records visited in a seeded shuffled order, epoch after epoch.
-CPU, fp32, a pinned torch thread count: equal inputs, seed and thread count give
-byte-identical ``model.safetensors``.
+fp32 weights; on CPU a pinned torch thread count makes equal inputs, seed and thread count
+give byte-identical ``model.safetensors``. ``device="cuda"`` trains on the GPU with bf16
+autocast (a real checkpoint's stage 1 does not fit a CPU budget), deterministic kernels on.
 
 Held-out check: a seeded share of the caption file's *images* (all their captions; at most
 HELDOUT_MAX_IMAGES) or a separate caption file never trains; its per-token answer loss is
@@ -51,7 +52,9 @@ import torch
 from icons_dagster.core.config import ModelConfig
 from icons_dagster.core.data.records import Record, RecordFileError, RecordProblem, load_records
 from icons_dagster.core.model.encoding import ConversationEncoder, EncodedSample, collate, per_sample_loss
-from icons_dagster.core.model.loading import Placement, check_model_source, language_model_path, load_base_model, load_processor, no_progress_bars
+from icons_dagster.core.model.loading import (
+    Placement, check_model_source, language_model_path, load_base_model, load_processor, no_progress_bars, resolve_placement,
+)  # fmt: skip
 from icons_dagster.core.model.samples import SkipLog, encode_records
 from icons_dagster.core.storage.artifacts import write_json
 from icons_dagster.core.storage.fingerprint import canonical_json, checkpoint_identity
@@ -74,6 +77,7 @@ __all__ = [
 ALIGNMENT_VERSION = 1
 REPORT_FILE = "alignment.json"
 TRAIN_CHOICES = ("projector+lm", "projector", "lm")
+DEVICE_CHOICES = ("cpu", "cuda")
 TEXT_TRAIN = "lm"  # the choice that trains on text-only records too
 #: Module names of the projector across architectures (LLaVA, LLaVA-style mm_projector,
 #: Idefics3/SmolVLM, Qwen2.5-VL's merger inside its vision tower).
@@ -107,6 +111,7 @@ class AlignmentRecipe:
     heldout_fraction: float = 0.05  # of the caption file's images; ignored with a held-out caption file
     num_threads: int = 1
     max_length: int = 512
+    device: str = "cpu"  # the weights differ by device, so it is part of the recipe (and the reuse key)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or not self.learning_rate > 0:
@@ -115,6 +120,8 @@ class AlignmentRecipe:
             raise AlignmentInputError(f"train must be one of {TRAIN_CHOICES}, got {self.train!r}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise AlignmentInputError(f"held-out fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.device not in DEVICE_CHOICES:
+            raise AlignmentInputError(f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
         if self.num_threads < 1 or self.max_length < 16:
             raise AlignmentInputError(f"threads must be >= 1 and max length >= 16, got {self.num_threads}, {self.max_length}")
 
@@ -143,16 +150,19 @@ def threads(num_threads: int | None) -> Iterator[None]:
 # --------------------------------------------------------------------------- model
 
 
-def load_model(source: str | Path, *, revision: str | None = None, trust_remote_code: bool = False):
-    """Processor + fp32 CPU model through the project's loader; a failure names the model."""
-    config = ModelConfig(name_or_path=str(source), revision=revision, trust_remote_code=trust_remote_code, device="cpu", dtype="float32")
+def load_model(source: str | Path, *, revision: str | None = None, trust_remote_code: bool = False, device: str = "cpu"):
+    """(processor, fp32 model, placement) through the project's loader; a failure names the model."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AlignmentInputError("device cuda: no CUDA device is available here")
+    config = ModelConfig(name_or_path=str(source), revision=revision, trust_remote_code=trust_remote_code, device=device, dtype="float32")
+    placement = resolve_placement(config)  # CPU: fp32, no autocast; CUDA: bf16 autocast, deterministic kernels
     try:
         with no_progress_bars():
             processor = load_processor(config)
-            model = load_base_model(config, Placement(torch.device("cpu"), torch.float32))
+            model = load_base_model(config, placement)
     except (OSError, ValueError, ImportError) as error:
         raise AlignmentInputError(f"model {source}: cannot be loaded: {_first_line(error)}") from error
-    return processor, model
+    return processor, model, placement
 
 
 def _first_line(error: BaseException) -> str:
@@ -222,11 +232,12 @@ def _encode_all(encoder: ConversationEncoder, records: Sequence[Record]) -> tupl
     return samples, skips
 
 
-def _token_mean(model, samples: Sequence[EncodedSample], pad_id: int) -> tuple[torch.Tensor, int]:
+def _token_mean(model, samples: Sequence[EncodedSample], pad_id: int, placement: Placement) -> tuple[torch.Tensor, int]:
     """Token-mean answer loss of one batch and its answer-token count."""
     batch = collate(samples, pad_id)
-    outputs = model(**batch.model_inputs(torch.device("cpu"), torch.float32))
-    losses = per_sample_loss(outputs.logits, batch.labels)
+    with placement.forward_context():
+        outputs = model(**batch.model_inputs(placement.device, placement.dtype))
+    losses = per_sample_loss(outputs.logits.float(), batch.labels.to(placement.device))
     weights = (batch.labels[:, 1:] != -100).sum(dim=1).to(losses)
     return (losses * weights).sum() / weights.sum(), int(weights.sum())
 
@@ -251,7 +262,7 @@ def train_alignment(
     steps, batch_size = recipe.steps, recipe.batch_size
     with threads(recipe.num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        processor, model = load_model(model_source, revision=revision, trust_remote_code=trust_remote_code)
+        processor, model, placement = load_model(model_source, revision=revision, trust_remote_code=trust_remote_code, device=recipe.device)
         prefixes = trained_prefixes(model, recipe.train)
         encoder = ConversationEncoder(processor, recipe.max_length)
         samples, skips = _encode_all(encoder, records)
@@ -278,7 +289,7 @@ def train_alignment(
             chunk, order = order[:batch_size], order[batch_size:]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate_at(step, steps, recipe.learning_rate)
-            loss, _ = _token_mean(model, [samples[i] for i in chunk], pad_id)
+            loss, _ = _token_mean(model, [samples[i] for i in chunk], pad_id, placement)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
@@ -317,13 +328,13 @@ def train_alignment(
 # --------------------------------------------------------------------------- held-out loss
 
 
-def _mean_loss(model, encoder: ConversationEncoder, records: Sequence[Record], batch_size: int) -> tuple[float, int]:
+def _mean_loss(model, encoder: ConversationEncoder, records: Sequence[Record], batch_size: int, placement: Placement) -> tuple[float, int]:
     samples, _ = _encode_all(encoder, records)
     pad_id = encoder.tokenizer.pad_token_id
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
-            loss, count = _token_mean(model, samples[start : start + batch_size], pad_id)
+            loss, count = _token_mean(model, samples[start : start + batch_size], pad_id, placement)
             total += float(loss) * count
             tokens += count
     return total / tokens, len(samples)
@@ -338,19 +349,20 @@ def answer_loss(
     max_length: int = 512,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    device: str = "cpu",
 ) -> float:
     """Mean per-token answer loss of the checkpoint on ``records`` (eval mode, no grad)."""
-    return _losses(model_source, records, batch_size, num_threads, max_length, revision, trust_remote_code, mismatched=False)["loss"]
+    return _losses(model_source, records, batch_size, num_threads, max_length, revision, trust_remote_code, device, mismatched=False)["loss"]
 
 
-def _losses(model_source, records, batch_size, num_threads, max_length, revision, trust_remote_code, *, mismatched: bool) -> dict[str, Any]:
+def _losses(model_source, records, batch_size, num_threads, max_length, revision, trust_remote_code, device, *, mismatched: bool) -> dict[str, Any]:
     """Answer loss on ``records`` and (``mismatched``) on them with swapped images, one load."""
     with threads(num_threads):
-        processor, model = load_model(model_source, revision=revision, trust_remote_code=trust_remote_code)
+        processor, model, placement = load_model(model_source, revision=revision, trust_remote_code=trust_remote_code, device=device)
         encoder = ConversationEncoder(processor, max_length)
-        loss, n_encoded = _mean_loss(model, encoder, records, batch_size)
+        loss, n_encoded = _mean_loss(model, encoder, records, batch_size, placement)
         swapped = mismatched_images(records) if mismatched else None
-        loss_swapped = _mean_loss(model, encoder, swapped, batch_size)[0] if swapped else None
+        loss_swapped = _mean_loss(model, encoder, swapped, batch_size, placement)[0] if swapped else None
     return {"loss": loss, "n_encoded": n_encoded, "loss_mismatched": loss_swapped}
 
 
@@ -538,7 +550,7 @@ def align(
         evaluated = time.perf_counter()
         heldout = None
         if held:
-            args = (EVAL_BATCH_SIZE, recipe.num_threads, recipe.max_length, revision, trust_remote_code)
+            args = (EVAL_BATCH_SIZE, recipe.num_threads, recipe.max_length, revision, trust_remote_code, recipe.device)
             try:
                 before = _losses(source, held, *args, mismatched=False)
             except NothingEncoded as error:
