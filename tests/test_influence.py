@@ -6,6 +6,7 @@ import torch
 
 from icons_dagster.core.selection.influence import (
     TILE_ROWS,
+    checkpoint_weighted_max,
     full_influence_matrix,
     influence_scores,
     mean_validation_feature,
@@ -64,6 +65,26 @@ def test_subtask_max_by_hand():
     # without subtasks it is the plain mean [0, 1/3]: row0 0, row1 0, row2 -1/3
     m_all, _ = mean_validation_feature(val)
     np.testing.assert_allclose(influence_scores(train, m_all), [0.0, 0.0, -1 / 3], atol=1e-7)
+
+
+def test_checkpoints_are_summed_per_subtask_before_the_max():
+    # two checkpoints (weights 0.5, 0.5), two subtasks, one training row:
+    #   checkpoint 0: subtask a 1.0, subtask b 0.0
+    #   checkpoint 1: subtask a 0.0, subtask b 0.8
+    # per subtask first (LESS, the paper's multi-epoch formula): a 0.5, b 0.4 -> max 0.5;
+    # the max per checkpoint first would give 0.5 * 1.0 + 0.5 * 0.8 = 0.9
+    ckpt0 = np.array([[1.0, 0.0]], dtype=np.float32)
+    ckpt1 = np.array([[0.0, 0.8]], dtype=np.float32)
+    np.testing.assert_allclose(checkpoint_weighted_max([ckpt0, ckpt1], [0.5, 0.5]), [0.5])
+    # a second row where the orders agree: a 0.3 + 0.3, b 0.1 + 0.2 -> 0.3 either way
+    two = [np.array([[1.0, 0.0], [0.3, 0.1]], np.float32), np.array([[0.0, 0.8], [0.3, 0.2]], np.float32)]
+    np.testing.assert_allclose(checkpoint_weighted_max(two, [0.5, 0.5]), [0.5, 0.3], rtol=1e-6)
+    # one group: the plain weighted sum; one checkpoint: the plain max, bit for bit
+    plain = [np.array([0.2, -0.4], np.float32), np.array([0.6, 0.1], np.float32)]
+    assert checkpoint_weighted_max([a[:, None] for a in plain], [0.25, 0.75]).tobytes() == weighted_influence(plain, [0.25, 0.75]).tobytes()
+    assert checkpoint_weighted_max([two[0]], [1.0]).tobytes() == two[0].max(axis=1).tobytes()
+    with pytest.raises(ValueError, match=r"\[n, G\]"):
+        checkpoint_weighted_max([np.zeros(3, np.float32)], [1.0])
 
 
 def test_unnormalized_validation_rejected():

@@ -107,22 +107,36 @@ def test_benchmarks_scored_in_one_pass_equal_each_scored_alone(two_checkpoint_ru
     scores_from_files = pipeline.influence_scores_from_files
 
     def counted(paths, means, groups=None, **kwargs):
-        passes.append(len(groups))  # the real pass, counted
+        passes.append(len(groups))  # the real pass, counted, with its subtask groups (one column each)
         return scores_from_files(paths, means, groups, **kwargs)
 
     monkeypatch.setattr(pipeline, "influence_scores_from_files", counted)
     together = stage_influences(store, pool, ckpt, shards, vals, p=0.2)
-    assert sorted(together) == list(names) and passes == [3, 3]  # one pass per checkpoint, all benchmarks in it
+    assert sorted(together) == list(names) and passes == [4, 4]  # one pass per checkpoint, all benchmarks' 1 + 2 + 1 groups in it
     frames = {b: pl.read_parquet(store.absolute(r.ref.path) / "influence.parquet") for b, r in together.items()}
     shared = ("seconds", "reused", "scored_together")  # what depends on the pass, not the scores
     metadata = {b: {k: v for k, v in r.metadata.items() if k not in shared} for b, r in together.items()}
     assert metadata["multiple_choice"]["subtask_groups"] == ["color", "shape"]
     assert all(r.metadata["scored_together"] == list(names) for r in together.values())
+    # two checkpoints, two subtasks: each subtask's checkpoints are summed first, then the max
+    # (LESS's order), by brute force from the stored features
+    weights = [e["weight"] for e in ckpt.checkpoints]
+    subtasks = load_samples(store.absolute(vals["multiple_choice"].path))["subtask"].to_list()
+    per_group = []
+    for c in range(2):
+        v = load_features(store.absolute(vals["multiple_choice"].path), c, mmap=False).astype(np.float64)
+        t = np.concatenate([load_features(store.absolute(shards[s].path), c, mmap=False).astype(np.float64) for s in sorted(shards)])
+        per_group.append(np.stack([(t @ v[[x == g for x in subtasks]].T).mean(axis=1) for g in ("color", "shape")], axis=1))
+    expected = (weights[0] * per_group[0] + weights[1] * per_group[1]).max(axis=1)
+    max_first = weights[0] * per_group[0].max(axis=1) + weights[1] * per_group[1].max(axis=1)
+    assert np.abs(max_first - expected).max() > 1e-3  # the two orders differ on this pool, so the check can fail
+    np.testing.assert_allclose(frames["multiple_choice"]["influence"].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(frames["multiple_choice"]["influence_checkpoint_1"].to_numpy(), per_group[1].max(axis=1), rtol=1e-4, atol=1e-5)
     for b in names:
         shutil.rmtree(store.absolute(together[b].ref.path))
         passes.clear()
         alone = stage_influences(store, pool, ckpt, shards, {b: vals[b]}, p=0.2)[b]
-        assert passes == [1, 1] and alone.ref.fingerprint == together[b].ref.fingerprint
+        assert passes == [max(1, len(metadata[b]["subtask_groups"]))] * 2 and alone.ref.fingerprint == together[b].ref.fingerprint
         assert pl.read_parquet(store.absolute(alone.ref.path) / "influence.parquet").equals(frames[b])
         assert {k: v for k, v in alone.metadata.items() if k not in shared} == metadata[b]
         assert alone.metadata["scored_together"] == [b]
@@ -130,7 +144,7 @@ def test_benchmarks_scored_in_one_pass_equal_each_scored_alone(two_checkpoint_ru
     shutil.rmtree(store.absolute(together["yes_no"].ref.path))
     passes.clear()
     again = stage_influences(store, pool, ckpt, shards, vals, p=0.2)
-    assert passes == [1, 1]
+    assert passes == [1, 1]  # yes_no: one group
     assert [again[b].ref.reused for b in names] == [True, True, False]
 
 

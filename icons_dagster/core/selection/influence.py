@@ -10,7 +10,9 @@ The benchmark's influence is therefore one matrix-vector product with the (unnor
 mean validation feature — no |D| x |V| matrix. For benchmarks reported per subtask
 (e.g. MME) the influence is the max over the subtasks' means, as the official ICONS
 code does for MME and LESS does for MMLU. Multi-checkpoint influence is the
-learning-rate-weighted sum over checkpoints (paper's multi-epoch formula).
+learning-rate-weighted sum over checkpoints (paper's multi-epoch formula), taken per
+subtask before the max over subtasks, as LESS does (``checkpoint_weighted_max``): the sum
+is over each training/validation pair, so it comes before any max.
 
 Streaming from disk: ``influence_scores_from_files`` reads stored ``.npy`` shards
 (``storage/npy.py``) with plain file reads into reused buffers (never a memory map, whose
@@ -41,6 +43,7 @@ __all__ = [
     "influence_scores_from_files",
     "stack_group_means",
     "weighted_influence",
+    "checkpoint_weighted_max",
     "full_influence_matrix",
 ]
 
@@ -421,6 +424,20 @@ def weighted_influence(per_checkpoint: Sequence[np.ndarray], weights: Sequence[f
     for wc, a in zip(w, arrs):
         acc += wc * a.astype(np.float64)
     return acc.astype(np.float32)
+
+
+def checkpoint_weighted_max(per_checkpoint: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """``[n]`` float32: max over subtask groups g of sum_c w_c * I_c[:, g].
+
+    ``per_checkpoint[c]`` is checkpoint c's ``[n, G]`` scores, one column per subtask group
+    (G = 1 without subtasks). Summing over checkpoints first is the paper's multi-epoch
+    formula per training/validation pair; the max over subtasks comes last. With one group
+    or one checkpoint this is the plain weighted sum or the plain max, bit for bit.
+    """
+    arrs = [np.asarray(a) for a in per_checkpoint]
+    if any(a.ndim != 2 or a.shape[1] == 0 for a in arrs):
+        raise ValueError(f"each checkpoint needs [n, G] group scores, got {[a.shape for a in arrs]}")
+    return weighted_influence(arrs, weights).max(axis=1)
 
 
 def full_influence_matrix(

@@ -32,11 +32,11 @@ from icons_dagster.core.model.cache import MODELS, ModelCache, model_fingerprint
 from icons_dagster.core.model.training import checkpoint_weights, load_moments, train_warmup, warmup_indices
 from icons_dagster.core.selection import analysis, consensus
 from icons_dagster.core.selection.influence import (
+    checkpoint_weighted_max,
     full_influence_matrix,
     influence_scores_from_files,
     mean_validation_feature,
     stack_group_means,
-    weighted_influence,
 )
 from icons_dagster.core.stages.kit import Log, Progress, Stage, StageResult, quiet_log
 from icons_dagster.core.storage.artifacts import ArtifactStore, save_npy, write_json
@@ -65,8 +65,13 @@ def warmup_checkpoint_settings(model_config: ModelConfig, lora: LoraSettings, co
     return {"model": model_fingerprint_fields(model_config), "lora": lora, "warmup": config}
 
 
+# Bump when task_influence computes something else from the same features (2: checkpoints
+# summed per subtask before the max over subtasks).
+INFLUENCE_VERSION = 2
+
+
 def influence_settings(p: float, write_full_matrix: bool) -> dict:
-    return {"p": p, "full_matrix": write_full_matrix}
+    return {"p": p, "full_matrix": write_full_matrix, "influence_version": INFLUENCE_VERSION}
 
 
 # -- training_pool ------------------------------------------------------------------------
@@ -397,21 +402,24 @@ def stage_influences(
         ids += shard_ids
         shard_col += [shard] * len(shard_ids)
     validation = {b: _ValidationSet.load(store, validation_refs[b]) for b in pending}
-    per_ckpt_scores: dict[str, list[np.ndarray]] = {b: [] for b in pending}
+    # per benchmark and checkpoint: [n, G] scores, one column per subtask group; the
+    # checkpoints are summed per group before the max over groups (LESS's order)
+    per_ckpt_groups: dict[str, list[np.ndarray]] = {b: [] for b in pending}
     for c in range(len(weights)):
         means = [validation[b].means(c) for b in pending]
         stacked, groups = stack_group_means(means)
         paths = [shard_dir / features_file(c) for shard_dir in shard_dirs]
         log(f"influence of {len(pending)} benchmark(s) over {len(ids)} training samples, checkpoint {c}: one streaming pass")
-        scores = influence_scores_from_files(paths, stacked, groups)  # [n, K], bounded memory
-        for k, benchmark in enumerate(pending):
-            per_ckpt_scores[benchmark].append(np.ascontiguousarray(scores[:, k]))
+        one_per_group = [(g, g + 1) for g in range(stacked.shape[0])]
+        scores = influence_scores_from_files(paths, stacked, one_per_group)  # [n, G_total], bounded memory
+        for (a, b), benchmark in zip(groups, pending, strict=True):
+            per_ckpt_groups[benchmark].append(np.ascontiguousarray(scores[:, a:b]))
     manifest_df = load_pool_manifest(store, pool_ref, columns=["id", "family"])
     families = family_column(manifest_df, ids)
     for benchmark, stage in pending.items():
         results[benchmark] = _write_influence(
             stage, benchmark, pool_ref, train_refs, shards, validation_refs[benchmark], validation[benchmark],
-            ids, shard_col, families, per_ckpt_scores[benchmark], weights, p, write_full_matrix, list(pending),
+            ids, shard_col, families, per_ckpt_groups[benchmark], weights, p, write_full_matrix, list(pending),
         )
     return {b: results[b] for b in sorted(results)}
 
@@ -427,7 +435,7 @@ def _write_influence(
     ids: list[str],
     shard_col: list[str],
     families: list[str] | None,
-    per_ckpt_scores: list[np.ndarray],
+    per_ckpt_groups: list[np.ndarray],
     weights: list[float],
     p: float,
     write_full_matrix: bool,
@@ -435,13 +443,16 @@ def _write_influence(
 ) -> StageResult:
     """One benchmark's influence artifact: the table, its metadata and plots, the optional matrix.
 
+    ``per_ckpt_groups[c]``: checkpoint c's ``[n, G]`` scores per subtask group. The table's
+    ``influence_checkpoint_<c>`` is checkpoint c's own max over groups (what it alone says);
+    ``influence`` sums the checkpoints per group, then takes the max (``checkpoint_weighted_max``).
     ``scored_together``: the benchmarks of the shared pass (its ``seconds`` include that pass).
     """
     store = stage.store
-    scores = weighted_influence(per_ckpt_scores, weights)
+    scores = checkpoint_weighted_max(per_ckpt_groups, weights)
     table = {"id": ids, "shard": shard_col, "influence": scores.astype(np.float32)}
-    for c, values in enumerate(per_ckpt_scores):
-        table[f"influence_checkpoint_{c}"] = values.astype(np.float32)
+    for c, values in enumerate(per_ckpt_groups):
+        table[f"influence_checkpoint_{c}"] = values.max(axis=1).astype(np.float32)
     frame = pl.DataFrame(table)
     metadata: dict[str, Any] = {
         "benchmark": benchmark,
