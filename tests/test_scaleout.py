@@ -261,7 +261,8 @@ def test_a_shard_run_killed_mid_way_is_recomputed_on_retry(tmp_path, reference_h
     assert not list(shard_root.rglob(COMPLETE_MARKER))  # ... and nothing a later run would trust
     retried = _materialize(home, "training_gradients", SHARDS[1])
     assert retried.returncode == 0, retried.stderr[-3000:]
-    mine = {k: v for k, v in _feature_files(home).items() if ".tmp-" not in k}
+    assert not list(shard_root.rglob(".tmp-*"))  # the retry's start removed the dead run's leftover
+    mine = _feature_files(home)
     reference = {k: v for k, v in _feature_files(reference_home).items() if k.split("/")[1] == SHARDS[1]}
     assert sorted(mine) == sorted(reference)
     assert all(mine[k] == reference[k] for k in mine if not k.endswith(COMPLETE_MARKER))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -23,7 +24,7 @@ from icons_dagster.core.stages.icons import (
     stage_warmup_checkpoint,
     stage_warmup_subset,
 )
-from icons_dagster.core.storage.artifacts import ArtifactStore
+from icons_dagster.core.storage.artifacts import ArtifactStore, clean_leftovers, temporary_sibling
 from icons_dagster.core.model.training import checkpoint_weights
 
 
@@ -146,6 +147,52 @@ def test_benchmarks_scored_in_one_pass_equal_each_scored_alone(two_checkpoint_ru
     again = stage_influences(store, pool, ckpt, shards, vals, p=0.2)
     assert passes == [1, 1]  # yes_no: one group
     assert [again[b].ref.reused for b in names] == [True, True, False]
+
+
+def test_leftovers_of_dead_writers_are_cleaned_and_live_ones_kept(tmp_path):
+    """What a killed run left (a half-written artifact folder, a pull, a reference's and an
+    export's temporary file) goes at the next run's start; a live writer's temporaries, another
+    machine's, and every finished artifact stay."""
+    import socket
+    import subprocess
+    import sys
+
+    from dagster import build_init_resource_context
+
+    from icons_dagster.resources import StoreResource
+
+    store = ArtifactStore(tmp_path)
+    finished = store.artifact_dir("stage", "abc123", "part")
+    with store.writing(finished, {"ok": True}) as tmp:
+        (tmp / "data.npy").write_bytes(b"done")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid, live_pid, host = int(dead.stdout), os.getpid(), socket.gethostname()
+    fingerprint_dir = finished.parent
+    leftovers = [
+        fingerprint_dir / f".tmp-part@{host}-{dead_pid}-0123abcd",  # an artifact being written when killed
+        fingerprint_dir / f".tmp-pull-part@{host}-{dead_pid}-89abcdef",  # a pull from the shared store
+        fingerprint_dir / f".tmp-old-{dead_pid}-0123abcd",  # named before owners carried their host
+        tmp_path / "refs" / "stage" / f".part.json@{host}-{dead_pid}.tmp",  # a reference being replaced
+        tmp_path / "exports" / f".selected_subset.json@{host}-{dead_pid}.tmp",  # an export being copied
+    ]
+    kept = [
+        fingerprint_dir / f".tmp-part@{host}-{live_pid}-0123abcd",  # a live writer on this machine
+        fingerprint_dir / f".tmp-part@elsewhere-{dead_pid}-0123abcd",  # another machine's: not ours to judge
+    ]
+    for path in leftovers + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.name.startswith(".tmp-"):
+            path.mkdir()
+            (path / "data.npy").write_bytes(b"partial")
+        else:
+            path.write_text("{")
+    StoreResource(root=str(tmp_path)).setup_for_execution(build_init_resource_context())  # what each run does first
+    assert not any(p.exists() for p in leftovers)
+    assert all(p.exists() for p in kept) and store.is_complete(finished)
+    removed, still = clean_leftovers(tmp_path)
+    assert removed == [] and sorted(still) == sorted(kept)
+    # the store's own temporaries carry this process as their owner
+    assert temporary_sibling(tmp_path / "x.json").name == f".x.json@{host}-{live_pid}.tmp"
 
 
 def test_store_never_trusts_a_half_written_artifact(tmp_path):

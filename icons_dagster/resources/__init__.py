@@ -17,7 +17,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from icons_dagster.core.schema import SECTIONS, default_json, field_types, section_from_json
-from icons_dagster.core.storage.artifacts import ArtifactStore
+from icons_dagster.core.storage.artifacts import ArtifactStore, clean_leftovers
 
 #: The sections the assets read (store, automation and scale-out shape the definitions instead).
 ASSET_SECTIONS = ("data", "model", "lora", "warmup", "gradients", "influence", "selection", "embedder", "ofa", "evaluation")
@@ -29,6 +29,12 @@ class StoreResource(ConfigurableResource):
 
     root: str
     remote: str = ""
+
+    def setup_for_execution(self, context) -> None:
+        """At the start of every run (CLI or UI): remove what dead writers on this machine left."""
+        removed, _ = clean_leftovers(self.root)
+        if removed and context.log is not None:
+            context.log.info(f"removed {len(removed)} temporary leftover(s) of interrupted writes under {self.root}")
 
     def store(self) -> ArtifactStore:
         return ArtifactStore(self.root, self.remote or None)

@@ -39,7 +39,7 @@ from icons_dagster.core.selection.influence import (
     stack_group_means,
 )
 from icons_dagster.core.stages.kit import Log, Progress, Stage, StageResult, quiet_log
-from icons_dagster.core.storage.artifacts import ArtifactStore, save_npy, write_json
+from icons_dagster.core.storage.artifacts import ArtifactStore, save_npy, temporary_sibling, write_json
 from icons_dagster.core.storage.fingerprint import file_sha256
 from icons_dagster.core.storage.refs import CheckpointRef, InfluenceRef, PoolRef, TrainFeaturesRef, ValidationFeaturesRef, VoteTableRef, WarmupSubsetRef
 
@@ -658,7 +658,7 @@ def export_subset(store: ArtifactStore, directory: Path, prefix: str = "") -> di
     paths = {}
     for name in (SUBSET_JSON, SUBSET_PARQUET):
         target = store.export_path(f"{prefix}{name}")
-        tmp = target.with_name(f".{target.name}.tmp")
+        tmp = temporary_sibling(target)
         shutil.copyfile(directory / name, tmp)
         tmp.replace(target)
         paths[name] = str(target)

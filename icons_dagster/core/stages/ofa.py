@@ -34,7 +34,7 @@ from icons_dagster.core.stages.icons import SUBSET_JSON, SUBSET_PARQUET, export_
 from icons_dagster.core.stages.kit import Log, Progress, Stage, StageResult, quiet_log
 from icons_dagster.core.data.pool import records_from_manifest
 from icons_dagster.core.model.samples import SkipLog
-from icons_dagster.core.storage.artifacts import ArtifactStore, load_npy, save_npy
+from icons_dagster.core.storage.artifacts import ArtifactStore, load_npy, save_npy, temporary_sibling
 from icons_dagster.core.storage.refs import EmbeddingsRef, PoolRef, PseudoLabelsRef, SelectorRef
 
 
@@ -337,7 +337,7 @@ def _build_ofa_subset(stage: Stage, pool_ref: PoolRef, embedding_refs: dict[str,
 def export_selector(store: ArtifactStore, selector_ref: SelectorRef) -> Path:
     """The trained selector at a stable path (``exports/ofa_selector``), ready to reuse on another pool."""
     target = store.export_path(EXPORT_PREFIX + SELECTOR_DIR)
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = temporary_sibling(target)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(selector_dir(store, selector_ref), tmp)
     shutil.rmtree(target, ignore_errors=True)

@@ -3,6 +3,9 @@
 Artifacts are folders written whole: a temporary sibling is filled, a ``_COMPLETE.json``
 manifest is written last, then the folder is renamed into place. A crash leaves only a
 ``.tmp-*`` folder that nothing reads; a folder without the manifest is never trusted.
+Every temporary name carries its writer (``@host-pid``), so ``clean_leftovers`` (at the
+start of each run) removes those of dead processes on this machine and never a live
+writer's, nor another machine's.
 
 Shared store (many machines): with ``remote`` set to an fsspec URL (``s3://bucket/icons``,
 ``gs://...``, ``file:///nfs/icons``, ``memory://`` in tests) every finished artifact is
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,7 +73,7 @@ class RemoteStore:
 
     def pull(self, relative: str, local: Path) -> None:
         """Download a folder whose manifest is on the remote into ``local`` (atomically)."""
-        tmp = local.parent / f".tmp-pull-{local.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = local.parent / f".tmp-pull-{local.name}@{owner_tag()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             prefix = self._path(relative)
@@ -195,7 +200,7 @@ class ArtifactStore:
         """Yield a temporary folder; on success mark it complete and rename it to ``directory``."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = directory.parent / f".tmp-{directory.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = directory.parent / f".tmp-{directory.name}@{owner_tag()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             yield tmp
@@ -216,10 +221,76 @@ def _safe_component(name: str) -> str:
     return name
 
 
+def owner_tag() -> str:
+    """``host-pid`` of this process: who owns a temporary file or folder it writes."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A temporary file beside ``path`` (to fill, then ``os.replace`` onto it), named for its owner."""
+    return path.with_name(f".{path.name}@{owner_tag()}.tmp")
+
+
+# ".tmp-<name>@host-pid-<hex8>" folders, ".<name>@host-pid.tmp" files; before owners carried
+# their host: "-pid-<hex8>" and ".pid.tmp" (read as this machine's)
+_OWNED = re.compile(r"@(?P<host>.+)-(?P<pid>\d+)(?:-[0-9a-f]{8}|\.tmp)$")
+_LEGACY = re.compile(r"(?:-(?P<pid>\d+)-[0-9a-f]{8}|\.(?P<pid2>\d+)\.tmp)$")
+_SCAN_DEPTH = 4  # artifacts/<stage>/<fingerprint>/<partition>: temporaries sit beside these
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".tmp-") or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _dead_owner(name: str, host: str) -> bool | None:
+    """True: its writer is a dead process on this machine; False: alive here; None: not ours to judge."""
+    if (m := _OWNED.search(name)) is not None:
+        return not _pid_alive(int(m["pid"])) if m["host"] == host else None
+    if (m := _LEGACY.search(name)) is not None:
+        return not _pid_alive(int(m["pid"] or m["pid2"]))
+    return None
+
+
+def clean_leftovers(root: str | Path) -> tuple[list[Path], list[Path]]:
+    """Remove the temporary files and folders under the store's artifacts, refs and exports
+    whose writer died on this machine; return (removed, kept: a live writer's or another
+    machine's). Run at the start of each run; a folder being written is never touched."""
+    root = Path(root)
+    host = socket.gethostname()
+    removed: list[Path] = []
+    kept: list[Path] = []
+    for top in ("artifacts", "refs", "exports"):
+        base = root / top
+        if not base.is_dir():
+            continue
+        for folder, dirs, files in os.walk(base):
+            depth = len(Path(folder).relative_to(base).parts)
+            temporary = [d for d in dirs if _is_temporary(d)]
+            dirs[:] = [d for d in dirs if not _is_temporary(d)] if depth < _SCAN_DEPTH else []
+            for name in temporary + [f for f in files if _is_temporary(f)]:
+                path = Path(folder) / name
+                if _dead_owner(name, host):
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                    removed.append(path)
+                else:
+                    kept.append(path)
+    return removed, kept
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON through a temporary file and an atomic rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_sibling(path)
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, path)
 
