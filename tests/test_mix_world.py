@@ -195,10 +195,12 @@ def test_bootstrap_builds_the_world_and_its_aligned_base_model(world, tmp_path):
     assert config.warmup.ratio == 0.05
     report = _json(Path(config.model.name_or_path) / REPORT_FILE)
     assert report["recipe"]["steps"] == 40 and report["n_records"] == 64
-    text_stage = _json(Path(report["model"]) / REPORT_FILE)  # aligned from the text stage's checkpoint
+    text_stage = _json(Path(report["model"]) / REPORT_FILE)  # aligned from the last text phase's checkpoint
     assert text_stage["recipe"]["train"] == "lm" and text_stage["n_records"] == 64 and text_stage["captions"]["n_problems"] == 0
     assert text_stage["trained"] == ["model.language_model", "lm_head"]
-    assert text_stage["heldout"]["loss_after"] < text_stage["heldout"]["loss_before"] - 1.0
+    closed = _json(Path(text_stage["model"]) / REPORT_FILE)  # which started from the closed-format phase's
+    assert closed["n_records"] == 32 and closed["recipe"]["steps"] == 20  # the yes/no and multiple-choice half of 64 drafts
+    assert text_stage["heldout"]["loss_after"] < closed["heldout"]["loss_after"] < closed["heldout"]["loss_before"]
     held = report["heldout"]
     assert held["loss_after"] < held["loss_before"] - 1.0  # 40 steps already learn the caption language
     # the tokenizer was trained on the world: a box answer takes fewer tokens than bytes

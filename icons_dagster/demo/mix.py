@@ -889,18 +889,23 @@ def _text_drafts(n: int, seed: int) -> list[_Draft]:
     return drafts
 
 
-def generate_mix_texts(out_dir: str | Path, n: int, seed: int = 3000) -> Path:
-    """Write ``n`` text-only records about the mix world's content; return the folder.
+def generate_mix_texts(out_dir: str | Path, n: int, seed: int = 3000, formats: tuple[str, ...] = TEXT_FORMATS) -> Path:
+    """Write the text-only records among ``n`` drafts about the mix world's content whose
+    format is in ``formats``; return the folder.
 
     ``texts.json`` (LLaVA format, no image): a description of a scene, photo crop, word,
     cover or digit in the captions' words, and a question about it in one of four formats
-    (short answer, yes/no, multiple choice, long answer), balanced. The input of
-    ``icons-dagster align --train lm``. Idempotent and crash-safe.
+    (short answer, yes/no, multiple choice, long answer), balanced over the n drafts (so
+    ``formats=("yes_no", "mc")`` keeps half of them, the same records as the full set's).
+    The input of ``icons-dagster align --train lm``. Idempotent and crash-safe.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
+    if not formats or set(formats) - set(TEXT_FORMATS):
+        raise ValueError(f"formats must be among {TEXT_FORMATS}, got {formats!r}")
     out = Path(out_dir)
-    manifest = {"format": MIX_FORMAT_VERSION, "kind": "texts", "n": n, "seed": seed}
+    manifest = {"format": MIX_FORMAT_VERSION, "kind": "texts", "n": n, "seed": seed, **({} if formats == TEXT_FORMATS else {"formats": list(formats)})}
+    drafts = lambda: [demo._final(d) for d in _text_drafts(n, seed) if d.extra["format"] in formats]  # noqa: E731
     if not demo._is_complete(out, manifest, CAPTIONS_MANIFEST):
-        demo._build_folder(out, manifest, CAPTIONS_MANIFEST, lambda tmp: demo._dump_json(tmp / TEXTS_FILE, [demo._final(d) for d in _text_drafts(n, seed)]))
+        demo._build_folder(out, manifest, CAPTIONS_MANIFEST, lambda tmp: demo._dump_json(tmp / TEXTS_FILE, drafts()))
     return out

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from icons_dagster.core.data.records import Record, load_records
 from icons_dagster.core.model.alignment import REPORT_FILE, AlignmentRecipe, align
 from icons_dagster.demo.build import ensure_demo_model
 from icons_dagster.demo.data import ALIGN_FILE, generate_alignment_data
+from icons_dagster.demo.mix import TEXT_FORMATS
 from icons_dagster.demo.tiny_model import TinyModelSpec, build_tiny_llava
 
 __all__ = [
@@ -116,16 +118,35 @@ def ensure_stage1_model(
     return out
 
 
-# The mix world's base model (docs/preregistration-mix.md, section 3 and its change log, gate
-# attempt 2): the tiny LLaVA with a tokenizer of the world's own texts, whose language model
-# first learns text about the world (descriptions and questions in the benchmarks' formats, no
-# image), then aligned on captions of the same visual world.
+# The mix world's base model (docs/preregistration-mix.md, section 3 and its change log): the
+# tiny LLaVA with a tokenizer of the world's own texts, whose language model first learns text
+# about the world (descriptions and questions in the benchmarks' formats, no image) in one or
+# more phases, then aligned on captions of the same visual world.
 MIX_CAPTIONS = {"mix": 8000, "mix-test": 64}
 MIX_STEPS = {"mix": 4000, "mix-test": 40}
-MIX_TEXTS = {"mix": 8000, "mix-test": 64}
-MIX_TEXT_STEPS = {"mix": 4000, "mix-test": 40}
 TEXT_SEED, TEXT_HELDOUT_SEED = 3000, 3001
+TEXT_HELDOUT_N = 200
 MIX_MODEL_SPEC = TinyModelSpec()
+
+
+@dataclass(frozen=True)
+class TextPhase:
+    """One phase of the text stage: ``align --train lm`` on the texts of these formats."""
+
+    name: str
+    formats: tuple[str, ...]
+    drafts: dict[str, int]  # text drafts per world size, of which the phase keeps its formats
+    steps: dict[str, int]  # per world size
+    learning_rate: float
+
+
+#: Gate attempt 4 (registered in the change log): first the closed formats alone on 40,000
+#: texts (a long phase: the tiny LM memorises 4,000 before it generalises), then every format.
+#: Attempt 2 was the second phase alone at lr 3e-3.
+MIX_TEXT_PHASES = (
+    TextPhase("closed", ("yes_no", "mc"), {"mix": 80000, "mix-test": 64}, {"mix": 20000, "mix-test": 20}, 1e-3),
+    TextPhase("text", TEXT_FORMATS, {"mix": 8000, "mix-test": 64}, {"mix": 4000, "mix-test": 20}, 1e-3),
+)
 
 
 def ensure_mix_model(
@@ -135,12 +156,13 @@ def ensure_mix_model(
     progress: Callable[[int, int, float], None] | None = None,
     world_seed: int = 0,
     spec: TinyModelSpec | None = None,
+    text_phases: tuple[TextPhase, ...] = MIX_TEXT_PHASES,
 ) -> Path:
     """Build (or reuse) the base model of the mix world (``size``, ``world_seed``) under ``demo_dir``.
 
-    Three folders, each reused when its inputs are unchanged: the random tiny LLaVA, its
-    language model after the text stage (``align --train lm``), and that after caption
-    alignment. Another world seed gets its own tokenizer and captions (no image of that world).
+    Folders, each reused when its inputs are unchanged: the random tiny LLaVA, its language
+    model after each text phase (``align --train lm``), and that after caption alignment.
+    Another world seed gets its own tokenizer and captions (no image of that world).
     ``spec``: the tiny LLaVA's sizes (default MIX_MODEL_SPEC).
     """
     from icons_dagster.demo.mix import CAPTIONS_FILE, TEXTS_FILE, generate_mix_captions, generate_mix_texts, mix_corpus
@@ -148,14 +170,15 @@ def ensure_mix_model(
     demo_dir = Path(demo_dir)
     n = MIX_CAPTIONS[size]
     size_name = f"{size}-seed{world_seed}" if world_seed else size
-    base_dir = Path(build_tiny_llava(demo_dir / f"tiny-llava-{size_name}", mix_corpus(size, seed=world_seed, captions=n), spec or MIX_MODEL_SPEC))
-    texts = generate_mix_texts(demo_dir / f"texts-{size}", MIX_TEXTS[size], seed=TEXT_SEED)
-    held_texts = generate_mix_texts(demo_dir / f"texts-{size}-heldout", min(HELDOUT_N, MIX_TEXTS[size]), seed=TEXT_HELDOUT_SEED)
-    read = demo_dir / f"tiny-llava-{size_name}-text"
-    align(
-        texts / TEXTS_FILE, texts, base_dir, read, AlignmentRecipe(steps=MIX_TEXT_STEPS[size], train="lm", heldout_fraction=0.0, num_threads=BUILD_THREADS),
-        heldout_captions=held_texts / TEXTS_FILE, heldout_image_root=held_texts, force=True, progress=progress,
-    )  # fmt: skip
+    read = Path(build_tiny_llava(demo_dir / f"tiny-llava-{size_name}", mix_corpus(size, seed=world_seed, captions=n), spec or MIX_MODEL_SPEC))
+    held_texts = generate_mix_texts(demo_dir / f"texts-{size}-heldout", TEXT_HELDOUT_N, seed=TEXT_HELDOUT_SEED)
+    for phase in text_phases:
+        n_drafts = phase.drafts[size]
+        texts = generate_mix_texts(demo_dir / f"texts-{n_drafts}-{'-'.join(phase.formats)}", n_drafts, seed=TEXT_SEED, formats=phase.formats)
+        recipe = AlignmentRecipe(steps=phase.steps[size], learning_rate=phase.learning_rate, train="lm", heldout_fraction=0.0, num_threads=BUILD_THREADS)
+        out = demo_dir / f"tiny-llava-{size_name}-{phase.name}"
+        align(texts / TEXTS_FILE, texts, read, out, recipe, heldout_captions=held_texts / TEXTS_FILE, heldout_image_root=held_texts, force=True, progress=progress)
+        read = out
     captions = generate_mix_captions(demo_dir / f"captions-{size_name}", n, world=size, world_seed=world_seed)
     held = generate_mix_captions(demo_dir / f"captions-{size_name}-heldout", min(HELDOUT_N, n), seed=HELDOUT_SEED, world=size, world_seed=world_seed)
     recipe = AlignmentRecipe(steps=MIX_STEPS[size], heldout_fraction=0.0, num_threads=BUILD_THREADS)
