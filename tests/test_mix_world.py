@@ -185,6 +185,7 @@ def test_bootstrap_builds_the_world_and_its_aligned_base_model(world, tmp_path):
     the world's captions, and the mix settings (the paper's 5% warm-up)."""
     from icons_dagster.core.model.alignment import REPORT_FILE
     from icons_dagster.demo.bootstrap import bootstrap_demo, demo_sizes
+    from icons_dagster.demo.stage1 import MIX_TEXT_PHASES
 
     assert {"mix", "mix-test"} <= set(demo_sizes())
     config = bootstrap_demo(tmp_path, "mix-test", world_seed=1)
@@ -195,12 +196,16 @@ def test_bootstrap_builds_the_world_and_its_aligned_base_model(world, tmp_path):
     assert config.warmup.ratio == 0.05
     report = _json(Path(config.model.name_or_path) / REPORT_FILE)
     assert report["recipe"]["steps"] == 40 and report["n_records"] == 64
-    text_stage = _json(Path(report["model"]) / REPORT_FILE)  # aligned from the last text phase's checkpoint
-    assert text_stage["recipe"]["train"] == "lm" and text_stage["n_records"] == 64 and text_stage["captions"]["n_problems"] == 0
-    assert text_stage["trained"] == ["model.language_model", "lm_head"]
-    closed = _json(Path(text_stage["model"]) / REPORT_FILE)  # which started from the closed-format phase's
-    assert closed["n_records"] == 32 and closed["recipe"]["steps"] == 20  # the yes/no and multiple-choice half of 64 drafts
-    assert text_stage["heldout"]["loss_after"] < closed["heldout"]["loss_after"] < closed["heldout"]["loss_before"]
+    # aligned from the last text phase's checkpoint, each phase from the one before, the first from the random model
+    phases, source = [], Path(report["model"])
+    while (source / REPORT_FILE).is_file():
+        phases.append(_json(source / REPORT_FILE))
+        source = Path(phases[-1]["model"])
+    assert len(phases) == len(MIX_TEXT_PHASES) and source.name == "tiny-llava-mix-test-seed1"
+    for phase, text_stage in zip(reversed(MIX_TEXT_PHASES), phases, strict=True):
+        assert text_stage["recipe"]["train"] == "lm" and text_stage["recipe"]["steps"] == phase.steps["mix-test"]
+        assert text_stage["trained"] == ["model.language_model", "lm_head"] and text_stage["captions"]["n_problems"] == 0
+        assert text_stage["heldout"]["loss_after"] < text_stage["heldout"]["loss_before"] - 1.0
     held = report["heldout"]
     assert held["loss_after"] < held["loss_before"] - 1.0  # 40 steps already learn the caption language
     # the tokenizer was trained on the world: a box answer takes fewer tokens than bytes
