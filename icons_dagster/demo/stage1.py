@@ -154,13 +154,15 @@ def ensure_mix_model(
     world_seed: int = 0,
     spec: TinyModelSpec | None = None,
     text_phases: tuple[TextPhase, ...] = MIX_TEXT_PHASES,
+    align_train: str = "projector+lm",
 ) -> Path:
     """Build (or reuse) the base model of the mix world (``size``, ``world_seed``) under ``demo_dir``.
 
     Folders, each reused when its inputs are unchanged: the random tiny LLaVA, its language
     model after each text phase (``align --train lm``), and that after caption alignment.
     Another world seed gets its own tokenizer and captions (no image of that world).
-    ``spec``: the tiny LLaVA's sizes (default MIX_MODEL_SPEC).
+    ``spec``: the tiny LLaVA's sizes (default MIX_MODEL_SPEC); ``align_train``: what the
+    caption alignment trains (``projector`` keeps the language model the text phases made).
     """
     from icons_dagster.demo.mix import CAPTIONS_FILE, TEXTS_FILE, generate_mix_captions, generate_mix_texts, mix_corpus
 
@@ -178,7 +180,7 @@ def ensure_mix_model(
         read = out
     captions = generate_mix_captions(demo_dir / f"captions-{size_name}", n, world=size, world_seed=world_seed)
     held = generate_mix_captions(demo_dir / f"captions-{size_name}-heldout", min(HELDOUT_N, n), seed=HELDOUT_SEED, world=size, world_seed=world_seed)
-    recipe = AlignmentRecipe(steps=MIX_STEPS[size], heldout_fraction=0.0, num_threads=BUILD_THREADS)
+    recipe = AlignmentRecipe(steps=MIX_STEPS[size], train=align_train, heldout_fraction=0.0, num_threads=BUILD_THREADS)
     out = demo_dir / f"tiny-llava-{size_name}-aligned"
     align(
         captions / CAPTIONS_FILE, captions / "images", read, out, recipe,
