@@ -154,7 +154,7 @@ def method_subset(
             labels = (group_labels or {}).get(spec.groups)
             if labels is None:
                 raise ValueError(f"method {method!r} needs each record's {spec.groups} label")
-            groups = [labels.get(i, "") for i in vote_ids]  # a record without a label is its own group ""
+            groups = [labels.get(i, "") for i in vote_ids]  # records without a label form one group, ""
         chosen = consensus.select(
             vote_ids, scores, p, method=spec.aggregation, tiebreak=spec.tiebreak, coverage=spec.coverage,
             groups=groups, group_shares=spec.group_shares,
