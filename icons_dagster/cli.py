@@ -307,14 +307,19 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(command, env=os.environ.copy())
 
 
+def _add_world_flags(parser: argparse.ArgumentParser, size_help: str) -> None:
+    """--size and --world-seed: which generated world a demo home is built on."""
+    parser.add_argument("--size", choices=demo_sizes(), default="default", help=size_help)
+    parser.add_argument("--world-seed", type=int, default=0, help="seed of the generated world and (mix) its base model; 0 is the one results are reported on (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icons-dagster", description=__doc__.splitlines()[0])
     parser.add_argument("--home", help="store root holding artifacts, exports and the Dagster instance (env ICONS_HOME, default ./.icons_home)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the whole graph on the embedded demo pool and tiny model")
-    demo.add_argument("--size", choices=demo_sizes(), default="default", help="which world (mix: the LLaVA-665K-shaped one, docs/preregistration-mix.md)")
-    demo.add_argument("--world-seed", type=int, default=0, help="seed of the generated world and (mix) its base model; 0 is the one results are reported on (default 0)")
+    _add_world_flags(demo, "which world (mix: the LLaVA-665K-shaped one, docs/preregistration-mix.md)")
     demo.add_argument("--shards", type=int, help="number of training-gradient shards (default 4)")
     demo.add_argument("--method", choices=["icons", "ofa", "both"], default="both", help="which selector(s) to run (default both)")
     demo.set_defaults(func=cmd_demo)
@@ -325,8 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     evaluate = sub.add_parser("evaluate", help="fine-tune on every method's subset and score each benchmark's test split")
-    evaluate.add_argument("--size", choices=demo_sizes(), default="default", help="world when the home has no config yet (large: 2,640 records; mix: the LLaVA-665K-shaped world)")
-    evaluate.add_argument("--world-seed", type=int, default=0, help="seed of the generated world and (mix) its base model; 0 is the one results are reported on (default 0)")
+    _add_world_flags(evaluate, "world when the home has no config yet (large: 2,640 records; mix: the LLaVA-665K-shaped world)")
     add_section_flags(evaluate, EVALUATE_SECTIONS)
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -241,22 +241,25 @@ def _q_exists(rng: random.Random, scene: _ShapeScene, suffix: str = VQA_SUFFIX) 
     return f"Is there a {color} {kind} in the image?\n{suffix}", "No", "Yes"
 
 
-def _q_color(rng: random.Random, scene: _ShapeScene) -> tuple[str, str, str] | None:
-    kinds = [s.kind for s in scene.shapes]
-    if not (unique := _unique(kinds)):
+def _named_by(rng: random.Random, scene: _ShapeScene, attribute: str) -> demo._Shape | None:
+    """A random shape whose ``attribute`` ("kind" or "color") no other shape of the scene shares:
+    a question naming it by that attribute has one answer. None when no shape has one."""
+    values = [getattr(s, attribute) for s in scene.shapes]
+    if not (unique := _unique(values)):
         return None
-    kind = rng.choice(unique)
-    color = scene.shapes[kinds.index(kind)].color
-    return f"What color is the {kind}?\n{VQA_SUFFIX}", color, _other(rng, COLOR_NAMES, color)
+    return scene.shapes[values.index(rng.choice(unique))]
+
+
+def _q_color(rng: random.Random, scene: _ShapeScene) -> tuple[str, str, str] | None:
+    if (s := _named_by(rng, scene, "kind")) is None:
+        return None
+    return f"What color is the {s.kind}?\n{VQA_SUFFIX}", s.color, _other(rng, COLOR_NAMES, s.color)
 
 
 def _q_shape(rng: random.Random, scene: _ShapeScene) -> tuple[str, str, str] | None:
-    colors = [s.color for s in scene.shapes]
-    if not (unique := _unique(colors)):
+    if (s := _named_by(rng, scene, "color")) is None:
         return None
-    color = rng.choice(unique)
-    kind = scene.shapes[colors.index(color)].kind
-    return f"What shape is the {color} object?\n{VQA_SUFFIX}", kind, _other(rng, SHAPES, kind)
+    return f"What shape is the {s.color} object?\n{VQA_SUFFIX}", s.kind, _other(rng, SHAPES, s.kind)
 
 
 def _q_count(rng: random.Random, scene: _ShapeScene) -> tuple[str, str, str]:
@@ -279,21 +282,15 @@ def _q_relation(rng: random.Random, scene: _ShapeScene) -> tuple[str, str, str] 
 def _q_mc(rng: random.Random, scene: _ShapeScene, lead_kind: str, letter: str | None = None) -> tuple[str, str, str] | None:
     """A four-option question with the correct option at ``letter`` (default: a random one)."""
     letter = letter or rng.choice(LETTER)
+    single = len(scene.shapes) == 1
     if lead_kind == "color":
-        kinds = [s.kind for s in scene.shapes]
-        if not (unique := _unique(kinds)):
+        if (s := _named_by(rng, scene, "kind")) is None:
             return None
-        kind = rng.choice(unique)
-        lead = "What color is the shape?" if len(scene.shapes) == 1 else f"What color is the {kind}?"
-        q, a, w = demo._mc_question(rng, "color", scene.shapes[kinds.index(kind)].color, letter, lead)
-        return q, a, w
+        return demo._mc_question(rng, "color", s.color, letter, "What color is the shape?" if single else f"What color is the {s.kind}?")
     if lead_kind == "shape":
-        colors = [s.color for s in scene.shapes]
-        if not (unique := _unique(colors)):
+        if (s := _named_by(rng, scene, "color")) is None:
             return None
-        color = rng.choice(unique)
-        lead = "Which shape is shown in the image?" if len(scene.shapes) == 1 else f"Which shape is {color}?"
-        return demo._mc_question(rng, "shape", scene.shapes[colors.index(color)].kind, letter, lead)
+        return demo._mc_question(rng, "shape", s.kind, letter, "Which shape is shown in the image?" if single else f"Which shape is {s.color}?")
     n = len(scene.shapes)
     options = [NUMBER_WORDS[n], *rng.sample([NUMBER_WORDS[k] for k in range(1, 7) if k != n], 3)]
     return _options("How many shapes are there in the image?", options, letter, rng)
@@ -827,6 +824,12 @@ def _scene_question(fmt: str, scene: _ShapeScene, rng: random.Random) -> tuple[s
     return _reasoning(rng, scene)
 
 
+def _choice(lead: str, correct: str, values, rng: random.Random) -> tuple[str, str]:
+    """(question, letter): ``correct`` and three other ``values``, at a random letter."""
+    options = [correct, *rng.sample([v for v in values if v != correct], 3)]
+    return _options(lead, options, rng.choice(LETTER), rng)[:2]
+
+
 def _text_question(fmt: str, spec: Any, caption: str, rng: random.Random) -> tuple[str, str]:
     """(question, answer) of format ``fmt`` about the content ``caption`` describes."""
     if isinstance(spec, _ShapeScene):
@@ -842,7 +845,7 @@ def _text_question(fmt: str, spec: Any, caption: str, rng: random.Random) -> tup
         if fmt == "yes_no":
             yes = rng.random() < 0.5
             return _yes_no(f"Is this a photo of {answer if yes else _other(rng, others, answer)}?", yes)
-        return _options("What is shown in this photo?", [answer, *rng.sample([o for o in others if o != answer], 3)], rng.choice(LETTER), rng)[:2]
+        return _choice("What is shown in this photo?", answer, others, rng)
     if isinstance(spec, _Cover):
         if fmt == "short":
             if rng.random() < 0.5:
@@ -851,8 +854,7 @@ def _text_question(fmt: str, spec: Any, caption: str, rng: random.Random) -> tup
         if fmt == "yes_no":
             yes = rng.random() < 0.5
             return _yes_no(f"Was this book written by {spec.author if yes else _other(rng, AUTHORS, spec.author)}?", yes)
-        options = [spec.author, *rng.sample([a for a in AUTHORS if a != spec.author], 3)]
-        return _options("Who wrote this book?", options, rng.choice(LETTER), rng)[:2]
+        return _choice("Who wrote this book?", spec.author, AUTHORS, rng)
     if isinstance(spec, demo._DigitImage):
         label = str(spec.label)
         if fmt == "short":
@@ -860,7 +862,7 @@ def _text_question(fmt: str, spec: Any, caption: str, rng: random.Random) -> tup
         if fmt == "yes_no":
             yes = rng.random() < 0.5
             return _yes_no(f"Is the number {label if yes else _other(rng, [str(d) for d in range(10)], label)} written here?", yes)
-        return _options("What number is written here?", [label, *rng.sample([str(d) for d in range(10) if str(d) != label], 3)], rng.choice(LETTER), rng)[:2]
+        return _choice("What number is written here?", label, [str(d) for d in range(10)], rng)
     text = spec.text  # a word or a number
     pool = list(WORDS) if text in WORDS else [str(v) for v in range(10, 1000)]
     if fmt == "short":
@@ -870,7 +872,7 @@ def _text_question(fmt: str, spec: Any, caption: str, rng: random.Random) -> tup
     if fmt == "yes_no":
         yes = rng.random() < 0.5
         return _yes_no(f"Does the image show the word {text if yes else _other(rng, pool, text)}?", yes)
-    return _options("What word is written in the image?", [text, *rng.sample([w for w in pool if w != text], 3)], rng.choice(LETTER), rng)[:2]
+    return _choice("What word is written in the image?", text, pool, rng)
 
 
 def _text_drafts(n: int, seed: int) -> list[_Draft]:
