@@ -34,17 +34,23 @@ from icons_dagster.core.evaluation.metrics import answer_log_likelihoods
 from icons_dagster.core.model.alignment import REPORT_FILE, load_model
 from icons_dagster.core.model.encoding import ConversationEncoder
 from icons_dagster.demo.mix import TEXT_FORMATS, TEXTS_FILE, generate_mix_texts
-from icons_dagster.demo.stage1 import MIX_TEXT_PHASES, TEXT_HELDOUT_SEED, TextPhase, ensure_mix_model
+from icons_dagster.demo.stage1 import MIX_TEXT_PHASES, TEXT_HELDOUT_SEED, CaptionAlignment, TextPhase, ensure_mix_model
 from icons_dagster.demo.tiny_model import TinyModelSpec
 
 CLOSED = {"yes_no": ["Yes", "No"], "mc": list("ABCD")}
-CLOSED_PHASE = TextPhase("closed", ("yes_no", "mc"), {"mix": 80000}, {"mix": 20000}, 1e-3)
-#: attempt -> (tiny spec, text phases, what the caption alignment trains); change log entries
+CLOSED_FORMATS = ("yes_no", "mc")
+CLOSED_PHASE = TextPhase("closed", CLOSED_FORMATS, {"mix": 80000}, {"mix": 20000}, 1e-3)
+#: attempt -> (tiny spec, text phases, the caption alignment); change log entries
 ATTEMPTS = {
-    2: (TinyModelSpec(), MIX_TEXT_PHASES, "projector+lm"),
-    3: (TinyModelSpec(text_hidden=256, intermediate=512), MIX_TEXT_PHASES, "projector+lm"),
-    4: (TinyModelSpec(), (CLOSED_PHASE, TextPhase("text", TEXT_FORMATS, {"mix": 8000}, {"mix": 4000}, 1e-3)), "projector+lm"),
-    5: (TinyModelSpec(), (CLOSED_PHASE, TextPhase("text80k", TEXT_FORMATS, {"mix": 80000}, {"mix": 4000}, 1e-3)), "projector"),
+    2: (TinyModelSpec(), MIX_TEXT_PHASES, CaptionAlignment()),
+    3: (TinyModelSpec(text_hidden=256, intermediate=512), MIX_TEXT_PHASES, CaptionAlignment()),
+    4: (TinyModelSpec(), (CLOSED_PHASE, TextPhase("text", TEXT_FORMATS, {"mix": 8000}, {"mix": 4000}, 1e-3)), CaptionAlignment()),
+    5: (TinyModelSpec(), (CLOSED_PHASE, TextPhase("text80k", TEXT_FORMATS, {"mix": 80000}, {"mix": 4000}, 1e-3)), CaptionAlignment("projector")),
+    6: (
+        TinyModelSpec(),
+        (CLOSED_PHASE, TextPhase("text80k-record", TEXT_FORMATS, {"mix": 80000}, {"mix": 4000}, 1e-3, loss_mean="record")),
+        CaptionAlignment(loss_mean="record", rehearsal_formats=CLOSED_FORMATS, rehearsal_drafts=16000),
+    ),
 }
 
 
@@ -74,8 +80,8 @@ def main() -> None:
     if args.model is not None:
         print(args.model, closed_format_accuracy(args.model, texts))
         return
-    spec, phases, align_train = ATTEMPTS[args.attempt]
-    aligned = ensure_mix_model(args.dir, "mix", spec=spec, text_phases=phases, align_train=align_train)
+    spec, phases, alignment = ATTEMPTS[args.attempt]
+    aligned = ensure_mix_model(args.dir, "mix", spec=spec, text_phases=phases, alignment=alignment)
     chain, source = [], aligned
     while (source / REPORT_FILE).is_file():  # aligned <- last text phase <- ... <- the random model
         chain.append(source)

@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from icons_dagster.core.model.alignment import DEVICE_CHOICES, TRAIN_CHOICES, AlignmentRecipe
+from icons_dagster.core.model.alignment import DEVICE_CHOICES, LOSS_MEANS, TRAIN_CHOICES, AlignmentRecipe
 from icons_dagster.core.schema import SECTIONS, IconsConfig, field_types
 from icons_dagster.core.storage.artifacts import ArtifactStore
 from icons_dagster.demo.bootstrap import demo_sizes
@@ -234,11 +234,12 @@ def cmd_align(args: argparse.Namespace) -> int:
         recipe = AlignmentRecipe(
             steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed, train=args.train,
             heldout_fraction=args.heldout_fraction, num_threads=args.threads, max_length=args.max_length, device=args.device,
+            loss_mean=args.loss_mean,
         )
         bar, progress = _loss_bar("stage-1 alignment")
         result = align(
             args.captions, args.image_root, args.model, args.out, recipe,
-            heldout_captions=args.heldout_captions, heldout_image_root=args.heldout_image_root, force=args.force,
+            heldout_captions=args.heldout_captions, heldout_image_root=args.heldout_image_root, texts=args.texts, force=args.force,
             progress=progress, revision=args.revision, trust_remote_code=args.trust_remote_code,
         )
     except AlignmentInputError as error:
@@ -254,6 +255,8 @@ def cmd_align(args: argparse.Namespace) -> int:
     print(f"captions: {caps['n_usable']} usable of {caps['n_entries']} in {caps['path']}; {caps['n_problems']} skipped")
     for problem in caps["problems"][:5]:
         print(f"  {problem}")
+    if report.get("texts"):
+        print(f"texts: {report['texts']['n_usable']} text-only records from {report['texts']['path']}, trained alongside")
     frozen = ", ".join(report["frozen"]) or "nothing"
     print(f"trained {' + '.join(report['trained'])} (frozen: {frozen}) on {report['n_encoded']} records: "
           f"{recipe_info['steps']} steps of {recipe_info['batch_size']}, lr {recipe_info['learning_rate']:g}")
@@ -362,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(the language model alone; text-only records train too: a first stage for a random LM); default projector+lm")
     align_cmd.add_argument("--heldout-fraction", type=float, default=defaults.heldout_fraction,
                            help=f"share of the captions' images held out for the loss check, at most 1000 images; 0: none (default {defaults.heldout_fraction})")
+    align_cmd.add_argument("--texts", help="text-only records (LLaVA format) trained alongside the captions, so the language model keeps a text skill; needs the LM to train")
+    align_cmd.add_argument("--loss-mean", choices=LOSS_MEANS, default=defaults.loss_mean,
+                           help="token: the token mean over a batch, as LLaVA's (default); record: every record weighs the same, so short answers count in a mixed batch")
     align_cmd.add_argument("--heldout-captions", help="a separate held-out caption file instead of --heldout-fraction")
     align_cmd.add_argument("--heldout-image-root", help="image root of --heldout-captions (default: --image-root)")
     align_cmd.add_argument("--threads", type=int, default=defaults.num_threads, help="torch threads; the weights are byte-identical for equal inputs, seed and threads (default 1)")

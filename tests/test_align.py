@@ -159,3 +159,61 @@ def test_align_lm_only_trains_on_text_only_records(captions, tiny_model_dir, tmp
     # The same file without --train lm: the text-only records are skipped and listed.
     assert main(_args(captions, tiny_model_dir, tmp_path / "projector", *STEPS, "--heldout-fraction", "0", file=mixed)) == 0
     assert f"4 usable of 40 in {mixed}; 36 skipped" in capsys.readouterr().out
+
+
+def test_align_texts_alongside_and_record_mean(captions, tiny_model_dir, tmp_path, capsys):
+    """``--texts``: text-only records train beside the captions (the LM must train; a record
+    with an image is refused by id); ``--loss-mean record`` weighs each record equally,
+    checked against the per-record losses by hand."""
+    from icons_dagster.core.model.alignment import _batch_loss, load_model
+    from icons_dagster.core.model.encoding import ConversationEncoder, per_sample_loss, collate
+    from icons_dagster.core.model.samples import SkipLog, encode_records
+    from icons_dagster.core.data.records import load_records
+
+    texts = [
+        {"id": f"t{i}", "conversations": [{"from": "human", "value": f"The image shows the digit {i % 10}.\nIs it {i % 3}? Answer yes or no."},
+                                          {"from": "gpt", "value": "Yes" if i % 10 == i % 3 else "No"}]}
+        for i in range(12)
+    ]  # fmt: skip
+    text_file = tmp_path / "texts.json"
+    text_file.write_text(json.dumps(texts), encoding="utf-8")
+    out = tmp_path / "with-texts"
+    common = (*STEPS, "--heldout-fraction", "0.25", "--texts", str(text_file))
+    assert main(_args(captions, tiny_model_dir, out, *common, "--loss-mean", "record")) == 0, capsys.readouterr().err
+    assert f"texts: 12 text-only records from {text_file}" in capsys.readouterr().out
+    report = _report(out)
+    assert report["n_records"] == 30 + 12 and report["recipe"]["loss_mean"] == "record" and report["texts"]["n_usable"] == 12
+    assert report["heldout"]["n_records"] == 10  # the held-out split is the captions' alone
+
+    # Token mean (the default) on the same inputs: other weights; the key tells the two apart.
+    token = tmp_path / "token"
+    assert main(_args(captions, tiny_model_dir, token, *common)) == 0
+    assert _report(token)["key"] != report["key"]
+    record_weights, token_weights = load_file(str(out / "model.safetensors")), load_file(str(token / "model.safetensors"))
+    assert any(_changed(record_weights, token_weights, "language_model."))
+
+    # The projector alone cannot learn from text; a texts file with an image record is refused by id.
+    capsys.readouterr()
+    assert main(_args(captions, tiny_model_dir, tmp_path / "p", *STEPS, "--train", "projector", "--texts", str(text_file))) == 2
+    assert "train='projector' keeps frozen" in capsys.readouterr().err
+    caps = json.loads((captions / ALIGN_FILE).read_text(encoding="utf-8"))
+    text_file.write_text(json.dumps(texts + caps[:1]), encoding="utf-8")
+    assert main(_args(captions, tiny_model_dir, tmp_path / "q", *STEPS, "--texts", str(text_file))) == 2
+    err = capsys.readouterr().err
+    assert f"id {caps[0]['id']!r}: has an image" in err and str(text_file) in err
+
+    # The two means by hand: a 1-token answer and a caption of many tokens.
+    processor, model, placement = load_model(tiny_model_dir)
+    encoder = ConversationEncoder(processor, 512)
+    records = load_records(text_file, captions / "images").records
+    samples = list(encode_records(encoder, [records[0], records[-1]], SkipLog()))
+    batch = collate(samples, encoder.tokenizer.pad_token_id)
+    with torch.no_grad():
+        per_record = per_sample_loss(model(**batch.model_inputs(placement.device, placement.dtype)).logits.float(), batch.labels)
+        counts = (batch.labels[:, 1:] != -100).sum(dim=1).float()
+        assert counts[0] < counts[1]  # "Yes"/"No" against a caption
+        record_mean, n = _batch_loss(model, samples, encoder.tokenizer.pad_token_id, placement, "record")
+        token_mean, _ = _batch_loss(model, samples, encoder.tokenizer.pad_token_id, placement)
+    assert n == int(counts.sum())
+    assert torch.isclose(record_mean, per_record.mean()) and torch.isclose(token_mean, (per_record * counts).sum() / counts.sum())
+    assert not torch.isclose(record_mean, token_mean)

@@ -138,6 +138,18 @@ class TextPhase:
     drafts: dict[str, int]  # text drafts per world size, of which the phase keeps its formats
     steps: dict[str, int]  # per world size
     learning_rate: float
+    loss_mean: str = "token"  # "record": a one-token answer weighs as much as a long one
+
+
+@dataclass(frozen=True)
+class CaptionAlignment:
+    """The caption alignment after the text phases: what trains, the loss mean, and the
+    text formats (from ``rehearsal_drafts`` drafts) trained alongside the captions."""
+
+    train: str = "projector+lm"
+    loss_mean: str = "token"
+    rehearsal_formats: tuple[str, ...] = ()
+    rehearsal_drafts: int = 0
 
 
 #: Gate attempt 2's text stage, every format, 4,000 steps at lr 3e-3: the best base model
@@ -154,14 +166,14 @@ def ensure_mix_model(
     world_seed: int = 0,
     spec: TinyModelSpec | None = None,
     text_phases: tuple[TextPhase, ...] = MIX_TEXT_PHASES,
-    align_train: str = "projector+lm",
+    alignment: CaptionAlignment = CaptionAlignment(),
 ) -> Path:
     """Build (or reuse) the base model of the mix world (``size``, ``world_seed``) under ``demo_dir``.
 
     Folders, each reused when its inputs are unchanged: the random tiny LLaVA, its language
     model after each text phase (``align --train lm``), and that after caption alignment.
     Another world seed gets its own tokenizer and captions (no image of that world).
-    ``spec``: the tiny LLaVA's sizes (default MIX_MODEL_SPEC); ``align_train``: what the
+    ``spec``: the tiny LLaVA's sizes (default MIX_MODEL_SPEC); ``alignment``: how the
     caption alignment trains (``projector`` keeps the language model the text phases made).
     """
     from icons_dagster.demo.mix import CAPTIONS_FILE, TEXTS_FILE, generate_mix_captions, generate_mix_texts, mix_corpus
@@ -171,19 +183,27 @@ def ensure_mix_model(
     size_name = f"{size}-seed{world_seed}" if world_seed else size
     read = Path(build_tiny_llava(demo_dir / f"tiny-llava-{size_name}", mix_corpus(size, seed=world_seed, captions=n), spec or MIX_MODEL_SPEC))
     held_texts = generate_mix_texts(demo_dir / f"texts-{size}-heldout", TEXT_HELDOUT_N, seed=TEXT_HELDOUT_SEED)
+    def texts_of(formats: tuple[str, ...], n_drafts: int) -> Path:
+        return generate_mix_texts(demo_dir / f"texts-{n_drafts}-{'-'.join(formats)}", n_drafts, seed=TEXT_SEED, formats=formats)
+
     for phase in text_phases:
-        n_drafts = phase.drafts[size]
-        texts = generate_mix_texts(demo_dir / f"texts-{n_drafts}-{'-'.join(phase.formats)}", n_drafts, seed=TEXT_SEED, formats=phase.formats)
-        recipe = AlignmentRecipe(steps=phase.steps[size], learning_rate=phase.learning_rate, train="lm", heldout_fraction=0.0, num_threads=BUILD_THREADS)
+        texts = texts_of(phase.formats, phase.drafts[size])
+        recipe = AlignmentRecipe(
+            steps=phase.steps[size], learning_rate=phase.learning_rate, train="lm", heldout_fraction=0.0, num_threads=BUILD_THREADS,
+            loss_mean=phase.loss_mean,
+        )  # fmt: skip
         out = demo_dir / f"tiny-llava-{size_name}-{phase.name}"
         align(texts / TEXTS_FILE, texts, read, out, recipe, heldout_captions=held_texts / TEXTS_FILE, heldout_image_root=held_texts, force=True, progress=progress)
         read = out
     captions = generate_mix_captions(demo_dir / f"captions-{size_name}", n, world=size, world_seed=world_seed)
     held = generate_mix_captions(demo_dir / f"captions-{size_name}-heldout", min(HELDOUT_N, n), seed=HELDOUT_SEED, world=size, world_seed=world_seed)
-    recipe = AlignmentRecipe(steps=MIX_STEPS[size], train=align_train, heldout_fraction=0.0, num_threads=BUILD_THREADS)
+    recipe = AlignmentRecipe(
+        steps=MIX_STEPS[size], train=alignment.train, heldout_fraction=0.0, num_threads=BUILD_THREADS, loss_mean=alignment.loss_mean
+    )
+    rehearsal = texts_of(alignment.rehearsal_formats, alignment.rehearsal_drafts) / TEXTS_FILE if alignment.rehearsal_formats else None
     out = demo_dir / f"tiny-llava-{size_name}-aligned"
     align(
-        captions / CAPTIONS_FILE, captions / "images", read, out, recipe,
+        captions / CAPTIONS_FILE, captions / "images", read, out, recipe, texts=rehearsal,
         heldout_captions=held / CAPTIONS_FILE, heldout_image_root=held / "images", force=True, progress=progress,
     )  # fmt: skip
     return out

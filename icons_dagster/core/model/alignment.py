@@ -13,7 +13,11 @@ its output head too (a random LM must learn language; LLaVA keeps a *pretrained*
 ``train="projector"``). ``train="lm"`` trains the language model and its head alone and also
 takes text-only records: a first stage that teaches a random LM the world's language and
 answer formats before any image (text-only records are skipped and listed otherwise). Loss: the answer-token loss of the warm-up (``ConversationEncoder``
-labels, ``per_sample_loss``, token mean over the batch, as HF's loss in LLaVA's script).
+labels, ``per_sample_loss``, token mean over the batch, as HF's loss in LLaVA's script;
+``loss_mean="record"`` weighs every record equally instead, so that one-token answers
+are not drowned by long ones in a mixed batch). ``texts``: text-only records (LLaVA
+format, e.g. ShareGPT's) trained alongside the captions whenever the language model
+trains, as LLaVA-1.5's mix carries text-only chat, so that a stage keeps a text skill.
 AdamW (betas 0.9/0.999, no weight decay), linear warm-up over 3% of the steps then cosine to
 0, gradient norm clipped at 1; records visited in a seeded shuffled order, epoch after epoch.
 fp32 weights; on CPU a pinned torch thread count makes equal inputs, seed and thread count
@@ -60,6 +64,7 @@ from icons_dagster.core.storage.artifacts import write_json
 from icons_dagster.core.storage.fingerprint import canonical_json, checkpoint_identity
 
 __all__ = [
+    "LOSS_MEANS",
     "REPORT_FILE",
     "TRAIN_CHOICES",
     "AlignmentInputError",
@@ -79,6 +84,7 @@ REPORT_FILE = "alignment.json"
 TRAIN_CHOICES = ("projector+lm", "projector", "lm")
 DEVICE_CHOICES = ("cpu", "cuda")
 TEXT_TRAIN = "lm"  # the choice that trains on text-only records too
+LOSS_MEANS = ("token", "record")
 #: Module names of the projector across architectures (LLaVA, LLaVA-style mm_projector,
 #: Idefics3/SmolVLM, Qwen2.5-VL's merger inside its vision tower).
 PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "connector", "merger")
@@ -112,6 +118,14 @@ class AlignmentRecipe:
     num_threads: int = 1
     max_length: int = 512
     device: str = "cpu"  # the weights differ by device, so it is part of the recipe (and the reuse key)
+    loss_mean: str = "token"  # "record": each record's answer-token mean weighs the same
+
+    def identity(self) -> dict[str, Any]:
+        """The recipe in the reuse key; a default-valued newer field is left out, so older keys stay valid."""
+        document = dataclasses.asdict(self)
+        if document["loss_mean"] == "token":
+            del document["loss_mean"]
+        return document
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or not self.learning_rate > 0:
@@ -122,6 +136,8 @@ class AlignmentRecipe:
             raise AlignmentInputError(f"held-out fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.device not in DEVICE_CHOICES:
             raise AlignmentInputError(f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
+        if self.loss_mean not in LOSS_MEANS:
+            raise AlignmentInputError(f"loss mean must be one of {LOSS_MEANS}, got {self.loss_mean!r}")
         if self.num_threads < 1 or self.max_length < 16:
             raise AlignmentInputError(f"threads must be >= 1 and max length >= 16, got {self.num_threads}, {self.max_length}")
 
@@ -232,13 +248,15 @@ def _encode_all(encoder: ConversationEncoder, records: Sequence[Record]) -> tupl
     return samples, skips
 
 
-def _token_mean(model, samples: Sequence[EncodedSample], pad_id: int, placement: Placement) -> tuple[torch.Tensor, int]:
-    """Token-mean answer loss of one batch and its answer-token count."""
+def _batch_loss(model, samples: Sequence[EncodedSample], pad_id: int, placement: Placement, loss_mean: str = "token") -> tuple[torch.Tensor, int]:
+    """Answer loss of one batch (token mean, or ``record`` mean) and its answer-token count."""
     batch = collate(samples, pad_id)
     with placement.forward_context():
         outputs = model(**batch.model_inputs(placement.device, placement.dtype))
     losses = per_sample_loss(outputs.logits.float(), batch.labels.to(placement.device))
     weights = (batch.labels[:, 1:] != -100).sum(dim=1).to(losses)
+    if loss_mean == "record":
+        return losses.mean(), int(weights.sum())
     return (losses * weights).sum() / weights.sum(), int(weights.sum())
 
 
@@ -289,7 +307,7 @@ def train_alignment(
             chunk, order = order[:batch_size], order[batch_size:]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate_at(step, steps, recipe.learning_rate)
-            loss, _ = _token_mean(model, [samples[i] for i in chunk], pad_id, placement)
+            loss, _ = _batch_loss(model, [samples[i] for i in chunk], pad_id, placement, recipe.loss_mean)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
@@ -334,7 +352,7 @@ def _mean_loss(model, encoder: ConversationEncoder, records: Sequence[Record], b
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
-            loss, count = _token_mean(model, samples[start : start + batch_size], pad_id, placement)
+            loss, count = _batch_loss(model, samples[start : start + batch_size], pad_id, placement)
             total += float(loss) * count
             tokens += count
     return total / tokens, len(samples)
@@ -458,6 +476,17 @@ def load_captions(path: str | Path, image_root: str | Path, *, text_only: bool =
     return Captions(path, image_root, tuple(records), tuple(problems), loaded.content_sha256)
 
 
+def _load_texts(path: str | Path, image_root: str | Path, recipe: AlignmentRecipe) -> Captions:
+    """The text-only records of ``align(texts=...)``; one with an image is refused, by file and id."""
+    if recipe.train == "projector":
+        raise AlignmentInputError(f"{path}: text-only records train the language model, which train='projector' keeps frozen")
+    texts = load_captions(path, image_root, text_only=True)
+    with_image = next((r for r in texts.records if r.image_path is not None), None)
+    if with_image is not None:
+        raise AlignmentInputError(f"{texts.path}: record #{with_image.index}, id {with_image.id!r}: has an image; the texts file holds text-only records")
+    return texts
+
+
 def _stored_report(out: Path) -> dict[str, Any] | None:
     try:
         report = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
@@ -484,7 +513,10 @@ def _check_out(out: Path, key: str, force: bool, model: str) -> dict[str, Any] |
     return None
 
 
-def alignment_key(captions: Captions, heldout: Captions | None, model: str, revision: str | None, trust_remote_code: bool, recipe: AlignmentRecipe) -> str:
+def alignment_key(
+    captions: Captions, heldout: Captions | None, model: str, revision: str | None, trust_remote_code: bool, recipe: AlignmentRecipe,
+    texts: Captions | None = None,
+) -> str:
     """What the output is a function of: the inputs by content, the model's identity, the recipe."""
     document = {
         "alignment_version": ALIGNMENT_VERSION,
@@ -492,7 +524,8 @@ def alignment_key(captions: Captions, heldout: Captions | None, model: str, revi
         "heldout_captions": heldout.identity() if heldout is not None else None,
         "model": checkpoint_identity(model, revision),
         "trust_remote_code": trust_remote_code,
-        "recipe": dataclasses.asdict(recipe),
+        "recipe": recipe.identity(),
+        **({"texts": texts.identity()} if texts is not None else {}),
     }
     return hashlib.sha256(canonical_json(document).encode("utf-8")).hexdigest()
 
@@ -506,6 +539,7 @@ def align(
     *,
     heldout_captions: str | Path | None = None,
     heldout_image_root: str | Path | None = None,
+    texts: str | Path | None = None,
     force: bool = False,
     progress: Callable[[int, int, float], None] | None = None,
     revision: str | None = None,
@@ -515,7 +549,8 @@ def align(
 
     ``model``: a local checkpoint folder or a hub id. Held out: ``heldout_captions`` (images
     under ``heldout_image_root``, default ``image_root``) or ``recipe.heldout_fraction`` of the
-    caption file's images (0: no held-out check). ``out`` gets the checkpoint and
+    caption file's images (0: no held-out check). ``texts``: a file of text-only records
+    trained alongside the captions (the language model must train). ``out`` gets the checkpoint and
     ``alignment.json``; it is built in ``<out>.tmp-<pid>`` and renamed into place, so a crash
     never leaves a folder a later run trusts. An ``out`` holding another alignment is replaced
     only with ``force``; one holding anything else never. Raises AlignmentInputError for bad input.
@@ -530,7 +565,8 @@ def align(
     text_only = recipe.train == TEXT_TRAIN
     caps = load_captions(captions, image_root, text_only=text_only)
     held_caps = load_captions(heldout_captions, heldout_image_root or image_root, text_only=text_only) if heldout_captions is not None else None
-    key = alignment_key(caps, held_caps, source, revision, trust_remote_code, recipe)
+    text_caps = _load_texts(texts, image_root, recipe) if texts is not None else None
+    key = alignment_key(caps, held_caps, source, revision, trust_remote_code, recipe, text_caps)
     stored = _check_out(out, key, force, source)
     if stored is not None:
         return AlignmentResult(out, stored, reused=True)
@@ -539,6 +575,8 @@ def align(
         train_records, held = list(caps.records), list(held_caps.records)
     else:
         train_records, held = split_heldout(caps.records, recipe.heldout_fraction, recipe.seed)
+    if text_caps is not None:
+        train_records += text_caps.records
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -571,6 +609,7 @@ def align(
             "trust_remote_code": trust_remote_code,
             "recipe": dataclasses.asdict(recipe),
             "captions": caps.summary(),
+            "texts": text_caps.summary() if text_caps is not None else None,
             "heldout_captions": held_caps.summary() if held_caps is not None else None,
             "heldout_source": str(held_caps.path) if held_caps is not None else f"fraction {recipe.heldout_fraction} of the captions' images",
             **training,
