@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,14 +123,33 @@ def _methods(choice: str) -> tuple[str, ...]:
     return ("icons", "ofa") if choice == "both" else (choice,)
 
 
+def _holding_home(command: str, home: Path, body: Callable[[], int]) -> int:
+    """Run a command that writes the home: alone on it (a second one refuses, naming the
+    first), with SIGTERM stopping it as Ctrl-C does (run_guard.py)."""
+    from icons_dagster.run_guard import HomeBusy, home_lock, raise_on_sigterm
+
+    raise_on_sigterm()
+    try:
+        with home_lock(ArtifactStore(home).dagster_home, command):
+            return body()
+    except HomeBusy as error:
+        print(f"{command}: {error}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"\n{command}: interrupted; what finished is kept and the next run on this home goes on from there", file=sys.stderr)
+        return 130
+
+
 def _run(home: Path, config: IconsConfig, methods: tuple[str, ...] = ("icons",)) -> int:
+    from tqdm import tqdm
+
     from icons_dagster.runner import prepare_instance_home, run_graph
 
     write_home_config(home, config)
     prepare_instance_home(home)
     bar, on_step = _progress_printer()
     try:
-        summary = run_graph(home, config, on_step=on_step, methods=methods)
+        summary = run_graph(home, config, on_step=on_step, methods=methods, on_wait=lambda message: tqdm.write(message, file=sys.stderr))
         bar.n = bar.total
         bar.set_description("done")
         bar.close()
@@ -154,15 +174,19 @@ def _run(home: Path, config: IconsConfig, methods: tuple[str, ...] = ("icons",))
 def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never touches the network
     home = resolve_home(args.home)
-    return _run(home, _bootstrap_demo(home, args.size, args.shards, args.world_seed), _methods(args.method))
+    return _holding_home("demo", home, lambda: _run(home, _bootstrap_demo(home, args.size, args.shards, args.world_seed), _methods(args.method)))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Both selectors on the home's configuration (cached when done), then fine-tune and score each method."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     home = resolve_home(args.home)
-    config = read_home_config(home) if ArtifactStore(home).config_file.is_file() else _bootstrap_demo(home, args.size, world_seed=args.world_seed)
-    return _run(home, config.replace(**section_overrides(args)), ("icons", "ofa", "evaluation"))
+
+    def body() -> int:
+        config = read_home_config(home) if ArtifactStore(home).config_file.is_file() else _bootstrap_demo(home, args.size, world_seed=args.world_seed)
+        return _run(home, config.replace(**section_overrides(args)), ("icons", "ofa", "evaluation"))
+
+    return _holding_home("evaluate", home, body)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -181,7 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         benchmarks = ArtifactStore(home).watched_benchmarks_dir  # OFA needs none: a folder the sensor can watch later
         benchmarks.mkdir(parents=True, exist_ok=True)
         config = config.replace(data={"benchmarks": str(benchmarks)})
-    return _run(home, config, _methods(args.method))
+    return _holding_home("run", home, lambda: _run(home, config, _methods(args.method)))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

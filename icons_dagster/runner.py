@@ -29,6 +29,11 @@ telemetry:
 concurrency:
   pools:
     default_limit: 1
+# With the daemon (dagster dev): the slots of a run that ended are freed (runs whose worker
+# died are failed by the next run or CLI command on this machine: run_guard.py).
+run_monitoring:
+  enabled: true
+  free_slots_after_run_end_seconds: 5
 """
 
 
@@ -136,9 +141,13 @@ def run_graph(
     instance=None,
     on_step: Callable[[int, int, Step], None] | None = None,
     log_level: str = "WARNING",
+    on_wait: Callable[[str], None] | None = None,
     methods: tuple[str, ...] = ("icons",),
 ) -> dict[str, Any]:
-    """Register benchmarks and materialize the whole graph; returns the subset's location and stats."""
+    """Register benchmarks and materialize the whole graph; returns the subset's location and stats.
+
+    A step whose assets claim a pool starts only once the pool has room (``on_wait`` is told
+    which run it waits for; the wait is interruptible, see run_guard.py)."""
     from dagster import AssetKey, DagsterInstance, Definitions, materialize
 
     from icons_dagster.core.stages.ofa import EXPORT_PREFIX, SELECTOR_DIR
@@ -146,12 +155,14 @@ def run_graph(
     from icons_dagster.definitions import build_resources, graph_assets
     from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, contiguous_ranges, evaluation_method_partitions
     from icons_dagster.registration import register_benchmarks
+    from icons_dagster.run_guard import release_dead_runs, wait_for_pools
 
     resources = build_resources(home, config)
     if instance is None:
         prepare_instance_home(home)
         instance = DagsterInstance.get()
     store = ArtifactStore(home)
+    release_dead_runs(instance)
     benchmarks_dir = config.data.benchmarks_path()
     benchmarks, _ = register_benchmarks(instance, benchmarks_dir)
     if not benchmarks and "icons" in methods:
@@ -161,9 +172,12 @@ def run_graph(
     asset_graph = Definitions(assets=assets, resources=resources).resolve_asset_graph()
     steps = plan_steps(asset_graph, methods, {evaluation_method_partitions: list(config.evaluation.partition_methods())}, ranges)
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    pools = {key.to_user_string(): set(a.node_def.pools) for a in assets for key in a.keys}
     for index, step in enumerate(steps):
         if on_step is not None:
             on_step(index, len(steps), step)
+        if step_pools := set().union(*(pools[name] for name in step.assets)):
+            wait_for_pools(instance, step_pools, on_wait or (lambda message: None))
         result = materialize(
             assets,
             selection=[AssetKey(name) for name in step.assets],

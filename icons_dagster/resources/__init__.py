@@ -31,7 +31,16 @@ class StoreResource(ConfigurableResource):
     remote: str = ""
 
     def setup_for_execution(self, context) -> None:
-        """At the start of every run (CLI or UI): remove what dead writers on this machine left."""
+        """At the start of every run (CLI or UI): record this process as the run's worker, fail
+        runs whose worker died here and free their pool slots (run_guard.py), and remove what
+        dead writers on this machine left."""
+        from icons_dagster.run_guard import release_dead_runs, tag_worker
+
+        if context.instance is not None and context.run_id:
+            tag_worker(context.instance, context.run_id)
+            failed = release_dead_runs(context.instance)
+            if failed and context.log is not None:
+                context.log.info(f"marked {len(failed)} run(s) failed whose worker died on this machine: {', '.join(failed)}")
         removed, _ = clean_leftovers(self.root)
         if removed and context.log is not None:
             context.log.info(f"removed {len(removed)} temporary leftover(s) of interrupted writes under {self.root}")

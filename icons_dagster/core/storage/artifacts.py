@@ -252,10 +252,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def owner_is_dead(tag: str, host: str) -> bool | None:
+    """For an ``owner_tag()``: True when it is a dead process on ``host`` (this machine),
+    False when alive here, None when another machine's (not ours to judge)."""
+    owner_host, _, pid = tag.rpartition("-")
+    if owner_host != host or not pid.isdigit():
+        return None
+    return not _pid_alive(int(pid))
+
+
 def _dead_owner(name: str, host: str) -> bool | None:
     """True: its writer is a dead process on this machine; False: alive here; None: not ours to judge."""
     if (m := _OWNED.search(name)) is not None:
-        return not _pid_alive(int(m["pid"])) if m["host"] == host else None
+        return owner_is_dead(f"{m['host']}-{m['pid']}", host)
     if (m := _LEGACY.search(name)) is not None:
         return not _pid_alive(int(m["pid"] or m["pid2"]))
     return None
