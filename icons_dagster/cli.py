@@ -209,9 +209,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a pool, a benchmark folder or a folder of benchmarks without computing anything."""
-    from icons_dagster.core.data.records import RecordFileError, benchmark_image_root, find_benchmarks, load_records, split_file
+    """Check a pool, a benchmark folder or a folder of benchmarks as the run would read them,
+    every image decoded (in parallel) against the pixel limit, without computing anything."""
+    from tqdm import tqdm
 
+    from icons_dagster.core.data.records import RecordFileError, benchmark_image_root, find_benchmarks, load_records, screen_images, split_file
+    from icons_dagster.core.selection.consensus import subset_size
+
+    home = ArtifactStore(resolve_home(args.home))
+    config = read_home_config(home.root) if home.config_file.is_file() else IconsConfig()
+    max_pixels = args.max_image_pixels or config.data.max_image_pixels
+    p = args.p if args.p is not None else config.selection.p
     image_root = Path(args.image_root).resolve() if args.image_root else None
     targets: list[tuple[str, Path, Path | None]] = []
     if args.pool:
@@ -233,6 +241,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not targets:
         print("nothing to validate: give --pool, --benchmark or --benchmarks", file=sys.stderr)
         return 2
+    print(f"images: every one decoded, at most {max_pixels:,} pixels each (data.max_image_pixels), {args.workers} worker(s)")
     problems_total = 0
     for label, path, root in targets:
         try:
@@ -241,10 +250,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"[{label}] ERROR {error}")
             problems_total += 1
             continue
+        bar = tqdm(total=1, desc=f"[{label}] images", unit="image", file=sys.stderr, disable=None, leave=False)
+
+        def progress(done: int, total: int) -> None:
+            bar.total, bar.n = total, done
+            bar.refresh()
+
+        loaded = screen_images(loaded, max_pixels, decode=True, workers=args.workers, progress=progress)
+        bar.close()
         print(f"[{label}] {path}: {len(loaded.records)} valid, {len(loaded.problems)} invalid")
         for problem in loaded.problems:
             print(f"  {problem}")
         problems_total += len(loaded.problems)
+        if label == "pool" and loaded.records:
+            try:
+                print(f"[pool] p = {p} selects {subset_size(len(loaded.records), p)} of its {len(loaded.records)} valid records")
+            except ValueError as error:
+                print(f"[pool] ERROR selection.p: {error}: raise --p")
+                problems_total += 1
     print(f"{problems_total} problem(s) found")
     return 1 if problems_total else 0
 
@@ -366,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--benchmark", help="one benchmark folder")
     validate.add_argument("--benchmarks", help="a folder of benchmark folders")
     validate.add_argument("--image-root")
+    validate.add_argument("--max-image-pixels", type=int, help="largest image allowed (default: data.max_image_pixels of the home, else 40,000,000)")
+    validate.add_argument("--p", type=float, help="the selection ratio to check against what survives (default: selection.p of the home)")
+    validate.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="processes decoding images (default: every core)")
     validate.set_defaults(func=cmd_validate)
 
     defaults = AlignmentRecipe()

@@ -30,13 +30,69 @@ def write_pool(folder: Path) -> Path:
 
 def test_validate_lists_every_problem_by_id_and_reason(tmp_path, capsys):
     pool = write_pool(tmp_path)
-    code = main(["validate", "--pool", str(pool), "--image-root", str(tmp_path / "images")])
+    code = main(["--home", str(tmp_path / "home"), "validate", "--pool", str(pool), "--image-root", str(tmp_path / "images")])
     out = capsys.readouterr().out
     assert code == 1
     assert "1 valid, 3 invalid" in out
     assert "(id 'escape'): image path escapes the image root" in out
     assert "(id 'noanswer')" in out and "(id 'ok')" in out and "duplicate" in out
-    assert "3 problem(s) found" in out
+    assert "p=0.2 of n=1 selects nothing" in out and "4 problem(s) found" in out  # the default p leaves nothing of one record
+
+
+def _image_pool(folder: Path) -> Path:
+    """A pool whose images are every kind of bad the run would otherwise meet only while computing gradients."""
+    images = folder / "images"
+    images.mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(images / "ok.png")
+    Image.new("RGB", (16, 16), "blue").save(images / "big.png")
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 4)
+    (images / "empty.png").write_bytes(b"")
+    Image.new("RGB", (64, 64), "green").save(images / "full.png")
+    (images / "truncated.png").write_bytes((images / "full.png").read_bytes()[:60])
+    Image.new("1", (9000, 5000)).save(images / "bomb.png")  # 45M pixels in a few kB: refused before decoding
+    turns = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]
+    names = ("ok", "big", "corrupt", "empty", "truncated", "bomb")
+    suffix = {"corrupt": "jpg"}
+    records = [{"id": n, "image": f"{n}.{suffix.get(n, 'png')}", "conversations": turns} for n in names]
+    (folder / "pool.json").write_text(json.dumps(records))
+    return folder / "pool.json"
+
+
+def test_validate_decodes_every_image_with_a_pixel_limit_and_checks_p(tmp_path, capsys):
+    pool = _image_pool(tmp_path)
+    args = ["--home", str(tmp_path / "home"), "validate", "--pool", str(pool), "--image-root", str(tmp_path / "images")]
+    for workers in ("1", "2"):  # in this process, and in worker processes: the same report
+        assert main([*args, "--workers", workers, "--p", "0.5"]) == 1
+        out = capsys.readouterr().out
+        assert "2 valid, 4 invalid" in out, out
+        assert "(id 'corrupt'): cannot load image" in out and "(id 'empty'): cannot load image" in out
+        assert "(id 'truncated'): cannot load image" in out and "(id 'ok')" not in out
+        assert "(id 'bomb'): image " in out and "9000x5000 = 45,000,000 pixels, above the limit of 40,000,000" in out
+        assert "p = 0.5 selects 1 of its 2 valid records" in out and "4 problem(s) found" in out
+    # A limit of 100 pixels refuses the 16x16 image too; p = 0.2 of what is left selects nothing.
+    assert main([*args, "--max-image-pixels", "100", "--p", "0.2"]) == 1
+    out = capsys.readouterr().out
+    assert "1 valid, 5 invalid" in out and "(id 'big'): image " in out and "16x16 = 256 pixels, above the limit of 100" in out
+    assert "[pool] ERROR selection.p: p=0.2 of n=1 selects nothing" in out and "6 problem(s) found" in out
+
+
+def test_the_pool_stage_screens_headers_with_the_configured_limit(tmp_path):
+    from icons_dagster.core.data.records import DEFAULT_MAX_IMAGE_PIXELS
+    from icons_dagster.core.stages.icons import stage_pool
+    from icons_dagster.core.storage.artifacts import ArtifactStore
+
+    pool = _image_pool(tmp_path)
+    store = ArtifactStore(tmp_path / "store")
+    default = stage_pool(store, pool, tmp_path / "images", 1)
+    skipped = {s["id"]: s["reason"] for s in default.metadata["skipped"]}
+    # The header check refuses the empty, corrupt and oversized files; a truncated body decodes
+    # only in validate (or is skipped, counted, when the gradients decode it).
+    assert sorted(skipped) == ["bomb", "corrupt", "empty"] and default.ref.n_records == 3
+    small = stage_pool(store, pool, tmp_path / "images", 1, max_image_pixels=100)
+    reasons = {s["id"]: s["reason"] for s in small.metadata["skipped"]}
+    assert small.ref.n_records == 1 and "16x16 = 256 pixels, above the limit of 100" in reasons["big"] and "64x64" in reasons["truncated"]
+    assert small.ref.fingerprint != default.ref.fingerprint
+    assert stage_pool(store, pool, tmp_path / "images", 1, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS).ref.fingerprint == default.ref.fingerprint
 
 
 def test_validate_clean_benchmarks_folder(demo_paths, capsys):

@@ -3,7 +3,9 @@ SIGTERM, two CLI commands on one home never interleave (run_guard.py; issue 19).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,10 +14,14 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
+
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 from icons_dagster.assets._context import SELECTION_POOL
+from icons_dagster.core.stages.kit import Stage
+from icons_dagster.core.storage.artifacts import ArtifactStore, CorruptArtifact, load_npy, save_npy
 from icons_dagster.resources.home import write_home_config
 from icons_dagster.run_guard import WORKER_TAG, pool_holders, release_dead_runs
 from icons_dagster.runner import prepare_instance_home
@@ -73,27 +79,42 @@ def test_dead_workers_runs_are_failed_and_their_slots_freed(tmp_path):
     assert ended not in instance.event_log_storage.get_concurrency_run_ids()
 
 
-_DIE_IN_VOTE = """
+# SIGKILL (no clean-up) inside a stage's write: after the stage wrote its files into the
+# artifact's temporary folder, before the manifest commits it. The worst moment to die.
+_DIE_WRITING = """
 import os, signal, sys
+from contextlib import contextmanager
 from pathlib import Path
-import icons_dagster.assets.selection as selection
-def die(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGKILL)
-selection.stage_vote_table = die
+from icons_dagster.core.storage.artifacts import ArtifactStore
+real = ArtifactStore.writing
+@contextmanager
+def writing(self, directory, manifest):
+    with real(self, directory, manifest) as tmp:
+        yield tmp
+        if Path(directory).relative_to(self.root / "artifacts").parts[0] == sys.argv[2]:
+            os.kill(os.getpid(), signal.SIGKILL)
+ArtifactStore.writing = writing
 from icons_dagster.resources.home import read_home_config
 from icons_dagster.runner import run_graph
-run_graph(Path(sys.argv[1]), read_home_config(Path(sys.argv[1])))
+home = Path(sys.argv[1])
+run_graph(home, read_home_config(home), methods=("icons", "ofa", "evaluation"))
 """
+#: Where the matrix kills (issue 19: pool, warm-up, a shard, validation, influence, vote,
+#: subset, OFA, an evaluation fine-tune).
+KILL_STAGES = (
+    "training_pool", "warmup_checkpoint", "training_gradients", "validation_gradients", "task_influence",
+    "vote_table", "selected_subset", "ofa_selector", "finetuned_adapter",
+)
 
 
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DAGSTER_DISABLE_TELEMETRY": "1"}
 
 
-def _cli(home: Path, **kwargs) -> subprocess.Popen:
+def _cli(home: Path, command: str = "evaluate") -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "icons_dagster.cli", "--home", str(home), "run"],
-        env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+        [sys.executable, "-m", "icons_dagster.cli", "--home", str(home), command],
+        env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
@@ -108,42 +129,74 @@ def _read_until(stream, needle: str, seconds: float) -> str:
     return seen
 
 
-def test_a_run_killed_in_the_vote_never_blocks_the_home(demo_paths, tmp_path):
+def _committed(home: Path) -> dict[str, bytes]:
+    """Every committed artifact's manifest file list (sizes and sha256 of its files), by folder."""
+    root = home / "artifacts"
+    return {
+        str(marker.parent.relative_to(root)): json.dumps(json.loads(marker.read_text())["files"], sort_keys=True).encode()
+        for marker in sorted(root.rglob("_COMPLETE.json"))
+    }
+
+
+def _home(tmp_path: Path, name: str, demo_paths) -> Path:
+    home = tmp_path / name
     benchmarks = tmp_path / "benchmarks"
-    for name in BENCHMARKS:
-        (benchmarks / name).mkdir(parents=True)
-        for f in (demo_paths.benchmarks / name).iterdir():
-            (benchmarks / name / f.name).symlink_to(f)
-    home = tmp_path / "home"
-    write_home_config(home, demo_config(demo_paths, benchmarks))
+    if not benchmarks.exists():
+        for bench in BENCHMARKS:
+            shutil.copytree(demo_paths.benchmarks / bench, benchmarks / bench)
+    config = demo_config(demo_paths, benchmarks, data={"num_shards": 1}, evaluation={"methods": ["full", "icons"], "batch_size": 4})
+    write_home_config(home, config)
+    return home
 
-    # 1. SIGKILL inside vote_table, holding the selection pool's only slot.
-    died = subprocess.run([sys.executable, "-c", _DIE_IN_VOTE, str(home)], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
+
+def test_killed_at_every_stage_the_home_recovers_to_the_same_bytes(demo_paths, tmp_path):
+    """SIGKILL inside each stage in turn, each rerun on the same home; then the same bytes as
+    an uninterrupted run, a live holder of the vote's slot, SIGTERM and a second CLI."""
+    reference = _home(tmp_path, "reference", demo_paths)
+    done = _cli(reference)
+    _, err = done.communicate(timeout=900)
+    assert done.returncode == 0, err[-3000:]
+    expected = _committed(reference)
+    assert {key.split("/")[0] for key in expected} >= set(KILL_STAGES)
+
+    # The stages in the order the graph's runs commit them (OFA's runs come between ICONS's).
+    first_commit = {}
+    for marker in (reference / "artifacts").rglob("_COMPLETE.json"):
+        stage = marker.relative_to(reference / "artifacts").parts[0]
+        first_commit[stage] = min(first_commit.get(stage, float("inf")), marker.stat().st_mtime_ns)
+    home = _home(tmp_path, "home", demo_paths)
+    for stage in sorted(KILL_STAGES, key=first_commit.__getitem__):
+        before = _committed(home)
+        died = subprocess.run([sys.executable, "-c", _DIE_WRITING, str(home), stage], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert died.returncode == -signal.SIGKILL, (stage, died.stderr[-3000:])
+        assert list((home / "artifacts" / stage).rglob(".tmp-*")), stage  # it died writing this stage ...
+        after = _committed(home)
+        assert {k: after[k] for k in before} == before, stage  # ... and kept every committed artifact
+        assert not any(k.split("/")[0] == stage and k not in before for k in after) or stage == "training_gradients", stage
     instance = _instance(home)
-    (killed,) = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
-    assert killed.tags[WORKER_TAG] == f"{socket.gethostname()}-{killed.tags[WORKER_TAG].rsplit('-', 1)[1]}"
-    assert instance.event_log_storage.get_concurrency_run_ids() == {killed.run_id}
-    features = {p: p.stat().st_mtime_ns for p in (home / "artifacts").rglob("*.npy")}
+    # Each killed run was failed by the next run's start; the last one is still STARTED.
+    (last,) = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+    assert WORKER_TAG in last.tags
+    assert len(instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.FAILURE]))) == len(KILL_STAGES) - 1
 
-    # 2. The next CLI run fails the dead run, frees its slot, reuses every committed artifact, finishes.
+    # The next command finishes without a hand: dead runs failed, slots freed, same bytes.
     rerun = _cli(home)
-    out, err = rerun.communicate(timeout=300)
+    _, err = rerun.communicate(timeout=900)
     assert rerun.returncode == 0, err[-3000:]
-    assert "ICONS subset (LLaVA JSON)" in out
-    assert _status(instance, killed.run_id) == DagsterRunStatus.FAILURE
-    assert {p: p.stat().st_mtime_ns for p in features} == features  # nothing recomputed
+    assert _committed(home) == expected
+    assert not instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
     assert instance.event_log_storage.get_concurrency_run_ids() == set()
+    assert not list((home / "artifacts").rglob(".tmp-*"))
 
-    # 3. A live run holds the slot: the CLI says which and waits; SIGTERM stops it at once.
+    # A live run holds the vote's slot: the CLI says which and waits; a second CLI command on the
+    # home refuses at once, naming the first; SIGTERM stops the waiting one.
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         holder = _holding_run(instance, f"{socket.gethostname()}-{sleeper.pid}")
-        waiting = _cli(home)
-        seen = _read_until(waiting.stderr, "waiting for a slot", 240)
+        waiting = _cli(home, "run")
+        seen = _read_until(waiting.stderr, "waiting for a slot", 300)
         assert f"waiting for a slot of pool '{SELECTION_POOL}', held by run {holder} (STARTED" in seen, seen[-2000:]
-        # 4. A second CLI command on the home refuses at once, naming the first.
-        second = _cli(home)
+        second = _cli(home, "run")
         _, second_err = second.communicate(timeout=120)
         assert second.returncode == 3 and "in use by 'icons-dagster run' (worker" in second_err and f"-{waiting.pid}" in second_err, second_err
         waiting.send_signal(signal.SIGTERM)
@@ -152,8 +205,48 @@ def test_a_run_killed_in_the_vote_never_blocks_the_home(demo_paths, tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
-    # The holder died: the next run goes through.
-    after = _cli(home)
+    after = _cli(home, "run")  # the holder died: the next run goes through
     _, err = after.communicate(timeout=300)
     assert after.returncode == 0, err[-3000:]
     assert _status(instance, holder) == DagsterRunStatus.FAILURE
+    assert _committed(home) == expected
+
+
+def _build(store: ArtifactStore) -> tuple[Stage, object]:
+    """A two-file artifact (an npy and a JSON), reused when intact."""
+    stage = Stage(store, "integrity_check", None, seed=1)
+    if (done := stage.reused()) is not None:
+        return stage, done
+    with stage.building({"seed": 1}) as out:
+        save_npy(out.folder / "features.npy", np.arange(4096, dtype=np.float32))
+        (out.folder / "table.json").write_text('{"rows": 3}', encoding="utf-8")
+    return stage, stage.result()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "remove", "manifest"])
+def test_a_corrupt_artifact_is_detected_on_read_and_recomputed(tmp_path, damage):
+    store = ArtifactStore(tmp_path)
+    _, first = _build(store)
+    folder = store.absolute(first.ref.path)
+    original = (folder / "features.npy").read_bytes()
+    assert _build(store)[1].metadata["reused"]  # intact: reused
+    target = folder / ("_COMPLETE.json" if damage == "manifest" else "features.npy")
+    data = bytearray(target.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01  # one bit, same size: only the checksum sees it
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(bytes(data[:-100]))
+    elif damage == "remove":
+        target.unlink()
+    else:
+        target.write_bytes(bytes(data[:-5]))  # the manifest itself cut short
+    expected = {"flip": "features.npy: sha256 differs", "truncate": "features.npy: 16412 bytes, its manifest says 16512",
+                "remove": "features.npy: missing", "manifest": "_COMPLETE.json unreadable"}[damage]
+    if damage != "manifest":  # a reader is told by file (an unreadable manifest reads as not committed)
+        with pytest.raises(CorruptArtifact, match=f"artifact {folder} is corrupt: {expected}"):
+            store.absolute(first.ref.path)
+    stage, again = _build(store)
+    assert not again.metadata["reused"] and again.metadata["replaced_corrupt_copy"].startswith(expected)
+    assert (folder / "features.npy").read_bytes() == original and np.array_equal(load_npy(folder / "features.npy"), np.arange(4096, dtype=np.float32))
+    assert store.absolute(first.ref.path) == folder and _build(store)[1].metadata["reused"]

@@ -53,7 +53,7 @@ def evaluation_subsets(
     yield output(
         stage_evaluation_subsets(
             store.store(), training_pool, vote_table, exported, config, selection.config().p, paths.benchmarks_path(), paths.image_root_path(),
-            clusters_ref=ofa_pseudo_labels,
+            clusters_ref=ofa_pseudo_labels, max_image_pixels=paths.max_image_pixels,
         )  # fmt: skip
     )
 
@@ -104,6 +104,7 @@ def benchmark_scores(
         model.config(),
         evaluation.config(),
         log=context.log.info,
+        max_image_pixels=paths.max_image_pixels,
     )
     yield output(result)
 

@@ -89,6 +89,7 @@ def validation_gradients(
             features,
             log=context.log.info,
             progress=throttled_progress(context, f"validation_gradients[{benchmark}]"),
+            max_image_pixels=paths.max_image_pixels,
         )
         for benchmark in context.partition_keys
     }

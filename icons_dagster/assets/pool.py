@@ -13,7 +13,7 @@ from icons_dagster.core.storage.refs import PoolRef
 def training_pool(context: AssetExecutionContext, store: StoreResource, data: DataResource) -> Output:
     """Validated manifest of the pool (Parquet): ids, images, turns, content hash, shard; skips listed."""
     paths = data.config()
-    return output(stage_pool(store.store(), paths.pool_path(), paths.image_root_path(), paths.num_shards, context.log.info))
+    return output(stage_pool(store.store(), paths.pool_path(), paths.image_root_path(), paths.num_shards, context.log.info, paths.max_image_pixels))
 
 
 @asset(group_name=GROUP, io_manager_key="refs_io_manager")

@@ -15,6 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from icons_dagster.core.data.records import DEFAULT_MAX_IMAGE_PIXELS, PIL_MAX_IMAGE_PIXELS
 from icons_dagster.core.selection.consensus import AGGREGATIONS, TIEBREAKS
 
 # "auto": the Linear layers inside the model's language model, resolved per architecture
@@ -89,9 +90,18 @@ class DataConfig:
     # Shards are sha256(id) mod num_shards: fixed by configuration, so the partitions exist
     # before anything runs and new records touch only their shards.
     num_shards: int = setting(4, "training-gradient shards (partitions of training_gradients)", aliases=("--shards",))
+    max_image_pixels: int = setting(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        "largest image (width x height) a record may have; a larger one is skipped and listed before any pixel is decoded",
+        aliases=("--max-image-pixels",),
+    )
 
     def __post_init__(self) -> None:
         _require(1 <= self.num_shards <= 100_000, f"num_shards must be in [1, 100000], got {self.num_shards}")
+        _require(
+            1 <= self.max_image_pixels <= PIL_MAX_IMAGE_PIXELS,
+            f"max_image_pixels must be in [1, {PIL_MAX_IMAGE_PIXELS}] (PIL refuses larger images), got {self.max_image_pixels}",
+        )
 
     def pool_path(self) -> Path:
         _require(bool(self.pool), f"no pool configured (data.pool): {_CONFIGURE}")

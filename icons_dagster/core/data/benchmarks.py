@@ -7,7 +7,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from icons_dagster.core.data.records import LoadedRecords, RecordFileError, benchmark_image_root, load_records, split_file
+from icons_dagster.core.data.records import (
+    DEFAULT_MAX_IMAGE_PIXELS, LoadedRecords, RecordFileError, benchmark_image_root, load_records, screen_images, split_file,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -18,13 +20,16 @@ class BenchmarkScan:
     invalid: dict[str, str] = field(default_factory=dict)  # folder -> why it is not registered
 
 
-def load_benchmark(benchmarks_dir: Path, name: str, default_image_root: Path | None, split: str = "val") -> LoadedRecords:
-    """A benchmark's split (validation by default), images resolved against its own images/ or the shared root."""
+def load_benchmark(
+    benchmarks_dir: Path, name: str, default_image_root: Path | None, split: str = "val", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> LoadedRecords:
+    """A benchmark's split (validation by default), images resolved against its own images/ or
+    the shared root, each image's header checked against the pixel limit (as the pool's)."""
     folder = Path(benchmarks_dir) / name
     path = split_file(folder, split)
     if path is None:
         raise FileNotFoundError(f"no {split}.json or {split}.jsonl in {folder}")
-    return load_records(path, benchmark_image_root(folder, default_image_root))
+    return screen_images(load_records(path, benchmark_image_root(folder, default_image_root)), max_image_pixels)
 
 
 # A benchmark folder's own description: {"answers": <kind>} names how its test split is

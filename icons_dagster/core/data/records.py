@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -243,6 +244,8 @@ def load_image(path: Path) -> "_PILImage.Image":
 
     Any decoding failure becomes ``ImageLoadError`` naming the path and the cause, so
     one bad file in a 665K pool is reported instead of crashing a worker obscurely.
+    Records reach here screened (``screen_images``: the pixel limit); PIL's own bomb check
+    stays as the last guard.
     """
     from PIL import Image
 
@@ -252,6 +255,88 @@ def load_image(path: Path) -> "_PILImage.Image":
             return im.convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
         raise ImageLoadError(f"cannot load image {path}: {type(e).__name__}: {e}") from e
+
+
+# The largest image (width x height) a record may have: well below PIL's decompression-bomb
+# warning (89,478,485) and error (twice that), above any photo or document LLaVA-style data
+# holds (a 48 MP phone photo is 8000 x 6000). data.max_image_pixels sets it.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+PIL_MAX_IMAGE_PIXELS = 2 * 89_478_485  # PIL refuses to open larger ones
+
+
+def image_limit_fields(max_pixels: int) -> dict:
+    """The limit in a fingerprint: absent at its default, so artifacts built before it stay valid."""
+    return {} if max_pixels == DEFAULT_MAX_IMAGE_PIXELS else {"max_image_pixels": max_pixels}
+
+
+def image_problem(path: Path, max_pixels: int, decode: bool = False) -> str | None:
+    """Why the image cannot be used, or None. The header always (format, size against
+    ``max_pixels``, before any pixel is decoded); with ``decode`` every pixel and the RGB
+    conversion the run does."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below decides
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    return f"image {path}: {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,} (data.max_image_pixels)"
+                if decode:
+                    im.load()
+                    im.convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+        return f"cannot load image {path}: {type(e).__name__}: {e}"
+    return None
+
+
+def _decode_problem(args: tuple[str, int]) -> str | None:
+    return image_problem(Path(args[0]), args[1], decode=True)
+
+
+def screen_images(
+    loaded: LoadedRecords,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    *,
+    decode: bool = False,
+    workers: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> LoadedRecords:
+    """``loaded`` with every record whose image fails ``image_problem`` moved to its problems
+    (file, record, id, reason). Headers are read by threads; ``decode`` (what ``validate``
+    does) decodes every image in ``workers`` processes. ``progress(done, total)``."""
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    with_images = [r for r in loaded.records if r.image_path is not None]
+    if not with_images:
+        return loaded
+    jobs = [(str(r.image_path), max_pixels) for r in with_images]
+    chunk = max(1, min(256, len(jobs) // (4 * max(1, workers))))
+    if decode and workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            found = _collect(pool.map(_decode_problem, jobs, chunksize=chunk), len(jobs), progress)
+    elif decode:
+        found = _collect(map(_decode_problem, jobs), len(jobs), progress)
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            found = _collect(pool.map(lambda job: image_problem(Path(job[0]), job[1]), jobs), len(jobs), progress)
+    bad = {r.index: reason for r, reason in zip(with_images, found) if reason is not None}
+    if not bad:
+        return loaded
+    problems = [*loaded.problems, *(RecordProblem(str(loaded.path), r.index, r.id, bad[r.index]) for r in loaded.records if r.index in bad)]
+    problems.sort(key=lambda problem: problem.index)
+    return LoadedRecords(loaded.path, tuple(r for r in loaded.records if r.index not in bad), tuple(problems), loaded.content_sha256)
+
+
+def _collect(results, total: int, progress: Callable[[int, int], None] | None) -> list[str | None]:
+    found = []
+    for done, reason in enumerate(results, start=1):
+        found.append(reason)
+        if progress is not None and (done == total or done % 256 == 0):
+            progress(done, total)
+    return found
 
 
 # --------------------------------------------------------------------------- benchmarks

@@ -30,7 +30,7 @@ from icons_dagster.core.stages.icons import SUBSET_PARQUET, VOTE_TABLE_FILE, fam
 from icons_dagster.core.stages.kit import Log, Stage, StageResult, quiet_log
 from icons_dagster.core.stages.ofa import LABELS_FILE as OFA_LABELS_FILE
 from icons_dagster.core.data.pool import record_labels, records_from_manifest
-from icons_dagster.core.data.records import split_file
+from icons_dagster.core.data.records import DEFAULT_MAX_IMAGE_PIXELS, image_limit_fields, split_file
 from icons_dagster.core.model.samples import SkipLog
 from icons_dagster.core.storage.artifacts import write_json
 from icons_dagster.core.stages.visual_dependency import load_visual_dependency
@@ -182,6 +182,7 @@ def stage_evaluation_subsets(
     benchmarks_dir: Path | None = None,
     default_image_root: Path | None = None,
     clusters_ref: PseudoLabelsRef | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> StageResult:
     """Every method's ids at ratio ``p``; ``exported_refs``: the ICONS and OFA subsets ({"icons": ref, "ofa": ref});
     ``clusters_ref``: OFA's k-means clusters, for the cluster-quota lever."""
@@ -190,10 +191,11 @@ def stage_evaluation_subsets(
     clusters_ref = clusters_ref if "cluster" in grouped and clusters_ref is not None and clusters_ref.computed else None
     validation = {}
     if vote_ref and benchmarks_dir is not None:
-        validation = {b: load_benchmark(benchmarks_dir, b, default_image_root) for b in vote_ref.benchmarks}
+        validation = {b: load_benchmark(benchmarks_dir, b, default_image_root, max_image_pixels=max_image_pixels) for b in vote_ref.benchmarks}
     stage = Stage(
         store,
         "evaluation_subsets",
+        **image_limit_fields(max_image_pixels),
         pool=pool_ref.fingerprint,
         votes=vote_ref.fingerprint if vote_ref else None,
         exported={m: ref.fingerprint for m, ref in sorted(exported_refs.items())},
@@ -383,17 +385,19 @@ def stage_benchmark_scores(
     config: EvaluationConfig,
     models: ModelCache = MODELS,
     log: Log = quiet_log,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> StageResult:
     """Every benchmark's test split scored with the method's fine-tuned model."""
     names = test_benchmarks(benchmarks_dir)
     if not names:
         raise ValueError(f"no benchmark under {benchmarks_dir} has a test split (test.json beside val.json)")
-    loaded = {name: load_benchmark(benchmarks_dir, name, default_image_root, split="test") for name in names}
+    loaded = {name: load_benchmark(benchmarks_dir, name, default_image_root, split="test", max_image_pixels=max_image_pixels) for name in names}
     declared = {name: kind for name in names if (kind := declared_answers(Path(benchmarks_dir) / name)) is not None}
     stage = Stage(
         store,
         "benchmark_scores",
         method,
+        **image_limit_fields(max_image_pixels),
         adapter=adapter_ref.fingerprint,
         tests={name: loaded[name].content_sha256 for name in names},
         **scores_settings(config),

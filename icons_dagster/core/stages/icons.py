@@ -23,7 +23,7 @@ from icons_dagster.core import plots
 from icons_dagster.core.config import GradientConfig, LoraSettings, ModelConfig, SelectionConfig, WarmupConfig
 from icons_dagster.core.data.benchmarks import load_benchmark
 from icons_dagster.core.data.pool import MANIFEST_FILE, PROBLEMS_FILE, build_manifest, records_from_manifest
-from icons_dagster.core.data.records import benchmark_image_root, load_records
+from icons_dagster.core.data.records import DEFAULT_MAX_IMAGE_PIXELS, benchmark_image_root, image_limit_fields, load_records, screen_images
 from icons_dagster.core.model.samples import SkipLog
 from icons_dagster.core.features.extraction import FeatureSet, compute_features, features_file, load_features, load_samples
 from icons_dagster.core.features.gradients import FEATURES_VERSION
@@ -53,8 +53,8 @@ SUBSET_PARQUET = "selected_subset.parquet"
 # -- what each stage's fingerprint takes from the configuration (also its code version) ----
 
 
-def pool_settings(image_root: Path | str | None, num_shards: int) -> dict:
-    return {"image_root": str(image_root), "num_shards": num_shards}
+def pool_settings(image_root: Path | str | None, num_shards: int, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
+    return {"image_root": str(image_root), "num_shards": num_shards, **image_limit_fields(max_image_pixels)}
 
 
 def warmup_subset_settings(config: WarmupConfig) -> dict:
@@ -77,14 +77,18 @@ def influence_settings(p: float, write_full_matrix: bool) -> dict:
 # -- training_pool ------------------------------------------------------------------------
 
 
-def stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, num_shards: int, log: Log = quiet_log) -> StageResult:
+def stage_pool(
+    store: ArtifactStore, pool_path: Path, image_root: Path | None, num_shards: int, log: Log = quiet_log,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> StageResult:
+    """The pool's manifest: its valid records, whose images' headers pass the pixel limit."""
 
     content = file_sha256(pool_path)
-    stage = Stage(store, "training_pool", content=content, **pool_settings(image_root, num_shards))
+    stage = Stage(store, "training_pool", content=content, **pool_settings(image_root, num_shards, max_image_pixels))
     if (reused := stage.reused()) is not None:
         return reused
     log(f"validating pool {pool_path}")
-    loaded = load_records(pool_path, image_root)
+    loaded = screen_images(load_records(pool_path, image_root), max_image_pixels)
     if not loaded.records:
         first = "; ".join(str(p) for p in loaded.problems[:3])
         raise ValueError(f"{pool_path}: no valid record ({len(loaded.problems)} invalid, e.g. {first})")
@@ -293,12 +297,14 @@ def stage_validation(
     models: ModelCache = MODELS,
     log: Log = quiet_log,
     progress: Progress | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> StageResult:
-    loaded = load_benchmark(benchmarks_dir, benchmark, default_image_root)
+    loaded = load_benchmark(benchmarks_dir, benchmark, default_image_root, max_image_pixels=max_image_pixels)
     stage = Stage(
         store,
         "validation_gradients",
         benchmark,
+        **image_limit_fields(max_image_pixels),
         benchmark=benchmark,
         content=loaded.content_sha256,
         image_root=str(benchmark_image_root(Path(benchmarks_dir) / benchmark, default_image_root)),

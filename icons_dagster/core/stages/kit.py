@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from icons_dagster.core.storage.fingerprint import fingerprint
-from icons_dagster.core.storage.artifacts import ArtifactStore
+from icons_dagster.core.storage.artifacts import ArtifactStore, integrity_problem
 from icons_dagster.core.storage.refs import Ref, make_ref
 
 Log = Callable[[str], None]
@@ -55,13 +55,17 @@ class Stage:
         self.fingerprint = fingerprint(name, **fingerprint_parts)
         self.directory = store.artifact_dir(name, self.fingerprint, partition)
         self._started: float | None = None
+        self.replaced: str | None = None  # why a committed copy was not trusted (corrupt)
 
     def reused(self) -> StageResult | None:
-        """The committed artifact with this fingerprint, or None (and the clock starts)."""
-        if not self.store.is_complete(self.directory):
-            self._started = time.perf_counter()
-            return None
-        return self._result(reused=True)
+        """The committed, intact artifact with this fingerprint, or None (and the clock
+        starts); a corrupt one is recomputed (``building`` replaces it) and the metadata says why."""
+        if self.store.is_complete(self.directory):
+            self.replaced = integrity_problem(self.directory)
+            if self.replaced is None:
+                return self._result(reused=True)
+        self._started = time.perf_counter()
+        return None
 
     @contextmanager
     def building(self, inputs: dict[str, Any]) -> Iterator[Output]:
@@ -75,6 +79,8 @@ class Stage:
             make_ref(self.name, self.fingerprint, "", False, out.ref)  # a field its type lacks fails before the commit
             manifest["ref"] = out.ref
             manifest["metadata"] = {**out.metadata, "seconds": round(time.perf_counter() - started, 3), "inputs": inputs}
+            if self.replaced is not None:
+                manifest["metadata"]["replaced_corrupt_copy"] = self.replaced
 
     def result(self) -> StageResult:
         """The artifact just committed by ``building``."""

@@ -21,6 +21,7 @@ from icons_dagster.core.stages.icons import (
     warmup_checkpoint_settings,
     warmup_subset_settings,
 )
+from icons_dagster.core.data.records import image_limit_fields
 from icons_dagster.core.stages.evaluation import scores_settings, subsets_settings, table_settings
 from icons_dagster.core.stages.visual_dependency import visual_dependency_settings
 from icons_dagster.core.schema import IconsConfig, section_to_json
@@ -31,11 +32,11 @@ def stage_settings(config: IconsConfig) -> dict[str, dict[str, Any]]:
     data, ofa, evaluation = config.data, config.ofa, config.evaluation
     embedder = {k: v for k, v in section_to_json(config.embedder).items() if k not in ("batch_size", "device")}
     return {
-        "training_pool": pool_settings(data.image_root or None, data.num_shards),
+        "training_pool": pool_settings(data.image_root or None, data.num_shards, data.max_image_pixels),
         "warmup_subset": warmup_subset_settings(config.warmup),
         "warmup_checkpoint": warmup_checkpoint_settings(config.model, config.lora, config.warmup),
         "training_gradients": {"gradients": gradient_fingerprint_fields(config.gradients, config.gradients.train_gradient)},
-        "validation_gradients": {"gradients": gradient_fingerprint_fields(config.gradients, "sgd")},
+        "validation_gradients": {"gradients": gradient_fingerprint_fields(config.gradients, "sgd"), **image_limit_fields(data.max_image_pixels)},
         "task_influence": influence_settings(config.selection.p, config.influence.write_matrix),
         "vote_table": {"selection": config.selection},
         "selected_subset": {"selection": config.selection},
@@ -44,12 +45,12 @@ def stage_settings(config: IconsConfig) -> dict[str, dict[str, Any]]:
         "ofa_selector": {"training": ofa.selector_fields(), "imported": ofa.selector, "embedder": embedder},
         "ofa_selected_subset": ofa.subset_fields(),
         "visual_dependency": visual_dependency_settings(config.gradients),
-        "evaluation_subsets": subsets_settings(evaluation, config.selection.p),
+        "evaluation_subsets": {**subsets_settings(evaluation, config.selection.p), **image_limit_fields(data.max_image_pixels)},
         "finetuned_adapter": {
             "model": model_fingerprint_fields(config.model),
             "lora": evaluation.lora_for(config.lora),
             "recipe": {k: getattr(evaluation, k) for k in ("learning_rate", "epochs", "batch_size", "seed", "equal_steps")},
         },
-        "benchmark_scores": scores_settings(evaluation),
+        "benchmark_scores": {**scores_settings(evaluation), **image_limit_fields(data.max_image_pixels)},
         "evaluation_table": {"methods": list(evaluation.compared), **table_settings(evaluation)},
     }

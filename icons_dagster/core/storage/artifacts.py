@@ -14,10 +14,18 @@ manifest is the commit point and a half-uploaded folder is never trusted. A mach
 lacks an artifact locally pulls it from the remote (into a temporary folder, renamed into
 place) the first time it is asked for. Artifacts are immutable (their folder is their
 fingerprint), so the local root is a cache that never goes stale.
+
+Integrity: the manifest lists every file of the artifact with its size and sha256
+(``files``). A committed artifact is checked against it when it is reused and when a
+downstream stage opens it (``absolute``; each file is hashed once per process while its
+size and mtime stay put): a flipped byte or a truncated file is never trusted. A stage
+recomputes a corrupt artifact of its own; a reader is told, by file, what is wrong.
+Artifacts committed before checksums (no ``files``) are trusted as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -34,6 +42,59 @@ import numpy as np
 from icons_dagster.core.storage.refs import Ref, ref_from_json
 
 COMPLETE_MARKER = "_COMPLETE.json"
+FILES_KEY = "files"  # in the manifest: {relative path: {"bytes": n, "sha256": hex}}
+_HASH_CHUNK = 1 << 22
+
+
+class CorruptArtifact(ValueError):
+    """A committed artifact whose files differ from its manifest."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file under ``folder`` (but the manifest): its size and sha256, by relative path."""
+    files = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != COMPLETE_MARKER):
+        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return files
+
+
+_intact: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) of files hashed and found right in this process
+
+
+def integrity_problem(directory: Path) -> str | None:
+    """What is wrong with a committed artifact's files, or None when they match its manifest
+    (or it predates checksums)."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return f"{COMPLETE_MARKER} unreadable ({type(error).__name__})"
+    files = manifest.get(FILES_KEY) if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return None
+    for relative, expected in files.items():
+        path = directory / relative
+        try:
+            stat = path.stat()
+        except OSError:
+            return f"{relative}: missing"
+        if stat.st_size != expected["bytes"]:
+            return f"{relative}: {stat.st_size} bytes, its manifest says {expected['bytes']} (truncated or overwritten)"
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key in _intact:
+            continue
+        if file_sha256(path) != expected["sha256"]:
+            return f"{relative}: sha256 differs from its manifest (the file changed after it was committed)"
+        _intact.add(key)
+    return None
 CONFIG_FILE = "icons.json"
 UNPARTITIONED = "__unpartitioned__"
 
@@ -164,10 +225,13 @@ class ArtifactStore:
         return str(Path(path).resolve().relative_to(self.root))
 
     def absolute(self, relative: str) -> Path:
-        """The local folder of an artifact reference (pulled from the remote when missing here)."""
+        """The local folder of an artifact reference (pulled from the remote when missing
+        here), checked against its manifest: CorruptArtifact names the file when it is not."""
         path = self.root / relative
         if self.remote is not None:
             self.is_complete(path)
+        if (path / COMPLETE_MARKER).is_file() and (problem := integrity_problem(path)) is not None:
+            raise CorruptArtifact(f"artifact {path} is corrupt: {problem}; it is not used (its stage recomputes it on the next run)")
         return path
 
     # -- completeness ------------------------------------------------------------------
@@ -204,7 +268,7 @@ class ArtifactStore:
         tmp.mkdir()
         try:
             yield tmp
-            write_json(tmp / COMPLETE_MARKER, manifest)
+            write_json(tmp / COMPLETE_MARKER, {**manifest, FILES_KEY: file_checksums(tmp)})
             if directory.exists():  # an incomplete leftover or a concurrent twin: replace it
                 shutil.rmtree(directory)
             os.replace(tmp, directory)
