@@ -123,10 +123,14 @@ def _methods(choice: str) -> tuple[str, ...]:
     return ("icons", "ofa") if choice == "both" else (choice,)
 
 
-def _holding_home(command: str, home: Path, body: Callable[[], int]) -> int:
+def _holding_home(command: str, home: Path, body: Callable[[], int], verbose: bool = False) -> int:
     """Run a command that writes the home: alone on it (a second one refuses, naming the
-    first), with SIGTERM stopping it as Ctrl-C does (run_guard.py)."""
+    first), with SIGTERM stopping it as Ctrl-C does (run_guard.py). A failure prints its
+    one-line cause and a hint; the traceback only with ``--verbose`` (and always in the
+    Dagster run's log)."""
+    from icons_dagster.core.data.records import RecordFileError
     from icons_dagster.run_guard import HomeBusy, home_lock, raise_on_sigterm
+    from icons_dagster.runner import StepFailed
 
     raise_on_sigterm()
     try:
@@ -135,12 +139,28 @@ def _holding_home(command: str, home: Path, body: Callable[[], int]) -> int:
     except HomeBusy as error:
         print(f"{command}: {error}", file=sys.stderr)
         return 3
+    except (StepFailed, RecordFileError, ValueError, FileNotFoundError) as error:
+        if verbose:
+            raise
+        print(f"{command}: {error}", file=sys.stderr)
+        print(f"  hint: {_hint(str(error), home, getattr(error, 'run_id', None))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\n{command}: interrupted; what finished is kept and the next run on this home goes on from there", file=sys.stderr)
         return 130
 
 
-def _run(home: Path, config: IconsConfig, methods: tuple[str, ...] = ("icons",)) -> int:
+def _hint(message: str, home: Path, run_id: str | None) -> str:
+    """What to do next, from what went wrong."""
+    if "selects nothing" in message:
+        return "raise --p, or add records: the subset must hold at least one"
+    if "record #" in message or "no valid record" in message or "malformed" in message:
+        return "icons-dagster validate --pool ... --benchmarks ... lists every problem of the data, by file, record and id"
+    where = f"run {run_id} in the UI (icons-dagster --home {home} ui)" if run_id else "the run's log in the UI"
+    return f"the full trace is in {where}; or rerun with --verbose"
+
+
+def _run(home: Path, config: IconsConfig, methods: tuple[str, ...] = ("icons",), verbose: bool = False) -> int:
     from tqdm import tqdm
 
     from icons_dagster.runner import prepare_instance_home, run_graph
@@ -149,7 +169,10 @@ def _run(home: Path, config: IconsConfig, methods: tuple[str, ...] = ("icons",))
     prepare_instance_home(home)
     bar, on_step = _progress_printer()
     try:
-        summary = run_graph(home, config, on_step=on_step, methods=methods, on_wait=lambda message: tqdm.write(message, file=sys.stderr))
+        summary = run_graph(
+            home, config, on_step=on_step, methods=methods, on_wait=lambda message: tqdm.write(message, file=sys.stderr),
+            log_level="INFO" if verbose else "CRITICAL",
+        )  # fmt: skip
         bar.n = bar.total
         bar.set_description("done")
         bar.close()
@@ -174,7 +197,9 @@ def _run(home: Path, config: IconsConfig, methods: tuple[str, ...] = ("icons",))
 def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never touches the network
     home = resolve_home(args.home)
-    return _holding_home("demo", home, lambda: _run(home, _bootstrap_demo(home, args.size, args.shards, args.world_seed), _methods(args.method)))
+    return _holding_home(
+        "demo", home, lambda: _run(home, _bootstrap_demo(home, args.size, args.shards, args.world_seed), _methods(args.method), args.verbose), args.verbose
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -184,9 +209,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     def body() -> int:
         config = read_home_config(home) if ArtifactStore(home).config_file.is_file() else _bootstrap_demo(home, args.size, world_seed=args.world_seed)
-        return _run(home, config.replace(**section_overrides(args)), ("icons", "ofa", "evaluation"))
+        return _run(home, config.replace(**section_overrides(args)), ("icons", "ofa", "evaluation"), args.verbose)
 
-    return _holding_home("evaluate", home, body)
+    return _holding_home("evaluate", home, body, args.verbose)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -205,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         benchmarks = ArtifactStore(home).watched_benchmarks_dir  # OFA needs none: a folder the sensor can watch later
         benchmarks.mkdir(parents=True, exist_ok=True)
         config = config.replace(data={"benchmarks": str(benchmarks)})
-    return _holding_home("run", home, lambda: _run(home, config, _methods(args.method)))
+    return _holding_home("run", home, lambda: _run(home, config, _methods(args.method), args.verbose), args.verbose)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -366,6 +391,7 @@ def _add_world_flags(parser: argparse.ArgumentParser, size_help: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icons-dagster", description=__doc__.splitlines()[0])
     parser.add_argument("--home", help="store root holding artifacts, exports and the Dagster instance (env ICONS_HOME, default ./.icons_home)")
+    parser.add_argument("--verbose", action="store_true", help="show Dagster's log and full tracebacks (default: the one-line cause and a hint)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the whole graph on the embedded demo pool and tiny model")

@@ -1,7 +1,7 @@
 """Jobs a user launches from the UI: register benchmark partitions; explain one sample."""
 
 
-from dagster import Config, DagsterInstance, MetadataValue, Nothing, OpExecutionContext, Out, Output, job, op
+from dagster import Config, DagsterInstance, Failure, MetadataValue, Nothing, OpExecutionContext, Out, Output, job, op
 
 from icons_dagster.core.stages.explain import explain_sample, explanation_markdown
 from icons_dagster.core.data.records import find_benchmarks
@@ -40,7 +40,11 @@ class ExplainConfig(Config):
 def explain_selection(context: OpExecutionContext, config: ExplainConfig, store: StoreResource) -> Output:
     """Why is this sample in (or out)? Its per-benchmark influence, votes and rank."""
     artifacts = store.store()
-    explanation = explain_sample(artifacts, artifacts.read_ref("selected_subset"), artifacts.read_ref("vote_table"), config.sample_id)
+    try:
+        explanation = explain_sample(artifacts, artifacts.read_ref("selected_subset"), artifacts.read_ref("vote_table"), config.sample_id)
+    except (KeyError, FileNotFoundError) as error:  # an unknown id, or no subset yet: the user's to fix, not a bug
+        reason = error.args[0] if error.args else str(error)
+        raise Failure(description=reason, metadata={"sample_id": config.sample_id}, allow_retries=False) from None
     markdown = explanation_markdown(explanation)
     context.log.info(markdown)
     return Output(None, metadata={"explanation": MetadataValue.md(markdown), "details": MetadataValue.json(explanation)})

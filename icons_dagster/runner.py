@@ -49,6 +49,29 @@ def prepare_instance_home(home: Path) -> Path:
     return dagster_home
 
 
+class StepFailed(RuntimeError):
+    """A run of the graph failed: which step, the cause in one line, the run to read in full."""
+
+    def __init__(self, step: str, cause: str, run_id: str):
+        super().__init__(f"step {step} failed: {cause}")
+        self.step, self.cause, self.run_id = step, cause, run_id
+
+
+def failure_cause(result) -> str:
+    """The first line of the innermost error of a failed run's first failed step."""
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data is not None:
+            error = event.step_failure_data.error
+            while error is not None and error.cause is not None:
+                error = error.cause
+            if error is not None:
+                lines = (error.message or "").strip().splitlines()
+                text = lines[0] if lines else (error.cls_name or "error")
+                prefix = f"{error.cls_name}: "
+                return text[text.index(prefix) + len(prefix) :] if error.cls_name and prefix in text else text  # "pkg.mod.Cls: why" -> "why"
+    return "the run failed before any step (see its log)"
+
+
 @dataclass(frozen=True)
 class Step:
     """One run: assets of one partitions definition, for one partition or one range of them."""
@@ -135,6 +158,17 @@ def plan_steps(asset_graph, methods: tuple[str, ...], partition_keys: dict[Any, 
     return steps
 
 
+def check_subset_sizes(store: ArtifactStore, config: IconsConfig) -> None:
+    """Right after the pool is read, before any gradient: p must select records of what survived."""
+    from icons_dagster.core.selection.consensus import subset_size
+
+    n = store.read_ref("training_pool").n_records
+    try:
+        subset_size(n, config.selection.p)
+    except ValueError as error:
+        raise ValueError(f"selection.p: {error}: raise --p; the pool has {n} valid records (training_pool's metadata lists the skipped ones)") from None
+
+
 def run_graph(
     home: Path,
     config: IconsConfig,
@@ -186,9 +220,12 @@ def run_graph(
             resources=resources,
             run_config=run_config,
             tags=step.tags(),
+            raise_on_error=False,  # the cause goes to the caller in one line; the full trace stays in the run's log
         )
         if not result.success:
-            raise RuntimeError(f"step failed: {step.label}")
+            raise StepFailed(step.label, failure_cause(result), result.run_id)
+        if "training_pool" in step.assets:
+            check_subset_sizes(store, config)
     summary: dict[str, Any] = {"benchmarks": benchmarks, "steps": len(steps), "dagster_home": str(store.dagster_home)}
     if "icons" in methods:
         summary["subset_json"] = str(store.export_path(SUBSET_JSON))

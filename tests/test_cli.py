@@ -187,3 +187,45 @@ def test_run_ofa_alone_reuses_a_trained_selector_without_benchmarks(demo_paths, 
     assert read_home_config(second).ofa.selector == str(selector.resolve())
     assert not (second / "artifacts" / "warmup_checkpoint").exists()  # ICONS did not run
     assert main(["--home", str(tmp_path / "third"), "run", "--pool", str(demo_paths.pool)]) == 2  # ICONS needs benchmarks
+
+
+def test_run_errors_are_one_line_with_a_hint(demo_paths, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A malformed pool, and a p that selects nothing of what survives (caught right after the
+    pool, before any gradient): one line naming the cause, a hint, no traceback."""
+    from graph_helpers import demo_config
+    from icons_dagster.resources.home import write_home_config
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "unused"))
+    monkeypatch.setenv("ICONS_HOME", str(tmp_path / "unused"))
+    home = tmp_path / "home"
+    write_home_config(home, demo_config(demo_paths, demo_paths.benchmarks))
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": "a", "conversations": [')
+    assert main(["--home", str(home), "run", "--pool", str(bad)]) == 1
+    err = capsys.readouterr().err
+    lines = err.split("\n")[-3:]  # after the progress bar: the cause, the hint
+    assert lines[0] == f"run: step training_pool + warmup_subset + warmup_checkpoint failed: {bad}: malformed JSON at line 1, column 32: Expecting value", err
+    assert lines[1].startswith("  hint: icons-dagster validate") and lines[2] == "" and "Traceback" not in err, err
+
+    assert main(["--home", str(home), "run", "--pool", str(demo_paths.pool), "--p", "0.001"]) == 1
+    err = capsys.readouterr().err
+    assert "run: selection.p: p=0.001 of n=168 selects nothing (floor(p*n) = 0): raise --p; the pool has 168 valid records" in err, err
+    assert "hint: raise --p" in err and "Traceback" not in err
+    assert not (home / "artifacts" / "training_gradients").exists()  # stopped before any gradient
+
+
+def test_explain_job_with_an_unknown_id_fails_with_a_description(tmp_path):
+    from dagster import DagsterInstance
+
+    from icons_dagster.registration import explain_sample_job
+    from icons_dagster.resources import StoreResource
+
+    result = explain_sample_job.execute_in_process(
+        run_config={"ops": {"explain_selection": {"config": {"sample_id": "nope"}}}},
+        resources={"store": StoreResource(root=str(tmp_path))}, instance=DagsterInstance.ephemeral(), raise_on_error=False,
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert failure.step_failure_data.user_failure_data.label == "intentional-failure"
+    assert failure.step_failure_data.error.cls_name == "Failure"
+    assert "selected_subset has not been materialized yet" in failure.step_failure_data.user_failure_data.description
