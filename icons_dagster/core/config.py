@@ -15,7 +15,6 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from icons_dagster.core.data.records import DEFAULT_MAX_IMAGE_PIXELS, PIL_MAX_IMAGE_PIXELS
 from icons_dagster.core.selection.consensus import AGGREGATIONS, TIEBREAKS
 
 # "auto": the Linear layers inside the model's language model, resolved per architecture
@@ -78,6 +77,18 @@ _CONFIGURE = "run `icons-dagster demo` (the embedded demo) or `icons-dagster run
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+# The largest image (width x height) a record may have: well below PIL's decompression-bomb
+# warning (89,478,485) and error (twice that), above any photo or document LLaVA-style data
+# holds (a 48 MP phone photo is 8000 x 6000). data.max_image_pixels sets it.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+PIL_MAX_IMAGE_PIXELS = 2 * 89_478_485  # PIL refuses to open larger ones
+
+
+def image_limit_fields(max_pixels: int) -> dict:
+    """The limit in a fingerprint: absent at its default, so artifacts built before it stay valid."""
+    return {} if max_pixels == DEFAULT_MAX_IMAGE_PIXELS else {"max_image_pixels": max_pixels}
 
 
 @dataclass(frozen=True)

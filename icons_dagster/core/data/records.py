@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from icons_dagster.core.config import DEFAULT_MAX_IMAGE_PIXELS, PIL_MAX_IMAGE_PIXELS, image_limit_fields  # noqa: F401 (re-exported)
+
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as _PILImage
 
@@ -256,17 +258,6 @@ def load_image(path: Path) -> "_PILImage.Image":
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
         raise ImageLoadError(f"cannot load image {path}: {type(e).__name__}: {e}") from e
 
-
-# The largest image (width x height) a record may have: well below PIL's decompression-bomb
-# warning (89,478,485) and error (twice that), above any photo or document LLaVA-style data
-# holds (a 48 MP phone photo is 8000 x 6000). data.max_image_pixels sets it.
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
-PIL_MAX_IMAGE_PIXELS = 2 * 89_478_485  # PIL refuses to open larger ones
-
-
-def image_limit_fields(max_pixels: int) -> dict:
-    """The limit in a fingerprint: absent at its default, so artifacts built before it stay valid."""
-    return {} if max_pixels == DEFAULT_MAX_IMAGE_PIXELS else {"max_image_pixels": max_pixels}
 
 
 def image_problem(path: Path, max_pixels: int, decode: bool = False) -> str | None:
