@@ -3,6 +3,7 @@ SIGTERM, two CLI commands on one home never interleave (run_guard.py; issue 19).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -81,23 +82,38 @@ def test_dead_workers_runs_are_failed_and_their_slots_freed(tmp_path):
 
 # SIGKILL (no clean-up) inside a stage's write: after the stage wrote its files into the
 # artifact's temporary folder, before the manifest commits it. The worst moment to die.
-_DIE_WRITING = """
-import os, signal, sys
+# One process imports everything once and forks a run per kill point (each child dies);
+# between kills it records what is committed, with the test's own ``_committed``.
+_KILL_CHAIN = """
+import json, os, signal, sys
 from contextlib import contextmanager
 from pathlib import Path
 from icons_dagster.core.storage.artifacts import ArtifactStore
-real = ArtifactStore.writing
-@contextmanager
-def writing(self, directory, manifest):
-    with real(self, directory, manifest) as tmp:
-        yield tmp
-        if Path(directory).relative_to(self.root / "artifacts").parts[0] == sys.argv[2]:
-            os.kill(os.getpid(), signal.SIGKILL)
-ArtifactStore.writing = writing
 from icons_dagster.resources.home import read_home_config
 from icons_dagster.runner import run_graph
-home = Path(sys.argv[1])
-run_graph(home, read_home_config(home), methods=("icons", "ofa", "evaluation"))
+import icons_dagster.definitions  # the heavy imports, once, before any fork
+{committed}
+home, real, results = Path(sys.argv[1]), ArtifactStore.writing, []
+for target in sys.argv[2].split(","):
+    before = _committed(home)
+    child = os.fork()
+    if child == 0:
+        @contextmanager
+        def writing(self, directory, manifest):
+            with real(self, directory, manifest) as tmp:
+                yield tmp
+                if Path(directory).relative_to(self.root / "artifacts").parts[0] == target:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        ArtifactStore.writing = writing
+        try:
+            run_graph(home, read_home_config(home), methods=("icons", "ofa", "evaluation"))
+        finally:
+            os._exit(0)  # not reached when the kill point is
+    _, status = os.waitpid(child, 0)
+    killed = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    leftover = bool(list((home / "artifacts" / target).rglob(".tmp-*")))
+    results.append({{"target": target, "signal": killed, "leftover": leftover, "before": before, "after": _committed(home)}})
+print(json.dumps(results))
 """
 #: Where the matrix kills (issue 19: pool, warm-up, a shard, validation, influence, vote,
 #: subset, OFA, an evaluation fine-tune).
@@ -129,11 +145,11 @@ def _read_until(stream, needle: str, seconds: float) -> str:
     return seen
 
 
-def _committed(home: Path) -> dict[str, bytes]:
+def _committed(home: Path) -> dict[str, str]:
     """Every committed artifact's manifest file list (sizes and sha256 of its files), by folder."""
     root = home / "artifacts"
     return {
-        str(marker.parent.relative_to(root)): json.dumps(json.loads(marker.read_text())["files"], sort_keys=True).encode()
+        str(marker.parent.relative_to(root)): json.dumps(json.loads(marker.read_text())["files"], sort_keys=True)
         for marker in sorted(root.rglob("_COMPLETE.json"))
     }
 
@@ -166,14 +182,17 @@ def test_killed_at_every_stage_the_home_recovers_to_the_same_bytes(demo_paths, t
         stage = marker.relative_to(reference / "artifacts").parts[0]
         first_commit[stage] = min(first_commit.get(stage, float("inf")), marker.stat().st_mtime_ns)
     home = _home(tmp_path, "home", demo_paths)
-    for stage in sorted(KILL_STAGES, key=first_commit.__getitem__):
-        before = _committed(home)
-        died = subprocess.run([sys.executable, "-c", _DIE_WRITING, str(home), stage], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
-        assert died.returncode == -signal.SIGKILL, (stage, died.stderr[-3000:])
-        assert list((home / "artifacts" / stage).rglob(".tmp-*")), stage  # it died writing this stage ...
-        after = _committed(home)
-        assert {k: after[k] for k in before} == before, stage  # ... and kept every committed artifact
-        assert not any(k.split("/")[0] == stage and k not in before for k in after) or stage == "training_gradients", stage
+    order = sorted(KILL_STAGES, key=first_commit.__getitem__)
+    script = _KILL_CHAIN.format(committed=inspect.getsource(_committed))
+    chain = subprocess.run([sys.executable, "-c", script, str(home), ",".join(order)], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert chain.returncode == 0, chain.stderr[-3000:]
+    results = json.loads(chain.stdout.strip().splitlines()[-1])
+    assert [r["target"] for r in results] == order
+    for r in results:
+        stage, before, after = r["target"], r["before"], r["after"]
+        assert r["signal"] == signal.SIGKILL and r["leftover"], r  # it died writing this stage ...
+        assert {k: after[k] for k in before} == before, stage  # ... kept every committed artifact ...
+        assert not any(k.split("/")[0] == stage and k not in before for k in after), stage  # ... and committed none of this stage
     instance = _instance(home)
     # Each killed run was failed by the next run's start; the last one is still STARTED.
     (last,) = instance.get_runs(filters=RunsFilter(statuses=[DagsterRunStatus.STARTED]))
