@@ -194,13 +194,27 @@ def test_greedy_answer_is_a_deterministic_string(scorer, splits):
 # -- benchmark scores -------------------------------------------------------------------------
 
 
+def test_batched_greedy_answers_are_the_one_at_a_time_answers(scorer, splits):
+    """Left-padded batches of prompts of different lengths give each prompt's own greedy answer."""
+    from icons_dagster.core.evaluation.metrics import _prompt, greedy_answers
+
+    model, encoder, placement = scorer
+    records = [*splits("long_answer")[:2], *splits("multiple_choice")[:2], *splits("vqa_short")[:2]]
+    images = [load_image(r.image_path) for r in records]
+    prompts = [_prompt(encoder, r, image) for r, image in zip(records, images)]
+    assert len({len(encoder.tokenizer(p)["input_ids"]) for p in prompts}) > 1  # the batch needs padding
+    one_at_a_time = [greedy_answer(model, encoder, placement, r, 8, image=image) for r, image in zip(records, images)]
+    assert greedy_answers(model, encoder, placement, prompts, images, 8, batch_size=4) == one_at_a_time
+    assert any(one_at_a_time)
+
+
 def test_multiple_choice_score_is_argmax_accuracy(scorer, splits):
     model, encoder, placement = scorer
     records = splits("multiple_choice")
     calls = []
     result = score_benchmark(model, encoder, placement, "multiple_choice", records, progress=lambda i, n: calls.append((i, n)))
     assert (result.kind, result.metric, result.n, result.n_skipped) == ("multiple_choice", "accuracy", len(records), 0)
-    assert calls[-1] == (len(records), len(records)) and len(calls) == len(records)
+    assert calls == [(min(n, len(records)), len(records)) for n in range(16, len(records) + 16, 16)]  # a chunk of 16 records at a time
     correct, nll, tokens, per_record = 0, 0.0, 0, {}
     for record in records:
         options = ["A", "B", "C", "D"]

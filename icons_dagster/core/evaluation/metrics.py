@@ -254,14 +254,24 @@ def _with_answer(record: Record, answer: str) -> tuple[Turn, ...]:
     return record.turns[:-1] + (Turn("gpt", answer),)
 
 
-def _answer_nll(model, encoder: ConversationEncoder, placement, record: Record, answers: Sequence[str], image, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Summed NLL of each answer as the record's last turn, and its number of target tokens."""
+def _answer_samples(encoder: ConversationEncoder, record: Record, answers: Sequence[str], image) -> list[EncodedSample]:
+    """The record with each answer as its last turn, labelled on that answer only."""
     samples = []
     for answer in answers:
         sample = encoder.encode(record.id, _with_answer(record, answer), image)
         if sample.truncated:
             raise EncodingError(f"the record with answer {answer!r} is longer than {encoder.max_length} tokens; its likelihood would be partial")
         samples.append(_last_answer_only(sample))
+    return samples
+
+
+def _answer_nll(model, encoder: ConversationEncoder, placement, record: Record, answers: Sequence[str], image, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL of each answer as the record's last turn, and its number of target tokens."""
+    return _samples_nll(model, encoder, placement, _answer_samples(encoder, record, answers, image), batch_size)
+
+
+def _samples_nll(model, encoder: ConversationEncoder, placement, samples: Sequence[EncodedSample], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL of each sample's labelled tokens and their number, ``batch_size`` samples a forward."""
     sums = np.empty(len(samples), dtype=np.float64)
     counts = np.empty(len(samples), dtype=np.int64)
     pad_id = encoder.tokenizer.pad_token_id
@@ -291,34 +301,58 @@ def answer_log_likelihoods(model, encoder: ConversationEncoder, placement, recor
     return -sums
 
 
-def greedy_answer(model, encoder: ConversationEncoder, placement, record: Record, max_new_tokens: int = 64, *, image=None) -> str:
-    """The model's greedy continuation after the record's last question (special tokens dropped)."""
-    if image is None:
-        image = _record_image(record)
-    messages = encoder.messages(record.turns[:-1], has_image=image is not None)
-    prompt = encoder.render(messages, add_generation_prompt=True)
-    if image is not None:
-        inputs = encoder.processor(text=prompt, images=[image], return_tensors="pt")
-    else:
-        inputs = encoder.processor(text=prompt, return_tensors="pt")
+def _prompt(encoder: ConversationEncoder, record: Record, image) -> str:
+    """The conversation up to the last question, rendered for generation; EncodingError when too long."""
+    prompt = encoder.render(encoder.messages(record.turns[:-1], has_image=image is not None), add_generation_prompt=True)
+    inputs = encoder.processor(text=prompt, images=[image], return_tensors="pt") if image is not None else encoder.processor(text=prompt, return_tensors="pt")
     n_prompt = inputs["input_ids"].shape[1]
     if n_prompt > encoder.max_length:
         raise EncodingError(f"the prompt has {n_prompt} tokens, more than max_length {encoder.max_length}")
+    return prompt
+
+
+def _generate(model, encoder: ConversationEncoder, placement, prompts: Sequence[str], images: Sequence | None, max_new_tokens: int) -> list[str]:
+    """Greedy continuations of prompts (all with an image, or none), left-padded into one batch."""
+    tokenizer = encoder.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # every prompt ends where generation starts
+    try:
+        kwargs = {"images": list(images)} if images is not None else {}
+        inputs = encoder.processor(text=list(prompts), return_tensors="pt", padding=True, **kwargs)
+    finally:
+        tokenizer.padding_side = side
     model_inputs = {}
     for key, value in inputs.items():
         if isinstance(value, torch.Tensor):
             value = value.to(placement.device)
             model_inputs[key] = value.to(placement.dtype) if value.is_floating_point() else value
-    tokenizer = encoder.tokenizer
+    n_prompt = inputs["input_ids"].shape[1]
     with scoring_mode(model), placement.forward_context():
-        output = model.generate(
-            **model_inputs,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        output = model.generate(**model_inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
-    return tokenizer.decode(sequences[0, n_prompt:], skip_special_tokens=True).strip()
+    return [tokenizer.decode(row[n_prompt:], skip_special_tokens=True).strip() for row in sequences]
+
+
+def greedy_answer(model, encoder: ConversationEncoder, placement, record: Record, max_new_tokens: int = 64, *, image=None) -> str:
+    """The model's greedy continuation after the record's last question (special tokens dropped)."""
+    if image is None:
+        image = _record_image(record)
+    prompt = _prompt(encoder, record, image)
+    return _generate(model, encoder, placement, [prompt], [image] if image is not None else None, max_new_tokens)[0]
+
+
+def greedy_answers(model, encoder: ConversationEncoder, placement, prompts: Sequence[str], images: Sequence, max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
+    """Greedy continuations of ``_prompt`` outputs, ``batch_size`` prompts a generation
+    (prompts with an image and without are batched apart)."""
+    answers: list[str] = [""] * len(prompts)
+    for with_image in (True, False):
+        positions = [i for i, image in enumerate(images) if (image is not None) == with_image]
+        for start in range(0, len(positions), batch_size):
+            chunk = positions[start : start + batch_size]
+            chunk_images = [images[i] for i in chunk] if with_image else None
+            for i, answer in zip(chunk, _generate(model, encoder, placement, [prompts[i] for i in chunk], chunk_images, max_new_tokens)):
+                answers[i] = answer
+    return answers
 
 
 # -- scores -------------------------------------------------------------------------------
@@ -399,35 +433,45 @@ def score_benchmark(
     scores: dict[str, float] = {}
     guess_odds: list[float] = []
     nll_sum, nll_tokens = 0.0, 0
-    for done, record in enumerate(records, start=1):
-        reference = _reference(record)
-        try:
-            image = _record_image(record)
+    # Records are scored a chunk at a time: every answer likelihood of the chunk in forwards of
+    # ``batch_size`` samples, and its greedy answers in generations of ``batch_size`` prompts
+    # (per-record forwards leave a small model waiting on Python, not arithmetic).
+    for start in range(0, len(records), batch_size):
+        prepared = []  # (record, reference, candidates, texts, samples, image, prompt)
+        for record in records[start : start + batch_size]:
+            reference = _reference(record)
+            try:
+                image = _record_image(record)
+                candidates, prompt = None, None
+                if by_likelihood:
+                    candidates = candidate_answers(kind, record, answer_set)
+                    texts = list(candidates) if reference in candidates else [*candidates, reference]
+                else:
+                    texts = [reference]
+                    prompt = _prompt(encoder, record, image)
+                prepared.append((record, reference, candidates, texts, _answer_samples(encoder, record, texts, image), image, prompt))
+            except (ImageLoadError, EncodingError) as error:
+                skips.add(record.id, str(error))
+                skipped.append({"id": record.id, "reason": str(error)})
+        sums, counts = _samples_nll(model, encoder, placement, [sample for item in prepared for sample in item[4]], batch_size)
+        greedy = [] if by_likelihood else greedy_answers(model, encoder, placement, [item[6] for item in prepared], [item[5] for item in prepared], max_new_tokens, batch_size)
+        offset = 0
+        for k, (record, reference, candidates, texts, _, _, _) in enumerate(prepared):
+            record_sums, record_counts = sums[offset : offset + len(texts)], counts[offset : offset + len(texts)]
+            offset += len(texts)
             if by_likelihood:
-                candidates = candidate_answers(kind, record, answer_set)
-                texts = list(candidates) if reference in candidates else [*candidates, reference]
-                sums, counts = _answer_nll(model, encoder, placement, record, texts, image, batch_size)
                 at = texts.index(reference)
-                prediction = candidates[int(np.argmax(-sums[: len(candidates)]))]
-                ref_sum, ref_count = float(sums[at]), int(counts[at])
-                record_score = answers.score(prediction, reference)
+                prediction = candidates[int(np.argmax(-record_sums[: len(candidates)]))]
                 guess_odds.append(1.0 / len(candidates))
             else:
-                sums, counts = _answer_nll(model, encoder, placement, record, [reference], image, batch_size)
-                ref_sum, ref_count = float(sums[0]), int(counts[0])
-                prediction = greedy_answer(model, encoder, placement, record, max_new_tokens, image=image)
-                record_score = answers.score(prediction, reference)
-        except (ImageLoadError, EncodingError) as error:
-            skips.add(record.id, str(error))
-            skipped.append({"id": record.id, "reason": str(error)})
-        else:
+                at, prediction = 0, greedy[k]
             predictions.append(prediction)
             references.append(reference)
-            scores[record.id] = float(record_score)
-            nll_sum += ref_sum
-            nll_tokens += ref_count
+            scores[record.id] = float(answers.score(prediction, reference))
+            nll_sum += float(record_sums[at])
+            nll_tokens += int(record_counts[at])
         if progress is not None:
-            progress(done, len(records))
+            progress(min(start + batch_size, len(records)), len(records))
 
     if not scores:
         first = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
