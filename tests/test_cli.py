@@ -9,6 +9,7 @@ from PIL import Image
 
 from demo_pin import PIN_FILE, demo_outputs
 from icons_dagster.cli import main
+from icons_dagster.core.storage.artifacts import ArtifactStore
 from icons_dagster.resources.home import read_home_config
 
 PIN_TOLERANCE = 1e-6
@@ -127,7 +128,12 @@ def test_demo_command_runs_the_graph_on_a_persistent_home(tmp_path, monkeypatch,
     first = table.row(0, named=True)
     assert main(["--home", str(home), "explain", first["id"]]) == 0
     out = capsys.readouterr().out
-    assert f"**{first['id']}**: selected, rank 1 of 168" in out
+    assert f"**{first['id']}**: selected ({first['reason']}), rank 1 of 168" in out
+    # Every record says why it is in or out; the reserved ones are the coverage reserve's count.
+    reasons = dict(zip(table["id"], table["reason"], strict=True))
+    assert all(reasons[r["id"]].startswith(("coverage:", "vote:") if r["selected"] else "out:") for r in table.iter_rows(named=True))
+    manifest = json.loads((home / ArtifactStore(home).read_ref("selected_subset").path / "_COMPLETE.json").read_text())
+    assert sum(v.startswith("coverage:") for v in reasons.values()) == manifest["metadata"]["n_reserved"] > 0
     assert f"{first['votes']} vote(s)" in out
     assert out.count("| yes |") == first["votes"]
     assert main(["--home", str(home), "explain", "no-such-id"]) == 2

@@ -375,6 +375,25 @@ def test_coverage_reserves_each_benchmarks_top_records():
         select(COVER_IDS, COVER_SCORES, 0.5, coverage=1.5)
 
 
+def test_each_rows_reason_says_why_it_is_in_or_out():
+    """The worked case above: votes a 2, b 2, c 1, d 1, e 0, f 0."""
+    from icons_dagster.core.selection.consensus import selection_reasons
+
+    # Plain: a and b above the cutoff (1 vote); c and d tie at it, c kept by its rank sum 7 > 5.
+    plain = dict(zip(COVER_IDS, selection_reasons(select(COVER_IDS, COVER_SCORES, 0.5), ["gqa", "pope"]), strict=True))
+    assert plain == {
+        "a": "vote: above the cutoff", "b": "vote: above the cutoff", "c": "vote: at the cutoff, kept by the tie-break",
+        "d": "out: at the cutoff, left out by the tie-break", "e": "out: below the cutoff", "f": "out: below the cutoff",
+    }  # fmt: skip
+    # Coverage 2/3: c and d reserved as their benchmark's top 1; a and b tie at 2 for the last place.
+    covered = dict(zip(COVER_IDS, selection_reasons(select(COVER_IDS, COVER_SCORES, 0.5, coverage=2 / 3), ["gqa", "pope"]), strict=True))
+    assert covered == {
+        "a": "out: at the cutoff, left out by the tie-break", "b": "vote: at the cutoff, kept by the tie-break",
+        "c": "coverage: among the top 1 of gqa", "d": "coverage: among the top 1 of pope",
+        "e": "out: below the cutoff", "f": "out: below the cutoff",
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize("tiebreak", ["mean-rank", "max-rank"])
 @pytest.mark.parametrize("coverage", [0.0, 0.3, 1.0])
 def test_coverage_properties_and_permutation_invariance(tiebreak, coverage):

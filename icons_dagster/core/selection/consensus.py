@@ -360,6 +360,31 @@ class Selection:
     n_reserved: int = 0  # rows selected first as some benchmark's own top-q (coverage > 0)
     n_by_coverage: int = 0  # of those, rows the plain order would have left out
     group_quotas: dict[str, int] | None = None  # places per group (groups given)
+    aggregate: np.ndarray | None = None  # [N] the value the order sorts by
+    reserved_for: np.ndarray | None = None  # [N, K] bool: in benchmark k's reserved top-q (coverage > 0)
+    reserve_per_benchmark: int = 0  # q
+
+
+def selection_reasons(chosen: Selection, benchmarks: Sequence[str]) -> list[str]:
+    """Why each row is in or out, in words a user reads (the exported subset's ``reason``):
+    reserved by coverage for which benchmarks, above the cutoff, or at the cutoff and kept or
+    left out by the tie-break, or below the cutoff."""
+    if chosen.aggregate is None:
+        raise ValueError("the selection carries no aggregate values (made by select())")
+    cutoff, reasons = chosen.cutoff_score, []
+    reserved = chosen.reserved_for if chosen.reserved_for is not None else np.zeros((len(chosen.rank), len(benchmarks)), dtype=bool)
+    tie_decided = chosen.n_decided_by_tiebreak > 0
+    for row in range(len(chosen.rank)):
+        if reserved[row].any():
+            names = ", ".join(b for b, r in zip(benchmarks, reserved[row], strict=True) if r)
+            reasons.append(f"coverage: among the top {chosen.reserve_per_benchmark} of {names}")
+        elif chosen.selected[row]:
+            at_cut = chosen.aggregate[row] == cutoff and tie_decided
+            reasons.append("vote: at the cutoff, kept by the tie-break" if at_cut else "vote: above the cutoff")
+        else:
+            at_cut = chosen.aggregate[row] == cutoff
+            reasons.append("out: at the cutoff, left out by the tie-break" if at_cut else "out: below the cutoff")
+    return reasons
 
 
 def select(
@@ -410,9 +435,10 @@ def select(
         if coverage:
             raise ValueError("a group quota fill and a coverage reserve do not combine; pass one")
         order, quotas = _quota_order(order, _check_groups(groups, n), m, _quota_reference(s, p, group_shares))
-    reserved = np.zeros(n, dtype=bool)
+    reserved_for = np.zeros(s.shape, dtype=bool)
     for c in range(s.shape[1] if quota else 0):
-        reserved |= top_k_mask(ids, s[:, c], quota)
+        reserved_for[:, c] = top_k_mask(ids, s[:, c], quota)
+    reserved = reserved_for.any(axis=1)
     n_by_coverage = 0
     if reserved.any():
         plain_selected = np.zeros(n, dtype=bool)
@@ -441,6 +467,9 @@ def select(
         n_reserved=int(reserved.sum()),
         n_by_coverage=n_by_coverage,
         group_quotas=quotas,
+        aggregate=agg,
+        reserved_for=reserved_for if quota else None,
+        reserve_per_benchmark=quota,
     )
 
 

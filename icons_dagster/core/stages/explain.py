@@ -42,15 +42,18 @@ def explain_sample(store: ArtifactStore, subset_ref: SubsetRef, vote_ref: VoteTa
         "aggregation": manifest["aggregation"],
         "cutoff_value": manifest["cutoff_value"],
         "mean_percentile_rank": float(record["mean_percentile_rank"]),
+        "reason": record.get("reason"),  # absent from subsets written before it (SUBSET_VERSION 1)
         "benchmarks": per_benchmark,
     }
 
 
 def explanation_markdown(explanation: dict[str, Any]) -> str:
     verdict = "selected" if explanation["selected"] else "not selected"
+    why = f" ({explanation['reason']})" if explanation.get("reason") else ""
     lines = [
-        f"**{explanation['id']}**: {verdict}, rank {explanation['rank']} of {explanation['n_pool']} "
-        f"(the subset is the top {explanation['n_selected']}; cutoff at {explanation['aggregation']} = {explanation['cutoff_value']}), "
+        f"**{explanation['id']}**: {verdict}{why}, rank {explanation['rank']} of {explanation['n_pool']} "
+        f"(the subset is the top {explanation['n_selected']}; the cutoff among the records not reserved by coverage: "
+        f"{explanation['aggregation']} = {explanation['cutoff_value']}), "
         f"{explanation['votes']} vote(s), mean percentile rank {explanation['mean_percentile_rank']:.3f}",
         "",
         "| benchmark | influence | threshold | vote | percentile |",

@@ -70,6 +70,14 @@ def warmup_checkpoint_settings(model_config: ModelConfig, lora: LoraSettings, co
 INFLUENCE_VERSION = 2
 
 
+# Bump when selected_subset writes something else from the same vote (2: a ``reason`` column).
+SUBSET_VERSION = 2
+
+
+def subset_settings(selection: SelectionConfig) -> dict:
+    return {"selection": selection, "subset_version": SUBSET_VERSION}
+
+
 def influence_settings(p: float, write_full_matrix: bool) -> dict:
     return {"p": p, "full_matrix": write_full_matrix, "influence_version": INFLUENCE_VERSION}
 
@@ -595,7 +603,7 @@ def stage_vote_table(store: ArtifactStore, influence_refs: dict[str, InfluenceRe
 def stage_selected_subset(
     store: ArtifactStore, pool_ref: PoolRef, vote_ref: VoteTableRef, selection: SelectionConfig, lineage: dict | None = None
 ) -> StageResult:
-    stage = Stage(store, "selected_subset", votes=vote_ref.fingerprint, pool=pool_ref.fingerprint, selection=selection)
+    stage = Stage(store, "selected_subset", votes=vote_ref.fingerprint, pool=pool_ref.fingerprint, **subset_settings(selection))
     result = stage.reused()
     if result is None:
         result = _build_subset(stage, pool_ref, vote_ref, selection, lineage or {})
@@ -618,7 +626,9 @@ def _build_subset(stage: Stage, pool_ref: PoolRef, vote_ref: VoteTableRef, selec
         tiebreak=selection.tiebreak,
         coverage=selection.coverage,
     )
-    frame = frame.with_columns(pl.Series("rank", chosen.rank), pl.Series("selected", chosen.selected))
+    frame = frame.with_columns(
+        pl.Series("rank", chosen.rank), pl.Series("selected", chosen.selected), pl.Series("reason", consensus.selection_reasons(chosen, benchmarks))
+    )
     selected_ids = frame.filter(pl.col("selected"))["id"]
     # Original records, untouched, in pool order: LLaVA's training script shuffles itself.
     subset_records = load_pool_manifest(store, pool_ref, columns=["raw_json"], where=pl.col("id").is_in(selected_ids.implode()))

@@ -18,6 +18,7 @@ from icons_dagster.core.stages.icons import (
     influence_settings,
     model_fingerprint_fields,
     pool_settings,
+    subset_settings,
     warmup_checkpoint_settings,
     warmup_subset_settings,
 )
@@ -39,7 +40,7 @@ def stage_settings(config: IconsConfig) -> dict[str, dict[str, Any]]:
         "validation_gradients": {"gradients": gradient_fingerprint_fields(config.gradients, "sgd"), **image_limit_fields(data.max_image_pixels)},
         "task_influence": influence_settings(config.selection.p, config.influence.write_matrix),
         "vote_table": {"selection": config.selection},
-        "selected_subset": {"selection": config.selection},
+        "selected_subset": subset_settings(config.selection),
         "ofa_embeddings": {"embedder": embedder},
         "ofa_pseudo_labels": {"kmeans": ofa.kmeans_fields(), "imported": ofa.selector},
         "ofa_selector": {"training": ofa.selector_fields(), "imported": ofa.selector, "embedder": embedder},
