@@ -25,10 +25,14 @@ from icons_dagster.core.storage.artifacts import ArtifactStore
 DAGSTER_YAML = """# Written by icons-dagster: a local instance under the store root.
 telemetry:
   enabled: false
-# vote_table and selected_subset share the pool "icons_selection": one writer at a time.
 concurrency:
+  # vote_table and selected_subset share the pool "icons_selection": one writer at a time.
   pools:
     default_limit: 1
+  # Runs the daemon starts at once (a UI backfill queues the rest): what this machine holds,
+  # one per GPU, else one per core, counted when the home was made. Edit to change it.
+  runs:
+    max_concurrent_runs: MAX_RUNS
 # With the daemon (dagster dev): the slots of a run that ended are freed (runs whose worker
 # died are failed by the next run or CLI command on this machine: run_guard.py).
 run_monitoring:
@@ -37,13 +41,21 @@ run_monitoring:
 """
 
 
+def machine_run_slots() -> int:
+    """Runs this machine holds at once: one per visible GPU, else one per core."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else max(1, os.cpu_count() or 1)
+
+
 def prepare_instance_home(home: Path) -> Path:
-    """Point DAGSTER_HOME at ``<home>/dagster`` (created with telemetry off)."""
+    """Point DAGSTER_HOME at ``<home>/dagster`` (``dagster.yaml`` written once: telemetry off,
+    the selection pool, run monitoring, a run queue sized to this machine)."""
     dagster_home = ArtifactStore(home).dagster_home
     dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
     if not config.exists():
-        config.write_text(DAGSTER_YAML, encoding="utf-8")
+        config.write_text(DAGSTER_YAML.replace("MAX_RUNS", str(machine_run_slots())), encoding="utf-8")
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     os.environ["ICONS_HOME"] = str(home)
     return dagster_home

@@ -131,10 +131,18 @@ def test_invalid_folder_is_reported_not_registered(world):
     assert sorted(instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME)) == ["multiple_choice", "yes_no"]
 
 
-def test_instance_home_limits_the_selection_pool(tmp_path):
+def test_instance_home_limits_the_selection_pool_and_the_run_queue(tmp_path):
+    import os
+
+    from dagster import DagsterInstance
+
     prepare_instance_home(tmp_path)
     text = (tmp_path / "dagster" / "dagster.yaml").read_text()
     assert "default_limit: 1" in text
+    instance = DagsterInstance.from_config(str(tmp_path / "dagster"))
+    assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == os.cpu_count()  # the daemon's queue; no GPU here: one per core
+    assert instance.event_log_storage.get_pool_config().default_pool_limit == 1
+    assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 5
     pools = {a.key.to_user_string(): set(a.node_def.pools) for a in ICONS_ASSETS}
     assert pools["vote_table"] == pools["selected_subset"] == {"icons_selection"}
     assert pools["training_gradients"] == set()
