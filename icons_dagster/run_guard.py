@@ -5,7 +5,7 @@ the vote at a time). A run killed while it holds the slot (SIGKILL, a lost machi
 STARTED, and Dagster's run monitoring cannot see that its worker died: the default run
 launcher has no worker health check, and the CLI's in-process runs have no launcher at all.
 So every run records its worker (``WORKER_TAG``: host and pid, set when the run's resources
-start), and each run's start and each CLI command do what run monitoring does for a
+start; not a shard-job run, whose step may run in a Celery worker and which holds no slot), and each run's start and each CLI command do what run monitoring does for a
 launcher with a health check: a run whose worker is a dead process on this machine is
 reported failed (``report_run_failed``), and the slots of every ended run are freed
 (``free_concurrency_slots_for_run``, as the daemon's ``free_slots_after_run_end_seconds``

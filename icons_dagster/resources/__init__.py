@@ -35,9 +35,13 @@ class StoreResource(ConfigurableResource):
         runs whose worker died here and free their pool slots (run_guard.py), and remove what
         dead writers on this machine left."""
         from icons_dagster.run_guard import release_dead_runs, tag_worker
+        from icons_dagster.scaleout import SHARD_TAG
 
         if context.instance is not None and context.run_id:
-            tag_worker(context.instance, context.run_id)
+            # A shard run may execute its step elsewhere (the Celery executor), so this process
+            # need not be its worker; shard runs hold no pool slot, so they need no tag.
+            if context.dagster_run is not None and SHARD_TAG not in context.dagster_run.tags:
+                tag_worker(context.instance, context.run_id)
             failed = release_dead_runs(context.instance)
             if failed and context.log is not None:
                 context.log.info(f"marked {len(failed)} run(s) failed whose worker died on this machine: {', '.join(failed)}")
