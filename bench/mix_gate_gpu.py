@@ -39,7 +39,8 @@ from icons_dagster.core.storage.artifacts import ArtifactStore, write_json  # no
 from icons_dagster.demo.bootstrap import MIX_SETTINGS, demo_settings  # noqa: E402
 from icons_dagster.demo.mix import CAPTIONS_FILE, MIX_SIZES, TEXTS_FILE, generate_mix, generate_mix_captions, generate_mix_texts  # noqa: E402
 from icons_dagster.demo.smollm2 import build_smollm2_llava  # noqa: E402
-from icons_dagster.demo.stage1 import HELDOUT_N, HELDOUT_SEED, MIX_CAPTIONS, TEXT_HELDOUT_SEED, TEXT_SEED  # noqa: E402
+from icons_dagster.core.evaluation.methods import DEFAULT_METHODS, parse_method  # noqa: E402
+from icons_dagster.demo.stage1 import HELDOUT_N, HELDOUT_SEED, MIX_CAPTIONS, MIX_TEXT_PHASES, TEXT_HELDOUT_SEED, TEXT_SEED  # noqa: E402
 
 # The registered recipe of attempt 7 (change log, 2026-12-07).
 TEXT_STEPS, TEXT_LR = 2000, 1e-4  # the pretrained LM learns the world's formats, gently
@@ -47,7 +48,7 @@ ALIGN_STEPS, ALIGN_LR = 4000, 1e-3  # LLaVA-1.5's stage-1 learning rate, project
 PRECHECK_YES_NO = 0.60
 PRECHECK_READS_IMAGES = 0.30  # held-out caption loss: mismatched images minus matched, at least
 RECIPES = {"lr2e-3x5": (2e-3, 5), "lr5e-4x3": (5e-4, 3), "lr1e-3x3": (1e-3, 3)}  # the recipe rule's candidates
-RANDOMS = [f"random-{seed}" for seed in range(5)]
+RANDOMS = [m for m in DEFAULT_METHODS if parse_method(m).kind == "random"]  # the five seeds of the protocol
 YES_NO, MULTIPLE_CHOICE = {"pope_b", "mme_b"}, {"sqa_b", "mmbench_b"}
 
 
@@ -58,7 +59,7 @@ def _steps(n: int, scale: float) -> int:
 def build(root: Path, size: str, device: str, scale: float, record) -> Path | None:
     """The aligned checkpoint, or None when the pre-check fails (the numbers are recorded)."""
     base = build_smollm2_llava(root / "smollm2-llava")
-    n_texts, n_captions = (8000, MIX_CAPTIONS[size]) if size == "mix" else (64, MIX_CAPTIONS[size])
+    n_texts, n_captions = MIX_TEXT_PHASES[0].drafts[size], MIX_CAPTIONS[size]  # attempt 2's every-format texts
     texts = generate_mix_texts(root / f"texts-{n_texts}", n_texts, seed=TEXT_SEED)
     held_texts = generate_mix_texts(root / "texts-heldout-1000", 1000 if size == "mix" else 40, seed=TEXT_HELDOUT_SEED)
     started = time.perf_counter()

@@ -201,14 +201,13 @@ def run_graph(
     from icons_dagster.definitions import build_resources, graph_assets
     from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, contiguous_ranges, evaluation_method_partitions
     from icons_dagster.registration import register_benchmarks
-    from icons_dagster.run_guard import release_dead_runs, wait_for_pools
+    from icons_dagster.run_guard import wait_for_pools
 
     resources = build_resources(home, config)
     if instance is None:
         prepare_instance_home(home)
         instance = DagsterInstance.get()
     store = ArtifactStore(home)
-    release_dead_runs(instance)
     benchmarks_dir = config.data.benchmarks_path()
     benchmarks, _ = register_benchmarks(instance, benchmarks_dir)
     if not benchmarks and "icons" in methods:

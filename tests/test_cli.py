@@ -78,7 +78,7 @@ def test_validate_decodes_every_image_with_a_pixel_limit_and_checks_p(tmp_path, 
 
 
 def test_the_pool_stage_screens_headers_with_the_configured_limit(tmp_path):
-    from icons_dagster.core.data.records import DEFAULT_MAX_IMAGE_PIXELS
+    from icons_dagster.core.config import DEFAULT_MAX_IMAGE_PIXELS
     from icons_dagster.core.stages.icons import stage_pool
     from icons_dagster.core.storage.artifacts import ArtifactStore
 

@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
+from icons_dagster.core.storage.fingerprint import file_sha256
 from icons_dagster.demo.tiny_model import (
     IMAGE_TOKEN,
     MESSAGE_BODY_JINJA,
@@ -53,19 +54,11 @@ def gguf_path() -> Path:
     return path
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def build_smollm2_llava(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     """Build (or reuse) the SmolLM2 LLaVA in ``out_dir``; the same GGUF and spec give the same bytes."""
     gguf = gguf_path()
     vision = {k: v for k, v in dataclasses.asdict(spec).items() if k.startswith(("image", "patch", "vision")) or k == "seed"}
-    manifest = {"build_version": BUILD_VERSION, "gguf": GGUF_FILE, "gguf_sha256": _file_sha256(gguf), "vision": vision}
+    manifest = {"build_version": BUILD_VERSION, "gguf": GGUF_FILE, "gguf_sha256": file_sha256(gguf), "vision": vision}
     key = hashlib.sha256(repr(sorted(manifest.items())).encode()).hexdigest()
     return build_checkpoint_folder(Path(out_dir), key, manifest, lambda tmp: _build(tmp, gguf, spec))
 

@@ -183,6 +183,7 @@ def ensure_mix_model(
     size_name = f"{size}-seed{world_seed}" if world_seed else size
     read = Path(build_tiny_llava(demo_dir / f"tiny-llava-{size_name}", mix_corpus(size, seed=world_seed, captions=n), spec or MIX_MODEL_SPEC))
     held_texts = generate_mix_texts(demo_dir / f"texts-{size}-heldout", TEXT_HELDOUT_N, seed=TEXT_HELDOUT_SEED)
+
     def texts_of(formats: tuple[str, ...], n_drafts: int) -> Path:
         return generate_mix_texts(demo_dir / f"texts-{n_drafts}-{'-'.join(formats)}", n_drafts, seed=TEXT_SEED, formats=formats)
 

@@ -7,9 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from icons_dagster.core.data.records import (
-    DEFAULT_MAX_IMAGE_PIXELS, LoadedRecords, RecordFileError, benchmark_image_root, load_records, screen_images, split_file,
-)  # fmt: skip
+from icons_dagster.core.config import DEFAULT_MAX_IMAGE_PIXELS
+from icons_dagster.core.data.records import LoadedRecords, RecordFileError, benchmark_image_root, load_records, screen_images, split_file
 
 
 @dataclass(frozen=True)

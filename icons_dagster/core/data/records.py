@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from icons_dagster.core.config import DEFAULT_MAX_IMAGE_PIXELS, PIL_MAX_IMAGE_PIXELS, image_limit_fields  # noqa: F401 (re-exported)
+from icons_dagster.core.config import DEFAULT_MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as _PILImage
@@ -257,7 +257,6 @@ def load_image(path: Path) -> "_PILImage.Image":
             return im.convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
         raise ImageLoadError(f"cannot load image {path}: {type(e).__name__}: {e}") from e
-
 
 
 def image_problem(path: Path, max_pixels: int, decode: bool = False) -> str | None:

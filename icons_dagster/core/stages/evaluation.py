@@ -20,7 +20,7 @@ import polars as pl
 from icons_dagster.core.selection import analysis, consensus
 from icons_dagster.core import plots
 from icons_dagster.core.data.benchmarks import declared_answers, load_benchmark
-from icons_dagster.core.config import LoraSettings, ModelConfig
+from icons_dagster.core.config import DEFAULT_MAX_IMAGE_PIXELS, LoraSettings, ModelConfig, image_limit_fields
 from icons_dagster.core.evaluation.methods import SPECIALIST, EvaluationConfig, parse_method
 from icons_dagster.core.evaluation.metrics import informative_benchmarks, relative_scores, results_markdown, score_benchmark
 from icons_dagster.core.evaluation.statistics import align_record_scores, bootstrap_rel_differences, format_interval
@@ -30,7 +30,7 @@ from icons_dagster.core.stages.icons import SUBSET_PARQUET, VOTE_TABLE_FILE, fam
 from icons_dagster.core.stages.kit import Log, Stage, StageResult, quiet_log
 from icons_dagster.core.stages.ofa import LABELS_FILE as OFA_LABELS_FILE
 from icons_dagster.core.data.pool import record_labels, records_from_manifest
-from icons_dagster.core.data.records import DEFAULT_MAX_IMAGE_PIXELS, image_limit_fields, split_file
+from icons_dagster.core.data.records import split_file
 from icons_dagster.core.model.samples import SkipLog
 from icons_dagster.core.storage.artifacts import write_json
 from icons_dagster.core.stages.visual_dependency import load_visual_dependency

@@ -20,10 +20,10 @@ import numpy as np
 import polars as pl
 
 from icons_dagster.core import plots
-from icons_dagster.core.config import GradientConfig, LoraSettings, ModelConfig, SelectionConfig, WarmupConfig
+from icons_dagster.core.config import DEFAULT_MAX_IMAGE_PIXELS, GradientConfig, LoraSettings, ModelConfig, SelectionConfig, WarmupConfig, image_limit_fields
 from icons_dagster.core.data.benchmarks import load_benchmark
 from icons_dagster.core.data.pool import MANIFEST_FILE, PROBLEMS_FILE, build_manifest, records_from_manifest
-from icons_dagster.core.data.records import DEFAULT_MAX_IMAGE_PIXELS, benchmark_image_root, image_limit_fields, load_records, screen_images
+from icons_dagster.core.data.records import benchmark_image_root, load_records, screen_images
 from icons_dagster.core.model.samples import SkipLog
 from icons_dagster.core.features.extraction import FeatureSet, compute_features, features_file, load_features, load_samples
 from icons_dagster.core.features.gradients import FEATURES_VERSION

@@ -22,7 +22,7 @@ from icons_dagster.core.stages.icons import (
     warmup_checkpoint_settings,
     warmup_subset_settings,
 )
-from icons_dagster.core.data.records import image_limit_fields
+from icons_dagster.core.config import image_limit_fields
 from icons_dagster.core.stages.evaluation import scores_settings, subsets_settings, table_settings
 from icons_dagster.core.stages.visual_dependency import visual_dependency_settings
 from icons_dagster.core.schema import IconsConfig, section_to_json

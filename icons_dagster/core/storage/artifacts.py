@@ -25,7 +25,6 @@ Artifacts committed before checksums (no ``files``) are trusted as before.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -39,23 +38,17 @@ from typing import Any
 
 import numpy as np
 
+from icons_dagster.core.storage.fingerprint import file_sha256
 from icons_dagster.core.storage.refs import Ref, ref_from_json
 
 COMPLETE_MARKER = "_COMPLETE.json"
 FILES_KEY = "files"  # in the manifest: {relative path: {"bytes": n, "sha256": hex}}
-_HASH_CHUNK = 1 << 22
+CONFIG_FILE = "icons.json"
+UNPARTITIONED = "__unpartitioned__"
 
 
 class CorruptArtifact(ValueError):
     """A committed artifact whose files differ from its manifest."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
@@ -95,8 +88,6 @@ def integrity_problem(directory: Path) -> str | None:
             return f"{relative}: sha256 differs from its manifest (the file changed after it was committed)"
         _intact.add(key)
     return None
-CONFIG_FILE = "icons.json"
-UNPARTITIONED = "__unpartitioned__"
 
 
 class RemoteStore:
