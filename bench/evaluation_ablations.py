@@ -67,7 +67,7 @@ def evaluate(home: Path, config: IconsConfig, pool_ref: dict, vote_ref: dict, me
     frame = pl.read_parquet(store.absolute(subsets.path) / SUBSETS_FILE)
     scores, chosen, informative = {}, {}, []
     for method in methods:
-        adapter = stage_finetune(store, method, pool_ref, subsets, model_config, lora, evaluation).ref
+        adapter = stage_finetune(store, method, pool_ref, subsets, model_config, lora, evaluation, image_root=image_root).ref
         result = stage_benchmark_scores(store, method, adapter, benchmarks, image_root, model_config, evaluation).ref
         scores[method] = result.scores
         chosen[method] = set(frame.filter(pl.col("method") == method)["id"].to_list())

@@ -24,6 +24,7 @@ from dagster import (
 )
 
 from icons_dagster.assets import GROUP
+from icons_dagster.core.config import AutomationConfig
 from icons_dagster.core.data.benchmarks import scan_benchmarks
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, benchmark_partitions
 from icons_dagster.resources import DataResource
@@ -33,18 +34,15 @@ SELECTION_ASSETS = [AssetKey("vote_table"), AssetKey("selected_subset")]
 vote_job = define_asset_job("vote_job", selection=AssetSelection.assets(*SELECTION_ASSETS), description="Redo the vote and the subset.")
 
 
-@sensor(
-    name="benchmark_folder_sensor",
-    minimum_interval_seconds=30,
-    default_status=DefaultSensorStatus.RUNNING,
-    description="Registers new benchmark folders as partitions and retires removed ones.",
-)
-def benchmark_folder_sensor(context: SensorEvaluationContext, data: DataResource):
+def register_benchmark_folders(context: SensorEvaluationContext, data: DataResource):
+    """New valid folders -> partitions (the tick's message names them); gone -> retired, and the vote again."""
     paths = data.config()
     registered = context.instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME)
     scan = scan_benchmarks(paths.benchmarks_path(), paths.image_root_path(), registered)
     for name, reason in scan.invalid.items():
         context.log.warning(f"benchmark folder {name!r} not registered: {reason}")
+    skipped = "; ".join(f"{name}: {reason}" for name, reason in scan.invalid.items())
+    invalid = f"; invalid: {skipped}" if skipped else ""
     requests = []
     if scan.new:
         context.log.info(f"registering benchmarks: {scan.new}")
@@ -55,18 +53,29 @@ def benchmark_folder_sensor(context: SensorEvaluationContext, data: DataResource
         requests.append(benchmark_partitions.build_delete_request(scan.removed))
         run_requests.append(RunRequest(asset_selection=SELECTION_ASSETS, run_key=f"retire:{','.join(scan.removed)}"))
     if not requests:
-        skipped = "; ".join(f"{name}: {reason}" for name, reason in scan.invalid.items())
-        return SkipReason(f"no benchmark added or removed{'; invalid: ' + skipped if skipped else ''}")
-    return SensorResult(dynamic_partitions_requests=requests, run_requests=run_requests)
+        return SkipReason(f"no benchmark added or removed{invalid}")
+    # A tick that only adds partitions is recorded as skipped: its message says what it registered.
+    message = None if run_requests else f"registered benchmarks {scan.new}: icons_automation_sensor computes their features and influence, then the vote{invalid}"
+    return SensorResult(dynamic_partitions_requests=requests, run_requests=run_requests, skip_reason=message)
 
 
-icons_automation_sensor = AutomationConditionSensorDefinition(
-    "icons_automation_sensor",
-    target=AssetSelection.groups(GROUP),
-    default_status=DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=30,
-    description="Evaluates the eager conditions: new benchmarks' features and influence, then one vote.",
-)
+def benchmark_folder_sensor(interval_seconds: int = AutomationConfig().sensor_interval_seconds):
+    return sensor(
+        name="benchmark_folder_sensor",
+        minimum_interval_seconds=interval_seconds,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Registers new benchmark folders as partitions and retires removed ones.",
+    )(register_benchmark_folders)
+
+
+def icons_automation_sensor(interval_seconds: int = AutomationConfig().sensor_interval_seconds) -> AutomationConditionSensorDefinition:
+    return AutomationConditionSensorDefinition(
+        "icons_automation_sensor",
+        target=AssetSelection.groups(GROUP),
+        default_status=DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=interval_seconds,
+        description="Evaluates the eager conditions: new benchmarks' features and influence, then one vote.",
+    )
 
 
 def vote_schedule(cron: str) -> ScheduleDefinition:

@@ -22,7 +22,7 @@ from icons_dagster.core.model.alignment import DEVICE_CHOICES, LOSS_MEANS, TRAIN
 from icons_dagster.core.schema import SECTIONS, IconsConfig, field_types
 from icons_dagster.core.storage.artifacts import ArtifactStore
 from icons_dagster.demo.bootstrap import demo_sizes
-from icons_dagster.resources.home import read_home_config, resolve_home, write_home_config
+from icons_dagster.resources.home import read_home_config, resolve_home
 
 # The sections each command's flags set (generated from the section dataclasses' fields).
 RUN_SECTIONS = ("data", "model", "lora", "warmup", "gradients", "influence", "selection", "embedder", "ofa")
@@ -163,15 +163,16 @@ def _hint(message: str, home: Path, run_id: str | None) -> str:
 def _run(home: Path, config: IconsConfig, methods: tuple[str, ...] = ("icons",), verbose: bool = False) -> int:
     from tqdm import tqdm
 
-    from icons_dagster.runner import prepare_instance_home, run_graph
+    from icons_dagster.runner import INVOCATION_TAG, new_invocation_id, prepare_instance_home, run_graph
 
-    write_home_config(home, config)
     prepare_instance_home(home)
+    invocation = new_invocation_id()
+    print(f"runs of this command: tag {INVOCATION_TAG}={invocation} (filter the UI's Runs page by it)", file=sys.stderr)
     bar, on_step = _progress_printer()
     try:
         summary = run_graph(
             home, config, on_step=on_step, methods=methods, on_wait=lambda message: tqdm.write(message, file=sys.stderr),
-            log_level="INFO" if verbose else "CRITICAL",
+            log_level="INFO" if verbose else "CRITICAL", invocation=invocation,
         )  # fmt: skip
         bar.n = bar.total
         bar.set_description("done")
@@ -191,6 +192,7 @@ def _run(home: Path, config: IconsConfig, methods: tuple[str, ...] = ("icons",),
         print(f"per-sample selector confidence and rank (Parquet): {summary['ofa_subset_parquet']}")
         print(f"trained OFA selector, reusable on other pools (--ofa-selector): {summary['ofa_selector']}")
     print(f"Dagster instance: {summary['dagster_home']}  (open the UI with: icons-dagster ui --home {home})")
+    print(f"this command's runs: tag {INVOCATION_TAG}={invocation}")
     return 0
 
 
@@ -374,10 +376,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     home = resolve_home(args.home)
+    from icons_dagster.definitions import CODE_LOCATION
     from icons_dagster.runner import prepare_instance_home
 
     prepare_instance_home(home)
-    command = [sys.executable, "-m", "dagster", "dev", "-m", "icons_dagster.definitions", "-h", args.host, "-p", str(args.port)]
+    command = [sys.executable, "-m", "dagster", "dev", "-m", CODE_LOCATION, "-h", args.host, "-p", str(args.port)]
     print(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']} {' '.join(command)}")
     return subprocess.call(command, env=os.environ.copy())
 

@@ -26,7 +26,7 @@ from icons_dagster.runner import run_waves
 
 def apply_benchmark_sensor(instance: DagsterInstance, assets: list, resources: dict) -> SkipReason | None:
     """One tick of the benchmark folder sensor: apply its partition requests, run its run requests."""
-    result = benchmark_folder_sensor(build_sensor_context(instance=instance, resources=resources))
+    result = benchmark_folder_sensor()(build_sensor_context(instance=instance, resources=resources))
     if isinstance(result, SkipReason):
         return result
     for request in result.dynamic_partitions_requests:

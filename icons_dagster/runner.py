@@ -14,6 +14,8 @@ lineage and metadata.
 from __future__ import annotations
 
 import os
+import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +183,38 @@ def check_subset_sizes(store: ArtifactStore, config: IconsConfig) -> None:
         raise ValueError(f"selection.p: {error}: raise --p; the pool has {n} valid records (training_pool's metadata lists the skipped ones)") from None
 
 
+INVOCATION_TAG = "icons/invocation"  # on every run of one CLI command: filter the UI's runs by it
+
+
+def new_invocation_id() -> str:
+    """A readable, sortable id for one command's runs: its start time and 6 random hex digits."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def execute_step(defs, job_name: str, step: Step, instance, tags: dict[str, str], run_config: dict):
+    """One run of ``step``'s assets as a subset of the named job, created with the origin the
+    UI loads the job from (so the run links to its job and re-executes), executed here."""
+    from dagster import AssetKey
+    from dagster._core.definitions.job_base import InMemoryJob
+    from dagster._core.execution.api import execute_run
+    from dagster._core.storage.tags import PARTITION_NAME_TAG
+
+    from icons_dagster.definitions import run_origins
+
+    job = defs.resolve_job_def(job_name)
+    selection = frozenset(AssetKey(name) for name in step.assets)
+    remote_origin, python_origin = run_origins(job_name)
+    run = instance.create_run_for_job(
+        job.get_subset(asset_selection=selection),
+        run_config=run_config,
+        tags={**job.run_tags, **tags, **step.tags(), **({PARTITION_NAME_TAG: step.partition} if step.partition is not None else {})},
+        asset_selection=selection,
+        remote_job_origin=remote_origin,
+        job_code_origin=python_origin,
+    )
+    return execute_run(InMemoryJob(job), run, instance, raise_on_error=False)  # the cause goes to the caller in one line
+
+
 def run_graph(
     home: Path,
     config: IconsConfig,
@@ -189,33 +223,38 @@ def run_graph(
     log_level: str = "WARNING",
     on_wait: Callable[[str], None] | None = None,
     methods: tuple[str, ...] = ("icons",),
+    invocation: str | None = None,
 ) -> dict[str, Any]:
     """Register benchmarks and materialize the whole graph; returns the subset's location and stats.
 
-    A step whose assets claim a pool starts only once the pool has room (``on_wait`` is told
-    which run it waits for; the wait is interruptible, see run_guard.py)."""
-    from dagster import AssetKey, DagsterInstance, Definitions, materialize
+    Each step is a run of a named job of the home's definitions, tagged with ``invocation``
+    (new when not given). A step whose assets claim a pool starts only once the pool has
+    room (``on_wait`` is told which run it waits for; the wait is interruptible, see run_guard.py)."""
+    from dagster import DagsterInstance
 
     from icons_dagster.core.stages.ofa import EXPORT_PREFIX, SELECTOR_DIR
     from icons_dagster.core.stages.icons import SUBSET_JSON, SUBSET_PARQUET
-    from icons_dagster.definitions import build_resources, graph_assets
+    from icons_dagster.definitions import asset_jobs, build_definitions
     from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, contiguous_ranges, evaluation_method_partitions
     from icons_dagster.registration import register_benchmarks
+    from icons_dagster.resources.home import write_home_config
     from icons_dagster.run_guard import wait_for_pools
 
-    resources = build_resources(home, config)
     if instance is None:
         prepare_instance_home(home)
         instance = DagsterInstance.get()
+    invocation = invocation or new_invocation_id()
+    write_home_config(home, config)  # what the UI loads the jobs from when it re-executes a run
     store = ArtifactStore(home)
     benchmarks_dir = config.data.benchmarks_path()
     benchmarks, _ = register_benchmarks(instance, benchmarks_dir)
     if not benchmarks and "icons" in methods:
         raise ValueError(f"no benchmark with a val.json / val.jsonl under {benchmarks_dir}")
-    assets = graph_assets(config)  # code versions = settings fingerprints
+    defs = build_definitions(home, config)  # code versions = settings fingerprints
+    assets = list(defs.assets or [])
+    jobs = asset_jobs(assets, config)
     ranges = contiguous_ranges(instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME), benchmarks)
-    asset_graph = Definitions(assets=assets, resources=resources).resolve_asset_graph()
-    steps = plan_steps(asset_graph, methods, {evaluation_method_partitions: list(config.evaluation.partition_methods())}, ranges)
+    steps = plan_steps(defs.resolve_asset_graph(), methods, {evaluation_method_partitions: list(config.evaluation.partition_methods())}, ranges)
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     pools = {key.to_user_string(): set(a.node_def.pools) for a in assets for key in a.keys}
     for index, step in enumerate(steps):
@@ -223,21 +262,12 @@ def run_graph(
             on_step(index, len(steps), step)
         if step_pools := set().union(*(pools[name] for name in step.assets)):
             wait_for_pools(instance, step_pools, on_wait or (lambda message: None))
-        result = materialize(
-            assets,
-            selection=[AssetKey(name) for name in step.assets],
-            partition_key=step.partition,
-            instance=instance,
-            resources=resources,
-            run_config=run_config,
-            tags=step.tags(),
-            raise_on_error=False,  # the cause goes to the caller in one line; the full trace stays in the run's log
-        )
+        result = execute_step(defs, jobs[step.assets[0]], step, instance, {INVOCATION_TAG: invocation}, run_config)
         if not result.success:
             raise StepFailed(step.label, failure_cause(result), result.run_id)
         if "training_pool" in step.assets:
             check_subset_sizes(store, config)
-    summary: dict[str, Any] = {"benchmarks": benchmarks, "steps": len(steps), "dagster_home": str(store.dagster_home)}
+    summary: dict[str, Any] = {"benchmarks": benchmarks, "steps": len(steps), "dagster_home": str(store.dagster_home), "invocation": invocation}
     if "icons" in methods:
         summary["subset_json"] = str(store.export_path(SUBSET_JSON))
         summary["subset_parquet"] = str(store.export_path(SUBSET_PARQUET))

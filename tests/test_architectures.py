@@ -148,10 +148,10 @@ def test_warmup_features_and_influence(arch, tmp_path):
     warmup = WarmupConfig(ratio=0.5, epochs=1, batch_size=4, learning_rate=1e-3)
     lora = LoraSettings(r=4, alpha=8)
     subset = stage_warmup_subset(store, pool_ref, warmup).ref
-    ckpt = stage_warmup_checkpoint(store, pool_ref, subset, config, lora, warmup, models)
+    ckpt = stage_warmup_checkpoint(store, pool_ref, subset, config, lora, warmup, models, image_root=image_root)
     assert (store.absolute(ckpt.ref.path) / "checkpoint-0" / "adapter" / "adapter_model.safetensors").is_file()
     gradients = GradientConfig(dim=64, seed=3, batch_size=4)
-    shards = {s: stage_train_shard(store, s, pool_ref, ckpt.ref, config, gradients, models) for s in ("shard-0000", "shard-0001")}
+    shards = {s: stage_train_shard(store, s, pool_ref, ckpt.ref, config, gradients, models, image_root=image_root) for s in ("shard-0000", "shard-0001")}
     n_pool = pool_ref.n_records
     n_features = sum(r.ref.n_samples for r in shards.values())
     skipped = sum(r.metadata["skipped_count"] for r in shards.values())

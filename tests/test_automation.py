@@ -124,7 +124,7 @@ def test_invalid_folder_is_reported_not_registered(world):
     (benchmarks / "broken").mkdir()
     (benchmarks / "broken" / "val.json").write_text("[{not json")
     (benchmarks / "empty").mkdir()
-    result = benchmark_folder_sensor(build_sensor_context(instance=instance, resources=resources))
+    result = benchmark_folder_sensor()(build_sensor_context(instance=instance, resources=resources))
     assert isinstance(result, SkipReason)
     assert "broken:" in result.skip_message and "malformed" in result.skip_message.lower()
     assert "empty: no val.json or val.jsonl" in result.skip_message
@@ -162,3 +162,15 @@ def test_contiguous_ranges_follow_the_registration_order():
         contiguous_ranges(order, ["gqa", "textvqa"])
     # Dagster's own tags for a run over a partition range
     assert partition_range_tags("gqa", "pope") == {ASSET_PARTITION_RANGE_START_TAG: "gqa", ASSET_PARTITION_RANGE_END_TAG: "pope"}
+
+
+def test_registering_tick_says_what_it_registered(world, demo_paths):
+    """A tick that only adds partitions is recorded as skipped by Dagster: its message names them."""
+    benchmarks, _, instance, _, _, resources, _ = world
+    shutil.copytree(demo_paths.benchmarks / "counting", benchmarks / "counting")
+    try:
+        result = benchmark_folder_sensor()(build_sensor_context(instance=instance, resources=resources))
+        assert not result.run_requests and result.dynamic_partitions_requests[0].partition_keys == ["counting"]
+        assert "registered benchmarks ['counting']" in result.skip_reason.skip_message
+    finally:
+        shutil.rmtree(benchmarks / "counting")

@@ -236,3 +236,64 @@ def test_materializations_record_code_versions_and_lineage(first_run):
     assert set(lineage["benchmark_content_sha256"]) == set(BENCHMARKS)
     assert lineage["checkpoints"][0]["weight"] == 1.0 and lineage["gradients"]["projector"] == "countsketch"
     assert set(meta["inputs"]) == {"vote_table", "training_pool"}
+
+
+def test_cli_runs_are_named_jobs_of_one_invocation(first_run):
+    """Every run of one run_graph call is a subset of a job of the code location the UI loads,
+    with the origin the UI re-executes from, and carries the call's invocation tag."""
+    from icons_dagster.definitions import CODE_LOCATION, REPOSITORY, asset_jobs
+    from icons_dagster.runner import INVOCATION_TAG
+
+    home, instance, config, summary = first_run
+    runs = [run for run in instance.get_runs() if run.tags.get(INVOCATION_TAG) == summary["invocation"]]
+    assert len(runs) == summary["steps"]
+    jobs = asset_jobs(list(build_definitions(home, config).assets), config)
+    for run in runs:
+        assert run.asset_selection and {jobs[key.to_user_string()] for key in run.asset_selection} == {run.job_name}
+        origin = run.remote_job_origin.repository_origin
+        assert (origin.code_location_origin.location_name, origin.repository_name, run.remote_job_origin.job_name) == (CODE_LOCATION, REPOSITORY, run.job_name)
+    assert {run.job_name for run in runs} == {"unpartitioned_assets_job", "per_shard_assets_job", "per_benchmark_assets_job"}
+
+
+REEXECUTE = """
+mutation ($parentRunId: String!) {
+  launchPipelineReexecution(reexecutionParams: {parentRunId: $parentRunId, strategy: ALL_STEPS}) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+  }
+}
+"""
+RUN = "query ($runId: ID!) { runOrError(runId: $runId) { ... on Run { status pipelineName repositoryOrigin { repositoryLocationName } } } }"
+
+
+def test_ui_reexecutes_a_cli_run(first_run, monkeypatch):
+    """The UI's GraphQL, over the code location ``icons-dagster ui`` serves, finds a CLI run's job
+    and re-executes it (the vote step: reused artifacts, the same subset) in its own process."""
+    import time
+
+    from dagster._core.workspace.context import WorkspaceProcessContext
+    from dagster._core.workspace.load_target import ModuleTarget
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    from icons_dagster.definitions import CODE_LOCATION
+    from icons_dagster.runner import INVOCATION_TAG
+
+    home, instance, _, summary = first_run
+    monkeypatch.setenv("ICONS_HOME", str(home))  # the code server loads the home's icons.json
+    vote_run = next(run for run in instance.get_runs() if run.tags.get(INVOCATION_TAG) == summary["invocation"] and AssetKey("selected_subset") in run.asset_selection)
+    subset_before = sha(summary["subset_json"])  # of the home's latest configuration (earlier tests change it)
+    with WorkspaceProcessContext(instance, ModuleTarget(CODE_LOCATION, None, None, None)) as workspace:
+        context = workspace.create_request_context()
+        shown = execute_dagster_graphql(context, RUN, {"runId": vote_run.run_id}).data["runOrError"]
+        assert shown["pipelineName"] == "unpartitioned_assets_job" and shown["repositoryOrigin"]["repositoryLocationName"] == CODE_LOCATION
+        launched = execute_dagster_graphql(context, REEXECUTE, {"parentRunId": vote_run.run_id}).data["launchPipelineReexecution"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        run_id = launched["run"]["runId"]
+        instance.launch_run(run_id, context)  # what the daemon's run queue does with a queued run
+        deadline = time.monotonic() + 180
+        while not instance.get_run_by_id(run_id).is_finished and time.monotonic() < deadline:
+            time.sleep(1)
+    rerun = instance.get_run_by_id(run_id)
+    assert rerun.is_success and rerun.parent_run_id == vote_run.run_id and rerun.asset_selection == vote_run.asset_selection
+    assert latest_metadata(instance, "selected_subset")["reused"] is True and sha(summary["subset_json"]) == subset_before

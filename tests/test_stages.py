@@ -36,7 +36,7 @@ def two_checkpoint_run(demo_paths, tiny_model_dir, tmp_path_factory):
     pool = stage_pool(store, demo_paths.pool, demo_paths.image_root, num_shards=2).ref
     warmup = WarmupConfig(ratio=0.25, epochs=2, num_checkpoints=2, learning_rate=1e-3)
     subset = stage_warmup_subset(store, pool, warmup).ref
-    ckpt = stage_warmup_checkpoint(store, pool, subset, model, LoraSettings(r=4, alpha=8), warmup, models).ref
+    ckpt = stage_warmup_checkpoint(store, pool, subset, model, LoraSettings(r=4, alpha=8), warmup, models, image_root=demo_paths.image_root).ref
     return store, models, model, pool, ckpt
 
 
@@ -58,8 +58,8 @@ def test_influence_sums_checkpoints_by_lr_weight_with_adam_features(two_checkpoi
     store, models, model, pool, ckpt = two_checkpoint_run
     adam = GradientConfig(dim=128, seed=5, train_gradient="adam", batch_size=8)
     sgd = GradientConfig(dim=128, seed=5, train_gradient="sgd", batch_size=8)
-    shards = {s: stage_train_shard(store, s, pool, ckpt, model, adam, models).ref for s in ("shard-0000", "shard-0001")}
-    sgd_shard = stage_train_shard(store, "shard-0000", pool, ckpt, model, sgd, models).ref
+    shards = {s: stage_train_shard(store, s, pool, ckpt, model, adam, models, image_root=demo_paths.image_root).ref for s in ("shard-0000", "shard-0001")}
+    sgd_shard = stage_train_shard(store, "shard-0000", pool, ckpt, model, sgd, models, image_root=demo_paths.image_root).ref
     assert sgd_shard.path != shards["shard-0000"].path
     adam_features = load_features(store.absolute(shards["shard-0000"].path), 1, mmap=False).astype(np.float32)
     sgd_features = load_features(store.absolute(sgd_shard.path), 1, mmap=False).astype(np.float32)
@@ -101,7 +101,7 @@ def test_benchmarks_scored_in_one_pass_equal_each_scored_alone(two_checkpoint_ru
     gets the artifact it would get alone (same fingerprint, same bits)."""
     store, models, model, pool, ckpt = two_checkpoint_run
     sgd = GradientConfig(dim=64, seed=3, batch_size=8)
-    shards = {s: stage_train_shard(store, s, pool, ckpt, model, sgd, models).ref for s in ("shard-0000", "shard-0001")}
+    shards = {s: stage_train_shard(store, s, pool, ckpt, model, sgd, models, image_root=demo_paths.image_root).ref for s in ("shard-0000", "shard-0001")}
     names = ("counting", "multiple_choice", "yes_no")  # multiple_choice: two subtask groups
     vals = {b: stage_validation(store, b, demo_paths.benchmarks, demo_paths.image_root, ckpt, model, sgd, models).ref for b in names}
     passes: list[int] = []
@@ -217,10 +217,10 @@ def test_store_never_trusts_a_half_written_artifact(tmp_path):
 def test_an_empty_shard_is_valid_and_scores_nothing(two_checkpoint_run, demo_paths):
     store, models, model, pool, ckpt = two_checkpoint_run
     sgd = GradientConfig(dim=64, seed=0, batch_size=8)
-    empty = stage_train_shard(store, "shard-9999", pool, ckpt, model, sgd, models)
+    empty = stage_train_shard(store, "shard-9999", pool, ckpt, model, sgd, models, image_root=demo_paths.image_root)
     assert empty.ref.n_samples == 0
     assert load_features(store.absolute(empty.ref.path), 0, mmap=False).shape == (0, 64)
-    full = stage_train_shard(store, "shard-0000", pool, ckpt, model, sgd, models).ref
+    full = stage_train_shard(store, "shard-0000", pool, ckpt, model, sgd, models, image_root=demo_paths.image_root).ref
     val = stage_validation(store, "counting", demo_paths.benchmarks, demo_paths.image_root, ckpt, model, sgd, models).ref
     scored = stage_influences(store, pool, ckpt, {"shard-0000": full, "shard-9999": empty.ref}, {"counting": val}, p=0.2)["counting"].ref
     assert scored.n_train == full.n_samples

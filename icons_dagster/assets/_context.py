@@ -14,8 +14,19 @@ GROUP = "icons"
 # vote_table and selected_subset claim this pool (limit 1 in the instance's dagster.yaml),
 # so runs that write the vote or the subset never race each other.
 SELECTION_POOL = "icons_selection"
-# New benchmarks' features and influence, then the vote, run by themselves.
-EAGER = AutomationCondition.eager()
+# New benchmarks' features and influence, then the vote, run by themselves: Dagster's eager(),
+# which acts only on partitions that become missing after its first evaluation, and also on those
+# already missing then (a benchmark registered before the daemon's first automation tick). That
+# term sits outside since_last_handled(), whose reset includes the first evaluation itself.
+EAGER = (
+    (
+        (AutomationCondition.newly_missing() | AutomationCondition.any_deps_updated()).since_last_handled()
+        | (AutomationCondition.missing() & AutomationCondition.initial_evaluation())
+    )
+    & ~AutomationCondition.any_deps_missing()
+    & ~AutomationCondition.any_deps_in_progress()
+    & ~AutomationCondition.in_progress()
+).with_label("eager, and missing at the first evaluation")
 # Benchmark-partitioned assets take every requested benchmark in one run (a backfill from
 # the UI, several new folders in one automation tick, the CLI): the model loads once and
 # the training features are read once for all of them, not once per benchmark.
@@ -37,12 +48,17 @@ def throttled_progress(context: AssetExecutionContext, label: str, every_seconds
 
 
 def to_metadata(result: StageResult) -> dict[str, Any]:
-    """Stage metadata -> Dagster metadata values (plots as markdown, tables as markdown)."""
+    """Stage metadata -> Dagster metadata values (plots as markdown, tables as markdown). Paths
+    are absolute, under the home as it is now, so a user can open or copy them: ``path`` (the
+    artifact's folder) and ``export_<kind>`` (what the stage exported)."""
     metadata: dict[str, Any] = {}
     for key, value in result.metadata.items():
         if key == "plots":
             for name, markdown in value.items():
                 metadata[f"plot_{name}"] = MetadataValue.md(markdown)
+        elif key == "exports":
+            for kind, path in value.items():
+                metadata[f"export_{kind}"] = MetadataValue.path(path)
         elif key in ("top_samples", "table"):
             metadata[key] = MetadataValue.md(value)
         elif isinstance(value, (dict, list)):
@@ -51,7 +67,7 @@ def to_metadata(result: StageResult) -> dict[str, Any]:
             metadata[key] = MetadataValue.text("none")
         else:
             metadata[key] = value
-    metadata["path"] = MetadataValue.path(result.ref.path)
+    metadata["path"] = MetadataValue.path(str(result.directory) if result.directory is not None else result.ref.path)
     return metadata
 
 

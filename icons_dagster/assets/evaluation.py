@@ -62,6 +62,7 @@ def evaluation_subsets(
 def finetuned_adapter(
     context: AssetExecutionContext,
     store: StoreResource,
+    data: DataResource,
     model: ModelResource,
     lora: LoraResource,
     evaluation: EvaluationResource,
@@ -80,6 +81,7 @@ def finetuned_adapter(
         config,
         log=context.log.info,
         progress=throttled_progress(context, f"finetuned_adapter[{context.partition_key}]"),
+        image_root=data.config().image_root_path(),
     )
     yield output(result)
 
@@ -135,6 +137,7 @@ def evaluation_table(
 def visual_dependency(
     context: AssetExecutionContext,
     store: StoreResource,
+    data: DataResource,
     model: ModelResource,
     gradients: GradientsResource,
     training_pool: PoolRef,
@@ -150,6 +153,7 @@ def visual_dependency(
         gradients.config(),
         log=context.log.info,
         progress=throttled_progress(context, "visual_dependency"),
+        image_root=data.config().image_root_path(),
     )
     yield output(result)
 

@@ -38,6 +38,7 @@ from icons_dagster.core.storage.refs import CheckpointRef, PoolRef
 def training_gradients(
     context: AssetExecutionContext,
     store: StoreResource,
+    data: DataResource,
     model: ModelResource,
     gradients: GradientsResource,
     training_pool: PoolRef,
@@ -54,6 +55,7 @@ def training_gradients(
         gradients.config(),
         log=context.log.info,
         progress=throttled_progress(context, f"training_gradients[{context.partition_key}]"),
+        image_root=data.config().image_root_path(),
     )
     yield from _with_check(context, artifacts, {context.partition_key: result}, len(warmup_checkpoint.checkpoints))
 

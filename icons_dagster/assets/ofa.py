@@ -15,7 +15,7 @@ from icons_dagster.core.stages.ofa import (
 )
 from icons_dagster.core.stages.checks import check_subset, check_unit_rows
 from icons_dagster.partitions import train_shard_partitions
-from icons_dagster.resources import EmbedderResource, OFAResource, StoreResource
+from icons_dagster.resources import DataResource, EmbedderResource, OFAResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS
 from icons_dagster.core.storage.refs import PoolRef, PseudoLabelsRef, SelectorRef
 
@@ -28,7 +28,9 @@ OFA_GROUP = "ofa"
     partitions_def=train_shard_partitions,
     check_specs=[AssetCheckSpec("embeddings_finite_unit_norm", asset="ofa_embeddings")],
 )
-def ofa_embeddings(context: AssetExecutionContext, store: StoreResource, embedder: EmbedderResource, training_pool: PoolRef) -> Iterator:
+def ofa_embeddings(
+    context: AssetExecutionContext, store: StoreResource, data: DataResource, embedder: EmbedderResource, training_pool: PoolRef
+) -> Iterator:
     """One shard's records in the frozen image-text space (float16, unit norm)."""
     artifacts = store.store()
     result = stage_ofa_embeddings(
@@ -38,6 +40,7 @@ def ofa_embeddings(context: AssetExecutionContext, store: StoreResource, embedde
         embedder.config(),
         log=context.log.info,
         progress=throttled_progress(context, f"ofa_embeddings[{context.partition_key}]"),
+        image_root=data.config().image_root_path(),
     )
     yield output(result)
     passed, metadata = check_unit_rows([artifacts.absolute(result.ref.path) / EMBEDDINGS_FILE])

@@ -5,7 +5,7 @@ from dagster import AssetExecutionContext, Output, asset
 
 from icons_dagster.assets._context import GROUP, output, throttled_progress
 from icons_dagster.core.stages.icons import stage_warmup_checkpoint
-from icons_dagster.resources import LoraResource, ModelResource, StoreResource, WarmupResource
+from icons_dagster.resources import DataResource, LoraResource, ModelResource, StoreResource, WarmupResource
 from icons_dagster.core.storage.refs import PoolRef, WarmupSubsetRef
 
 
@@ -13,6 +13,7 @@ from icons_dagster.core.storage.refs import PoolRef, WarmupSubsetRef
 def warmup_checkpoint(
     context: AssetExecutionContext,
     store: StoreResource,
+    data: DataResource,
     model: ModelResource,
     lora: LoraResource,
     warmup: WarmupResource,
@@ -29,5 +30,6 @@ def warmup_checkpoint(
         warmup.config(),
         log=context.log.info,
         progress=throttled_progress(context, "warm-up step"),
+        image_root=data.config().image_root_path(),
     )
     return output(result)

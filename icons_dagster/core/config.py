@@ -252,9 +252,14 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class AutomationConfig:
-    """When the vote is redone without a new benchmark."""
+    """When the daemon looks for new benchmarks, and when the vote is redone without one."""
 
     vote_cron: str = setting("0 4 * * *", "cron of the vote schedule (stopped until started in the UI)")
+    sensor_interval_seconds: int = setting(30, "how often the daemon scans the benchmarks folder and evaluates the automation conditions")
+
+    def __post_init__(self) -> None:
+        if self.sensor_interval_seconds < 1:
+            raise ValueError(f"automation.sensor_interval_seconds must be at least 1, got {self.sensor_interval_seconds}")
 
 
 @dataclass(frozen=True)

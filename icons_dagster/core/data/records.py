@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ImageLoadError",
+    "ImageRoot",
     "LoadedRecords",
     "Record",
     "RecordFileError",
@@ -221,6 +222,23 @@ def _stat_image(path: str, stat_fn) -> os.stat_result:
         raise _Invalid(f"image file not found: {path}") from None
     except OSError as e:
         raise _Invalid(f"image file not accessible: {path} ({e.strerror or e})") from None
+
+
+class ImageRoot:
+    """One image root, resolved once, for readers of stored relative image paths (the pool
+    manifest): each path is confined to the root exactly as ``load_records`` confines it."""
+
+    def __init__(self, image_root: str | os.PathLike[str]) -> None:
+        self._resolver = _ImageResolver(image_root)
+        self.path = Path(self._resolver.root)
+
+    def locate(self, relative: str) -> Path:
+        """The regular file ``relative`` names inside the root (a confined symlink followed);
+        ValueError with the reason when it escapes the root or is not there."""
+        try:
+            return Path(self._resolver.check_file(self._resolver.resolve(relative), relative))
+        except _Invalid as e:
+            raise ValueError(e.args[0]) from None
 
 
 def resolve_image_path(image_root: Path, relative: str) -> Path:

@@ -20,6 +20,7 @@ import polars as pl
 from icons_dagster.core.selection import analysis, consensus
 from icons_dagster.core import plots
 from icons_dagster.core.data.benchmarks import declared_answers, load_benchmark
+from icons_dagster.core.data.image_hashes import ImageHashCache, images_key
 from icons_dagster.core.config import DEFAULT_MAX_IMAGE_PIXELS, LoraSettings, ModelConfig, image_limit_fields
 from icons_dagster.core.evaluation.methods import SPECIALIST, EvaluationConfig, parse_method
 from icons_dagster.core.evaluation.metrics import informative_benchmarks, relative_scores, results_markdown, score_benchmark
@@ -208,7 +209,7 @@ def stage_evaluation_subsets(
     ids = load_pool_manifest(store, pool_ref, columns=["id"])["id"].to_list()
     vote_frame = pl.read_parquet(store.absolute(vote_ref.path) / VOTE_TABLE_FILE) if vote_ref else None
     exported = {m: pl.read_parquet(store.absolute(ref.path) / SUBSET_PARQUET, columns=["id", "selected"]) for m, ref in exported_refs.items()}
-    baseline_scores = _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation)
+    baseline_scores = _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation, default_image_root)
     group_labels = _group_labels(store, pool_ref, grouped, clusters_ref)
     rows: dict[str, list] = {"method": [], "part": [], "id": []}
     sizes = {}
@@ -251,7 +252,7 @@ def _group_labels(store, pool_ref: PoolRef, grouped: set[str], clusters_ref: Pse
     return out
 
 
-def _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation) -> dict[str, np.ndarray]:
+def _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation, image_root) -> dict[str, np.ndarray]:
     """Direct-merge and text-similarity scores, in ``ids`` order (empty without a vote table)."""
     if vote_frame is None or not validation:
         return {}
@@ -262,7 +263,7 @@ def _baseline_scores(store, pool_ref, ids, vote_ref, vote_frame, validation) -> 
     sizes = {}
     for b, fp in vote_ref.influence.items():
         sizes[b] = int(store.read_manifest(store.artifact_dir("task_influence", fp, b))["metadata"]["n_validation"])
-    pool_records = records_from_manifest(load_pool_manifest(store, pool_ref))
+    pool_records = records_from_manifest(load_pool_manifest(store, pool_ref), image_root)
     text_of = {r.id: embedding_text(r, "conversation") for r in pool_records}
     _, text_scores = text_similarity_scores(
         [text_of[i] for i in ids], {b: [embedding_text(r, "conversation") for r in loaded.records] for b, loaded in validation.items()}
@@ -316,11 +317,14 @@ def stage_finetune(
     models: ModelCache = MODELS,
     log: Log = quiet_log,
     progress=None,
+    *,
+    image_root: Path | None,
 ) -> StageResult:
     """The base model + a fresh LoRA trained on one method's subset with the shared recipe.
 
     A method with parts (the specialists: one subset per benchmark) gets one LoRA per part,
     each in its own folder; ``ref.adapters`` maps part (or the method) to the adapter.
+    ``image_root``: the configured one, where the pool's images are now.
     """
     subsets = pl.read_parquet(store.absolute(subsets_ref.path) / SUBSETS_FILE).filter(pl.col("method") == method)
     if subsets.height == 0:
@@ -345,7 +349,7 @@ def stage_finetune(
     adapters, steps, sizes = {}, {}, {}
     with stage.building({"evaluation_subsets": subsets_ref.fingerprint}) as out:
         for name, ids in parts.items():
-            records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("id").is_in(ids.implode())))
+            records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("id").is_in(ids.implode())), image_root)
             folder = out.folder if name == method else out.folder / name
             log(f"{method}{'' if name == method else f'[{name}]'}: fine-tuning on {len(records)} records, {recipes[name].epochs} epoch(s)")
             with models.with_adapter(model_config, None, lora, recipes[name].seed) as peft_model:
@@ -393,6 +397,7 @@ def stage_benchmark_scores(
         raise ValueError(f"no benchmark under {benchmarks_dir} has a test split (test.json beside val.json)")
     loaded = {name: load_benchmark(benchmarks_dir, name, default_image_root, split="test", max_image_pixels=max_image_pixels) for name in names}
     declared = {name: kind for name in names if (kind := declared_answers(Path(benchmarks_dir) / name)) is not None}
+    hashes = ImageHashCache(store.image_hash_cache)
     stage = Stage(
         store,
         "benchmark_scores",
@@ -400,6 +405,7 @@ def stage_benchmark_scores(
         **image_limit_fields(max_image_pixels),
         adapter=adapter_ref.fingerprint,
         tests={name: loaded[name].content_sha256 for name in names},
+        test_images={name: images_key(loaded[name], hashes.contents(loaded[name].records, log)) for name in names},
         **scores_settings(config),
         **({"answers": declared} if declared else {}),  # benchmarks that declare their answer kind
     )

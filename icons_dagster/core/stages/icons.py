@@ -9,6 +9,7 @@ around these functions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from functools import partial
@@ -22,8 +23,9 @@ import polars as pl
 from icons_dagster.core import plots
 from icons_dagster.core.config import DEFAULT_MAX_IMAGE_PIXELS, GradientConfig, LoraSettings, ModelConfig, SelectionConfig, WarmupConfig, image_limit_fields
 from icons_dagster.core.data.benchmarks import load_benchmark
-from icons_dagster.core.data.pool import MANIFEST_FILE, PROBLEMS_FILE, build_manifest, records_from_manifest
-from icons_dagster.core.data.records import benchmark_image_root, load_records, screen_images
+from icons_dagster.core.data.image_hashes import ImageHashCache, images_key
+from icons_dagster.core.data.pool import MANIFEST_FILE, MANIFEST_VERSION, PROBLEMS_FILE, build_manifest, records_from_manifest
+from icons_dagster.core.data.records import load_records, screen_images
 from icons_dagster.core.model.samples import SkipLog
 from icons_dagster.core.features.extraction import FeatureSet, compute_features, features_file, load_features, load_samples
 from icons_dagster.core.features.gradients import FEATURES_VERSION
@@ -40,7 +42,6 @@ from icons_dagster.core.selection.influence import (
 )
 from icons_dagster.core.stages.kit import Log, Progress, Stage, StageResult, quiet_log
 from icons_dagster.core.storage.artifacts import ArtifactStore, save_npy, temporary_sibling, write_json
-from icons_dagster.core.storage.fingerprint import file_sha256
 from icons_dagster.core.storage.refs import CheckpointRef, InfluenceRef, PoolRef, TrainFeaturesRef, ValidationFeaturesRef, VoteTableRef, WarmupSubsetRef
 
 VOTE_TABLE_FILE = "vote_table.parquet"
@@ -53,8 +54,9 @@ SUBSET_PARQUET = "selected_subset.parquet"
 # -- what each stage's fingerprint takes from the configuration (also its code version) ----
 
 
-def pool_settings(image_root: Path | str | None, num_shards: int, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
-    return {"image_root": str(image_root), "num_shards": num_shards, **image_limit_fields(max_image_pixels)}
+def pool_settings(num_shards: int, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
+    """Not the image root: the pool's images enter its fingerprint by content (``images_key``)."""
+    return {"num_shards": num_shards, "manifest_version": MANIFEST_VERSION, **image_limit_fields(max_image_pixels)}
 
 
 def warmup_subset_settings(config: WarmupConfig) -> dict:
@@ -89,25 +91,32 @@ def stage_pool(
     store: ArtifactStore, pool_path: Path, image_root: Path | None, num_shards: int, log: Log = quiet_log,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> StageResult:
-    """The pool's manifest: its valid records, whose images' headers pass the pixel limit."""
+    """The pool's manifest: its valid records, whose images' headers pass the pixel limit.
 
-    content = file_sha256(pool_path)
-    stage = Stage(store, "training_pool", content=content, **pool_settings(image_root, num_shards, max_image_pixels))
+    Fingerprinted by the pool file's bytes and its images' (``images_key``), never by where
+    they are: a copied or moved pool reuses its artifact, and everything downstream."""
+    log(f"reading pool {pool_path}")
+    loaded = load_records(pool_path, image_root)
+    images = ImageHashCache(store.image_hash_cache).contents(loaded.records, log)
+    content = loaded.content_sha256
+    images_sha256 = images_key(loaded, images)
+    stage = Stage(store, "training_pool", content=content, images=images_sha256, **pool_settings(num_shards, max_image_pixels))
     if (reused := stage.reused()) is not None:
-        return reused
-    log(f"validating pool {pool_path}")
-    loaded = screen_images(load_records(pool_path, image_root), max_image_pixels)
+        return _pool_here(reused, pool_path, image_root)
+    log(f"checking the headers of the pool's images in {image_root}")
+    loaded = screen_images(loaded, max_image_pixels)
     if not loaded.records:
         first = "; ".join(str(p) for p in loaded.problems[:3])
         raise ValueError(f"{pool_path}: no valid record ({len(loaded.problems)} invalid, e.g. {first})")
-    manifest_df = build_manifest(loaded.records, num_shards)
-    with stage.building({"pool_content_sha256": content, "image_root": str(image_root)}) as out:
+    manifest_df = build_manifest(loaded.records, num_shards, images)
+    with stage.building({"pool_content_sha256": content, "images_sha256": images_sha256}) as out:
         manifest_df.write_parquet(out.folder / MANIFEST_FILE)
         write_json(out.folder / PROBLEMS_FILE, [problem_dict(p) for p in loaded.problems])
         shard_counts = dict(sorted(manifest_df.group_by("shard").len().iter_rows()))
         out.ref = {"n_records": manifest_df.height, "num_shards": num_shards, "source": str(pool_path), "content_sha256": content}
         out.metadata = {
             "source": str(pool_path),
+            "image_root": str(image_root),
             "n_records": manifest_df.height,
             "n_text_only": int(manifest_df["image"].is_null().sum()),
             "n_multi_turn": int((manifest_df["n_turns"] > 2).sum()),
@@ -115,9 +124,17 @@ def stage_pool(
             "skipped": [problem_dict(p) for p in loaded.problems[:50]],
             "records_per_shard": shard_counts,
             "content_sha256": content,
+            "images_sha256": images_sha256,
         }
     log(f"pool: {manifest_df.height} valid records, {len(loaded.problems)} skipped")
     return stage.result()
+
+
+def _pool_here(result: StageResult, pool_path: Path, image_root: Path | None) -> StageResult:
+    """A reused pool artifact, shown where its pool and images are now (it may have been
+    built from a copy elsewhere: its fingerprint says only what they hold)."""
+    where = {"source": str(pool_path), "image_root": str(image_root)}
+    return dataclasses.replace(result, ref=dataclasses.replace(result.ref, source=str(pool_path)), metadata={**result.metadata, **where})
 
 
 def problem_dict(problem) -> dict:
@@ -166,7 +183,10 @@ def stage_warmup_checkpoint(
     models: ModelCache = MODELS,
     log: Log = quiet_log,
     progress: Progress | None = None,
+    *,
+    image_root: Path | None,
 ) -> StageResult:
+    """``image_root``: the configured one, where the pool's images are now."""
     stage = Stage(
         store,
         "warmup_checkpoint",
@@ -176,7 +196,7 @@ def stage_warmup_checkpoint(
     if (reused := stage.reused()) is not None:
         return reused
     subset_ids = pl.read_parquet(store.absolute(subset_ref.path) / "ids.parquet")["id"]
-    records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("id").is_in(subset_ids.implode())))
+    records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("id").is_in(subset_ids.implode())), image_root)
     encoder = models.encoder(model_config)
     placement = models.get(model_config)[2]
     skips = SkipLog()
@@ -272,7 +292,10 @@ def stage_train_shard(
     models: ModelCache = MODELS,
     log: Log = quiet_log,
     progress: Progress | None = None,
+    *,
+    image_root: Path | None,
 ) -> StageResult:
+    """``image_root``: the configured one, where the pool's images are now."""
     gradient_type = gradients.train_gradient
     stage = Stage(
         store,
@@ -284,7 +307,7 @@ def stage_train_shard(
     )
     if (reused := stage.reused()) is not None:
         return reused
-    records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("shard") == shard))
+    records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("shard") == shard), image_root)
     log(f"{shard}: gradient features of {len(records)} records")
     features = _features(store, records, checkpoint_ref, model_config, gradients, gradient_type, models, progress)
     with stage.building({"training_pool": pool_ref.fingerprint, "warmup_checkpoint": checkpoint_ref.fingerprint}) as out:
@@ -315,7 +338,7 @@ def stage_validation(
         **image_limit_fields(max_image_pixels),
         benchmark=benchmark,
         content=loaded.content_sha256,
-        image_root=str(benchmark_image_root(Path(benchmarks_dir) / benchmark, default_image_root)),
+        images=images_key(loaded, ImageHashCache(store.image_hash_cache).contents(loaded.records, log)),
         checkpoint=checkpoint_ref.fingerprint,
         gradients=gradient_fingerprint_fields(gradients, "sgd"),
     )
@@ -607,8 +630,8 @@ def stage_selected_subset(
     result = stage.reused()
     if result is None:
         result = _build_subset(stage, pool_ref, vote_ref, selection, lineage or {})
-    export_subset(store, stage.directory)
-    return result
+    exports = export_subset(store, stage.directory)
+    return dataclasses.replace(result, metadata={**result.metadata, "exports": exports})
 
 
 def _build_subset(stage: Stage, pool_ref: PoolRef, vote_ref: VoteTableRef, selection: SelectionConfig, lineage: dict) -> StageResult:
@@ -669,13 +692,14 @@ def _build_subset(stage: Stage, pool_ref: PoolRef, vote_ref: VoteTableRef, selec
 
 
 def export_subset(store: ArtifactStore, directory: Path, prefix: str = "") -> dict[str, str]:
-    """Copy the subset to the stable export path (atomic per file); ``prefix`` names the method."""
+    """Copy the subset to the stable export path (atomic per file); ``prefix`` names the method.
+    Returns the absolute export paths by kind ("json", "parquet"), for the metadata."""
     store.exports_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name in (SUBSET_JSON, SUBSET_PARQUET):
+    for kind, name in (("json", SUBSET_JSON), ("parquet", SUBSET_PARQUET)):
         target = store.export_path(f"{prefix}{name}")
         tmp = temporary_sibling(target)
         shutil.copyfile(directory / name, tmp)
         tmp.replace(target)
-        paths[name] = str(target)
+        paths[kind] = str(target)
     return paths

@@ -34,6 +34,7 @@ def quiet_log(_: str) -> None:
 class StageResult:
     ref: Ref  # where the artifact is, its fingerprint, what downstream stages need
     metadata: dict[str, Any] = field(default_factory=dict)  # JSON values; "plots": {name: markdown}
+    directory: Path | None = None  # the artifact's folder under the store's root now (what a user opens)
 
 
 @dataclass
@@ -89,4 +90,5 @@ class Stage:
     def _result(self, reused: bool) -> StageResult:
         manifest = self.store.read_manifest(self.directory)
         ref = make_ref(self.name, self.fingerprint, self.store.relative(self.directory), reused, manifest.get("ref", {}))
-        return StageResult(ref=ref, metadata={**manifest.get("metadata", {}), "fingerprint": self.fingerprint, "reused": reused})
+        metadata = {**manifest.get("metadata", {}), "fingerprint": self.fingerprint, "reused": reused}
+        return StageResult(ref=ref, metadata=metadata, directory=self.directory)

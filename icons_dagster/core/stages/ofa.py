@@ -8,6 +8,7 @@ then not computed, and the selector's embedder fingerprint must match this pool'
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -61,12 +62,15 @@ def stage_ofa_embeddings(
     embedder: EmbedderConfig,
     log: Log = quiet_log,
     progress: Progress | None = None,
+    *,
+    image_root: Path | None,
 ) -> StageResult:
+    """``image_root``: the configured one, where the pool's images are now."""
     space = embedder_fingerprint(embedder)
     stage = Stage(store, "ofa_embeddings", shard, pool=pool_ref.fingerprint, embedder=space, text=embedder.text)
     if (reused := stage.reused()) is not None:
         return reused
-    records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("shard") == shard))
+    records = records_from_manifest(load_pool_manifest(store, pool_ref, where=pl.col("shard") == shard), image_root)
     log(f"{shard}: embedding {len(records)} records ({embedder.kind})")
     skips = SkipLog()
     ids, vectors = embed_records(records, load_embedder(embedder), embedder, skips, progress)
@@ -127,7 +131,7 @@ def stage_ofa_pseudo_labels(
     """k-means clusters of the pool's embeddings: the selector's training labels."""
     inputs = _embedding_inputs(embedding_refs)
     if selector_source is not None:
-        stage = Stage(store, "ofa_pseudo_labels", imported=str(selector_source))
+        stage = Stage(store, "ofa_pseudo_labels", imported=selector_content(Path(selector_source)))
         if (reused := stage.reused()) is not None:
             return reused
         with stage.building({"selector_source": str(selector_source)}) as out:
@@ -224,7 +228,7 @@ def stage_ofa_selector(
 def _import_selector(store: ArtifactStore, source: Path, space: str, log: Log) -> StageResult:
     """Copy a trained selector into the store after checking it loads and fits this embedder."""
     selector = load_selector(source, expected_embedder_fingerprint=space)
-    content = {name: file_sha256(source / name) for name in (SELECTOR_CONFIG, SELECTOR_WEIGHTS)}
+    content = selector_content(source)
     stage = Stage(store, "ofa_selector", imported=content, embedder=space)
     if (reused := stage.reused()) is not None:
         return reused
@@ -242,6 +246,14 @@ def _import_selector(store: ArtifactStore, source: Path, space: str, log: Log) -
             "num_clusters": selector.num_clusters,
         }
     return stage.result()
+
+
+def selector_content(source: Path) -> dict[str, str]:
+    """A trained selector folder by content (its files' sha256), wherever it sits."""
+    missing = [name for name in (SELECTOR_CONFIG, SELECTOR_WEIGHTS) if not (source / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{source}: no {', '.join(missing)}: ofa.selector must name a trained selector folder (e.g. exports/ofa_selector)")
+    return {name: file_sha256(source / name) for name in (SELECTOR_CONFIG, SELECTOR_WEIGHTS)}
 
 
 def selector_dir(store: ArtifactStore, selector_ref: SelectorRef) -> Path:
@@ -271,9 +283,8 @@ def stage_ofa_selected_subset(
     result = stage.reused()
     if result is None:
         result = _build_ofa_subset(stage, pool_ref, embedding_refs, selector_ref, config, lineage or {})
-    export_subset(store, stage.directory, prefix=EXPORT_PREFIX)
-    export_selector(store, selector_ref)
-    return result
+    exports = {**export_subset(store, stage.directory, prefix=EXPORT_PREFIX), "selector": str(export_selector(store, selector_ref))}
+    return dataclasses.replace(result, metadata={**result.metadata, "exports": exports})
 
 
 def _build_ofa_subset(stage: Stage, pool_ref: PoolRef, embedding_refs: dict[str, EmbeddingsRef], selector_ref: SelectorRef, config: OFAConfig, lineage: dict) -> StageResult:

@@ -33,7 +33,7 @@ def stage_settings(config: IconsConfig) -> dict[str, dict[str, Any]]:
     data, ofa, evaluation = config.data, config.ofa, config.evaluation
     embedder = {k: v for k, v in section_to_json(config.embedder).items() if k not in ("batch_size", "device")}
     return {
-        "training_pool": pool_settings(data.image_root or None, data.num_shards, data.max_image_pixels),
+        "training_pool": pool_settings(data.num_shards, data.max_image_pixels),
         "warmup_subset": warmup_subset_settings(config.warmup),
         "warmup_checkpoint": warmup_checkpoint_settings(config.model, config.lora, config.warmup),
         "training_gradients": {"gradients": gradient_fingerprint_fields(config.gradients, config.gradients.train_gradient)},

@@ -12,6 +12,7 @@ the selection never waits for it; ``mean_visual_dependency`` is what a subset re
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,10 @@ def stage_visual_dependency(
     models: ModelCache = MODELS,
     log: Log = quiet_log,
     progress: Progress | None = None,
+    *,
+    image_root: Path | None,
 ) -> StageResult:
+    """``image_root``: the configured one, where the pool's images are now."""
     stage = Stage(
         store,
         "visual_dependency",
@@ -85,7 +89,7 @@ def stage_visual_dependency(
     with models.with_adapter(model_config, adapter) as model:
         for shard in shards:
             manifest = load_pool_manifest(store, pool_ref, where=pl.col("shard") == shard)
-            records = records_from_manifest(manifest)
+            records = records_from_manifest(manifest, image_root)
             report = None if progress is None else (lambda done, _, offset=len(order): progress(offset + done, pool_ref.n_records))
             parts.append(visual_dependency(records, encoder, model, placement, gradients.batch_size, NOISE_SEED, gradients.length_grouping, report))
             order += [r.index for r in records]

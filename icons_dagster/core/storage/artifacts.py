@@ -145,7 +145,8 @@ class RemoteStore:
 
 class ArtifactStore:
     """Paths under one root: artifacts/, refs/ (each asset's current reference), exports/,
-    demo/, dagster/ (the Dagster instance) and icons.json (the configuration); ``remote``:
+    demo/, dagster/ (the Dagster instance), cache/ (this machine's image hashes) and
+    icons.json (the configuration); ``remote``:
     an fsspec URL the artifacts and references are shared through (module docstring)."""
 
     def __init__(self, root: str | Path, remote: str | None = None):
@@ -168,6 +169,12 @@ class ArtifactStore:
     @property
     def dagster_home(self) -> Path:
         return self.root / "dagster"
+
+    @property
+    def image_hash_cache(self) -> Path:
+        """Each image file's sha256 by absolute path, size and mtime (``core/data/image_hashes.py``):
+        keyed by this machine's paths, so it is never shared through the remote."""
+        return self.root / "cache" / "image_sha256.sqlite"
 
     @property
     def config_file(self) -> Path:
