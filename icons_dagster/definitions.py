@@ -27,6 +27,7 @@ from icons_dagster.resources import SECTION_RESOURCES, StoreResource
 from icons_dagster.resources.home import STORE_URL_ENV, config_file, read_home_config, resolve_home
 from icons_dagster.resources.refs import ArtifactRefIOManager
 from icons_dagster.scaleout import shard_job_from_config
+from icons_dagster.staleness import stale_partition_checks, stale_partitions_sensor
 
 GRAPH_ASSETS = [*ICONS_ASSETS, *OFA_ASSETS, *EVALUATION_ASSETS]
 
@@ -116,6 +117,7 @@ def build_definitions(home: str | Path | None = None, config: IconsConfig | None
     home_path = resolve_home(home)
     config = config if config is not None else read_home_config(home_path)
     assets = graph_assets(config)
+    interval = config.automation.sensor_interval_seconds
     return Definitions(
         assets=assets,
         jobs=[
@@ -125,7 +127,8 @@ def build_definitions(home: str | Path | None = None, config: IconsConfig | None
             vote_job,
             shard_job_from_config(config.scaleout, shard_partitions(config.data.num_shards), str(config_file(home_path))),
         ],
-        sensors=[benchmark_folder_sensor(config.automation.sensor_interval_seconds), icons_automation_sensor(config.automation.sensor_interval_seconds)],
+        asset_checks=stale_partition_checks(assets),
+        sensors=[benchmark_folder_sensor(interval), icons_automation_sensor(interval), stale_partitions_sensor(interval)],
         schedules=[vote_schedule(config.automation.vote_cron)],
         resources=build_resources(home_path, config),
         # A subprocess per step would re-import torch and reload the model for every step.
