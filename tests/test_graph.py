@@ -83,6 +83,14 @@ def test_whole_graph_materializes_and_subset_loads(first_run, demo_paths):
     subset_meta = latest_metadata(instance, "selected_subset")
     assert subset_meta["n_selected"] == len(subset)
     assert "plot_votes_histogram" in subset_meta
+    # every step's seconds is its whole wall time, the artifact's build (compute_seconds) inside it
+    for name, partition in [("training_pool", None), ("warmup_checkpoint", None), ("training_gradients", shards[0]), ("task_influence", BENCHMARKS[0])]:
+        meta = latest_metadata(instance, name, partition)
+        assert meta["seconds"] >= meta["compute_seconds"] > 0, name
+    # long steps log their progress in the run
+    messages = [e.user_message for run in instance.get_runs() for e in instance.all_logs(run.run_id)]
+    for label in ("warm-up step:", f"training_gradients[{shards[0]}]:", "validation_gradients["):
+        assert any(m.startswith(label) for m in messages), label
 
 
 def test_benchmarks_share_one_run_and_keep_their_own_metadata(first_run):

@@ -115,7 +115,7 @@ def test_benchmarks_scored_in_one_pass_equal_each_scored_alone(two_checkpoint_ru
     together = stage_influences(store, pool, ckpt, shards, vals, p=0.2)
     assert sorted(together) == list(names) and passes == [4, 4]  # one pass per checkpoint, all benchmarks' 1 + 2 + 1 groups in it
     frames = {b: pl.read_parquet(store.absolute(r.ref.path) / "influence.parquet") for b, r in together.items()}
-    shared = ("seconds", "reused", "scored_together")  # what depends on the pass, not the scores
+    shared = ("compute_seconds", "reused", "scored_together")  # what depends on the pass, not the scores
     metadata = {b: {k: v for k, v in r.metadata.items() if k not in shared} for b, r in together.items()}
     assert metadata["multiple_choice"]["subtask_groups"] == ["color", "shape"]
     assert all(r.metadata["scored_together"] == list(names) for r in together.values())

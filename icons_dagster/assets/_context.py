@@ -4,7 +4,7 @@
 import time
 from typing import Any
 
-from dagster import AssetExecutionContext, AutomationCondition, BackfillPolicy, DataVersion, MetadataValue, Output
+from dagster import AssetExecutionContext, AutomationCondition, BackfillPolicy, DagsterEventType, DataVersion, MetadataValue, Output
 
 from icons_dagster.core.storage.fingerprint import fingerprint
 from icons_dagster.core.stages.kit import StageResult
@@ -71,9 +71,19 @@ def to_metadata(result: StageResult) -> dict[str, Any]:
     return metadata
 
 
-def output(result: StageResult) -> Output:
-    """The reference as the asset's value; its fingerprint as the data version."""
-    return Output(result.ref, metadata=to_metadata(result), data_version=DataVersion(result.ref.fingerprint))
+def step_seconds(context: AssetExecutionContext) -> float | None:
+    """Wall seconds since this step started (its STEP_START event): everything it did in this
+    run, the reuse check, the hashing of its inputs and its model loads included."""
+    step = context.get_step_execution_context().step.key
+    records = context.instance.get_records_for_run(context.run_id, of_type=DagsterEventType.STEP_START).records
+    starts = [r.event_log_entry.timestamp for r in records if r.event_log_entry.step_key == step]
+    return round(time.time() - max(starts), 3) if starts else None
+
+
+def output(context: AssetExecutionContext, result: StageResult) -> Output:
+    """The reference as the asset's value; its fingerprint as the data version; ``seconds``
+    this step's wall time (``compute_seconds``: what building the artifact took, then)."""
+    return Output(result.ref, metadata={**to_metadata(result), "seconds": step_seconds(context)}, data_version=DataVersion(result.ref.fingerprint))
 
 
 def partition_outputs(context: AssetExecutionContext, results: dict[str, StageResult]) -> Output:
@@ -82,8 +92,9 @@ def partition_outputs(context: AssetExecutionContext, results: dict[str, StageRe
     Dagster stamps one data version on all partitions of an output: the artifact's
     fingerprint when the run has one partition, a fingerprint of all of them otherwise.
     """
+    seconds = step_seconds(context)  # the step's, shared by its partitions
     for key, result in results.items():
-        context.add_asset_metadata(to_metadata(result), partition_key=key)
+        context.add_asset_metadata({**to_metadata(result), "seconds": seconds}, partition_key=key)
     fingerprints = {key: result.ref.fingerprint for key, result in results.items()}
     version = next(iter(fingerprints.values())) if len(fingerprints) == 1 else fingerprint("partitions", refs=fingerprints)
     return Output(PartitionRefs({key: result.ref for key, result in results.items()}), data_version=DataVersion(version))

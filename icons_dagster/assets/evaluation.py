@@ -35,6 +35,7 @@ EVALUATION_GROUP = "evaluation"
 
 @asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager")
 def evaluation_subsets(
+    context: AssetExecutionContext,
     store: StoreResource,
     data: DataResource,
     selection: SelectionResource,
@@ -50,7 +51,7 @@ def evaluation_subsets(
     paths, config = data.config(), evaluation.config()
     config = replace(config, methods=config.partition_methods())  # partitions only, in their order
     exported = {"icons": selected_subset, "ofa": ofa_selected_subset}
-    yield output(
+    yield output(context, 
         stage_evaluation_subsets(
             store.store(), training_pool, vote_table, exported, config, selection.config().p, paths.benchmarks_path(), paths.image_root_path(),
             clusters_ref=ofa_pseudo_labels, max_image_pixels=paths.max_image_pixels,
@@ -83,7 +84,7 @@ def finetuned_adapter(
         progress=throttled_progress(context, f"finetuned_adapter[{context.partition_key}]"),
         image_root=data.config().image_root_path(),
     )
-    yield output(result)
+    yield output(context, result)
 
 
 @asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", partitions_def=evaluation_method_partitions)
@@ -108,11 +109,12 @@ def benchmark_scores(
         log=context.log.info,
         max_image_pixels=paths.max_image_pixels,
     )
-    yield output(result)
+    yield output(context, result)
 
 
 @asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", ins={"benchmark_scores": AssetIn(metadata=MATERIALIZED_PARTITIONS)})
 def evaluation_table(
+    context: AssetExecutionContext,
     store: StoreResource,
     evaluation: EvaluationResource,
     benchmark_scores: dict,
@@ -130,7 +132,7 @@ def evaluation_table(
         raise ValueError(f"benchmark_scores has not been materialized for {missing}: materialize those partitions first")
     scores = {m: benchmark_scores[m] for m in methods}
     result = stage_evaluation_table(store.store(), scores, evaluation_subsets, config, training_pool, visual_dependency)
-    yield output(result)
+    yield output(context, result)
 
 
 @asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager")
@@ -155,7 +157,7 @@ def visual_dependency(
         progress=throttled_progress(context, "visual_dependency"),
         image_root=data.config().image_root_path(),
     )
-    yield output(result)
+    yield output(context, result)
 
 
 EVALUATION_ASSETS = [visual_dependency, evaluation_subsets, finetuned_adapter, benchmark_scores, evaluation_table]

@@ -42,7 +42,7 @@ def ofa_embeddings(
         progress=throttled_progress(context, f"ofa_embeddings[{context.partition_key}]"),
         image_root=data.config().image_root_path(),
     )
-    yield output(result)
+    yield output(context, result)
     passed, metadata = check_unit_rows([artifacts.absolute(result.ref.path) / EMBEDDINGS_FILE])
     yield AssetCheckResult(check_name="embeddings_finite_unit_norm", passed=passed, metadata=metadata)
 
@@ -60,7 +60,7 @@ def ofa_pseudo_labels(context: AssetExecutionContext, store: StoreResource, ofa:
         log=context.log.info,
         progress=throttled_progress(context, "k-means iterations"),
     )
-    yield output(result)
+    yield output(context, result)
 
 
 @asset(group_name=OFA_GROUP, io_manager_key="refs_io_manager", ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)})
@@ -79,7 +79,7 @@ def ofa_selector(
         log=context.log.info,
         progress=throttled_progress(context, "selector epochs"),
     )
-    yield output(result)
+    yield output(context, result)
 
 
 @asset(
@@ -88,7 +88,7 @@ def ofa_selector(
     ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)},
     check_specs=[AssetCheckSpec("subset_size", asset="ofa_selected_subset")],
 )
-def ofa_selected_subset(store: StoreResource, ofa: OFAResource, training_pool: PoolRef, ofa_embeddings: dict, ofa_selector: SelectorRef) -> Iterator:
+def ofa_selected_subset(context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, training_pool: PoolRef, ofa_embeddings: dict, ofa_selector: SelectorRef) -> Iterator:
     """The least-confident floor(pN) records, as LLaVA JSON + Parquet confidences."""
     artifacts, config = store.store(), ofa.config()
     lineage = {
@@ -100,7 +100,7 @@ def ofa_selected_subset(store: StoreResource, ofa: OFAResource, training_pool: P
         "ofa": ofa.model_dump(),
     }
     result = stage_ofa_selected_subset(artifacts, training_pool, ofa_embeddings, ofa_selector, config, lineage)
-    yield output(result)
+    yield output(context, result)
     passed, metadata = check_subset(artifacts, result.ref, result.metadata["n_pool"], config.p)
     yield AssetCheckResult(check_name="subset_size", passed=passed, metadata=metadata)
 

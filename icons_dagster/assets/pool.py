@@ -13,10 +13,10 @@ from icons_dagster.core.storage.refs import PoolRef
 def training_pool(context: AssetExecutionContext, store: StoreResource, data: DataResource) -> Output:
     """Validated manifest of the pool (Parquet): ids, images, turns, content hash, shard; skips listed."""
     paths = data.config()
-    return output(stage_pool(store.store(), paths.pool_path(), paths.image_root_path(), paths.num_shards, context.log.info, paths.max_image_pixels))
+    return output(context, stage_pool(store.store(), paths.pool_path(), paths.image_root_path(), paths.num_shards, context.log.info, paths.max_image_pixels))
 
 
 @asset(group_name=GROUP, io_manager_key="refs_io_manager")
-def warmup_subset(store: StoreResource, warmup: WarmupResource, training_pool: PoolRef) -> Output:
+def warmup_subset(context: AssetExecutionContext, store: StoreResource, warmup: WarmupResource, training_pool: PoolRef) -> Output:
     """The seeded random r% of the pool the warm-up trains on."""
-    return output(stage_warmup_subset(store.store(), training_pool, warmup.config()))
+    return output(context, stage_warmup_subset(store.store(), training_pool, warmup.config()))

@@ -25,7 +25,7 @@ from icons_dagster.core.storage.refs import CheckpointRef, PoolRef, VoteTableRef
 def vote_table(context: AssetExecutionContext, store: StoreResource, selection: SelectionResource, task_influence: dict) -> Iterator:
     """Per benchmark the (1-p) threshold and votes, the vote sum (eq. 4) and Table 6's aggregations."""
     result = stage_vote_table(store.store(), task_influence, selection.config())
-    yield output(result)
+    yield output(context, result)
     registered = sorted(context.instance.get_dynamic_partitions(BENCHMARKS_PARTITION_NAME))
     voted = sorted(result.ref.benchmarks)
     yield AssetCheckResult(
@@ -43,6 +43,7 @@ def vote_table(context: AssetExecutionContext, store: StoreResource, selection: 
     pool=SELECTION_POOL,
 )
 def selected_subset(
+    context: AssetExecutionContext,
     store: StoreResource,
     gradients: GradientsResource,
     selection: SelectionResource,
@@ -67,6 +68,6 @@ def selected_subset(
         "selection": {"p": config.p, "aggregation": config.method, "task_weights": dict(config.task_weights)},
     }
     result = stage_selected_subset(artifacts, training_pool, vote_table, config, lineage)
-    yield output(result)
+    yield output(context, result)
     passed, metadata = check_subset(artifacts, result.ref, training_pool.n_records, config.p)
     yield AssetCheckResult(check_name="subset_size", passed=passed, metadata=metadata)

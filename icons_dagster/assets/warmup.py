@@ -32,4 +32,4 @@ def warmup_checkpoint(
         progress=throttled_progress(context, "warm-up step"),
         image_root=data.config().image_root_path(),
     )
-    return output(result)
+    return output(context, result)

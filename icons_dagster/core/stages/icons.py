@@ -483,7 +483,7 @@ def _write_influence(
     ``per_ckpt_groups[c]``: checkpoint c's ``[n, G]`` scores per subtask group. The table's
     ``influence_checkpoint_<c>`` is checkpoint c's own max over groups (what it alone says);
     ``influence`` sums the checkpoints per group, then takes the max (``checkpoint_weighted_max``).
-    ``scored_together``: the benchmarks of the shared pass (its ``seconds`` include that pass).
+    ``scored_together``: the benchmarks of the shared pass (its ``compute_seconds`` include that pass).
     """
     store = stage.store
     scores = checkpoint_weighted_max(per_ckpt_groups, weights)

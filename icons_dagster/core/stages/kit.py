@@ -4,9 +4,10 @@ A stage names itself once: ``Stage(store, "warmup_subset", partition, **fingerpr
 derives its fingerprint and folder; ``reused()`` returns the committed artifact with that
 fingerprint, if any; ``building(inputs)`` yields a temporary folder and the reference and
 metadata to fill, and commits them atomically (the manifest is the commit point) with the
-seconds the work took and the inputs' fingerprints (the lineage a user reads in the UI);
+seconds the work took (``compute_seconds``) and the inputs' fingerprints (the lineage a user reads in the UI);
 ``result()`` is then the committed artifact. Nothing here is process-global: the clock
-starts when ``reused()`` finds nothing, so ``seconds`` covers model loads too.
+starts when ``reused()`` finds nothing, so ``compute_seconds`` covers model loads too (the
+asset adds ``seconds``, the whole step's wall time in its run).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Stage:
     @contextmanager
     def building(self, inputs: dict[str, Any]) -> Iterator[Output]:
         """A temporary folder to write; on success the artifact is committed with its
-        reference, metadata, ``seconds`` and ``inputs`` (the fingerprints it was made from)."""
+        reference, metadata, ``compute_seconds`` and ``inputs`` (the fingerprints it was made from)."""
         started = self._started if self._started is not None else time.perf_counter()
         manifest: dict[str, Any] = {"stage": self.name, "fingerprint": self.fingerprint, "metadata": {}, "ref": {}}
         with self.store.writing(self.directory, manifest) as tmp:
@@ -79,7 +80,7 @@ class Stage:
             yield out
             make_ref(self.name, self.fingerprint, "", False, out.ref)  # a field its type lacks fails before the commit
             manifest["ref"] = out.ref
-            manifest["metadata"] = {**out.metadata, "seconds": round(time.perf_counter() - started, 3), "inputs": inputs}
+            manifest["metadata"] = {**out.metadata, "compute_seconds": round(time.perf_counter() - started, 3), "inputs": inputs}
             if self.replaced is not None:
                 manifest["metadata"]["replaced_corrupt_copy"] = self.replaced
 
