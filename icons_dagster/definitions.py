@@ -62,7 +62,9 @@ def graph_assets(config: IconsConfig) -> list:
 
     def configured(spec):
         partitions = shards if spec.partitions_def == train_shard_partitions else spec.partitions_def
-        return spec.replace_attributes(code_version=versions[spec.key.to_user_string()], partitions_def=partitions)
+        # docstrings are reST (``code``); the UI renders descriptions as Markdown (`code`)
+        description = (spec.description or "").replace("``", "`")
+        return spec.replace_attributes(code_version=versions[spec.key.to_user_string()], partitions_def=partitions, description=description)
 
     return [a.map_asset_specs(configured) for a in GRAPH_ASSETS]
 

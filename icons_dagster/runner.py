@@ -35,6 +35,10 @@ concurrency:
   # one per GPU, else one per core, counted when the home was made. Edit to change it.
   runs:
     max_concurrent_runs: MAX_RUNS
+# The daemon takes queued runs every second (Dagster's default, 5 s, is most of the wait of a
+# run whose step takes one): bench/run_start_latency.py.
+run_queue:
+  dequeue_interval_seconds: 1
 # With the daemon (dagster dev): the slots of a run that ended are freed (runs whose worker
 # died are failed by the next run or CLI command on this machine: run_guard.py).
 run_monitoring:

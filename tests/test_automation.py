@@ -143,6 +143,7 @@ def test_instance_home_limits_the_selection_pool_and_the_run_queue(tmp_path):
     assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == os.cpu_count()  # the daemon's queue; no GPU here: one per core
     assert instance.event_log_storage.get_pool_config().default_pool_limit == 1
     assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] == 5
+    assert instance.run_coordinator.dequeue_interval_seconds == 1  # bench/run_start_latency.py
     pools = {a.key.to_user_string(): set(a.node_def.pools) for a in ICONS_ASSETS}
     assert pools["vote_table"] == pools["selected_subset"] == {"icons_selection"}
     assert pools["training_gradients"] == set()

@@ -19,7 +19,7 @@ from icons_dagster.runner import prepare_instance_home, run_graph
 from graph_helpers import demo_config
 
 FIRST, DROPPED_BEFORE_START, DROPPED_WHILE_STOPPED = "yes_no", "multiple_choice", "counting"
-INTERVAL = 3  # automation.sensor_interval_seconds: the daemon's ticks, fast for the test
+INTERVAL = 1  # automation.sensor_interval_seconds: the daemon's ticks, fast for the test
 
 
 def materialized_after(instance, storage_id: int) -> list[str]:

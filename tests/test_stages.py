@@ -262,3 +262,58 @@ def test_the_model_fingerprint_follows_the_checkpoint_content_not_its_path(tiny_
     assert model_fingerprint_fields(there) != model_fingerprint_fields(here)  # replaced in place: recompute
     hub = model_fingerprint_fields(ModelConfig("org/never-downloaded", revision="v1"))
     assert hub["hub_id"] == "org/never-downloaded" and hub["revision"] == "v1" and hub["commit"] is None
+
+
+def test_the_new_checks_pass_on_real_artifacts_and_fail_on_damaged_copies(two_checkpoint_run):
+    """Pool, checkpoint, influence and subset checks: each passes on what the stages wrote and
+    fails on a copy with the one defect it exists to catch."""
+    import dataclasses
+    import json
+    import shutil
+
+    import polars as pl
+    from safetensors.torch import load_file, save_file
+
+    from icons_dagster.core.stages.checks import check_checkpoint, check_influence, check_pool, check_subset_records, pool_ids
+
+    store, _, _, pool, ckpt = two_checkpoint_run
+    assert check_pool(store, pool)[0] and check_checkpoint(store, ckpt)[0]
+    valid = pool_ids(store, pool)
+
+    # a duplicated id, then an unknown shard, in the pool's manifest
+    manifest = pl.read_parquet(store.absolute(pool.path) / "manifest.parquet")
+    folder = store.root / "damaged_pool"
+    folder.mkdir()
+    damaged = dataclasses.replace(pool, path=store.relative(folder))
+    pl.concat([manifest, manifest.head(1)]).write_parquet(folder / "manifest.parquet")
+    assert check_pool(store, dataclasses.replace(damaged, n_records=manifest.height + 1)) == (False, {"n_records": manifest.height + 1, "expected": manifest.height + 1, "unique_ids": False, "unknown_shards": []})
+    manifest.with_columns(pl.lit("shard-0009").alias("shard")).write_parquet(folder / "manifest.parquet")
+    assert check_pool(store, damaged)[1]["unknown_shards"] == ["shard-0009"]
+
+    # one non-finite LoRA weight
+    folder = store.root / "damaged_checkpoint"
+    shutil.copytree(store.absolute(ckpt.path), folder)
+    (folder / "_COMPLETE.json").unlink()  # its checksums would refuse the damaged copy before the check sees it
+    weights = next(folder.rglob("adapter_model.safetensors"))
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[0]
+    tensors[name][0] = float("nan")
+    save_file(tensors, str(weights))
+    passed, details = check_checkpoint(store, dataclasses.replace(ckpt, path=store.relative(folder)))
+    assert not passed and details["non_finite"] == [f"adapter_model.safetensors:{name}"]
+
+    # influence: a NaN score, then an id the pool rejected
+    folder = store.root / "influence"
+    folder.mkdir()
+    ids = sorted(valid)[:3]
+    ref = dataclasses.replace(pool, path=store.relative(folder))
+    pl.DataFrame({"id": ids, "influence": [0.1, 0.2, 0.3]}).write_parquet(folder / "influence.parquet")
+    assert check_influence(store, ref, valid)[0]
+    pl.DataFrame({"id": ids, "influence": [0.1, float("nan"), 0.3]}).write_parquet(folder / "influence.parquet")
+    assert check_influence(store, ref, valid)[1]["finite"] is False
+    pl.DataFrame({"id": [*ids[:2], "rejected-7"], "influence": [0.1, 0.2, 0.3]}).write_parquet(folder / "influence.parquet")
+    assert check_influence(store, ref, valid) == (False, {"rows": 3, "pool_records": len(valid), "finite": True, "not_in_pool": ["rejected-7"]})
+
+    # a subset holding a record the pool stage rejected
+    (folder / "selected_subset.json").write_text(json.dumps([{"id": ids[0]}, {"id": "rejected-7"}]))
+    assert check_subset_records(store, ref, valid) == (False, {"n_records": 2, "not_in_valid_pool": ["rejected-7"]})

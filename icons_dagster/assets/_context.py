@@ -2,15 +2,69 @@
 
 
 import time
+from collections.abc import Callable
 from typing import Any
 
-from dagster import AssetExecutionContext, AutomationCondition, BackfillPolicy, DagsterEventType, DataVersion, MetadataValue, Output
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AutomationCondition, BackfillPolicy, DagsterEventType, DataVersion, MetadataValue, Output, TableColumn, TableSchema
 
+from icons_dagster.core.data.pool import MANIFEST_FILE
+from icons_dagster.core.features.extraction import SAMPLES_FILE
+from icons_dagster.core.stages.evaluation import RECORD_SCORES_FILE, SUBSETS_FILE, TABLE_FILE
+from icons_dagster.core.stages.icons import INFLUENCE_FILE, SUBSET_PARQUET, VOTE_TABLE_FILE
+from icons_dagster.core.stages.ofa import IDS_FILE, LABELS_FILE
+from icons_dagster.core.stages.visual_dependency import VDS_FILE
 from icons_dagster.core.storage.fingerprint import fingerprint
 from icons_dagster.core.stages.kit import StageResult
 from icons_dagster.resources.refs import PartitionRefs
 
 GROUP = "icons"
+
+# Each asset check's name and what it verifies (shown in the UI beside its result).
+CHECKS = {
+    "manifest_well_formed": "The manifest holds every valid record once (unique ids), each in one of the configured shards, at least one.",
+    "checkpoint_finite": "Every saved tensor of every warm-up checkpoint (LoRA weights, Adam moments) is finite; the checkpoints' weights sum to 1.",
+    "features_finite_unit_norm": "Every stored gradient feature is finite with norm 1 (within float16 rounding); per partition in the metadata.",
+    "influence_finite_valid_ids": "Every influence score is finite; every id appears once and is a valid record of the pool (no rejected record).",
+    "every_registered_benchmark_voted": "The vote covers exactly the registered benchmarks.",
+    "subset_size": "The exported subset parses and holds exactly floor(p N) distinct records.",
+    "no_rejected_record": "Every record of the exported subset is a valid record of the pool: none the pool stage rejected.",
+    "embeddings_finite_unit_norm": "Every stored embedding is finite with norm 1 (within float16 rounding).",
+}
+
+
+# The Parquet table each asset's metadata describes (``dagster/row_count``, ``dagster/column_schema``).
+TABLES = {
+    "training_pool": MANIFEST_FILE,
+    "training_gradients": SAMPLES_FILE,
+    "validation_gradients": SAMPLES_FILE,
+    "task_influence": INFLUENCE_FILE,
+    "vote_table": VOTE_TABLE_FILE,
+    "selected_subset": SUBSET_PARQUET,
+    "visual_dependency": VDS_FILE,
+    "ofa_embeddings": IDS_FILE,
+    "ofa_pseudo_labels": LABELS_FILE,
+    "ofa_selected_subset": SUBSET_PARQUET,
+    "evaluation_subsets": SUBSETS_FILE,
+    "benchmark_scores": RECORD_SCORES_FILE,
+    "evaluation_table": TABLE_FILE,
+}
+
+
+def table_metadata(context: AssetExecutionContext, result: StageResult) -> dict[str, Any]:
+    """Row count and column schema of the asset's table, read from its Parquet footer."""
+    import pyarrow.parquet as pq
+
+    table = TABLES.get(context.asset_key.to_user_string())
+    if table is None or result.directory is None or not (result.directory / table).is_file():
+        return {}  # e.g. ofa_pseudo_labels holds no labels when the selector was imported
+    footer = pq.read_metadata(result.directory / table)
+    columns = [TableColumn(field.name, str(field.type)) for field in footer.schema.to_arrow_schema()]
+    return {"dagster/row_count": footer.num_rows, "dagster/column_schema": TableSchema(columns=columns)}
+
+
+def check_spec(name: str, asset: str):
+    """The check ``name`` on ``asset``, with its description."""
+    return AssetCheckSpec(name, asset=asset, description=CHECKS[name])
 # vote_table and selected_subset claim this pool (limit 1 in the instance's dagster.yaml),
 # so runs that write the vote or the subset never race each other.
 SELECTION_POOL = "icons_selection"
@@ -83,7 +137,8 @@ def step_seconds(context: AssetExecutionContext) -> float | None:
 def output(context: AssetExecutionContext, result: StageResult) -> Output:
     """The reference as the asset's value; its fingerprint as the data version; ``seconds``
     this step's wall time (``compute_seconds``: what building the artifact took, then)."""
-    return Output(result.ref, metadata={**to_metadata(result), "seconds": step_seconds(context)}, data_version=DataVersion(result.ref.fingerprint))
+    metadata = {**to_metadata(result), **table_metadata(context, result), "seconds": step_seconds(context)}
+    return Output(result.ref, metadata=metadata, data_version=DataVersion(result.ref.fingerprint))
 
 
 def partition_outputs(context: AssetExecutionContext, results: dict[str, StageResult]) -> Output:
@@ -94,7 +149,19 @@ def partition_outputs(context: AssetExecutionContext, results: dict[str, StageRe
     """
     seconds = step_seconds(context)  # the step's, shared by its partitions
     for key, result in results.items():
-        context.add_asset_metadata({**to_metadata(result), "seconds": seconds}, partition_key=key)
+        context.add_asset_metadata({**to_metadata(result), **table_metadata(context, result), "seconds": seconds}, partition_key=key)
     fingerprints = {key: result.ref.fingerprint for key, result in results.items()}
     version = next(iter(fingerprints.values())) if len(fingerprints) == 1 else fingerprint("partitions", refs=fingerprints)
     return Output(PartitionRefs({key: result.ref for key, result in results.items()}), data_version=DataVersion(version))
+
+
+def checked_partitions(context: AssetExecutionContext, results: dict[str, StageResult], check: str, verify: Callable[[StageResult], tuple[bool, dict]]):
+    """The run's partitions, then one check over all of them (each partition's result in its metadata)."""
+    yield partition_outputs(context, results)
+    checked = {key: verify(result) for key, result in results.items()}
+    passed = all(ok for ok, _ in checked.values())
+    if len(checked) == 1:
+        metadata = next(iter(checked.values()))[1]
+    else:
+        metadata = {key: MetadataValue.json({"passed": ok, **details}) for key, (ok, details) in checked.items()}
+    yield AssetCheckResult(check_name=check, passed=passed, metadata=metadata)

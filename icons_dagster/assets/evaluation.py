@@ -33,7 +33,7 @@ from icons_dagster.core.storage.refs import (
 EVALUATION_GROUP = "evaluation"
 
 
-@asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager")
+@asset(kinds={"parquet"}, group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager")
 def evaluation_subsets(
     context: AssetExecutionContext,
     store: StoreResource,
@@ -59,7 +59,7 @@ def evaluation_subsets(
     )
 
 
-@asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", partitions_def=evaluation_method_partitions)
+@asset(kinds={"pytorch", "safetensors"}, group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", partitions_def=evaluation_method_partitions)
 def finetuned_adapter(
     context: AssetExecutionContext,
     store: StoreResource,
@@ -87,7 +87,7 @@ def finetuned_adapter(
     yield output(context, result)
 
 
-@asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", partitions_def=evaluation_method_partitions)
+@asset(kinds={"pytorch", "parquet"}, group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", partitions_def=evaluation_method_partitions)
 def benchmark_scores(
     context: AssetExecutionContext,
     store: StoreResource,
@@ -112,7 +112,7 @@ def benchmark_scores(
     yield output(context, result)
 
 
-@asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", ins={"benchmark_scores": AssetIn(metadata=MATERIALIZED_PARTITIONS)})
+@asset(kinds={"parquet", "markdown"}, group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager", ins={"benchmark_scores": AssetIn(metadata=MATERIALIZED_PARTITIONS)})
 def evaluation_table(
     context: AssetExecutionContext,
     store: StoreResource,
@@ -135,7 +135,7 @@ def evaluation_table(
     yield output(context, result)
 
 
-@asset(group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager")
+@asset(kinds={"pytorch", "parquet"}, group_name=EVALUATION_GROUP, io_manager_key="refs_io_manager")
 def visual_dependency(
     context: AssetExecutionContext,
     store: StoreResource,

@@ -3,9 +3,9 @@
 
 from collections.abc import Iterator
 
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetIn, asset
+from dagster import AssetCheckResult, AssetExecutionContext, AssetIn, asset
 
-from icons_dagster.assets._context import output, throttled_progress
+from icons_dagster.assets._context import check_spec, output, throttled_progress
 from icons_dagster.core.stages.ofa import (
     EMBEDDINGS_FILE,
     stage_ofa_embeddings,
@@ -13,7 +13,7 @@ from icons_dagster.core.stages.ofa import (
     stage_ofa_selected_subset,
     stage_ofa_selector,
 )
-from icons_dagster.core.stages.checks import check_subset, check_unit_rows
+from icons_dagster.core.stages.checks import check_subset, check_subset_records, check_unit_rows, pool_ids
 from icons_dagster.partitions import train_shard_partitions
 from icons_dagster.resources import DataResource, EmbedderResource, OFAResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS
@@ -23,10 +23,11 @@ OFA_GROUP = "ofa"
 
 
 @asset(
+    kinds={"pytorch", "numpy", "parquet"},
     group_name=OFA_GROUP,
     io_manager_key="refs_io_manager",
     partitions_def=train_shard_partitions,
-    check_specs=[AssetCheckSpec("embeddings_finite_unit_norm", asset="ofa_embeddings")],
+    check_specs=[check_spec("embeddings_finite_unit_norm", "ofa_embeddings")],
 )
 def ofa_embeddings(
     context: AssetExecutionContext, store: StoreResource, data: DataResource, embedder: EmbedderResource, training_pool: PoolRef
@@ -47,7 +48,7 @@ def ofa_embeddings(
     yield AssetCheckResult(check_name="embeddings_finite_unit_norm", passed=passed, metadata=metadata)
 
 
-@asset(group_name=OFA_GROUP, io_manager_key="refs_io_manager", ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)})
+@asset(kinds={"numpy", "parquet"}, group_name=OFA_GROUP, io_manager_key="refs_io_manager", ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)})
 def ofa_pseudo_labels(context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, training_pool: PoolRef, ofa_embeddings: dict) -> Iterator:
     """Seeded k-means over the whole pool: each record's cluster is its pseudo label."""
     config = ofa.config()
@@ -63,7 +64,7 @@ def ofa_pseudo_labels(context: AssetExecutionContext, store: StoreResource, ofa:
     yield output(context, result)
 
 
-@asset(group_name=OFA_GROUP, io_manager_key="refs_io_manager", ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)})
+@asset(kinds={"pytorch", "safetensors"}, group_name=OFA_GROUP, io_manager_key="refs_io_manager", ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)})
 def ofa_selector(
     context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, embedder: EmbedderResource, ofa_embeddings: dict, ofa_pseudo_labels: PseudoLabelsRef
 ) -> Iterator:
@@ -83,10 +84,11 @@ def ofa_selector(
 
 
 @asset(
+    kinds={"parquet", "json"},
     group_name=OFA_GROUP,
     io_manager_key="refs_io_manager",
     ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)},
-    check_specs=[AssetCheckSpec("subset_size", asset="ofa_selected_subset")],
+    check_specs=[check_spec("subset_size", "ofa_selected_subset"), check_spec("no_rejected_record", "ofa_selected_subset")],
 )
 def ofa_selected_subset(context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, training_pool: PoolRef, ofa_embeddings: dict, ofa_selector: SelectorRef) -> Iterator:
     """The least-confident floor(pN) records, as LLaVA JSON + Parquet confidences."""
@@ -103,6 +105,8 @@ def ofa_selected_subset(context: AssetExecutionContext, store: StoreResource, of
     yield output(context, result)
     passed, metadata = check_subset(artifacts, result.ref, result.metadata["n_pool"], config.p)
     yield AssetCheckResult(check_name="subset_size", passed=passed, metadata=metadata)
+    passed, metadata = check_subset_records(artifacts, result.ref, pool_ids(artifacts, training_pool))
+    yield AssetCheckResult(check_name="no_rejected_record", passed=passed, metadata=metadata)
 
 
 OFA_ASSETS = [ofa_embeddings, ofa_pseudo_labels, ofa_selector, ofa_selected_subset]

@@ -3,10 +3,10 @@
 
 from collections.abc import Iterator
 
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetIn, asset
+from dagster import AssetCheckResult, AssetExecutionContext, AssetIn, asset
 
-from icons_dagster.assets._context import EAGER, GROUP, SELECTION_POOL, output
-from icons_dagster.core.stages.checks import check_subset
+from icons_dagster.assets._context import EAGER, GROUP, SELECTION_POOL, check_spec, output
+from icons_dagster.core.stages.checks import check_subset, check_subset_records, pool_ids
 from icons_dagster.core.stages.icons import stage_selected_subset, stage_vote_table
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
 from icons_dagster.resources import GradientsResource, SelectionResource, StoreResource
@@ -15,12 +15,13 @@ from icons_dagster.core.storage.refs import CheckpointRef, PoolRef, VoteTableRef
 
 
 @asset(
+    kinds={"parquet"},
     group_name=GROUP,
     io_manager_key="refs_io_manager",
     ins={"task_influence": AssetIn(metadata=ALL_PARTITIONS)},
     automation_condition=EAGER,
     pool=SELECTION_POOL,
-    check_specs=[AssetCheckSpec("every_registered_benchmark_voted", asset="vote_table")],
+    check_specs=[check_spec("every_registered_benchmark_voted", "vote_table")],
 )
 def vote_table(context: AssetExecutionContext, store: StoreResource, selection: SelectionResource, task_influence: dict) -> Iterator:
     """Per benchmark the (1-p) threshold and votes, the vote sum (eq. 4) and Table 6's aggregations."""
@@ -36,9 +37,10 @@ def vote_table(context: AssetExecutionContext, store: StoreResource, selection: 
 
 
 @asset(
+    kinds={"parquet", "json"},
     group_name=GROUP,
     io_manager_key="refs_io_manager",
-    check_specs=[AssetCheckSpec("subset_size", asset="selected_subset")],
+    check_specs=[check_spec("subset_size", "selected_subset"), check_spec("no_rejected_record", "selected_subset")],
     automation_condition=EAGER,
     pool=SELECTION_POOL,
 )
@@ -71,3 +73,5 @@ def selected_subset(
     yield output(context, result)
     passed, metadata = check_subset(artifacts, result.ref, training_pool.n_records, config.p)
     yield AssetCheckResult(check_name="subset_size", passed=passed, metadata=metadata)
+    passed, metadata = check_subset_records(artifacts, result.ref, pool_ids(artifacts, training_pool))
+    yield AssetCheckResult(check_name="no_rejected_record", passed=passed, metadata=metadata)

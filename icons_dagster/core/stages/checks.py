@@ -1,4 +1,5 @@
-"""What the asset checks verify: features finite and unit-norm, subsets of the right size."""
+"""What the asset checks verify: a well-formed pool, finite checkpoints, features finite and
+unit-norm, finite influence of valid records, subsets of the right size holding no rejected record."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
+from icons_dagster.core.data.pool import MANIFEST_FILE, shard_keys
 from icons_dagster.core.features.extraction import features_file
 from icons_dagster.core.selection import consensus
 from icons_dagster.core.storage.artifacts import ArtifactStore
 from icons_dagster.core.storage.npy import iter_npy_rows
-from icons_dagster.core.stages.icons import SUBSET_JSON
-from icons_dagster.core.storage.refs import Ref
+from icons_dagster.core.stages.icons import INFLUENCE_FILE, SUBSET_JSON, load_pool_manifest
+from icons_dagster.core.storage.refs import CheckpointRef, InfluenceRef, PoolRef, Ref
 
 
 def check_features(store: ArtifactStore, ref: Ref, num_checkpoints: int, tolerance: float = 2e-3) -> tuple[bool, dict]:
@@ -46,3 +49,55 @@ def check_subset(store: ArtifactStore, ref: Ref, n_pool: int, p: float) -> tuple
     ids = [r.get("id") for r in records]
     passed = len(records) == expected and len(set(ids)) == len(ids)
     return passed, {"n_records": len(records), "expected": expected, "fraction": len(records) / max(1, n_pool)}
+
+
+def check_pool(store: ArtifactStore, ref: PoolRef) -> tuple[bool, dict]:
+    """The manifest holds the records its reference counts (at least one), each id once, each
+    in one of the configured shards."""
+    manifest = pl.read_parquet(store.absolute(ref.path) / MANIFEST_FILE, columns=["id", "shard"])
+    unique = manifest["id"].n_unique() == manifest.height
+    unknown = sorted(set(manifest["shard"].unique().to_list()) - set(shard_keys(ref.num_shards)))
+    passed = manifest.height == ref.n_records > 0 and unique and not unknown
+    return passed, {"n_records": manifest.height, "expected": ref.n_records, "unique_ids": unique, "unknown_shards": unknown}
+
+
+def pool_ids(store: ArtifactStore, pool_ref: PoolRef) -> set[str]:
+    """The ids of the pool's valid records (what the later checks hold every id against)."""
+    return set(load_pool_manifest(store, pool_ref, columns=["id"])["id"].to_list())
+
+
+def check_checkpoint(store: ArtifactStore, ref: CheckpointRef) -> tuple[bool, dict]:
+    """Every saved tensor (LoRA weights, Adam moments) of every checkpoint is finite, and the
+    checkpoints' weights (mean learning rates, normalized) sum to 1."""
+    from safetensors import safe_open
+
+    files = sorted(store.absolute(ref.path).rglob("*.safetensors"))
+    bad: list[str] = []
+    tensors = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as tensors_in:
+            for name in tensors_in.keys():
+                tensors += 1
+                if not bool(tensors_in.get_tensor(name).float().isfinite().all()):
+                    bad.append(f"{file.name}:{name}")
+    weight_sum = float(sum(c["weight"] for c in ref.checkpoints))
+    passed = bool(files) and not bad and abs(weight_sum - 1.0) <= 1e-6
+    return passed, {"files": len(files), "tensors": tensors, "non_finite": bad[:20], "weight_sum": weight_sum}
+
+
+def check_influence(store: ArtifactStore, ref: InfluenceRef, pool_ids: set[str]) -> tuple[bool, dict]:
+    """Every score is finite, every id appears once and is a valid pool record (records the
+    featurization skipped are absent, and counted)."""
+    frame = pl.read_parquet(store.absolute(ref.path) / INFLUENCE_FILE)
+    scores = frame.select(pl.selectors.starts_with("influence")).to_numpy()
+    ids = frame["id"]
+    foreign = ids.filter(~ids.is_in(list(pool_ids))).to_list()
+    passed = bool(np.isfinite(scores).all()) and ids.n_unique() == frame.height and not foreign
+    return passed, {"rows": frame.height, "pool_records": len(pool_ids), "finite": bool(np.isfinite(scores).all()), "not_in_pool": foreign[:20]}
+
+
+def check_subset_records(store: ArtifactStore, ref: Ref, pool_ids: set[str], subset_json: str = SUBSET_JSON) -> tuple[bool, dict]:
+    """No record the pool stage rejected (or that is not in the pool) reaches the subset."""
+    records = json.loads((store.absolute(ref.path) / subset_json).read_text(encoding="utf-8"))
+    foreign = [r.get("id") for r in records if r.get("id") not in pool_ids]
+    return not foreign, {"n_records": len(records), "not_in_valid_pool": foreign[:20]}
