@@ -6,9 +6,11 @@ each asset joins the first run of its partitions definition after its upstream a
 runs. For the ICONS graph that is the unpartitioned head, one run per training shard, one
 run over the range of benchmarks (their validation features, then every benchmark's
 influence in one pass over the training features, as a single-run backfill does), then
-the vote; a new asset needs no edit here. Every run lands in the instance
-under ``<home>/dagster``, so ``dagster dev`` on the same home shows the same runs,
-lineage and metadata.
+the vote; a new asset needs no edit here. Each run is a subset of the named job of its
+partitions definition (``definitions.graph_job_names``), created with the origin the UI
+loads that job from, so it links to its job and re-executes from the UI. Every run lands in
+the instance under ``<home>/dagster``, so ``dagster dev`` on the same home shows the same
+runs, lineage and metadata.
 """
 
 from __future__ import annotations
