@@ -56,7 +56,8 @@ def asset_code_versions(config: IconsConfig) -> dict[str, str]:
 
 
 def graph_assets(config: IconsConfig) -> list:
-    """Every asset with its code version, and the configured shard count on the shard assets."""
+    """Every asset with its code version, the configured shard count on the shard assets, and
+    the catalog's owners and tags."""
     versions = asset_code_versions(config)
     shards = shard_partitions(config.data.num_shards)
 
@@ -64,7 +65,13 @@ def graph_assets(config: IconsConfig) -> list:
         partitions = shards if spec.partitions_def == train_shard_partitions else spec.partitions_def
         # docstrings are reST (``code``); the UI renders descriptions as Markdown (`code`)
         description = (spec.description or "").replace("``", "`")
-        return spec.replace_attributes(code_version=versions[spec.key.to_user_string()], partitions_def=partitions, description=description)
+        return spec.replace_attributes(
+            code_version=versions[spec.key.to_user_string()],
+            partitions_def=partitions,
+            description=description,
+            owners=list(config.catalog.owners),
+            tags={**spec.tags, **dict(config.catalog.tags)},
+        )
 
     return [a.map_asset_specs(configured) for a in GRAPH_ASSETS]
 

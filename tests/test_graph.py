@@ -69,6 +69,18 @@ def test_definitions_load_with_every_asset():
         node = graph.get(key)
         assert node.kinds and node.description and "``" not in node.description, key
     assert all(graph.get(check).description for check in graph.asset_check_keys)
+    assert all(not graph.get(key).owners for key in graph.get_all_asset_keys())  # none unless the catalog names them
+
+
+def test_the_catalog_section_gives_every_asset_its_owners_and_tags():
+    catalog = {"owners": ["team:data-curation", "ana@example.org"], "tags": {"domain": "vlm-data"}}
+    defs = build_definitions("/tmp/unused-home", IconsConfig.from_json(demo_settings(catalog=catalog)))
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.owners == catalog["owners"] and node.tags["domain"] == "vlm-data", key
+    with pytest.raises(ValueError, match="catalog.owners: 'curation' is neither"):
+        IconsConfig.from_json(demo_settings(catalog={"owners": ["curation"]}))
 
 
 def test_whole_graph_materializes_and_subset_loads(first_run, demo_paths):

@@ -263,6 +263,23 @@ class AutomationConfig:
 
 
 @dataclass(frozen=True)
+class CatalogConfig:
+    """How every asset shows in Dagster's catalog: who owns it and the tags it carries."""
+
+    owners: tuple[str, ...] = setting((), 'owners of every asset, as Dagster takes them: "team:<name>" or an e-mail address')
+    tags: tuple[tuple[str, Any], ...] = setting((), "tags on every asset, JSON {key: value} (strings)", mapping=True)
+
+    def __post_init__(self) -> None:
+        normalize_mappings(self)
+        for owner in self.owners:
+            if not (owner.startswith("team:") and len(owner) > 5) and "@" not in owner:
+                raise ValueError(f'catalog.owners: {owner!r} is neither "team:<name>" nor an e-mail address')
+        for key, value in self.tags:
+            if not isinstance(value, str):
+                raise ValueError(f"catalog.tags: the value of {key!r} must be a string, got {value!r}")
+
+
+@dataclass(frozen=True)
 class ScaleoutConfig:
     """How the shard runs spread over machines (deploy/): run tags and the shard job's executor."""
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from icons_dagster.core.config import (
     AutomationConfig,
+    CatalogConfig,
     DataConfig,
     GradientConfig,
     InfluenceConfig,
@@ -48,6 +49,7 @@ class IconsConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     automation: AutomationConfig = field(default_factory=AutomationConfig)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
     scaleout: ScaleoutConfig = field(default_factory=ScaleoutConfig)
 
     @classmethod
