@@ -21,7 +21,9 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetKey,
+    AssetRecordsFilter,
     AssetsDefinition,
+    DagsterEventType,
     DefaultSensorStatus,
     MetadataValue,
     SensorEvaluationContext,
@@ -43,17 +45,14 @@ DESCRIPTION = (
 
 
 def stale_partitions(instance, key: AssetKey, current: str | None) -> dict[str, str | None]:
-    """Partition -> the code version of its latest materialization, for those not at ``current``."""
+    """Partition -> the code version of its latest materialization, for those not at ``current``
+    (one record per partition is read, however long the asset's history)."""
+    latest_ids = instance.event_log_storage.get_latest_storage_id_by_partition(key, DagsterEventType.ASSET_MATERIALIZATION)
+    ids = sorted(latest_ids.values())
     latest: dict[str, str | None] = {}
-    cursor = None
-    while True:
-        page = instance.fetch_materializations(key, limit=PAGE, cursor=cursor)  # newest first
-        for record in page.records:
-            if record.partition_key is not None and record.partition_key not in latest:
-                latest[record.partition_key] = record.asset_materialization.tags.get(CODE_VERSION_TAG)
-        if not page.has_more:
-            break
-        cursor = page.cursor
+    for start in range(0, len(ids), PAGE):
+        records = instance.fetch_materializations(AssetRecordsFilter(asset_key=key, storage_ids=ids[start : start + PAGE]), limit=PAGE).records
+        latest.update((r.partition_key, r.asset_materialization.tags.get(CODE_VERSION_TAG)) for r in records)
     return {partition: version for partition, version in sorted(latest.items()) if version != current}
 
 

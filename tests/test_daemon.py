@@ -72,23 +72,15 @@ def test_daemon_computes_benchmarks_dropped_while_it_was_down(demo_paths, tmp_pa
     log = tmp_path / "daemon.log"
     with DagsterInstance.from_config(str(home / "dagster")) as instance:
         run_graph(home, config, instance=instance)  # the home as the CLI builds it: no daemon has run on it
-        after = latest_storage_id(instance)
-
-        shutil.copytree(demo_paths.benchmarks / DROPPED_BEFORE_START, benchmarks / DROPPED_BEFORE_START)
-        daemon = start_daemon(home, log)
-        try:
-            first = wait_for(instance, DROPPED_BEFORE_START, after, log)
-        finally:
-            stop_daemon(daemon)
-        # exactly the new benchmark's work and the vote: no pool, warm-up or training features
-        assert {name.split("[")[0] for name in first} == {"validation_gradients", "task_influence", "vote_table", "selected_subset"}
-        assert [name for name in first if "[" in name] == sorted([f"task_influence[{DROPPED_BEFORE_START}]", f"validation_gradients[{DROPPED_BEFORE_START}]"])
-
-        after = latest_storage_id(instance)
-        shutil.copytree(demo_paths.benchmarks / DROPPED_WHILE_STOPPED, benchmarks / DROPPED_WHILE_STOPPED)
-        daemon = start_daemon(home, log)
-        try:
-            second = wait_for(instance, DROPPED_WHILE_STOPPED, after, log)
-        finally:
-            stop_daemon(daemon)
-        assert [name for name in second if "[" in name] == sorted([f"task_influence[{DROPPED_WHILE_STOPPED}]", f"validation_gradients[{DROPPED_WHILE_STOPPED}]"])
+        # first start (no automation cursor yet), then a restart: each time a folder dropped while it was down
+        for name in (DROPPED_BEFORE_START, DROPPED_WHILE_STOPPED):
+            after = latest_storage_id(instance)
+            shutil.copytree(demo_paths.benchmarks / name, benchmarks / name)
+            daemon = start_daemon(home, log)
+            try:
+                computed = wait_for(instance, name, after, log)
+            finally:
+                stop_daemon(daemon)
+            # exactly the new benchmark's work and the vote: no pool, warm-up or training features
+            assert {entry.split("[")[0] for entry in computed} == {"validation_gradients", "task_influence", "vote_table", "selected_subset"}
+            assert [entry for entry in computed if "[" in entry] == sorted([f"task_influence[{name}]", f"validation_gradients[{name}]"])

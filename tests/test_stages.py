@@ -274,7 +274,7 @@ def test_the_new_checks_pass_on_real_artifacts_and_fail_on_damaged_copies(two_ch
     import polars as pl
     from safetensors.torch import load_file, save_file
 
-    from icons_dagster.core.stages.checks import check_checkpoint, check_influence, check_pool, check_subset_records, pool_ids
+    from icons_dagster.core.stages.checks import check_checkpoint, check_influence, check_pool, check_subset_records, pool_ids, subset_ids
 
     store, _, _, pool, ckpt = two_checkpoint_run
     assert check_pool(store, pool)[0] and check_checkpoint(store, ckpt)[0]
@@ -316,4 +316,4 @@ def test_the_new_checks_pass_on_real_artifacts_and_fail_on_damaged_copies(two_ch
 
     # a subset holding a record the pool stage rejected
     (folder / "selected_subset.json").write_text(json.dumps([{"id": ids[0]}, {"id": "rejected-7"}]))
-    assert check_subset_records(store, ref, valid) == (False, {"n_records": 2, "not_in_valid_pool": ["rejected-7"]})
+    assert check_subset_records(subset_ids(store, ref), valid) == (False, {"n_records": 2, "not_in_valid_pool": ["rejected-7"]})

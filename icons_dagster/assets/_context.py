@@ -15,9 +15,31 @@ from icons_dagster.core.stages.ofa import IDS_FILE, LABELS_FILE
 from icons_dagster.core.stages.visual_dependency import VDS_FILE
 from icons_dagster.core.storage.fingerprint import fingerprint
 from icons_dagster.core.stages.kit import StageResult
+from icons_dagster.core.storage.refs import Ref
 from icons_dagster.resources.refs import PartitionRefs
 
 GROUP = "icons"
+
+# vote_table and selected_subset claim this pool (limit 1 in the instance's dagster.yaml),
+# so runs that write the vote or the subset never race each other.
+SELECTION_POOL = "icons_selection"
+# New benchmarks' features and influence, then the vote, run by themselves: Dagster's eager(),
+# which acts only on partitions that become missing after its first evaluation, and also on those
+# already missing then (a benchmark registered before the daemon's first automation tick). That
+# term sits outside since_last_handled(), whose reset includes the first evaluation itself.
+EAGER = (
+    (
+        (AutomationCondition.newly_missing() | AutomationCondition.any_deps_updated()).since_last_handled()
+        | (AutomationCondition.missing() & AutomationCondition.initial_evaluation())
+    )
+    & ~AutomationCondition.any_deps_missing()
+    & ~AutomationCondition.any_deps_in_progress()
+    & ~AutomationCondition.in_progress()
+).with_label("eager, and missing at the first evaluation")
+# Benchmark-partitioned assets take every requested benchmark in one run (a backfill from
+# the UI, several new folders in one automation tick, the CLI): the model loads once and
+# the training features are read once for all of them, not once per benchmark.
+ONE_RUN_PER_BACKFILL = BackfillPolicy.single_run()
 
 # Each asset check's name and what it verifies (shown in the UI beside its result).
 CHECKS = {
@@ -30,7 +52,6 @@ CHECKS = {
     "no_rejected_record": "Every record of the exported subset is a valid record of the pool: none the pool stage rejected.",
     "embeddings_finite_unit_norm": "Every stored embedding is finite with norm 1 (within float16 rounding).",
 }
-
 
 # The Parquet table each asset's metadata describes (``dagster/row_count``, ``dagster/column_schema``).
 TABLES = {
@@ -65,26 +86,6 @@ def table_metadata(context: AssetExecutionContext, result: StageResult) -> dict[
 def check_spec(name: str, asset: str):
     """The check ``name`` on ``asset``, with its description."""
     return AssetCheckSpec(name, asset=asset, description=CHECKS[name])
-# vote_table and selected_subset claim this pool (limit 1 in the instance's dagster.yaml),
-# so runs that write the vote or the subset never race each other.
-SELECTION_POOL = "icons_selection"
-# New benchmarks' features and influence, then the vote, run by themselves: Dagster's eager(),
-# which acts only on partitions that become missing after its first evaluation, and also on those
-# already missing then (a benchmark registered before the daemon's first automation tick). That
-# term sits outside since_last_handled(), whose reset includes the first evaluation itself.
-EAGER = (
-    (
-        (AutomationCondition.newly_missing() | AutomationCondition.any_deps_updated()).since_last_handled()
-        | (AutomationCondition.missing() & AutomationCondition.initial_evaluation())
-    )
-    & ~AutomationCondition.any_deps_missing()
-    & ~AutomationCondition.any_deps_in_progress()
-    & ~AutomationCondition.in_progress()
-).with_label("eager, and missing at the first evaluation")
-# Benchmark-partitioned assets take every requested benchmark in one run (a backfill from
-# the UI, several new folders in one automation tick, the CLI): the model loads once and
-# the training features are read once for all of them, not once per benchmark.
-ONE_RUN_PER_BACKFILL = BackfillPolicy.single_run()
 
 
 def throttled_progress(context: AssetExecutionContext, label: str, every_seconds: float = 10.0):
@@ -155,10 +156,10 @@ def partition_outputs(context: AssetExecutionContext, results: dict[str, StageRe
     return Output(PartitionRefs({key: result.ref for key, result in results.items()}), data_version=DataVersion(version))
 
 
-def checked_partitions(context: AssetExecutionContext, results: dict[str, StageResult], check: str, verify: Callable[[StageResult], tuple[bool, dict]]):
+def checked_partitions(context: AssetExecutionContext, results: dict[str, StageResult], check: str, verify: Callable[[Ref], tuple[bool, dict]]):
     """The run's partitions, then one check over all of them (each partition's result in its metadata)."""
     yield partition_outputs(context, results)
-    checked = {key: verify(result) for key, result in results.items()}
+    checked = {key: verify(result.ref) for key, result in results.items()}
     passed = all(ok for ok, _ in checked.values())
     if len(checked) == 1:
         metadata = next(iter(checked.values()))[1]

@@ -51,7 +51,8 @@ def evaluation_subsets(
     paths, config = data.config(), evaluation.config()
     config = replace(config, methods=config.partition_methods())  # partitions only, in their order
     exported = {"icons": selected_subset, "ofa": ofa_selected_subset}
-    yield output(context, 
+    yield output(
+        context,
         stage_evaluation_subsets(
             store.store(), training_pool, vote_table, exported, config, selection.config().p, paths.benchmarks_path(), paths.image_root_path(),
             clusters_ref=ofa_pseudo_labels, max_image_pixels=paths.max_image_pixels,

@@ -2,7 +2,6 @@
 
 
 from collections.abc import Iterator
-
 from functools import partial
 
 from dagster import AssetExecutionContext, asset
@@ -16,10 +15,6 @@ from icons_dagster.resources import DataResource, GradientsResource, ModelResour
 from icons_dagster.core.storage.refs import CheckpointRef, PoolRef
 
 FEATURE_CHECK = "features_finite_unit_norm"
-
-
-def _features_check(artifacts, result, num_checkpoints: int):
-    return check_features(artifacts, result.ref, num_checkpoints)
 
 
 @asset(
@@ -51,7 +46,7 @@ def training_gradients(
         progress=throttled_progress(context, f"training_gradients[{context.partition_key}]"),
         image_root=data.config().image_root_path(),
     )
-    verify = partial(_features_check, artifacts, num_checkpoints=len(warmup_checkpoint.checkpoints))
+    verify = partial(check_features, artifacts, num_checkpoints=len(warmup_checkpoint.checkpoints))
     yield from checked_partitions(context, {context.partition_key: result}, FEATURE_CHECK, verify)
 
 
@@ -91,5 +86,5 @@ def validation_gradients(
         )
         for benchmark in context.partition_keys
     }
-    verify = partial(_features_check, artifacts, num_checkpoints=len(warmup_checkpoint.checkpoints))
+    verify = partial(check_features, artifacts, num_checkpoints=len(warmup_checkpoint.checkpoints))
     yield from checked_partitions(context, results, FEATURE_CHECK, verify)

@@ -51,4 +51,4 @@ def task_influence(
         log=context.log.info,
     )
     valid = pool_ids(artifacts, training_pool)
-    yield from checked_partitions(context, results, "influence_finite_valid_ids", lambda result: check_influence(artifacts, result.ref, valid))
+    yield from checked_partitions(context, results, "influence_finite_valid_ids", lambda ref: check_influence(artifacts, ref, valid))

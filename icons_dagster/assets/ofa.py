@@ -13,7 +13,7 @@ from icons_dagster.core.stages.ofa import (
     stage_ofa_selected_subset,
     stage_ofa_selector,
 )
-from icons_dagster.core.stages.checks import check_subset, check_subset_records, check_unit_rows, pool_ids
+from icons_dagster.core.stages.checks import check_subset, check_subset_records, check_unit_rows, pool_ids, subset_ids
 from icons_dagster.partitions import train_shard_partitions
 from icons_dagster.resources import DataResource, EmbedderResource, OFAResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS
@@ -103,9 +103,10 @@ def ofa_selected_subset(context: AssetExecutionContext, store: StoreResource, of
     }
     result = stage_ofa_selected_subset(artifacts, training_pool, ofa_embeddings, ofa_selector, config, lineage)
     yield output(context, result)
-    passed, metadata = check_subset(artifacts, result.ref, result.metadata["n_pool"], config.p)
+    ids = subset_ids(artifacts, result.ref)
+    passed, metadata = check_subset(ids, result.metadata["n_pool"], config.p)
     yield AssetCheckResult(check_name="subset_size", passed=passed, metadata=metadata)
-    passed, metadata = check_subset_records(artifacts, result.ref, pool_ids(artifacts, training_pool))
+    passed, metadata = check_subset_records(ids, pool_ids(artifacts, training_pool))
     yield AssetCheckResult(check_name="no_rejected_record", passed=passed, metadata=metadata)
 
 

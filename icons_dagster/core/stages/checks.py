@@ -42,13 +42,17 @@ def check_unit_rows(files: list[Path], tolerance: float = 2e-3) -> tuple[bool, d
     return passed, {"rows": rows, "finite": finite, "max_norm_error": worst, "tolerance": tolerance}
 
 
-def check_subset(store: ArtifactStore, ref: Ref, n_pool: int, p: float) -> tuple[bool, dict]:
-    """The subset JSON parses and holds exactly floor(p N) records."""
-    expected = consensus.subset_size(n_pool, p)
+def subset_ids(store: ArtifactStore, ref: Ref) -> list:
+    """The ids of the exported subset's records, parsed once for the checks that read them."""
     records = json.loads((store.absolute(ref.path) / SUBSET_JSON).read_text(encoding="utf-8"))
-    ids = [r.get("id") for r in records]
-    passed = len(records) == expected and len(set(ids)) == len(ids)
-    return passed, {"n_records": len(records), "expected": expected, "fraction": len(records) / max(1, n_pool)}
+    return [r.get("id") for r in records]
+
+
+def check_subset(ids: list, n_pool: int, p: float) -> tuple[bool, dict]:
+    """The subset holds exactly floor(p N) distinct records."""
+    expected = consensus.subset_size(n_pool, p)
+    passed = len(ids) == expected and len(set(ids)) == len(ids)
+    return passed, {"n_records": len(ids), "expected": expected, "fraction": len(ids) / max(1, n_pool)}
 
 
 def check_pool(store: ArtifactStore, ref: PoolRef) -> tuple[bool, dict]:
@@ -96,8 +100,7 @@ def check_influence(store: ArtifactStore, ref: InfluenceRef, pool_ids: set[str])
     return passed, {"rows": frame.height, "pool_records": len(pool_ids), "finite": bool(np.isfinite(scores).all()), "not_in_pool": foreign[:20]}
 
 
-def check_subset_records(store: ArtifactStore, ref: Ref, pool_ids: set[str], subset_json: str = SUBSET_JSON) -> tuple[bool, dict]:
+def check_subset_records(ids: list, pool_ids: set[str]) -> tuple[bool, dict]:
     """No record the pool stage rejected (or that is not in the pool) reaches the subset."""
-    records = json.loads((store.absolute(ref.path) / subset_json).read_text(encoding="utf-8"))
-    foreign = [r.get("id") for r in records if r.get("id") not in pool_ids]
-    return not foreign, {"n_records": len(records), "not_in_valid_pool": foreign[:20]}
+    foreign = [i for i in ids if i not in pool_ids]
+    return not foreign, {"n_records": len(ids), "not_in_valid_pool": foreign[:20]}
