@@ -53,7 +53,7 @@ def run_phases(instance, run_id: str) -> dict[str, float]:
 def launch_and_wait(instance, context, count: int) -> list[dict[str, float]]:
     from dagster_graphql.test.utils import execute_dagster_graphql
 
-    from icons_dagster.definitions import CODE_LOCATION, REPOSITORY
+    from icons_dagster.jobs import CODE_LOCATION, REPOSITORY
 
     params = {"selector": {"repositoryLocationName": CODE_LOCATION, "repositoryName": REPOSITORY, "jobName": JOB}, "runConfigData": {}}
     ids = []
@@ -88,7 +88,8 @@ def main() -> None:
     from dagster._core.workspace.context import WorkspaceProcessContext
     from dagster._core.workspace.load_target import ModuleTarget
 
-    from icons_dagster.definitions import CODE_LOCATION, build_definitions
+    from icons_dagster.definitions import build_definitions
+    from icons_dagster.jobs import CODE_LOCATION
     from icons_dagster.demo.bootstrap import bootstrap_demo
     from icons_dagster.runner import machine_run_slots, prepare_instance_home, run_graph
 

@@ -130,11 +130,11 @@ def _holding_home(command: str, home: Path, body: Callable[[], int], verbose: bo
     Dagster run's log)."""
     from icons_dagster.core.data.records import RecordFileError
     from icons_dagster.run_guard import HomeBusy, home_lock, raise_on_sigterm
-    from icons_dagster.runner import StepFailed
+    from icons_dagster.steps import StepFailed
 
     raise_on_sigterm()
     try:
-        with home_lock(ArtifactStore(home).dagster_home, command):
+        with home_lock(ArtifactStore(home).dagster_home, f"icons-dagster {command}"):
             return body()
     except HomeBusy as error:
         print(f"{command}: {error}", file=sys.stderr)
@@ -163,7 +163,8 @@ def _hint(message: str, home: Path, run_id: str | None) -> str:
 def _run(home: Path, config: IconsConfig, methods: tuple[str, ...] = ("icons",), verbose: bool = False) -> int:
     from tqdm import tqdm
 
-    from icons_dagster.runner import INVOCATION_TAG, new_invocation_id, prepare_instance_home, run_graph
+    from icons_dagster.runner import prepare_instance_home, run_graph
+    from icons_dagster.steps import INVOCATION_TAG, new_invocation_id
 
     prepare_instance_home(home)
     invocation = new_invocation_id()
@@ -376,7 +377,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     home = resolve_home(args.home)
-    from icons_dagster.definitions import CODE_LOCATION
+    from icons_dagster.jobs import CODE_LOCATION
     from icons_dagster.runner import prepare_instance_home
 
     prepare_instance_home(home)

@@ -21,7 +21,7 @@ from dagster import (
 
 from icons_dagster.automation import benchmark_folder_sensor
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME, contiguous_ranges, partition_range_tags
-from icons_dagster.runner import run_waves
+from icons_dagster.steps import run_waves
 
 
 def apply_benchmark_sensor(instance: DagsterInstance, assets: list, resources: dict) -> SkipReason | None:

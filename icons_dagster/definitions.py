@@ -8,11 +8,10 @@ this module is imported.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from dagster import AssetSelection, Definitions, define_asset_job, definitions, in_process_executor
+from dagster import Definitions, definitions, in_process_executor
 
 from icons_dagster.assets import ICONS_ASSETS
 from icons_dagster.assets.evaluation import EVALUATION_ASSETS
@@ -21,7 +20,9 @@ from icons_dagster.automation import benchmark_folder_sensor, icons_automation_s
 from icons_dagster.core.storage.fingerprint import ALGORITHM_VERSION, fingerprint
 from icons_dagster.core.schema import IconsConfig
 from icons_dagster.core.stages.settings import stage_settings
-from icons_dagster.partitions import benchmark_partitions, evaluation_method_partitions, shard_partitions, train_shard_partitions
+from icons_dagster.graph_job import whole_graph_job
+from icons_dagster.jobs import graph_jobs
+from icons_dagster.partitions import shard_partitions, train_shard_partitions
 from icons_dagster.registration import explain_sample_job, register_benchmarks_job
 from icons_dagster.resources import SECTION_RESOURCES, StoreResource
 from icons_dagster.resources.home import STORE_URL_ENV, config_file, read_home_config, resolve_home
@@ -30,11 +31,6 @@ from icons_dagster.scaleout import shard_job_from_config
 from icons_dagster.staleness import stale_partition_checks, stale_partitions_sensor
 
 GRAPH_ASSETS = [*ICONS_ASSETS, *OFA_ASSETS, *EVALUATION_ASSETS]
-
-# The code location ``dagster dev -m`` (``icons-dagster ui``, workspace.yaml) loads: the CLI's
-# runs name it as their origin, so the UI links them to their job and can re-execute them.
-CODE_LOCATION = __name__
-REPOSITORY = "__repository__"  # Dagster's name for the repository of a module's Definitions
 
 
 def build_resources(home: Path, config: IconsConfig) -> dict[str, Any]:
@@ -76,51 +72,6 @@ def graph_assets(config: IconsConfig) -> list:
     return [a.map_asset_specs(configured) for a in GRAPH_ASSETS]
 
 
-def graph_job_names(config: IconsConfig) -> dict[Any, str]:
-    """The asset job of each partitions definition of the graph (a run holds one): what the
-    CLI runs subsets of, and what the UI re-executes."""
-    return {
-        None: "unpartitioned_assets_job",
-        shard_partitions(config.data.num_shards): "per_shard_assets_job",
-        benchmark_partitions: "per_benchmark_assets_job",
-        evaluation_method_partitions: "per_method_assets_job",
-    }
-
-
-def asset_jobs(assets: list, config: IconsConfig) -> dict[str, str]:
-    """Asset name -> the name of its partitions definition's job."""
-    names = graph_job_names(config)
-    jobs = {}
-    for spec in (spec for a in assets for spec in a.specs):
-        if spec.partitions_def not in names:
-            raise ValueError(f"asset {spec.key.to_user_string()}: no job for its partitions {spec.partitions_def} (definitions.graph_job_names)")
-        jobs[spec.key.to_user_string()] = names[spec.partitions_def]
-    return jobs
-
-
-def graph_jobs(assets: list, config: IconsConfig) -> list:
-    by_job: dict[str, list[str]] = {}
-    for asset, job_name in asset_jobs(assets, config).items():
-        by_job.setdefault(job_name, []).append(asset)
-    return [
-        define_asset_job(name, AssetSelection.assets(*members), description=f"{', '.join(members)}: the CLI runs a subset of them per run, tagged icons/invocation.")
-        for name, members in by_job.items()
-    ]
-
-
-def run_origins(job_name: str):
-    """(remote origin, Python origin) of a job of this code location, as ``dagster dev -m``
-    records them for its own runs."""
-    from dagster._core.definitions.reconstruct import ReconstructableRepository
-    from dagster._core.origin import JobPythonOrigin
-    from dagster._core.remote_origin import ManagedGrpcPythonEnvCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
-    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
-
-    location = ManagedGrpcPythonEnvCodeLocationOrigin(LoadableTargetOrigin(executable_path=sys.executable, module_name=CODE_LOCATION), CODE_LOCATION)
-    python = JobPythonOrigin(job_name, ReconstructableRepository.for_module(CODE_LOCATION, "defs").get_python_origin())
-    return RemoteJobOrigin(RemoteRepositoryOrigin(location, REPOSITORY), job_name), python
-
-
 def build_definitions(home: str | Path | None = None, config: IconsConfig | None = None) -> Definitions:
     """Definitions for one home; ``config`` defaults to the home's icons.json."""
     home_path = resolve_home(home)
@@ -131,6 +82,7 @@ def build_definitions(home: str | Path | None = None, config: IconsConfig | None
         assets=assets,
         jobs=[
             *graph_jobs(assets, config),
+            whole_graph_job(home_path, config),
             register_benchmarks_job,
             explain_sample_job,
             vote_job,

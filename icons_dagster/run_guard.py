@@ -103,8 +103,9 @@ def wait_for_pools(instance, pools: set[str], say: Callable[[str], None], poll: 
 
 
 @contextlib.contextmanager
-def home_lock(dagster_home: Path, command: str) -> Iterator[None]:
-    """Hold the home for one CLI command; HomeBusy (naming the holder) when another holds it.
+def home_lock(dagster_home: Path, holder: str) -> Iterator[None]:
+    """Hold the home for one command (``holder`` names it to whoever finds the home taken:
+    a CLI command, the UI's whole-graph run); HomeBusy, naming the holder, when another holds it.
     The lock is the kernel's (flock): it goes with its process, however that ends."""
     dagster_home.mkdir(parents=True, exist_ok=True)
     path = dagster_home / LOCK_FILE
@@ -115,14 +116,14 @@ def home_lock(dagster_home: Path, command: str) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             try:
-                holder = json.loads(handle.read() or "{}")
-            except ValueError:
-                holder = {}
-            who = f"'icons-dagster {holder.get('command', '?')}' (worker {holder.get('worker', '?')}, since {holder.get('since', '?')})"
+                held = json.loads(handle.read() or "{}")
+            except ValueError:  # a holder cut off mid-write
+                held = {}
+            who = f"'{held.get('command', '?')}' (worker {held.get('worker', '?')}, since {held.get('since', '?')})"
             raise HomeBusy(f"{dagster_home.parent}: in use by {who}; wait for it to finish, or use another --home") from None
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"command": command, "worker": owner_tag(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        handle.write(json.dumps({"command": holder, "worker": owner_tag(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
         handle.flush()
         yield
     finally:

@@ -150,6 +150,8 @@ def test_histogram_png_valid_and_deterministic():
     assert a.startswith(PNG_MAGIC)
     assert a == b
     assert len(a) < 200_000
+    width, height = int.from_bytes(a[16:20], "big"), int.from_bytes(a[20:24], "big")  # the IHDR chunk
+    assert (width, height) == (800, 560)  # the size the UI's dialog shows it at: readable axes
 
 
 def test_histogram_png_constant_and_empty_input():

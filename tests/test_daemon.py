@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
-from icons_dagster.definitions import CODE_LOCATION
+from icons_dagster.jobs import CODE_LOCATION
 from icons_dagster.runner import prepare_instance_home, run_graph
 from graph_helpers import demo_config
 

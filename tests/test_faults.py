@@ -91,7 +91,8 @@ from pathlib import Path
 from icons_dagster.core.storage.artifacts import ArtifactStore
 from icons_dagster.resources.home import read_home_config
 from icons_dagster.runner import run_graph
-import icons_dagster.definitions  # the heavy imports, once, before any fork
+import icons_dagster.definitions  # the heavy imports, once, before any fork: the code location,
+import matplotlib.figure, peft, transformers.modeling_layers  # and what its steps import when they run
 {committed}
 home, real, results = Path(sys.argv[1]), ArtifactStore.writing, []
 for target in sys.argv[2].split(","):
@@ -121,6 +122,18 @@ KILL_STAGES = (
     "training_pool", "warmup_checkpoint", "training_gradients", "validation_gradients", "task_influence",
     "vote_table", "selected_subset", "ofa_selector", "finetuned_adapter",
 )
+
+
+def _commit_order(home: Path) -> list[str]:
+    """KILL_STAGES in the order the graph's runs first commit them (OFA's runs come between
+    ICONS's): the order of the runner's waves, each wave's assets in graph order."""
+    from icons_dagster.definitions import build_definitions
+    from icons_dagster.resources.home import read_home_config
+    from icons_dagster.steps import run_waves, selected_keys
+
+    graph = build_definitions(home, read_home_config(home)).resolve_asset_graph()
+    position = [key.to_user_string() for _, keys in run_waves(graph, selected_keys(graph, ("icons", "ofa", "evaluation"))) for key in keys]
+    return sorted(KILL_STAGES, key=position.index)
 
 
 def _env() -> dict[str, str]:
@@ -169,24 +182,22 @@ def test_killed_at_every_stage_the_home_recovers_to_the_same_bytes(demo_paths, t
     """SIGKILL inside each stage in turn, each rerun on the same home; then the same bytes as
     an uninterrupted run; damaged files healed; a live holder of the vote's slot, SIGTERM
     and a second CLI."""
+    # The uninterrupted reference runs beside the kill chain: each takes one of the two cores.
     reference = _home(tmp_path, "reference", demo_paths)
     done = _cli(reference)
+    home = _home(tmp_path, "home", demo_paths)
+    order = _commit_order(home)
+    script = _KILL_CHAIN.format(committed=inspect.getsource(_committed))
+    with (tmp_path / "chain.out").open("w+") as out, (tmp_path / "chain.err").open("w+") as err_file:
+        chain = subprocess.run([sys.executable, "-c", script, str(home), ",".join(order)], env=_env(), cwd=REPO, stdout=out, stderr=err_file, timeout=1200)
+        out.seek(0), err_file.seek(0)
+        chain_out, chain_err = out.read(), err_file.read()
     _, err = done.communicate(timeout=900)
     assert done.returncode == 0, err[-3000:]
     expected = _committed(reference)
     assert {key.split("/")[0] for key in expected} >= set(KILL_STAGES)
-
-    # The stages in the order the graph's runs commit them (OFA's runs come between ICONS's).
-    first_commit = {}
-    for marker in (reference / "artifacts").rglob("_COMPLETE.json"):
-        stage = marker.relative_to(reference / "artifacts").parts[0]
-        first_commit[stage] = min(first_commit.get(stage, float("inf")), marker.stat().st_mtime_ns)
-    home = _home(tmp_path, "home", demo_paths)
-    order = sorted(KILL_STAGES, key=first_commit.__getitem__)
-    script = _KILL_CHAIN.format(committed=inspect.getsource(_committed))
-    chain = subprocess.run([sys.executable, "-c", script, str(home), ",".join(order)], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=1200)
-    assert chain.returncode == 0, chain.stderr[-3000:]
-    results = json.loads(chain.stdout.strip().splitlines()[-1])
+    assert chain.returncode == 0, chain_err[-3000:]
+    results = json.loads(chain_out.strip().splitlines()[-1])
     assert [r["target"] for r in results] == order
     for r in results:
         stage, before, after = r["target"], r["before"], r["after"]

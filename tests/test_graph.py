@@ -267,9 +267,12 @@ def test_materializations_record_code_versions_and_lineage(first_run):
 def test_cli_runs_are_named_jobs_of_one_invocation(first_run):
     """Every run of one run_graph call is a subset of a job of the code location the UI loads,
     with the origin the UI re-executes from, and carries the call's invocation tag."""
-    from icons_dagster.definitions import CODE_LOCATION, REPOSITORY, asset_jobs
-    from icons_dagster.runner import INVOCATION_TAG
+    from icons_dagster.jobs import CODE_LOCATION, REPOSITORY, asset_jobs
+    from icons_dagster.steps import INVOCATION_TAG
 
+    import icons_dagster.definitions
+
+    assert CODE_LOCATION == icons_dagster.definitions.__name__  # the module the UI loads
     home, instance, config, summary = first_run
     runs = [run for run in instance.get_runs() if run.tags.get(INVOCATION_TAG) == summary["invocation"]]
     assert len(runs) == summary["steps"]
@@ -290,6 +293,9 @@ mutation ($parentRunId: String!) {
   }
 }
 """
+JOB = """
+query ($selector: PipelineSelector!) { pipelineOrError(params: $selector) { __typename ... on Pipeline { name description } } }
+"""
 RUN = "query ($runId: ID!) { runOrError(runId: $runId) { ... on Run { status pipelineName repositoryOrigin { repositoryLocationName } } } }"
 
 
@@ -302,8 +308,8 @@ def test_ui_reexecutes_a_cli_run(first_run, monkeypatch):
     from dagster._core.workspace.load_target import ModuleTarget
     from dagster_graphql.test.utils import execute_dagster_graphql
 
-    from icons_dagster.definitions import CODE_LOCATION
-    from icons_dagster.runner import INVOCATION_TAG
+    from icons_dagster.jobs import CODE_LOCATION, REPOSITORY
+    from icons_dagster.steps import INVOCATION_TAG
 
     home, instance, _, summary = first_run
     monkeypatch.setenv("ICONS_HOME", str(home))  # the code server loads the home's icons.json
@@ -313,6 +319,9 @@ def test_ui_reexecutes_a_cli_run(first_run, monkeypatch):
         context = workspace.create_request_context()
         shown = execute_dagster_graphql(context, RUN, {"runId": vote_run.run_id}).data["runOrError"]
         assert shown["pipelineName"] == "unpartitioned_assets_job" and shown["repositoryOrigin"]["repositoryLocationName"] == CODE_LOCATION
+        whole = {"pipelineName": "icons_graph_job", "repositoryName": REPOSITORY, "repositoryLocationName": CODE_LOCATION}
+        listed = execute_dagster_graphql(context, JOB, {"selector": whole}).data["pipelineOrError"]
+        assert listed["__typename"] == "Pipeline" and "whole graph" in listed["description"]  # on the Jobs page
         launched = execute_dagster_graphql(context, REEXECUTE, {"parentRunId": vote_run.run_id}).data["launchPipelineReexecution"]
         assert launched["__typename"] == "LaunchRunSuccess", launched
         run_id = launched["run"]["runId"]
@@ -324,3 +333,44 @@ def test_ui_reexecutes_a_cli_run(first_run, monkeypatch):
     assert rerun.is_success and rerun.parent_run_id == vote_run.run_id and rerun.asset_selection == vote_run.asset_selection
     assert latest_metadata(instance, "selected_subset")["reused"] is True and sha(summary["subset_json"]) == subset_before
 
+
+
+def test_the_whole_graph_job_runs_the_clis_runs_tagged_with_its_own_id(first_run):
+    """``icons_graph_job`` (the Jobs page's one click) runs every step of the graph as its own
+    run of a named job, tagged with the job run's id; on a finished home each reuses its artifact.
+    Executed as a run worker does: the job backed by its repository."""
+    from dagster._core.definitions.job_base import RepoBackedJob
+    from dagster._core.execution.api import execute_run
+
+    from icons_dagster.graph_job import GRAPH_JOB
+    from icons_dagster.resources.home import read_home_config
+    from icons_dagster.run_guard import home_lock
+    from icons_dagster.steps import INVOCATION_TAG
+
+    home, instance, _, summary = first_run
+    subset_before = sha(summary["subset_json"])
+    repository = build_definitions(home, read_home_config(home)).get_repository_def()  # the home's latest configuration
+
+    def launch(methods: list[str]):
+        run_config = {"ops": {"materialize_whole_graph": {"config": {"methods": methods}}}}
+        run = instance.create_run_for_job(repository.get_job(GRAPH_JOB), run_config=run_config)
+        return execute_run(RepoBackedJob(GRAPH_JOB, repository), run, instance)
+
+    result = launch(["icons"])
+    assert result.success
+    steps = [run for run in instance.get_runs() if run.tags.get(INVOCATION_TAG) == result.run_id]
+    assert len(steps) == summary["steps"] and {run.job_name for run in steps} == {"unpartitioned_assets_job", "per_shard_assets_job", "per_benchmark_assets_job"}
+    for run in steps:
+        assert run.is_success
+        materialized = [e.asset_materialization for e in instance.all_logs(run.run_id) if e.is_dagster_event and e.dagster_event.is_step_materialization]
+        assert materialized and all(m.metadata["reused"].value is True for m in materialized), run.tags["icons/step"]
+    assert sha(summary["subset_json"]) == subset_before
+    # an unknown method fails the job with one line, not a traceback
+    def failure(result) -> str:
+        assert not result.success
+        return next(e for e in result.all_events if e.is_step_failure).step_failure_data.user_failure_data.description
+
+    assert "unknown method(s) ['nope']" in failure(launch(["nope"]))
+    # the home is held as a CLI command holds it: one writer at a time
+    with home_lock(ArtifactStore(home).dagster_home, "icons-dagster run"):
+        assert "in use by 'icons-dagster run'" in failure(launch(["icons"]))

@@ -8,7 +8,7 @@ from icons_dagster.core.schema import IconsConfig
 from icons_dagster.definitions import build_definitions, build_resources, graph_assets
 from icons_dagster.partitions import benchmark_partitions, evaluation_method_partitions, shard_partitions
 from icons_dagster.resources.refs import ALL_PARTITIONS
-from icons_dagster.runner import plan_steps
+from icons_dagster.steps import plan_steps
 
 CONFIG = IconsConfig().replace(data={"num_shards": 2})
 SHARDS = ["shard-0000", "shard-0001"]

@@ -10,16 +10,24 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _FIGSIZE = (5.0, 3.5)
-_DPI = 80
+# 800x560 px: the UI's [Show Markdown] dialog shows an image at its own size, so this is
+# what a user reads (80 dpi gave 400x280, too small to read the axes: issue 20)
+_DPI = 160
 
 
 def _new_figure(figsize: tuple[float, float] = _FIGSIZE) -> Figure:
+    # imported here: half a second that loading the code location (every run worker) skips
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=figsize, dpi=_DPI)
     FigureCanvasAgg(fig)
     return fig

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import set_checkpoint_early_stop
-from transformers.modeling_layers import GradientCheckpointingLayer as _CHECKPOINTED_LAYER
 
 from icons_dagster.core.model.encoding import Batch, answer_logit_positions, per_sample_loss
 from icons_dagster.core.model.training import AdamMoments
@@ -78,11 +77,15 @@ class PerSampleGradients:
         slots: list[_Slot] = []
         offset = 0
         owner = {}
+        # imported here: transformers takes seconds to import, and the code location (every run
+        # worker, the daemon) imports this module without computing a gradient
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
         layers_around: dict[int, list] = {}  # module -> the checkpointable layers it sits in
         for _module_name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and id(module.weight) in by_param:
                 owner[id(module.weight)] = module
-            if isinstance(module, _CHECKPOINTED_LAYER):
+            if isinstance(module, GradientCheckpointingLayer):
                 for inner in module.modules():
                     layers_around.setdefault(id(inner), []).append(module)
         for name, param in params:
