@@ -32,7 +32,8 @@ def whole_graph_job(home: Path, icons_config: IconsConfig):
                     on_step=lambda index, total, step: say(f"step {index + 1}/{total}: {step.label}"), on_wait=say,
                 )
         except (HomeBusy, StepFailed, ValueError) as error:  # the user's to act on: one line, no traceback
-            raise Failure(description=str(error), metadata={"run_id": MetadataValue.text(getattr(error, "run_id", ""))}, allow_retries=False) from None
+            failed_run = {"failed_run": MetadataValue.dagster_run(error.run_id)} if isinstance(error, StepFailed) else {}  # a link to its log
+            raise Failure(description=str(error), metadata=failed_run, allow_retries=False) from None
         paths = {key: MetadataValue.path(value) for key, value in summary.items() if key.endswith(("_json", "_parquet", "_selector", "_table"))}
         return Output(None, metadata={"steps": summary["steps"], "benchmarks": summary["benchmarks"], "runs": MetadataValue.text(f"tag {INVOCATION_TAG}={context.run_id}"), **paths})
 

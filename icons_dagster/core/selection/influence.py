@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icons_dagster.core.storage.npy import _prefetched_chunks, _read_rows, npy_info
+from icons_dagster.core.storage.npy import _prefetched_chunks, _read_rows, npy_info, open_binary
 
 __all__ = [
     "normalize_rows",
@@ -390,7 +390,7 @@ def influence_scores_from_files(
             fi, a, b = job
             info = infos[fi]
             rows = local.raw[: (b - a) * info.row_bytes].view(info.dtype).reshape(b - a, info.shape[1])
-            with open(info.path, "rb", buffering=0) as f:
+            with open_binary(info.path) as f:
                 _read_rows(f, info, a, rows)
             score(job, rows, local.buf)
 

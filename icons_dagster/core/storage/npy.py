@@ -1,6 +1,8 @@
 """Streaming reads of stored ``.npy`` feature files: plain file reads into reused buffers
 (never a memory map, whose touched pages all count in RSS, and never a pickle), so peak
-memory is set by the chunk size, not the file size."""
+memory is set by the chunk size, not the file size. A file is a local path or an fsspec
+URL (``s3://``, ``gs://``, ``file://``, ``memory://``): object storage is streamed the same
+way, in ranged reads, without a local copy."""
 
 from __future__ import annotations
 
@@ -14,11 +16,28 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 
+def is_url(path: str | Path) -> bool:
+    return isinstance(path, str) and "://" in path
+
+
+def open_binary(path: str | Path):
+    """An unbuffered local file, or an fsspec file for a URL (its reads are ranged requests)."""
+    if is_url(path):
+        import fsspec
+
+        return fsspec.open(path, "rb").open()
+    return open(path, "rb", buffering=0)
+
+
+def _size(f) -> int:
+    return int(f.size) if hasattr(f, "fs") else os.fstat(f.fileno()).st_size  # an fsspec file knows its size
+
+
 @dataclass(frozen=True)
 class NpyInfo:
     """Layout of a C-ordered 2-D ``.npy`` file: rows start at ``offset``, ``row_bytes`` apart."""
 
-    path: Path
+    path: str | Path  # a local path or an fsspec URL
     shape: tuple[int, int]
     dtype: np.dtype
     offset: int
@@ -33,14 +52,15 @@ class NpyInfo:
 
 
 def npy_info(path: str | Path) -> NpyInfo:
-    """Parse a ``.npy`` header (format 1.0 or 2.0) without reading the data.
+    """Parse a ``.npy`` header (format 1.0 or 2.0, a local path or an fsspec URL) without
+    reading the data.
 
     Refuses, naming the file: non-.npy files, object dtypes (pickled data),
     Fortran-ordered arrays (rows are not contiguous on disk), anything but 2-D, and
     files shorter than their header says.
     """
-    path = Path(path)
-    with open(path, "rb") as f:
+    path = path if is_url(path) else Path(path)
+    with open_binary(path) as f:
         try:
             version = npy_format.read_magic(f)
             if version == (1, 0):
@@ -55,7 +75,7 @@ def npy_info(path: str | Path) -> NpyInfo:
         except ValueError as exc:
             raise ValueError(f"{path}: cannot read .npy header: {exc}") from None
         offset = f.tell()
-        size = os.fstat(f.fileno()).st_size
+        size = _size(f)
     if dtype.hasobject:
         raise ValueError(
             f"{path}: dtype {dtype} holds Python objects (a pickled array); only plain numeric "
@@ -110,7 +130,7 @@ def iter_npy_rows(path: str | Path, chunk_rows: int = 65536, *, reuse_buffer: bo
         return
     step = min(int(chunk_rows), n)
     buf = np.empty((step, d), dtype=info.dtype) if reuse_buffer else None
-    with open(info.path, "rb", buffering=0) as f:
+    with open_binary(info.path) as f:
         for i in range(0, n, step):
             r = min(step, n - i)
             out = buf[:r] if buf is not None else np.empty((r, d), dtype=info.dtype)
@@ -137,8 +157,8 @@ def _prefetched_chunks(infos: Sequence[NpyInfo], jobs: list[tuple[int, int, int]
         if f is None:
             for other in list(handles):  # jobs are grouped by file: close the previous one
                 handles.pop(other).close()
-            f = handles[fi] = open(info.path, "rb", buffering=0)
-            if hasattr(os, "posix_fadvise"):
+            f = handles[fi] = open_binary(info.path)
+            if hasattr(os, "posix_fadvise") and not is_url(info.path):
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         _read_rows(f, info, a, rows)
         return rows
