@@ -32,6 +32,9 @@ printed next to it, and CPU times are less sensitive to contention than wall tim
 The stream is also run with every file opened through fsspec (``file://`` URLs: the reads
 an object store such as ``s3://`` gets, without a local copy), against the local paths.
 
+A scaling series is one run per size, each writing its numbers with ``--json``:
+``for n in 665000 1330000 2660000; do python bench/consensus_scale.py --rows $n --skip-baselines --json scale-$n.json; done``.
+
 Usage: python bench/consensus_scale.py [--rows 665000] [--dim 5120] [--dir /tmp/icons-consensus-scale] [--keep]
 """
 
@@ -405,6 +408,7 @@ def main() -> None:
     parser.add_argument("--dir", default=DEFAULT_DIR)
     parser.add_argument("--keep", action="store_true", help="keep the synthetic data (default: delete at the end)")
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--json", help="also write the run's numbers here (one point of a scaling series over --rows)")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -535,6 +539,12 @@ def main() -> None:
     print(f"| samples.parquet (id, n_tokens, n_answer_tokens, subtask, grad_norm_0, loss_0) | {parquet / n:.1f} (+ ~8 per extra checkpoint: grad_norm_c, loss_c float32) |")
     print()
     print(f"Benchmark wall time (generation + all runs): {time.perf_counter() - t_start:.0f} s")
+    if args.json:
+        point = {"rows": n, "dim": d, "shards": len(paths), "benchmarks": len(spec["groups"]), "feature_bytes": feat_bytes, "machine": machine().format(threads=args.threads)}
+        for key in ("warm", "cold", "url"):
+            point[key] = {"stages": runs[key]["stages"], "total_s": total(runs[key]), "maxrss_mib": runs[key]["maxrss_mib"], "load_avg": runs[key]["load_avg"]}
+        point["cold_read_gib_s"] = feat_bytes / 2**30 / cold_inf["wall_s"]
+        Path(args.json).write_text(json.dumps(point, indent=2) + "\n")
     if not args.keep:
         shutil.rmtree(root)
         print(f"deleted {root}")
