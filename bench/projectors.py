@@ -40,12 +40,29 @@ Method
   (fresh noise per block would double the run time at 32M; exact values are computed
   from the data as generated, so this only affects realism, not correctness).
 
-Usage: python bench/projectors.py [--quick] [--dims 1000000,8000000,32000000] [--out-dim 5120]
+Peers (``--peers``, needs ``pip install -e '.[bench]'``): the peers' own CPU projectors, timed
+and scored on the same gradients in the same run. TRAK (``traker``) ``BasicProjector`` with
+both its types (TRAKer picks normal on CPU, rademacher with its CUDA kernel), and dattri's
+``random_project`` with its default type (normal; its ``BasicProjector`` is TRAK's code plus
+a 1/sqrt(d') scale) and ``random_mask`` (5,120 sampled coordinates, the first stage of its
+GraSS projector). Both take the whole vectorized gradient ``[batch, D]``, as their users call
+them, and regenerate a D x 100 block of the matrix per 100 output columns on every call
+(their default block_size). Above ``--peer-full-max-dim`` a call is timed with only
+``--peer-blocks`` of those ceil(d'/100) blocks (the constructor, which generates the first,
+is timed apart as setup) and scaled by the block count (marked "extrapolated": every block costs the same). Their
+fidelity is scored at the smallest D only, where the N x D matrix they need fits in memory.
+Not runnable on CPU: TRAK's ``CudaProjector`` (CUDA + ``fast_jl``) and dattri's sparse JL
+(``sjlt``, and ``grass`` = mask + sjlt), which dattri allows on CUDA only; the run prints
+their own errors.
+
+Usage: python bench/projectors.py [--quick] [--dims 1000000,8000000,32000000] [--out-dim 5120] [--peers]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -62,6 +79,61 @@ from scipy.stats import spearmanr
 from icons_dagster.core.features.projection import CountSketchProjector, DenseRademacherProjector
 
 MiB = 1 << 20
+PEER_BLOCK = 100  # TRAK's and dattri's BasicProjector default block_size (output columns per generated block)
+PEER_EXTRA = "pip install -e '.[bench]'"
+
+
+def peer_specs() -> list[dict]:
+    """The peers' own CPU projectors at their defaults: what a TRAK or dattri user gets on a CPU."""
+    return [
+        {"kind": "trak", "proj_type": "normal"},  # TRAKer's choice on CPU
+        {"kind": "trak", "proj_type": "rademacher"},  # TRAKer's choice with CUDA (there via fast_jl)
+        {"kind": "dattri", "proj_type": "normal"},  # random_project's default
+        {"kind": "dattri", "proj_type": "random_mask"},  # GraSS's first stage, alone
+    ]
+
+
+def is_peer(spec: dict) -> bool:
+    return spec["kind"] in ("trak", "dattri")
+
+
+def build_peer(spec: dict, features: torch.Tensor, out_dim: int, seed: int):
+    """The peer's own projector for ``features`` ([batch, D]), called the way its users call it."""
+    seed = spec.get("proj_seed", seed)
+    if spec["kind"] == "trak":
+        from trak.projectors import BasicProjector
+
+        proj = BasicProjector(features.shape[1], out_dim, seed, spec["proj_type"], "cpu")
+        return lambda x: proj.project(x, model_id=0)
+    from dattri.func.projection import random_project
+
+    # proj_max_batch_size only matters for its CUDA projector
+    return random_project(features, features.shape[0], out_dim, 8, proj_seed=seed, proj_type=spec["proj_type"])
+
+
+def peer_matrix_bytes(spec: dict, dim: int, out_dim: int) -> int:
+    """What the peer holds between calls: one D x block_size float32 block, or the mask's indices."""
+    return out_dim * 8 if spec["proj_type"] == "random_mask" else dim * min(PEER_BLOCK, out_dim) * 4
+
+
+def peer_unavailable() -> list[str]:
+    """The peers' own errors for their projectors that need a GPU (printed in the notes)."""
+    from dattri.func.projection import random_project
+    from trak.projectors import CudaProjector
+
+    notes = []
+    try:
+        CudaProjector(1000, 512, 0, "rademacher", torch.device("cpu"), 8)
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        notes.append(f"TRAK CudaProjector: {type(e).__name__}: {e} (fast_jl installed: "
+                     f"{importlib.util.find_spec('fast_jl') is not None}; it is a CUDA extension)")
+    for proj_type in ("sjlt", "grass"):
+        try:
+            random_project(torch.zeros(8, 1000), 8, 512, 8, proj_type=proj_type, device="cpu")
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"dattri {proj_type}: {type(e).__name__}: {' '.join(str(e).split())} "
+                         f"(sjlt installed: {importlib.util.find_spec('sjlt') is not None}; it is a CUDA extension)")
+    return notes
 
 
 def block_layout(dim: int, block_coords: int, limit: int | None = None) -> list[tuple[int, int]]:
@@ -125,6 +197,8 @@ def current_rss_bytes() -> int:
 
 def timing_job(job: dict) -> dict:
     """Time ``project_block`` over one batch in a fresh process (cold cache, clean maxrss)."""
+    if is_peer(job["spec"]):
+        return peer_timing_job(job)
     torch.set_num_threads(job["threads"])
     torch.manual_seed(job["seed"])
     dim, out_dim, batch = job["dim"], job["out_dim"], job["batch"]
@@ -185,6 +259,47 @@ def timing_job(job: dict) -> dict:
     }
 
 
+def peer_timing_job(job: dict) -> dict:
+    """Time a peer's own projector on the same batch as ours, whole ([batch, D]) as its API takes it."""
+    torch.set_num_threads(job["threads"])
+    torch.manual_seed(job["seed"])
+    dim, out_dim, batch, spec = job["dim"], job["out_dim"], job["batch"], job["spec"]
+    x = torch.empty(batch, dim)
+    for offset, n in block_layout(dim, job["block_coords"]):  # the same draws, in the same order, as ours
+        x[:, offset : offset + n] = torch.randn(batch, n)
+    full_blocks = math.ceil(out_dim / PEER_BLOCK)
+    timed_blocks = full_blocks
+    if spec["proj_type"] != "random_mask" and dim > job["peer_full_max_dim"]:
+        timed_blocks = min(full_blocks, max(2, job["peer_blocks"]))  # 1 block would skip regeneration
+    timed_out = min(out_dim, timed_blocks * PEER_BLOCK)
+    base = max(maxrss_bytes(), current_rss_bytes())
+    load = OtherLoad()
+    start = time.perf_counter()
+    project = build_peer(spec, x, timed_out, job["seed"])
+    setup = time.perf_counter() - start
+    steady, spent = [], 0.0
+    # Every call regenerates the whole matrix, so the first call is steady already; cheap
+    # calls are repeated like ours.
+    while len(steady) < 20 and (not steady or (len(steady) < job["repeats"] and spent < job["repeat_budget_s"]) or spent < 2.0):
+        start = time.perf_counter()
+        project(x)
+        steady.append(time.perf_counter() - start)
+        spent += steady[-1]
+    scale = full_blocks / timed_blocks
+    return {
+        "other_load": load.fraction(),
+        "setup_s": setup,
+        "steady_s": min(steady) * scale,
+        "steady_median_s": float(np.median(steady)) * scale,
+        "timed_blocks": timed_blocks,
+        "full_blocks": full_blocks,
+        "extrapolated": timed_blocks < full_blocks,
+        "peak_extra_bytes": max(0, maxrss_bytes() - base),
+        "cache_bytes": peer_matrix_bytes(spec, dim, out_dim),
+        "steady_calls": len(steady),
+    }
+
+
 # -------------------------------------------------------------- fidelity worker
 
 
@@ -195,7 +310,8 @@ def fidelity_job(job: dict) -> dict:
     rng = np.random.default_rng(job["seed"])
     dim, out_dim, N, n_val, r = job["dim"], job["out_dim"], job["samples"], job["val"], job["lora_r"]
     pool, batch = job["pool"], job["batch"]
-    specs = job["specs"]
+    peer_specs_ = [s for s in job["specs"] if is_peer(s)]
+    specs = [s for s in job["specs"] if not is_peer(s)] + peer_specs_
     layout = block_layout(dim, job["block_coords"])
     nmax = max(n for _, n in layout)
 
@@ -210,7 +326,9 @@ def fidelity_job(job: dict) -> dict:
     weights_t = torch.from_numpy(weights)
     bank = torch.randn(N, nmax)  # noise bank, rows re-permuted per block
 
-    projectors = [build_projector(s, out_dim, job["seed"]) for s in specs]
+    projectors = [build_projector(s, out_dim, job["seed"]) for s in specs if not is_peer(s)]
+    # The peers take the whole [N, D] gradient matrix: kept here as generated (1.6 GB at 1M).
+    whole = torch.empty(N, dim) if peer_specs_ else None
     feats = [torch.zeros(N, out_dim) for _ in specs]
     dots = torch.zeros(N, dtype=torch.float64)  # <x_i, m>
     sq = torch.zeros(N, dtype=torch.float64)  # ||x_i||^2
@@ -241,6 +359,8 @@ def fidelity_job(job: dict) -> dict:
         msq += float(m.double().square().sum())
         if gram is not None:
             gram += (x @ x.T).double()
+        if whole is not None:
+            whole[:, offset : offset + n] = x
         for j, (proj, f) in enumerate(zip(projectors, feats)):
             start = time.perf_counter()
             # CountSketch in pipeline-sized batches (small temporaries, same cost per row);
@@ -251,6 +371,12 @@ def fidelity_job(job: dict) -> dict:
             proj_s[j] += time.perf_counter() - start
         if (b + 1) % 8 == 0 or b + 1 == len(layout):
             print(f"    fidelity D={dim:,}: block {b + 1}/{len(layout)}, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    for j, spec in enumerate(peer_specs_, start=len(projectors)):
+        start = time.perf_counter()
+        feats[j] = build_peer(spec, whole, out_dim, job["seed"])(whole)
+        proj_s[j] += time.perf_counter() - start
+        print(f"    fidelity D={dim:,}: {spec_name(spec)} seed {spec.get('proj_seed')}, {proj_s[j]:.0f} s", file=sys.stderr, flush=True)
+    del whole
 
     cand = slice(n_val, N)
     exact = (dots / (sq * msq).sqrt())[cand].numpy()
@@ -282,7 +408,7 @@ def fidelity_job(job: dict) -> dict:
     # What any unbiased projection with this cosine error would score: exact + iid Gaussian
     # noise of the measured RMS size (so a low overlap can be told apart from a bad sketch).
     sim_rng = np.random.default_rng(job["seed"] + 1)
-    rms = float(np.mean([r["rms_err"] for r in results]))
+    rms = float(np.mean([r["rms_err"] for r in results if not is_peer(r["spec"])]))
     sims = [
         len(top_exact & set(np.argsort(-(exact + sim_rng.normal(0.0, rms, exact.shape)))[:k].tolist())) / k
         for _ in range(2000)
@@ -316,6 +442,10 @@ def run_worker(job: dict) -> dict:
 
 
 def spec_name(spec: dict) -> str:
+    if spec["kind"] == "trak":
+        return f"TRAK BasicProjector ({spec['proj_type']})"
+    if spec["kind"] == "dattri":
+        return f"dattri random_project ({spec['proj_type']})"
     if spec["kind"] == "rademacher":
         return "dense Rademacher"
     name = f"CountSketch s={spec['s']}"
@@ -328,6 +458,15 @@ def spread(values: list[float], digits: int) -> str:
     """Mean, and the min-max over projector seeds when there are several."""
     mean = f"{np.mean(values):.{digits}f}"
     return mean if len(values) == 1 else f"{mean} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.0f}" if seconds >= 0.01 else f"{seconds * 1e3:.2f}"
+
+
+def fmt_ratio(r: float) -> str:
+    """Large ratios whole, small ones as 1/N (dattri's mask is far faster than any projection)."""
+    return f"{r:,.0f}x" if r >= 10 else f"{r:.2f}x" if r >= 0.1 else f"1/{1 / r:,.0f}x"
 
 
 def fmt_mib(b: float) -> str:
@@ -354,6 +493,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: D=1M, N=200")
     parser.add_argument("--no-fidelity", action="store_true")
+    parser.add_argument("--peers", action="store_true", help=f"also TRAK's and dattri's own projectors ({PEER_EXTRA})")
+    parser.add_argument("--peer-full-max-dim", type=int, default=1_000_000, help="above: peers timed on --peer-blocks blocks")
+    parser.add_argument("--peer-blocks", type=int, default=2, help="of the peers' ceil(d'/100) blocks per call, when extrapolating")
+    parser.add_argument("--peer-fidelity-max-bytes", type=int, default=4 << 30, help="the N x D matrix the peers need")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -365,6 +508,8 @@ def main() -> None:
 
     if args.quick:
         args.dims, args.samples, args.fidelity_seeds = "1000000", 200, 1
+    if args.peers and not all(importlib.util.find_spec(m) for m in ("trak", "dattri")):
+        sys.exit(f"--peers needs TRAK's and dattri's packages (traker, dattri): {PEER_EXTRA}")
     dims = sorted(int(d) for d in args.dims.split(","))
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -373,7 +518,7 @@ def main() -> None:
         "threads": args.threads, "seed": args.seed,
     }
     default_cache = CountSketchProjector(args.out_dim, 0)._cache.max_bytes  # noqa: SLF001
-    rows, notes = [], []
+    rows, notes, peer_rows = [], [], []
     # All timings first, back to back (a few minutes), then the slower fidelity passes:
     # the machine is shared, and a short timing phase is likelier to catch a quiet spell.
     specs_by_dim, timing_by_dim = {}, {}
@@ -382,13 +527,16 @@ def main() -> None:
         if dim * 4 * 12 > default_cache:  # s=4 tables (int64 + float32) overflow the default LRU
             specs.append({"kind": "countsketch", "s": 4, "cache_bytes": 1 << 31})
         specs.append({"kind": "rademacher"})
+        if args.peers:
+            specs += peer_specs()
         specs_by_dim[dim] = specs
         timing = timing_by_dim[dim] = {}
         for spec in specs:
             print(f"  timing D={dim:,} {spec_name(spec)} ...", file=sys.stderr, flush=True)
             timing[spec_name(spec)] = spec, run_worker({
                 "type": "timing", "dim": dim, "spec": spec, "repeats": args.repeats,
-                "repeat_budget_s": args.repeat_budget_s, "dense_max_coords": args.dense_max_coords, **common,
+                "repeat_budget_s": args.repeat_budget_s, "dense_max_coords": args.dense_max_coords,
+                "peer_full_max_dim": args.peer_full_max_dim, "peer_blocks": args.peer_blocks, **common,
             })
     for dim in dims:
         specs, timing = specs_by_dim[dim], timing_by_dim[dim]
@@ -400,6 +548,8 @@ def main() -> None:
             fspecs = [s for s in specs if s["kind"] == "countsketch" and s.get("cache_bytes") is None]
             if dim == dims[0]:
                 fspecs.append({"kind": "rademacher"})
+                if args.peers and args.samples * dim * 4 <= args.peer_fidelity_max_bytes:
+                    fspecs += peer_specs()
             fspecs = [{**s, "proj_seed": k} for s in fspecs for k in seeds]
             print(f"  fidelity D={dim:,} N={args.samples}, {len(seeds)} projector seed(s) ...", file=sys.stderr, flush=True)
             f = run_worker({
@@ -430,6 +580,8 @@ def main() -> None:
             notes.insert(0, f"dense Rademacher: {dense_t['rows_fraction']:.0%} of its time is regenerating the "
                             f"±1 rows from the hash (numpy), the rest the matmul")
         for name, (spec, t) in timing.items():
+            if is_peer(spec):
+                continue
             thrash = spec["kind"] == "countsketch" and dim * spec["s"] * 12 > t["cache_limit"]
             steady = f"{t['steady_s'] * 1e3:,.0f}"
             if t["extrapolated"]:
@@ -449,6 +601,26 @@ def main() -> None:
                 "-" if not rs else spread([r["overlap"] for r in rs], 3),
                 f"{t['other_load']:.0%}",
             ])
+        if args.peers:
+            ours = timing["CountSketch s=1"][1]
+            for name, (spec, t) in timing.items():
+                if not (is_peer(spec) or name == "CountSketch s=1"):
+                    continue
+                steady = f"{fmt_ms(t['steady_s'])} ({fmt_ms(t['steady_median_s'])})"
+                if t["extrapolated"]:
+                    steady += f" (extrapolated from {t['timed_blocks']} of {t['full_blocks']} blocks)"
+                rs = fid.get(name)
+                peer_rows.append([
+                    f"{dim:,}", name,
+                    f"{t['setup_s']:.2f}" if is_peer(spec) else f"{t['first_s']:.2f}",
+                    steady,
+                    fmt_ms(t["steady_s"] / args.batch),
+                    fmt_ratio(t["steady_s"] / ours["steady_s"]),
+                    f"{fmt_mib(t['cache_bytes'])} / +{fmt_mib(t['peak_extra_bytes'])}",
+                    "-" if not rs else spread([r["spearman"] for r in rs], 4),
+                    "-" if not rs else spread([r["overlap"] for r in rs], 3),
+                    f"{t['other_load']:.0%}",
+                ])
 
     header = ["D", "projector", "first call (s)", "steady ms / batch of 8: min (median)", "speed-up vs dense (min)",
               "index cache / peak extra RSS", "Spearman", "top-20% overlap", "others' CPU while timing"]
@@ -476,7 +648,32 @@ def main() -> None:
         print(f"- {note}")
     print("- others' CPU while timing: share of the 2 cores used by other processes (or VM steal) during that "
           "row's timed calls; above ~10% the row's times are inflated.")
+    if args.peers:
+        print_peers(args, peer_rows)
     print(f"- total runtime {time.perf_counter() - t_start:.0f} s")
+
+
+def print_peers(args: argparse.Namespace, peer_rows: list[list[str]]) -> None:
+    """The peers' table: CountSketch s=1's speed-up is the peer's steady time over ours, same run, same batch."""
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("traker", "dattri", "torch"))
+    header = ["D", "projector", "setup / first call (s)", f"steady ms / batch of {args.batch}: min (median)", "ms / sample",
+              "CountSketch s=1 speed-up vs it", "matrix or index / peak extra RSS", "Spearman", "top-20% overlap",
+              "others' CPU while timing"]
+    print()
+    print(f"Peers' own projectors ({versions}), on the same batches as ours:")
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in peer_rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+    print(f"- peers: setup = the constructor (it generates the first D x {PEER_BLOCK} block, or the mask); every call "
+          f"regenerates all ceil(d'/{PEER_BLOCK}) blocks, so one call is the steady state. Above D = "
+          f"{args.peer_full_max_dim:,} a call is timed with {args.peer_blocks} blocks (proj_dim = "
+          f"{args.peer_blocks * PEER_BLOCK}) and scaled by the block count (extrapolated, as marked). Fidelity only where "
+          f"the N x D matrix they take fits in {args.peer_fidelity_max_bytes / (1 << 30):g} GiB (the smallest D).")
+    for note in peer_unavailable():
+        print(f"- not runnable here: {note}")
 
 
 if __name__ == "__main__":
