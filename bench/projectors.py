@@ -630,11 +630,7 @@ def main() -> None:
           f"blocks of {args.block_coords:,} coords (LoRA r={args.lora_r}); fidelity N={args.samples}, "
           f"validation mean of {args.val}")
     print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print()
+    print_table(header, rows)
     print("- dense Rademacher: one timed call (its 512 MiB row cache holds ~26k of the D rows, so every call "
           "regenerates them); above --dense-max-coords its time is measured on the first coordinates and "
           "scaled linearly by D (extrapolated, as marked).")
@@ -653,6 +649,15 @@ def main() -> None:
     print(f"- total runtime {time.perf_counter() - t_start:.0f} s")
 
 
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table, then a blank line."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+
+
 def print_peers(args: argparse.Namespace, peer_rows: list[list[str]]) -> None:
     """The peers' table: CountSketch s=1's speed-up is the peer's steady time over ours, same run, same batch."""
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("traker", "dattri", "torch"))
@@ -662,11 +667,7 @@ def print_peers(args: argparse.Namespace, peer_rows: list[list[str]]) -> None:
     print()
     print(f"Peers' own projectors ({versions}), on the same batches as ours:")
     print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in peer_rows:
-        print("| " + " | ".join(row) + " |")
-    print()
+    print_table(header, peer_rows)
     print(f"- peers: setup = the constructor (it generates the first D x {PEER_BLOCK} block, or the mask); every call "
           f"regenerates all ceil(d'/{PEER_BLOCK}) blocks, so one call is the steady state. Above D = "
           f"{args.peer_full_max_dim:,} a call is timed with {args.peer_blocks} blocks (proj_dim = "
