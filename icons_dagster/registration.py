@@ -53,4 +53,3 @@ def explain_selection(context: OpExecutionContext, config: ExplainConfig, store:
 @job(description="Explain the current subset's decision about one sample (config: sample_id).")
 def explain_sample_job():
     explain_selection()
-

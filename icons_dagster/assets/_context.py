@@ -2,20 +2,22 @@
 
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AutomationCondition, BackfillPolicy, DagsterEventType, DataVersion, MetadataValue, Output, TableColumn, TableSchema
 
 from icons_dagster.core.data.pool import MANIFEST_FILE
 from icons_dagster.core.features.extraction import SAMPLES_FILE
+from icons_dagster.core.stages.checks import check_subset, check_subset_records, pool_ids, subset_ids
 from icons_dagster.core.stages.evaluation import RECORD_SCORES_FILE, SUBSETS_FILE, TABLE_FILE
 from icons_dagster.core.stages.icons import INFLUENCE_FILE, SUBSET_PARQUET, VOTE_TABLE_FILE
 from icons_dagster.core.stages.ofa import IDS_FILE, LABELS_FILE
 from icons_dagster.core.stages.visual_dependency import VDS_FILE
 from icons_dagster.core.storage.fingerprint import fingerprint
 from icons_dagster.core.stages.kit import StageResult
-from icons_dagster.core.storage.refs import Ref
+from icons_dagster.core.storage.artifacts import ArtifactStore
+from icons_dagster.core.storage.refs import PoolRef, Ref
 from icons_dagster.resources.refs import PartitionRefs
 
 GROUP = "icons"
@@ -86,6 +88,18 @@ def table_metadata(context: AssetExecutionContext, result: StageResult) -> dict[
 def check_spec(name: str, asset: str):
     """The check ``name`` on ``asset``, with its description."""
     return AssetCheckSpec(name, asset=asset, description=CHECKS[name])
+
+
+SUBSET_CHECKS = ("subset_size", "no_rejected_record")
+
+
+def subset_checks(artifacts: ArtifactStore, subset: Ref, n_pool: int, p: float, pool: PoolRef) -> Iterator[AssetCheckResult]:
+    """The SUBSET_CHECKS of an exported subset, from one parse of its JSON."""
+    ids = subset_ids(artifacts, subset)
+    passed, metadata = check_subset(ids, n_pool, p)
+    yield AssetCheckResult(check_name="subset_size", passed=passed, metadata=metadata)
+    passed, metadata = check_subset_records(ids, pool_ids(artifacts, pool))
+    yield AssetCheckResult(check_name="no_rejected_record", passed=passed, metadata=metadata)
 
 
 def throttled_progress(context: AssetExecutionContext, label: str, every_seconds: float = 10.0):

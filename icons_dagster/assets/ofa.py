@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 from dagster import AssetCheckResult, AssetExecutionContext, AssetIn, asset
 
-from icons_dagster.assets._context import check_spec, output, throttled_progress
+from icons_dagster.assets._context import SUBSET_CHECKS, check_spec, output, subset_checks, throttled_progress
 from icons_dagster.core.stages.ofa import (
     EMBEDDINGS_FILE,
     stage_ofa_embeddings,
@@ -13,7 +13,7 @@ from icons_dagster.core.stages.ofa import (
     stage_ofa_selected_subset,
     stage_ofa_selector,
 )
-from icons_dagster.core.stages.checks import check_subset, check_subset_records, check_unit_rows, pool_ids, subset_ids
+from icons_dagster.core.stages.checks import check_unit_rows
 from icons_dagster.partitions import train_shard_partitions
 from icons_dagster.resources import DataResource, EmbedderResource, OFAResource, StoreResource
 from icons_dagster.resources.refs import ALL_PARTITIONS
@@ -88,7 +88,7 @@ def ofa_selector(
     group_name=OFA_GROUP,
     io_manager_key="refs_io_manager",
     ins={"ofa_embeddings": AssetIn(metadata=ALL_PARTITIONS)},
-    check_specs=[check_spec("subset_size", "ofa_selected_subset"), check_spec("no_rejected_record", "ofa_selected_subset")],
+    check_specs=[check_spec(name, "ofa_selected_subset") for name in SUBSET_CHECKS],
 )
 def ofa_selected_subset(context: AssetExecutionContext, store: StoreResource, ofa: OFAResource, training_pool: PoolRef, ofa_embeddings: dict, ofa_selector: SelectorRef) -> Iterator:
     """The least-confident floor(pN) records, as LLaVA JSON + Parquet confidences."""
@@ -103,11 +103,7 @@ def ofa_selected_subset(context: AssetExecutionContext, store: StoreResource, of
     }
     result = stage_ofa_selected_subset(artifacts, training_pool, ofa_embeddings, ofa_selector, config, lineage)
     yield output(context, result)
-    ids = subset_ids(artifacts, result.ref)
-    passed, metadata = check_subset(ids, result.metadata["n_pool"], config.p)
-    yield AssetCheckResult(check_name="subset_size", passed=passed, metadata=metadata)
-    passed, metadata = check_subset_records(ids, pool_ids(artifacts, training_pool))
-    yield AssetCheckResult(check_name="no_rejected_record", passed=passed, metadata=metadata)
+    yield from subset_checks(artifacts, result.ref, result.metadata["n_pool"], config.p, training_pool)
 
 
 OFA_ASSETS = [ofa_embeddings, ofa_pseudo_labels, ofa_selector, ofa_selected_subset]

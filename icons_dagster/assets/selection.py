@@ -5,8 +5,7 @@ from collections.abc import Iterator
 
 from dagster import AssetCheckResult, AssetExecutionContext, AssetIn, asset
 
-from icons_dagster.assets._context import EAGER, GROUP, SELECTION_POOL, check_spec, output
-from icons_dagster.core.stages.checks import check_subset, check_subset_records, pool_ids, subset_ids
+from icons_dagster.assets._context import EAGER, GROUP, SELECTION_POOL, SUBSET_CHECKS, check_spec, output, subset_checks
 from icons_dagster.core.stages.icons import stage_selected_subset, stage_vote_table
 from icons_dagster.partitions import BENCHMARKS_PARTITION_NAME
 from icons_dagster.resources import GradientsResource, SelectionResource, StoreResource
@@ -40,7 +39,7 @@ def vote_table(context: AssetExecutionContext, store: StoreResource, selection: 
     kinds={"parquet", "json"},
     group_name=GROUP,
     io_manager_key="refs_io_manager",
-    check_specs=[check_spec("subset_size", "selected_subset"), check_spec("no_rejected_record", "selected_subset")],
+    check_specs=[check_spec(name, "selected_subset") for name in SUBSET_CHECKS],
     automation_condition=EAGER,
     pool=SELECTION_POOL,
 )
@@ -71,8 +70,4 @@ def selected_subset(
     }
     result = stage_selected_subset(artifacts, training_pool, vote_table, config, lineage)
     yield output(context, result)
-    ids = subset_ids(artifacts, result.ref)
-    passed, metadata = check_subset(ids, training_pool.n_records, config.p)
-    yield AssetCheckResult(check_name="subset_size", passed=passed, metadata=metadata)
-    passed, metadata = check_subset_records(ids, pool_ids(artifacts, training_pool))
-    yield AssetCheckResult(check_name="no_rejected_record", passed=passed, metadata=metadata)
+    yield from subset_checks(artifacts, result.ref, training_pool.n_records, config.p, training_pool)

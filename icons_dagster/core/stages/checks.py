@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from icons_dagster.core.data.pool import MANIFEST_FILE, shard_keys
+from icons_dagster.core.data.pool import shard_keys
 from icons_dagster.core.features.extraction import features_file
 from icons_dagster.core.selection import consensus
 from icons_dagster.core.storage.artifacts import ArtifactStore
@@ -58,7 +58,7 @@ def check_subset(ids: list, n_pool: int, p: float) -> tuple[bool, dict]:
 def check_pool(store: ArtifactStore, ref: PoolRef) -> tuple[bool, dict]:
     """The manifest holds the records its reference counts (at least one), each id once, each
     in one of the configured shards."""
-    manifest = pl.read_parquet(store.absolute(ref.path) / MANIFEST_FILE, columns=["id", "shard"])
+    manifest = load_pool_manifest(store, ref, columns=["id", "shard"])
     unique = manifest["id"].n_unique() == manifest.height
     unknown = sorted(set(manifest["shard"].unique().to_list()) - set(shard_keys(ref.num_shards)))
     passed = manifest.height == ref.n_records > 0 and unique and not unknown
