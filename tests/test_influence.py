@@ -383,3 +383,48 @@ def test_streaming_from_object_storage_gives_the_same_bits(tmp_path):
     with pytest.raises(ValueError, match="memory://scores-test/cut.npy.*truncated"):
         influence_scores_from_files(["memory://scores-test/cut.npy"], means, groups)
     memory.rm("/scores-test", recursive=True)
+
+
+def test_a_streaming_pass_hashes_exactly_the_files_it_read(tmp_path):
+    """``digests``: each file's size and sha256, from the bytes the pass read (local or an
+    fsspec URL, prefetched or not, an empty shard too): those of the whole file, so a manifest's
+    checksum is checked without a second read; a trailing byte shows in the size."""
+    import fsspec
+
+    from icons_dagster.core.storage.fingerprint import file_sha256
+    from icons_dagster.core.storage.npy import stream_rows
+
+    rng = np.random.default_rng(4)
+    d = 16
+    _, paths = _shards(tmp_path, rng, [2 * TILE_ROWS + 7, 0, 5], d)
+    means, groups = stack_group_means([unit_f16(rng, 2, d).astype(np.float32)])
+    expected = [(p.stat().st_size, file_sha256(p)) for p in paths]
+    memory = fsspec.filesystem("memory")
+    for path in paths:
+        memory.pipe_file(f"/digest-test/{path.name}", path.read_bytes())
+    urls = [f"memory://digest-test/{path.name}" for path in paths]
+    for shards in (paths, urls):
+        for prefetch in (True, False):
+            digests = []
+            influence_scores_from_files(shards, means, groups, chunk_rows=TILE_ROWS, prefetch=prefetch, digests=digests)
+            assert [(x.file_bytes, x.sha256) for x in digests] == expected
+            assert [x.path for x in digests] == list(shards)
+        streamed = []
+        rows = sum(len(chunk) for _, chunk in stream_rows(shards, chunk_rows=100, digests=streamed))
+        assert rows == 2 * TILE_ROWS + 12 and [(x.file_bytes, x.sha256) for x in streamed] == expected
+    only_empty = []
+    influence_scores_from_files([paths[1]], means, groups, digests=only_empty)
+    assert [(x.file_bytes, x.sha256) for x in only_empty] == [expected[1]]
+    # a byte after the rows: the rows hash as before, the size gives it away
+    with open(paths[2], "ab") as f:
+        f.write(b"\0")
+    tail = []
+    influence_scores_from_files([paths[2]], means, groups, digests=tail)
+    assert tail[0].file_bytes == expected[2][0] + 1 and tail[0].sha256 == expected[2][1]
+    # a pass stopped early reports nothing; more workers read out of order and cannot hash
+    early = []
+    next(stream_rows(paths, chunk_rows=100, digests=early))
+    assert early == []
+    with pytest.raises(ValueError, match="digests need workers=1"):
+        influence_scores_from_files(paths, means, groups, workers=2, digests=[])
+    memory.rm("/digest-test", recursive=True)

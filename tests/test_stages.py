@@ -226,25 +226,33 @@ def test_an_empty_shard_is_valid_and_scores_nothing(two_checkpoint_run, demo_pat
     assert scored.n_train == full.n_samples
 
 
-def test_feature_check_fails_on_a_row_that_is_not_unit_norm(tmp_path):
+def test_feature_check_fails_on_a_row_that_is_not_unit_norm_or_a_file_its_manifest_does_not_name(tmp_path):
     from icons_dagster.core.stages.checks import check_features
     from icons_dagster.core.storage.artifacts import save_npy
     from icons_dagster.core.storage.refs import TrainFeaturesRef
 
     store = ArtifactStore(tmp_path)
-    folder = store.artifact_dir("training_gradients", "fp", "shard-0000")
-    folder.mkdir(parents=True)
+
+    def committed(rows: np.ndarray, fingerprint: str) -> TrainFeaturesRef:
+        folder = store.artifact_dir("training_gradients", fingerprint, "shard-0000")
+        with store.writing(folder, {}) as tmp:
+            save_npy(tmp / "features-checkpoint-0.npy", rows)
+        return TrainFeaturesRef(stage="training_gradients", fingerprint=fingerprint, path=store.relative(folder), n_samples=3, shard="shard-0000")
+
     rows = np.eye(3, 8, dtype=np.float16)
-    save_npy(folder / "features-checkpoint-0.npy", rows)
-    ref = TrainFeaturesRef(stage="training_gradients", fingerprint="fp", path=store.relative(folder), n_samples=3, shard="shard-0000")
-    assert check_features(store, ref, 1)[0] is True
+    intact = committed(rows, "unit")
+    assert check_features(store, intact, 1) == (True, {"rows": 3, "finite": True, "max_norm_error": 0.0, "tolerance": 2e-3})
     rows[1] *= 2
-    save_npy(folder / "features-checkpoint-0.npy", rows)
-    passed, metadata = check_features(store, ref, 1)
-    assert passed is False and metadata["max_norm_error"] == 1.0 and metadata["rows"] == 3
+    passed, metadata = check_features(store, committed(rows, "doubled"), 1)
+    assert passed is False and metadata["max_norm_error"] == 1.0 and metadata["rows"] == 3 and "corrupt" not in metadata
     rows[1, 0] = np.nan
-    save_npy(folder / "features-checkpoint-0.npy", rows)
-    assert check_features(store, ref, 1)[1]["finite"] is False
+    assert check_features(store, committed(rows, "nan"), 1)[1]["finite"] is False
+    # unit rows, but not the bytes committed: the same read finds it
+    path = store.absolute(intact.path) / "features-checkpoint-0.npy"
+    save_npy(path, np.eye(3, 8, dtype=np.float16)[[1, 0, 2]])
+    passed, metadata = check_features(store, intact, 1)
+    assert passed is False and metadata["max_norm_error"] == 0.0
+    assert metadata["corrupt"].startswith(f"artifact {path.parent} is corrupt: features-checkpoint-0.npy: sha256 differs")
 
 
 def test_the_model_fingerprint_follows_the_checkpoint_content_not_its_path(tiny_model_dir, tmp_path):

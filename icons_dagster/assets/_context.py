@@ -119,9 +119,11 @@ def throttled_progress(context: AssetExecutionContext, label: str, every_seconds
 def to_metadata(result: StageResult) -> dict[str, Any]:
     """Stage metadata -> Dagster metadata values (plots as markdown, tables as markdown). Paths
     are absolute, under the home as it is now, so a user can open or copy them: ``path`` (the
-    artifact's folder) and ``export_<kind>`` (what the stage exported)."""
+    artifact's folder, or its URL on the shared store when this machine has no copy) and ``export_<kind>`` (what the stage exported)."""
     metadata: dict[str, Any] = {}
     for key, value in result.metadata.items():
+        if key == "remote_location":
+            continue  # the path below
         if key == "plots":
             for name, markdown in value.items():
                 metadata[f"plot_{name}"] = MetadataValue.md(markdown)
@@ -136,7 +138,8 @@ def to_metadata(result: StageResult) -> dict[str, Any]:
             metadata[key] = MetadataValue.text("none")
         else:
             metadata[key] = value
-    metadata["path"] = MetadataValue.path(str(result.directory) if result.directory is not None else result.ref.path)
+    where = str(result.directory) if result.directory is not None else result.metadata.get("remote_location", result.ref.path)
+    metadata["path"] = MetadataValue.path(where)
     return metadata
 
 

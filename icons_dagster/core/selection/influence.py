@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icons_dagster.core.storage.npy import _prefetched_chunks, _read_rows, npy_info, open_binary
+from icons_dagster.core.storage.npy import FileDigest, _prefetched_chunks, _read_rows, file_digests, npy_info, open_binary
 
 __all__ = [
     "normalize_rows",
@@ -328,6 +328,7 @@ def influence_scores_from_files(
     *,
     workers: int = 1,
     prefetch: bool = True,
+    digests: list[FileDigest] | None = None,
 ) -> np.ndarray:
     """Scores of every row of several ``.npy`` shards for MANY benchmarks in one pass.
 
@@ -348,11 +349,15 @@ def influence_scores_from_files(
     ``[total_rows, K]`` float32 result, memory is about B * chunk_rows * d * itemsize +
     workers * TILE_ROWS * d * 4 bytes with B = 2 (workers=1 with prefetch), 1 (without)
     or ``workers``: independent of the number of rows. Files may differ in dtype (any
-    real numeric) but not in d.
+    real numeric) but not in d. ``digests`` (``workers=1`` only, whose reads are in file
+    order): a list filled with each file's size and sha256, hashed from the bytes the pass
+    read, so the caller checks them against a manifest without reading the files twice.
     """
     step = _read_step(chunk_rows)
     if int(workers) < 1:
         raise ValueError("workers must be >= 1")
+    if digests is not None and int(workers) != 1:
+        raise ValueError("digests need workers=1 (more workers read chunks out of order)")
     infos = [npy_info(p) for p in paths]
     d = infos[0].shape[1] if infos else None
     kernel = _GroupMax(means, groups, d=d)
@@ -365,6 +370,8 @@ def influence_scores_from_files(
     out = np.empty((int(starts[-1]), kernel.k), dtype=np.float32)
     jobs = [(fi, a, min(info.rows, a + step)) for fi, info in enumerate(infos) for a in range(0, info.rows, step)]
     if not jobs:
+        if digests is not None:
+            digests.extend(file_digests(infos))
         return out
 
     def score(job: tuple[int, int, int], rows: np.ndarray, buf: np.ndarray) -> None:
@@ -377,7 +384,7 @@ def influence_scores_from_files(
     with _tile_arithmetic():
         if int(workers) == 1:
             buf = _aligned_empty((TILE_ROWS, kernel.d), np.float32)
-            for job, rows in _prefetched_chunks(infos, jobs, step, prefetch):
+            for job, rows in _prefetched_chunks(infos, jobs, step, prefetch, digests):
                 score(job, rows, buf)
             return out
         local = threading.local()

@@ -10,6 +10,7 @@ around these functions.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import shutil
 from functools import partial
@@ -27,7 +28,7 @@ from icons_dagster.core.data.image_hashes import ImageHashCache, images_key
 from icons_dagster.core.data.pool import MANIFEST_FILE, MANIFEST_VERSION, PROBLEMS_FILE, build_manifest, records_from_manifest
 from icons_dagster.core.data.records import load_records, screen_images
 from icons_dagster.core.model.samples import SkipLog
-from icons_dagster.core.features.extraction import FeatureSet, compute_features, features_file, load_features, load_samples
+from icons_dagster.core.features.extraction import SAMPLES_FILE, FeatureSet, compute_features, features_file, load_features, load_samples
 from icons_dagster.core.features.gradients import FEATURES_VERSION
 from icons_dagster.core.features.projection import make_projector
 from icons_dagster.core.model.cache import MODELS, ModelCache, model_fingerprint_fields
@@ -42,6 +43,7 @@ from icons_dagster.core.selection.influence import (
 )
 from icons_dagster.core.stages.kit import Log, Progress, Stage, StageResult, quiet_log
 from icons_dagster.core.storage.artifacts import ArtifactStore, save_npy, temporary_sibling, write_json
+from icons_dagster.core.storage.npy import FileDigest
 from icons_dagster.core.storage.refs import CheckpointRef, InfluenceRef, PoolRef, TrainFeaturesRef, ValidationFeaturesRef, VoteTableRef, WarmupSubsetRef
 
 VOTE_TABLE_FILE = "vote_table.parquet"
@@ -406,8 +408,10 @@ def stage_influences(
     over the training features per checkpoint (each benchmark's scores are bit-identical
     to scoring it alone, see ``influence_scores_from_files``), so materializing K
     benchmarks reads the training shards once, not K times. Each benchmark still gets
-    its own artifact and fingerprint. ``write_full_matrix`` also stores the |D| x |V|
-    matrix.
+    its own artifact and fingerprint. The shards are read where they are (streamed from the
+    shared store when this machine has no copy) and checked against their manifests from
+    the same read. ``write_full_matrix`` also stores the |D| x |V| matrix (it loads each
+    shard whole, pulling it from the shared store).
     """
     shards = sorted(train_refs)
     train_fingerprints = [train_refs[s].fingerprint + "/" + s for s in shards]
@@ -431,11 +435,13 @@ def stage_influences(
     if not pending:
         return results
     weights = [entry["weight"] for entry in checkpoint_ref.checkpoints]
-    shard_dirs = [store.absolute(train_refs[shard].path) for shard in shards]
+    # read where they are (streamed from the shared store when this machine has no copy),
+    # each file checked against its manifest from the bytes the pass reads
+    stored = [store.stored(train_refs[shard].path) for shard in shards]
     ids: list[str] = []
     shard_col: list[str] = []
-    for shard, shard_dir in zip(shards, shard_dirs, strict=True):
-        shard_ids = load_samples(shard_dir)["id"].to_list()
+    for shard, features in zip(shards, stored, strict=True):
+        shard_ids = pl.read_parquet(io.BytesIO(features.read_bytes(SAMPLES_FILE)), columns=["id"])["id"].to_list()
         ids += shard_ids
         shard_col += [shard] * len(shard_ids)
     validation = {b: _ValidationSet.load(store, validation_refs[b]) for b in pending}
@@ -445,10 +451,13 @@ def stage_influences(
     for c in range(len(weights)):
         means = [validation[b].means(c) for b in pending]
         stacked, groups = stack_group_means(means)
-        paths = [shard_dir / features_file(c) for shard_dir in shard_dirs]
         log(f"influence of {len(pending)} benchmark(s) over {len(ids)} training samples, checkpoint {c}: one streaming pass")
         one_per_group = [(g, g + 1) for g in range(stacked.shape[0])]
-        scores = influence_scores_from_files(paths, stacked, one_per_group)  # [n, G_total], bounded memory
+        digests: list[FileDigest] = []
+        paths = [features.file(features_file(c)) for features in stored]
+        scores = influence_scores_from_files(paths, stacked, one_per_group, digests=digests)  # [n, G_total], bounded memory
+        for features, digest in zip(stored, digests, strict=True):
+            features.check(features_file(c), digest.file_bytes, digest.sha256)
         for (a, b), benchmark in zip(groups, pending, strict=True):
             per_ckpt_groups[benchmark].append(np.ascontiguousarray(scores[:, a:b]))
     manifest_df = load_pool_manifest(store, pool_ref, columns=["id", "family"])
@@ -630,7 +639,7 @@ def stage_selected_subset(
     result = stage.reused()
     if result is None:
         result = _build_subset(stage, pool_ref, vote_ref, selection, lineage or {})
-    exports = export_subset(store, stage.directory)
+    exports = export_subset(store, store.absolute(result.ref.path))
     return dataclasses.replace(result, metadata={**result.metadata, "exports": exports})
 
 

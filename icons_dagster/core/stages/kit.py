@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from icons_dagster.core.storage.fingerprint import fingerprint
-from icons_dagster.core.storage.artifacts import ArtifactStore, integrity_problem
+from icons_dagster.core.storage.artifacts import COMPLETE_MARKER, ArtifactStore, integrity_problem
 from icons_dagster.core.storage.refs import Ref, make_ref
 
 Log = Callable[[str], None]
@@ -35,7 +35,7 @@ def quiet_log(_: str) -> None:
 class StageResult:
     ref: Ref  # where the artifact is, its fingerprint, what downstream stages need
     metadata: dict[str, Any] = field(default_factory=dict)  # JSON values; "plots": {name: markdown}
-    directory: Path | None = None  # the artifact's folder under the store's root now (what a user opens)
+    directory: Path | None = None  # the artifact's folder under the store's root now (what a user opens); None: on the remote only
 
 
 @dataclass
@@ -61,11 +61,18 @@ class Stage:
 
     def reused(self) -> StageResult | None:
         """The committed, intact artifact with this fingerprint, or None (and the clock
-        starts); a corrupt one is recomputed (``building`` replaces it) and the metadata says why."""
-        if self.store.is_complete(self.directory):
+        starts); a corrupt one is recomputed (``building`` replaces it) and the metadata says why.
+        A copy on the shared remote only is reused where it is, without pulling it: its
+        readers pull or stream what they read and check it then (``ArtifactStore.stored``)."""
+        where = self.store.committed_where(self.directory)
+        if where == "remote":
+            return self._result(reused=True)
+        if where == "local":
             self.replaced = integrity_problem(self.directory)
             if self.replaced is None:
                 return self._result(reused=True)
+        else:
+            self.replaced = self.store.quarantined(self.directory)
         self._started = time.perf_counter()
         return None
 
@@ -90,6 +97,9 @@ class Stage:
 
     def _result(self, reused: bool) -> StageResult:
         manifest = self.store.read_manifest(self.directory)
-        ref = make_ref(self.name, self.fingerprint, self.store.relative(self.directory), reused, manifest.get("ref", {}))
+        relative = self.store.relative(self.directory)
+        ref = make_ref(self.name, self.fingerprint, relative, reused, manifest.get("ref", {}))
         metadata = {**manifest.get("metadata", {}), "fingerprint": self.fingerprint, "reused": reused}
-        return StageResult(ref=ref, metadata=metadata, directory=self.directory)
+        if (self.directory / COMPLETE_MARKER).is_file():
+            return StageResult(ref=ref, metadata=metadata, directory=self.directory)
+        return StageResult(ref=ref, metadata={**metadata, "remote_location": self.store.remote.url_of(relative)})

@@ -12,19 +12,26 @@ Shared store (many machines): with ``remote`` set to an fsspec URL (``s3://bucke
 also uploaded there, its files first and its manifest last, so on object storage too the
 manifest is the commit point and a half-uploaded folder is never trusted. A machine that
 lacks an artifact locally pulls it from the remote (into a temporary folder, renamed into
-place) the first time it is asked for. Artifacts are immutable (their folder is their
-fingerprint), so the local root is a cache that never goes stale.
+place) the first time a reader opens it (``absolute``). Reuse does not pull: a stage whose
+artifact is committed on the remote reuses it as it is there, and the large feature files
+are streamed from the remote where they are read (``stored``), never copied. Artifacts are
+immutable (their folder is their fingerprint), so the local root is a cache that never goes
+stale.
 
 Integrity: the manifest lists every file of the artifact with its size and sha256
 (``files``). A committed artifact is checked against it when it is reused and when a
 downstream stage opens it (``absolute``; each file is hashed once per process while its
 size and mtime stay put): a flipped byte or a truncated file is never trusted. A stage
 recomputes a corrupt artifact of its own; a reader is told, by file, what is wrong.
+A file streamed (``stored``) is checked from the bytes its reader read; a corrupt remote
+copy is then quarantined (its manifest renamed ``_CORRUPT.json``, with the reason), so the
+stage that owns it recomputes it on the next run instead of reusing it.
 Artifacts committed before checksums (no ``files``) are trusted as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -42,6 +49,7 @@ from icons_dagster.core.storage.fingerprint import file_sha256
 from icons_dagster.core.storage.refs import Ref, ref_from_json
 
 COMPLETE_MARKER = "_COMPLETE.json"
+CORRUPT_MARKER = "_CORRUPT.json"  # a quarantined remote copy: why it was not trusted
 FILES_KEY = "files"  # in the manifest: {relative path: {"bytes": n, "sha256": hex}}
 CONFIG_FILE = "icons.json"
 UNPARTITIONED = "__unpartitioned__"
@@ -57,6 +65,15 @@ def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != COMPLETE_MARKER):
         files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     return files
+
+
+def file_problem(relative: str, expected: dict[str, Any], size: int, sha256: str) -> str | None:
+    """What differs between a file's size and sha256 and its manifest entry, or None."""
+    if size != expected["bytes"]:
+        return f"{relative}: {size} bytes, its manifest says {expected['bytes']} (truncated or overwritten)"
+    if sha256 != expected["sha256"]:
+        return f"{relative}: sha256 differs from its manifest (the file changed after it was committed)"
+    return None
 
 
 _intact: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) of files hashed and found right in this process
@@ -80,12 +97,12 @@ def integrity_problem(directory: Path) -> str | None:
         except OSError:
             return f"{relative}: missing"
         if stat.st_size != expected["bytes"]:
-            return f"{relative}: {stat.st_size} bytes, its manifest says {expected['bytes']} (truncated or overwritten)"
+            return file_problem(relative, expected, stat.st_size, "")
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key in _intact:
             continue
-        if file_sha256(path) != expected["sha256"]:
-            return f"{relative}: sha256 differs from its manifest (the file changed after it was committed)"
+        if (problem := file_problem(relative, expected, stat.st_size, file_sha256(path))) is not None:
+            return problem
         _intact.add(key)
     return None
 
@@ -106,8 +123,20 @@ class RemoteStore:
     def has_file(self, relative: str) -> bool:
         return self.fs.exists(self._path(relative))
 
+    def read_bytes(self, relative: str) -> bytes:
+        return self.fs.cat_file(self._path(relative))
+
     def read_text(self, relative: str) -> str:
-        return self.fs.cat_file(self._path(relative)).decode("utf-8")
+        return self.read_bytes(relative).decode("utf-8")
+
+    def url_of(self, relative: str) -> str:
+        return f"{self.url}/{relative}" if relative else self.url
+
+    def quarantine(self, relative: str, problem: str) -> None:
+        """Withdraw a corrupt folder: its reason is written, then its manifest (the commit
+        point) removed, so nothing trusts it and its stage recomputes it."""
+        self.write_text(f"{relative}/{CORRUPT_MARKER}", json.dumps({"problem": problem}))
+        self.fs.rm_file(self._path(f"{relative}/{COMPLETE_MARKER}"))
 
     def write_text(self, relative: str, text: str) -> None:
         target = self._path(relative)
@@ -121,6 +150,8 @@ class RemoteStore:
             target = self._path(f"{relative}/{file.relative_to(local).as_posix()}")
             self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(file), target)
+        if self.has_file(f"{relative}/{CORRUPT_MARKER}"):  # this upload replaces a quarantined copy
+            self.fs.rm_file(self._path(f"{relative}/{CORRUPT_MARKER}"))
         self.fs.put_file(str(local / COMPLETE_MARKER), self._path(f"{relative}/{COMPLETE_MARKER}"))
 
     def pull(self, relative: str, local: Path) -> None:
@@ -229,33 +260,61 @@ class ArtifactStore:
         if self.remote is not None:
             self.is_complete(path)
         if (path / COMPLETE_MARKER).is_file() and (problem := integrity_problem(path)) is not None:
-            raise CorruptArtifact(f"artifact {path} is corrupt: {problem}; it is not used (its stage recomputes it on the next run)")
+            raise corrupt(path, problem)
         return path
 
+    def stored(self, relative: str) -> StoredArtifact:
+        """A committed artifact to read where it is: this machine's copy when it has one, else
+        the remote's, streamed and never copied (see ``StoredArtifact``)."""
+        directory = self.root / relative
+        where = self.committed_where(directory)
+        if where is None:
+            raise FileNotFoundError(f"artifact {directory} is missing or incomplete (no {COMPLETE_MARKER} here or on the remote)")
+        manifest = self.read_manifest(directory)
+        files = manifest.get(FILES_KEY) if isinstance(manifest.get(FILES_KEY), dict) else None
+        location = str(directory) if where == "local" else self.remote.url_of(relative)
+        return StoredArtifact(self, relative, location, where == "local", files)
+
+    def quarantined(self, directory: Path) -> str | None:
+        """Why the remote withdrew this artifact's copy (``RemoteStore.quarantine``), if it did."""
+        relative = f"{self.relative(directory)}/{CORRUPT_MARKER}"
+        if self.remote is None or not self.remote.has_file(relative):
+            return None
+        return str(json.loads(self.remote.read_text(relative)).get("problem", "corrupt"))
+
     # -- completeness ------------------------------------------------------------------
+    def committed_where(self, directory: Path) -> str | None:
+        """``"local"`` when this machine holds the committed artifact, ``"remote"`` when only
+        the remote does (nothing is pulled), None when neither; a local-only one is uploaded."""
+        directory = Path(directory)
+        local = (directory / COMPLETE_MARKER).is_file()
+        if self.remote is None:
+            return "local" if local else None
+        relative = self.relative(directory)
+        remote = self.remote.has_file(f"{relative}/{COMPLETE_MARKER}")
+        if local and not remote:
+            self.remote.push(directory, relative)
+        return "local" if local else "remote" if remote else None
+
     def is_complete(self, directory: Path) -> bool:
         """Whether the artifact is complete; with a remote, the two copies are reconciled:
         a local-only one is uploaded (a run that died after committing locally), a
         remote-only one is pulled."""
         directory = Path(directory)
-        local = (directory / COMPLETE_MARKER).is_file()
-        if self.remote is None:
-            return local
-        relative = self.relative(directory)
-        remote = self.remote.has_file(f"{relative}/{COMPLETE_MARKER}")
-        if local and not remote:
-            self.remote.push(directory, relative)
-        elif remote and not local:
+        where = self.committed_where(directory)
+        if where == "remote":
             directory.parent.mkdir(parents=True, exist_ok=True)
-            self.remote.pull(relative, directory)
-        return local or remote
+            self.remote.pull(self.relative(directory), directory)
+        return where is not None
 
-    @staticmethod
-    def read_manifest(directory: Path) -> dict[str, Any]:
+    def read_manifest(self, directory: Path) -> dict[str, Any]:
+        """A committed artifact's manifest: this machine's, else the remote's."""
         marker = Path(directory) / COMPLETE_MARKER
-        if not marker.is_file():
-            raise FileNotFoundError(f"artifact {directory} is missing or incomplete (no {COMPLETE_MARKER})")
-        return json.loads(marker.read_text(encoding="utf-8"))
+        if marker.is_file():
+            return json.loads(marker.read_text(encoding="utf-8"))
+        if self.remote is not None and self.remote.has_file(relative := f"{self.relative(directory)}/{COMPLETE_MARKER}"):
+            return json.loads(self.remote.read_text(relative))
+        raise FileNotFoundError(f"artifact {directory} is missing or incomplete (no {COMPLETE_MARKER})")
 
     @contextmanager
     def writing(self, directory: Path, manifest: dict[str, Any]) -> Iterator[Path]:
@@ -275,6 +334,45 @@ class ArtifactStore:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def corrupt(where: str | Path, problem: str) -> CorruptArtifact:
+    return CorruptArtifact(f"artifact {where} is corrupt: {problem}; it is not used (its stage recomputes it on the next run)")
+
+
+class StoredArtifact:
+    """A committed artifact read where it is (``ArtifactStore.stored``): ``location`` is this
+    machine's folder or the remote's URL. Its readers check each file they read against the
+    manifest from the bytes they read (``check``, ``read_bytes``): a mismatch raises
+    CorruptArtifact naming the file, and a remote copy is quarantined so its stage recomputes it."""
+
+    def __init__(self, store: ArtifactStore, relative: str, location: str, local: bool, files: dict | None):
+        self.store, self.relative, self.location, self.local, self.files = store, relative, location, local, files
+
+    def file(self, name: str) -> str | Path:
+        """What a streaming reader opens: a local path, or a URL on the remote."""
+        return Path(self.location) / name if self.local else f"{self.location}/{name}"
+
+    def check(self, name: str, file_bytes: int, sha256: str) -> None:
+        """Raise CorruptArtifact when what was read of ``name`` differs from the manifest."""
+        if self.files is None:
+            return  # committed before checksums: trusted as before
+        expected = self.files.get(name)
+        problem = f"{name}: not in its manifest" if expected is None else file_problem(name, expected, file_bytes, sha256)
+        if problem is None:
+            return
+        if not self.local:
+            self.store.remote.quarantine(self.relative, problem)
+        raise corrupt(self.location, problem)
+
+    def read_bytes(self, name: str) -> bytes:
+        """A whole (small) file, checked."""
+        if self.local:
+            data = Path(self.file(name)).read_bytes()
+        else:
+            data = self.store.remote.read_bytes(f"{self.relative}/{name}")
+        self.check(name, len(data), hashlib.sha256(data).hexdigest())
+        return data
 
 
 def _safe_component(name: str) -> str:

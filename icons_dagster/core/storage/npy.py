@@ -2,10 +2,12 @@
 (never a memory map, whose touched pages all count in RSS, and never a pickle), so peak
 memory is set by the chunk size, not the file size. A file is a local path or an fsspec
 URL (``s3://``, ``gs://``, ``file://``, ``memory://``): object storage is streamed the same
-way, in ranged reads, without a local copy."""
+way, in ranged reads, without a local copy. A pass can also hash what it reads
+(``digests``), so a file is checked against its artifact's manifest without a second read."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +43,7 @@ class NpyInfo:
     shape: tuple[int, int]
     dtype: np.dtype
     offset: int
+    file_bytes: int  # the whole file's size (np.save writes nothing after the rows)
 
     @property
     def rows(self) -> int:
@@ -88,7 +91,7 @@ def npy_info(path: str | Path) -> NpyInfo:
             f"{path}: array is stored in Fortran (column-major) order, so its rows are not "
             "contiguous on disk; re-save it C-ordered (np.save(path, np.ascontiguousarray(a)))"
         )
-    info = NpyInfo(path=path, shape=(int(shape[0]), int(shape[1])), dtype=dtype, offset=offset)
+    info = NpyInfo(path=path, shape=(int(shape[0]), int(shape[1])), dtype=dtype, offset=offset, file_bytes=size)
     need = offset + info.rows * info.row_bytes
     if size < need:
         raise ValueError(
@@ -138,16 +141,70 @@ def iter_npy_rows(path: str | Path, chunk_rows: int = 65536, *, reuse_buffer: bo
             yield out
 
 
-def _prefetched_chunks(infos: Sequence[NpyInfo], jobs: list[tuple[int, int, int]], step: int, prefetch: bool):
+@dataclass(frozen=True)
+class FileDigest:
+    """What a streaming pass read of one file: its size and the sha256 of its header and rows
+    (the whole file unless something follows the rows, which ``file_bytes`` then shows)."""
+
+    path: str | Path
+    file_bytes: int
+    sha256: str
+
+
+def _read_header(f, info: NpyInfo) -> bytes:
+    f.seek(0)
+    header = b""
+    while len(header) < info.offset:
+        more = f.read(info.offset - len(header))
+        if not more:
+            raise ValueError(f"{info.path}: file ended inside its header")
+        header += more
+    return header
+
+
+def stream_rows(
+    paths: Sequence[str | Path], chunk_rows: int = 65536, *, digests: list[FileDigest] | None = None, prefetch: bool = True
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(file index, rows)`` of 2-D ``.npy`` files in order, ``chunk_rows`` at a time,
+    each chunk a view of a reused buffer (copy what you keep). With ``digests`` (a list), once
+    every chunk has been yielded it holds each file's ``FileDigest``, hashed from the bytes read."""
+    if int(chunk_rows) < 1:
+        raise ValueError("chunk_rows must be >= 1")
+    infos = [npy_info(p) for p in paths]
+    jobs = [(fi, a, min(info.rows, a + int(chunk_rows))) for fi, info in enumerate(infos) for a in range(0, info.rows, int(chunk_rows))]
+    for (fi, _, _), rows in _prefetched_chunks(infos, jobs, int(chunk_rows), prefetch, digests):
+        yield fi, rows
+
+
+def file_digests(infos: Sequence[NpyInfo], hashers: dict | None = None) -> list[FileDigest]:
+    """Each file's digest: the hash a pass built (``hashers`` by file index), or its header's
+    for a file it read no row of."""
+    hashers = {} if hashers is None else hashers
+    out = []
+    for fi, info in enumerate(infos):
+        if fi not in hashers:
+            with open_binary(info.path) as f:
+                hashers[fi] = hashlib.sha256(_read_header(f, info))
+        out.append(FileDigest(info.path, info.file_bytes, hashers[fi].hexdigest()))
+    return out
+
+
+def _prefetched_chunks(
+    infos: Sequence[NpyInfo], jobs: list[tuple[int, int, int]], step: int, prefetch: bool, digests: list[FileDigest] | None = None
+):
     """Yield ``(job, rows)`` for ``jobs = [(file, start, stop)]``, in order.
 
     With ``prefetch`` a background thread reads job j+1 into the second of two buffers
     while the caller works on job j (file reads release the GIL, so a cold read
-    overlaps the arithmetic).
+    overlaps the arithmetic). With ``digests``, jobs must cover each file's rows in order
+    (as they are built here and in ``influence_scores_from_files``): the reading thread
+    hashes each file's header and rows as it reads them, and once the last job has been
+    yielded ``digests`` gets every file's ``FileDigest``.
     """
-    nbytes = step * max(info.row_bytes for info in infos)
+    nbytes = step * max(info.row_bytes for info in infos) if infos else 0
     bufs = [np.empty(max(1, nbytes), dtype=np.uint8) for _ in range(2 if prefetch else 1)]
     handles: dict[int, object] = {}
+    hashers: dict[int, object] = {}
 
     def read(j: int):
         fi, a, b = jobs[j]
@@ -160,20 +217,26 @@ def _prefetched_chunks(infos: Sequence[NpyInfo], jobs: list[tuple[int, int, int]
             f = handles[fi] = open_binary(info.path)
             if hasattr(os, "posix_fadvise") and not is_url(info.path):
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            if digests is not None:
+                hashers[fi] = hashlib.sha256(_read_header(f, info))
         _read_rows(f, info, a, rows)
+        if digests is not None:
+            hashers[fi].update(rows)  # in the reading thread; hashlib releases the GIL
         return rows
 
     try:
         if not prefetch:
             for j, job in enumerate(jobs):
                 yield job, read(j)
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="npy-prefetch") as pool:
-            pending = pool.submit(read, 0) if jobs else None
-            for j, job in enumerate(jobs):
-                rows = pending.result()
-                pending = pool.submit(read, j + 1) if j + 1 < len(jobs) else None
-                yield job, rows
+        else:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="npy-prefetch") as pool:
+                pending = pool.submit(read, 0) if jobs else None
+                for j, job in enumerate(jobs):
+                    rows = pending.result()
+                    pending = pool.submit(read, j + 1) if j + 1 < len(jobs) else None
+                    yield job, rows
     finally:
         for f in handles.values():
             f.close()
+    if digests is not None:
+        digests.extend(file_digests(infos, hashers))
