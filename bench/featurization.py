@@ -1,11 +1,19 @@
 """Gradient featurization throughput: ours vs a LESS-style loop, and vs a plain training step.
 
+Models (``--model``): the demo's tiny LLaVA (default), the same with a mid-size language
+model (``--text-hidden``), or ``smollm2``: the tiny vision tower in front of the pretrained
+SmolLM2-135M-Instruct (``demo/smollm2.py``; the largest real model that runs offline here),
+built once into ``--model-cache`` and reused.
+
 Baselines in the same run, same model, same records, same thread count:
 - LESS-style: batch 1, backward, flatten ``.grad``, dense Rademacher projection as TRAK's
   BasicProjector does it on a CPU: ±1 entries from torch's generator, the whole D x d'
   matrix kept in memory when it fits in ``--dense-budget-gib``, else generated again for
   every sample block by block (the only option at LLaVA scale, where it would be TBs).
   At large D the loop is timed on the first ``--loop-records`` records (a per-sample rate);
+- with ``--less-projector trak``, also the same loop projecting with TRAK's own
+  ``BasicProjector`` (``traker``, the optional extra ``bench``), timed beside ours-dense
+  sample by sample (see ``TrakBasicProjector`` for the regime it runs in);
 - ours: batched per-sample gradients from LoRA hooks, CountSketch fused per module;
 - a batch-1 loop with our CountSketch (separates batching from the cheaper projection);
 - a plain training step (forward + backward of the batch loss) on the same batches;
@@ -16,7 +24,9 @@ the median of the per-round ratios, so a noisy neighbour slows all sides of a ro
 
 Usage: python bench/featurization.py [--records 64] [--batch 16] [--dim 1024] [--lora-r 8]
        [--threads 2] [--rounds 7] [--loop-records N] [--length-grouping 16]
-       [--text-hidden 512 --text-layers 4]   # a mid-size language model instead of the demo's
+       [--less-projector {ours-dense,trak}]   # trak: TRAK's BasicProjector loop too
+       [--text-hidden 512 --text-layers 4]    # a mid-size language model instead of the demo's
+       [--model smollm2 [--model-cache DIR]]  # SmolLM2-135M behind the tiny vision tower
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +53,7 @@ from icons_dagster.core.data.records import load_records  # noqa: E402
 from icons_dagster.core.model.samples import SkipLog, encode_records, length_grouped_batches, padded_tokens  # noqa: E402
 from icons_dagster.demo.build import ensure_demo_model  # noqa: E402
 from icons_dagster.demo.data import demo_corpus, generate_demo  # noqa: E402
+from icons_dagster.demo.smollm2 import build_smollm2_llava  # noqa: E402
 from icons_dagster.demo.tiny_model import TinyModelSpec, build_tiny_llava  # noqa: E402
 
 
@@ -87,6 +99,50 @@ class BasicDenseProjector:
         return out
 
 
+def trak_projectors():
+    """TRAK's projector classes; traker is an optional extra, so say how to get it."""
+    try:
+        from trak.projectors import BasicProjector, ProjectionType
+    except ImportError as error:
+        sys.exit(f"--less-projector trak needs TRAK's package (traker), the optional extra `bench`: pip install -e '.[bench]' ({error})")
+    return BasicProjector, ProjectionType
+
+
+class TrakBasicProjector:
+    """TRAK's own ``BasicProjector`` as TRAKer sets it up where it has no ``fast_jl`` kernel.
+
+    Regime (traker 0.3.2, ``trak/projectors.py``): it never holds the D x d' matrix. It keeps
+    one D x ``block_size`` buffer (block_size 100 output columns by default) and, when d' >
+    100, refills it from a seeded generator for each of the ceil(d'/100) column blocks on
+    *every* ``project`` call, i.e. the whole matrix is generated again for every sample of a
+    batch-1 loop, however much memory there is. Only with d' <= 100 (one block) is the matrix
+    generated once and kept. ``max_batch_size`` belongs to its ``CudaProjector`` (the
+    fast_jl kernel's batch limit); ``BasicProjector`` takes the whole [batch, D] input in
+    one matmul per block. Entry type as TRAKer picks it: normal on a CPU (it avoids
+    bernoulli there), rademacher on CUDA; it does not scale by 1/sqrt(d') (timing only).
+    """
+
+    def __init__(self, dimension: int, dim: int, seed: int, proj_type: str, device: torch.device):
+        BasicProjector, ProjectionType = trak_projectors()
+        if proj_type == "auto":
+            proj_type = "normal" if device.type == "cpu" else "rademacher"
+        self.proj_type = ProjectionType(proj_type)
+        self.projector = BasicProjector(dimension, dim, seed, self.proj_type, device)  # generates the first block: setup
+        self.dimension, self.dim = dimension, dim
+
+    def describe(self) -> str:
+        """The regime it ran in, for the printed line."""
+        block, blocks = self.projector.block_size, self.projector.num_blocks
+        whole = self.dimension * self.dim * 4 / 2**30
+        if blocks == 1:
+            return f"{self.proj_type.value}, whole D x d' matrix kept ({whole:.2f} GiB)"
+        return (f"{self.proj_type.value}, D x {block} block ({self.dimension * block * 4 / 2**30:.2f} GiB) regenerated "
+                f"{blocks}x per sample; the {whole:.1f} GiB D x d' matrix is never held")
+
+    def project(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.projector.project(flat, model_id=0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=64)
@@ -94,6 +150,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", choices=("demo", "smollm2"), default="demo", help="demo: the demo's tiny LLaVA (or mid-size with --text-hidden); smollm2: SmolLM2-135M behind the tiny vision tower")
+    parser.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "icons-bench-models"), help="where --model smollm2 is built once and reused")
     parser.add_argument("--text-hidden", type=int, help="language-model width (default: the demo model's 64)")
     parser.add_argument("--text-layers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds of ours and the training step")
@@ -102,20 +160,36 @@ def main() -> None:
     parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="CUDA: deterministic kernels (the pipeline's default)")
     parser.add_argument("--dense-budget-gib", type=float, default=2.0, help="keep the dense matrix when it fits in this")
     parser.add_argument("--length-grouping", type=int, default=16, help="batches per length-sorted window (the pipeline's default; 1 = input order)")
+    parser.add_argument("--less-projector", choices=("ours-dense", "trak"), default="ours-dense", help="trak: also time the LESS-style loop with TRAK's BasicProjector (pip install -e '.[bench]')")
+    parser.add_argument("--trak-proj-type", choices=("auto", "normal", "rademacher"), default="auto", help="TRAK's entries; auto: as TRAKer picks (normal on CPU, rademacher on CUDA)")
     args = parser.parse_args()
+    if args.model == "smollm2" and args.text_hidden:
+        parser.error("--text-hidden builds a mid-size demo model; it does not apply to --model smollm2")
+    if args.less_projector == "trak":
+        trak_projectors()  # fail before minutes of model building
     torch.set_num_threads(args.threads)
 
     work = Path(tempfile.mkdtemp(prefix="icons-bench-"))
     demo = generate_demo(work / "demo", size="default")
-    if args.text_hidden:
+    build_start = time.perf_counter()
+    if args.model == "smollm2":
+        model_dir = build_smollm2_llava(Path(args.model_cache) / "smollm2-llava")  # reused when its manifest matches
+    elif args.text_hidden:
         spec = TinyModelSpec(text_hidden=args.text_hidden, text_layers=args.text_layers, intermediate=4 * args.text_hidden, text_heads=8, text_kv_heads=8)
         model_dir = build_tiny_llava(work / "model", demo_corpus("default"), spec)
     else:
         model_dir = ensure_demo_model(work)
+    build_seconds = time.perf_counter() - build_start
     config = ModelConfig(str(model_dir), max_length=512, device=args.device, deterministic=args.deterministic)
     placement = resolve_placement(config)
     encoder = ConversationEncoder(load_processor(config), 512)
-    model = attach_new_lora(load_base_model(config, placement), LoraSettings(r=args.lora_r, alpha=2 * args.lora_r), seed=0)
+    base = load_base_model(config, placement)
+    text_config = base.config.text_config
+    if args.model == "smollm2":
+        model_name = f"SmolLM2-135M-Instruct LLaVA (text hidden {text_config.hidden_size}, {text_config.num_hidden_layers} layers, tiny vision tower)"
+    else:
+        model_name = f"tiny LLaVA (text hidden {text_config.hidden_size}, {text_config.num_hidden_layers} layers)"
+    model = attach_new_lora(base, LoraSettings(r=args.lora_r, alpha=2 * args.lora_r), seed=0)
     with torch.no_grad():
         for _, p in model.named_parameters():
             if p.requires_grad:
@@ -135,6 +209,7 @@ def main() -> None:
     with PerSampleGradients(model) as hooks:
         dimension = hooks.dimension
     dense = BasicDenseProjector(dimension, args.dim, seed=0, budget_bytes=int(args.dense_budget_gib * 2**30), device=placement.device)
+    trak = TrakBasicProjector(dimension, args.dim, 0, args.trak_proj_type, placement.device) if args.less_projector == "trak" else None
     loop_samples = samples[: args.loop_records or len(samples)]
 
     def ours(batches=batches) -> None:
@@ -145,9 +220,15 @@ def main() -> None:
     def ours_in_order() -> None:
         ours(batches_in_order)
 
-    def less_loop() -> None:
-        for sample in loop_samples:
-            dense.project(loop_gradients(model, [sample], pad, placement.device, placement.dtype))
+    def less_loops() -> dict[str, float]:
+        """Seconds of each LESS-style loop; with TRAK, the two alternate sample by sample (first
+        one, then the other), so a noisy neighbour slows both alike."""
+        projectors = {"ours-dense": dense} | ({"trak": trak} if trak else {})
+        total = dict.fromkeys(projectors, 0.0)
+        for i, sample in enumerate(loop_samples):
+            for name in sorted(projectors, reverse=i % 2 == 1):
+                total[name] += seconds(lambda p=projectors[name]: p.project(loop_gradients(model, [sample], pad, placement.device, placement.dtype)), placement.device)
+        return total
 
     def loop_sketch() -> None:
         """Batch 1 like LESS, but with our CountSketch: isolates the batching gain."""
@@ -169,19 +250,26 @@ def main() -> None:
     ratios = sorted(o / s for o, s, _ in rounds)
     grouping_gain = statistics.median(u / o for o, _, u in rounds)
     t_loop_sketch = seconds(loop_sketch, placement.device)
-    t_less = seconds(less_loop, placement.device)
+    t_loops = less_loops()
     n, m = len(samples), len(loop_samples)
-    per_ours, per_less, per_sketch = t_ours / n, t_less / m, t_loop_sketch / m
+    per_ours, per_less, per_sketch = t_ours / n, t_loops["ours-dense"] / m, t_loop_sketch / m
     kept = "kept in memory" if dense.keeps_matrix else "generated per sample"
     gpu = f" ({torch.cuda.get_device_name(placement.device)}, {placement.dtype}, autocast {placement.autocast}, deterministic {args.deterministic})" if placement.device.type == "cuda" else ""
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {args.threads}, device {placement.device}{gpu}")
-    print(f"model: tiny LLaVA (text hidden {args.text_hidden or 64}, {args.text_layers} layers), LoRA r={args.lora_r}, gradient dim {dimension:,} -> {args.dim}; {n} records, batch {args.batch}")
+    print(f"model: {model_name}, LoRA r={args.lora_r}, gradient dim {dimension:,} -> {args.dim}; {n} records, batch {args.batch}")
+    if args.model == "smollm2":
+        print(f"model folder: {model_dir} (ready in {build_seconds:.0f} s: built once, then reused)")
     print(f"padding share of the computed token positions: {padding['grouped']:.1%} length-grouped (windows of {args.length_grouping} batches), {padding['in order']:.1%} in input order")
-    print(f"LESS-style loop (batch 1, dense matrix {kept}), {m} records: {1 / per_less:.2f} samples/s")
+    print(f"LESS-style loop (batch 1, dense matrix {kept}), {m} records: {1 / per_less:.3g} samples/s")
+    if trak:
+        per_trak = t_loops["trak"] / m
+        print(f"LESS-style loop with TRAK's BasicProjector (batch 1, {trak.describe()}), {m} records: {1 / per_trak:.3g} samples/s")
     print(f"batch-1 loop with CountSketch, {m} records:                 {1 / per_sketch:.1f} samples/s")
     print(f"ours (batched hooks + CountSketch), median of {args.rounds} rounds:      {1 / per_ours:.1f} samples/s")
     print(f"plain training step on the same batches, median:         {n / t_step:.1f} samples/s")
     print(f"speed-up vs LESS-style loop: {per_less / per_ours:.1f}x (batching alone: {per_sketch / per_ours:.1f}x)")
+    if trak:
+        print(f"speed-up vs LESS-style loop with TRAK's BasicProjector: {per_trak / per_ours:.1f}x")
     print(f"length grouping vs input order (ours), median of per-round ratios: {grouping_gain:.2f}x")
     print(f"cost vs a training step: {statistics.median(ratios):.2f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f})")
 

@@ -247,10 +247,17 @@ def test_feature_check_fails_on_a_row_that_is_not_unit_norm_or_a_file_its_manife
     assert passed is False and metadata["max_norm_error"] == 1.0 and metadata["rows"] == 3 and "corrupt" not in metadata
     rows[1, 0] = np.nan
     assert check_features(store, committed(rows, "nan"), 1)[1]["finite"] is False
+    # found intact once, a file is not hashed again in this process while it stays put
+    stored = store.stored(intact.path)
+    path = stored.file("features-checkpoint-0.npy")
+    assert stored.trusted("features-checkpoint-0.npy")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert not stored.trusted("features-checkpoint-0.npy")
     # unit rows, but not the bytes committed: the same read finds it
-    path = store.absolute(intact.path) / "features-checkpoint-0.npy"
+    permuted = committed(np.eye(3, 8, dtype=np.float16), "permuted")
+    path = store.stored(permuted.path).file("features-checkpoint-0.npy")
     save_npy(path, np.eye(3, 8, dtype=np.float16)[[1, 0, 2]])
-    passed, metadata = check_features(store, intact, 1)
+    passed, metadata = check_features(store, permuted, 1)
     assert passed is False and metadata["max_norm_error"] == 0.0
     assert metadata["corrupt"].startswith(f"artifact {path.parent} is corrupt: features-checkpoint-0.npy: sha256 differs")
 

@@ -453,11 +453,12 @@ def stage_influences(
         stacked, groups = stack_group_means(means)
         log(f"influence of {len(pending)} benchmark(s) over {len(ids)} training samples, checkpoint {c}: one streaming pass")
         one_per_group = [(g, g + 1) for g in range(stacked.shape[0])]
-        digests: list[FileDigest] = []
-        paths = [features.file(features_file(c)) for features in stored]
-        scores = influence_scores_from_files(paths, stacked, one_per_group, digests=digests)  # [n, G_total], bounded memory
-        for features, digest in zip(stored, digests, strict=True):
-            features.check(features_file(c), digest.file_bytes, digest.sha256)
+        name = features_file(c)
+        digests: list[FileDigest] | None = None if all(features.trusted(name) for features in stored) else []
+        # [n, G_total] in bounded memory; the files this process has not yet found intact are hashed as read
+        scores = influence_scores_from_files([features.file(name) for features in stored], stacked, one_per_group, digests=digests)
+        for features, digest in zip(stored, digests or [], strict=digests is not None):
+            features.check(name, digest.file_bytes, digest.sha256)
         for (a, b), benchmark in zip(groups, pending, strict=True):
             per_ckpt_groups[benchmark].append(np.ascontiguousarray(scores[:, a:b]))
     manifest_df = load_pool_manifest(store, pool_ref, columns=["id", "family"])

@@ -24,7 +24,7 @@ downstream stage opens it (``absolute``; each file is hashed once per process wh
 size and mtime stay put): a flipped byte or a truncated file is never trusted. A stage
 recomputes a corrupt artifact of its own; a reader is told, by file, what is wrong.
 A file streamed (``stored``) is checked from the bytes its reader read; a corrupt remote
-copy is then quarantined (its manifest renamed ``_CORRUPT.json``, with the reason), so the
+copy is then quarantined (its manifest replaced by ``_CORRUPT.json``, which says why), so the
 stage that owns it recomputes it on the next run instead of reusing it.
 Artifacts committed before checksums (no ``files``) are trusted as before.
 """
@@ -77,6 +77,14 @@ def file_problem(relative: str, expected: dict[str, Any], size: int, sha256: str
 
 
 _intact: set[tuple[str, int, int]] = set()  # (path, size, mtime_ns) of files hashed and found right in this process
+
+
+def _intact_key(path: Path) -> tuple[str, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return str(path), stat.st_size, stat.st_mtime_ns
 
 
 def integrity_problem(directory: Path) -> str | None:
@@ -353,6 +361,11 @@ class StoredArtifact:
         """What a streaming reader opens: a local path, or a URL on the remote."""
         return Path(self.location) / name if self.local else f"{self.location}/{name}"
 
+    def trusted(self, name: str) -> bool:
+        """Whether this process already found this local file right (unchanged since): its
+        readers need not hash it again. A remote file is hashed by every reader."""
+        return self.local and _intact_key(Path(self.file(name))) in _intact
+
     def check(self, name: str, file_bytes: int, sha256: str) -> None:
         """Raise CorruptArtifact when what was read of ``name`` differs from the manifest."""
         if self.files is None:
@@ -360,6 +373,8 @@ class StoredArtifact:
         expected = self.files.get(name)
         problem = f"{name}: not in its manifest" if expected is None else file_problem(name, expected, file_bytes, sha256)
         if problem is None:
+            if self.local and (key := _intact_key(Path(self.file(name)))) is not None and key[1] == file_bytes:
+                _intact.add(key)
             return
         if not self.local:
             self.store.remote.quarantine(self.relative, problem)
