@@ -387,9 +387,10 @@ def analyze(ids, scores, sel, vote_sum, consensus) -> dict:
 # -- driver ----------------------------------------------------------------------------
 
 
-def spawn(cfg: dict) -> dict:
+def spawn(cfg: dict, script: str = __file__, env: dict | None = None) -> dict:
+    """Run ``script --_child cfg`` in a fresh interpreter (its memory its own); its last line of JSON."""
     proc = subprocess.run(
-        [sys.executable, __file__, "--_child", json.dumps(cfg)], capture_output=True, text=True, check=False
+        [sys.executable, script, "--_child", json.dumps(cfg)], capture_output=True, text=True, check=False, env=env
     )
     if proc.returncode != 0:
         raise RuntimeError(f"child {cfg['mode']} failed:\n{proc.stdout}\n{proc.stderr}")

@@ -179,3 +179,25 @@ def _one_record_pool(folder: Path) -> Path:
     record = {"id": "a", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]}
     pool.write_text(json.dumps([record]))
     return pool
+
+
+def test_many_images_each_get_their_own_size_and_hash(tmp_path):
+    """Past one stat batch and one lookup chunk (stat-ed in batches on threads, looked up in
+    chunks): each path keeps its own size and sha256, on the first pass and from the cache."""
+    import hashlib
+
+    root = tmp_path / "images"
+    root.mkdir()
+    entries, expected = [], {}
+    past = 1_600_000_000_000_000_000
+    for k in range(1000):
+        data = b"x" * (k % 7) + str(k).encode()
+        (root / f"{k:04d}.png").write_bytes(data)
+        os.utime(root / f"{k:04d}.png", ns=(past, past))
+        expected[(root / f"{k:04d}.png").resolve()] = (len(data), hashlib.sha256(data).hexdigest())
+        entries.append({"id": f"r{k}", "image": f"{k:04d}.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]})
+    (tmp_path / "pool.json").write_text(json.dumps(entries))
+    records = load_records(tmp_path / "pool.json", root).records
+    cache = ImageHashCache(tmp_path / "cache.sqlite", workers=3)
+    for _ in range(2):  # hashed, then from the cache
+        assert {path: (c.size, c.sha256) for path, c in cache.contents(records).items()} == expected

@@ -556,7 +556,7 @@ def test_core_does_not_import_dagster():
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module.split(".")[0] if not node.module.startswith("icons_dagster.core.") else "icons_dagster.core")
     assert "dagster" not in names and "icons_dagster" not in names  # core modules only
-    stdlib = {"__future__", "gc", "hashlib", "json", "os", "stat", "dataclasses", "pathlib", "typing", "collections", "concurrent", "warnings"}
+    stdlib = {"__future__", "gc", "hashlib", "json", "os", "stat", "dataclasses", "pathlib", "typing", "collections", "concurrent", "contextlib", "warnings"}
     assert names <= stdlib | {"PIL", "icons_dagster.core"}
 
 

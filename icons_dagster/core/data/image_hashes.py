@@ -31,6 +31,7 @@ _TABLE = "image_sha256"
 _SCHEMA = f"CREATE TABLE IF NOT EXISTS {_TABLE} (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL)"
 _LOOKUP_CHUNK = 900  # below SQLite's oldest limit of 999 bound variables
 _CHUNK = 4096  # files stat-ed, looked up or hashed (and committed) at a time
+_STAT_BATCH = 256  # files stat-ed by one thread's task
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ImageHashCache:
         """Size and sha256 of every image the records name (by resolved path). Files are stat-ed
         and, when the cache lacks them, read in threads, a chunk at a time (bounded memory;
         each chunk's hashes are committed, so an interrupted first pass keeps its work)."""
-        paths = sorted({r.image_path for r in records if r.image_path is not None})
+        paths = sorted({r.image_path for r in records if r.image_path is not None}, key=os.fspath)
         found: dict[Path, ImageContent] = {}
         if not paths:
             return found
@@ -60,7 +61,8 @@ class ImageHashCache:
         with ThreadPoolExecutor(self.workers) as pool, closing(self._connect()) as cache:
             missing = []
             for chunk in _chunks(paths, _CHUNK):
-                stats = list(pool.map(_stat, chunk))
+                # threads for a slow disk or NFS, a batch each: one future per stat costs more than the stat
+                stats = [stat for batch in pool.map(_stats, _chunks(chunk, _STAT_BATCH)) for stat in batch]
                 cached = _lookup(cache, [str(p) for p in chunk])
                 for path, (size, mtime_ns) in zip(chunk, stats, strict=True):
                     hit = cached.get(str(path))
@@ -115,6 +117,10 @@ def _stat(path: Path) -> tuple[int, int]:
     except OSError as error:
         raise ValueError(f"image {path}: cannot be read to fingerprint it ({error.strerror or error})") from None
     return st.st_size, st.st_mtime_ns
+
+
+def _stats(paths: Sequence[Path]) -> list[tuple[int, int]]:
+    return [_stat(path) for path in paths]
 
 
 def _sha256(path: Path) -> str:

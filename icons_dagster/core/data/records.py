@@ -39,7 +39,8 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -545,15 +546,22 @@ def load_records(
     """
     if subtasks not in _SUBTASK_MODES:
         raise ValueError(f"subtasks must be one of {_SUBTASK_MODES}, got {subtasks!r}")
-    # The parsed file is millions of live containers; with the cyclic GC on, every
-    # allocation burst re-scans them (measured: ~2x slower). Nothing here builds
-    # reference cycles, so pause the collector for the duration (process-wide).
-    gc_was_enabled = gc.isenabled()
+    with gc_paused():
+        return _load(Path(path), image_root, check_images, subtasks == "forbid-mixed")
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a block (process-wide). A parsed pool is millions
+    of live containers; with the collector on, every allocation burst re-scans them (measured:
+    ~2x slower parsing, 2.5x slower image lookups after it). Loading records builds no
+    reference cycles, so nothing is left for the collector but time."""
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _load(Path(path), image_root, check_images, subtasks == "forbid-mixed")
+        yield
     finally:
-        if gc_was_enabled:
+        if was_enabled:
             gc.enable()
 
 

@@ -26,7 +26,7 @@ from icons_dagster.core.config import DEFAULT_MAX_IMAGE_PIXELS, GradientConfig, 
 from icons_dagster.core.data.benchmarks import load_benchmark
 from icons_dagster.core.data.image_hashes import ImageHashCache, images_key
 from icons_dagster.core.data.pool import MANIFEST_FILE, MANIFEST_VERSION, PROBLEMS_FILE, build_manifest, records_from_manifest
-from icons_dagster.core.data.records import load_records, screen_images
+from icons_dagster.core.data.records import gc_paused, load_records, screen_images
 from icons_dagster.core.model.samples import SkipLog
 from icons_dagster.core.features.extraction import SAMPLES_FILE, FeatureSet, compute_features, features_file, load_features, load_samples
 from icons_dagster.core.features.gradients import FEATURES_VERSION
@@ -96,7 +96,14 @@ def stage_pool(
     """The pool's manifest: its valid records, whose images' headers pass the pixel limit.
 
     Fingerprinted by the pool file's bytes and its images' (``images_key``), never by where
-    they are: a copied or moved pool reuses its artifact, and everything downstream."""
+    they are: a copied or moved pool reuses its artifact, and everything downstream. Every run
+    pays this before it finds the artifact (``bench/pool_scale.py``), with the collector paused
+    while the parsed pool is alive (``gc_paused``)."""
+    with gc_paused():
+        return _stage_pool(store, pool_path, image_root, num_shards, log, max_image_pixels)
+
+
+def _stage_pool(store: ArtifactStore, pool_path: Path, image_root: Path | None, num_shards: int, log: Log, max_image_pixels: int) -> StageResult:
     log(f"reading pool {pool_path}")
     loaded = load_records(pool_path, image_root)
     images = ImageHashCache(store.image_hash_cache).contents(loaded.records, log)
