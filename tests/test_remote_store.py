@@ -17,7 +17,7 @@ from icons_dagster.core.stages.kit import Stage
 from icons_dagster.core.storage.artifacts import COMPLETE_MARKER, CORRUPT_MARKER, ArtifactStore, CorruptArtifact, RemoteStore, save_npy
 from icons_dagster.core.storage.npy import stream_rows
 from icons_dagster.runner import run_graph
-from graph_helpers import demo_config, sha, temp_instance
+from graph_helpers import demo_config, latest_metadata, sha, temp_instance
 
 
 def _write(store: ArtifactStore, directory, payload: bytes) -> None:
@@ -125,14 +125,19 @@ def test_a_second_machine_reuses_the_whole_graph_from_a_file_url(demo_paths, tin
     assert config.model.name_or_path == str(tiny_model_dir)  # one checkpoint both machines name alike
     first_home, second_home = tmp_path / "one", tmp_path / "two"
     run_graph(first_home, config, instance=temp_instance(first_home))
-    second = run_graph(second_home, config, instance=temp_instance(second_home))
+    second_instance = temp_instance(second_home)
+    second = run_graph(second_home, config, instance=second_instance)
     # the second machine computed nothing: every artifact came from the shared store
     for asset in ("training_pool", "warmup_checkpoint", "vote_table", "selected_subset"):
         assert ArtifactStore(second_home).read_ref(asset).reused, asset
     assert ArtifactStore(second_home).read_ref("training_gradients", "shard-0000").reused
     assert sha(second["subset_json"]) == sha(first_home / "exports" / "selected_subset.json")
-    # the training features were reused where they are: never copied to the second machine
+    # the training features were reused where they are: never copied to the second machine;
+    # the UI still shows their table's rows and columns (its footer, read from the store)
     assert not (second_home / "artifacts" / "training_gradients").exists()
+    shard_meta = latest_metadata(second_instance, "training_gradients", "shard-0000")
+    assert shard_meta["path"].startswith(shared + "/artifacts/training_gradients/")
+    assert shard_meta["dagster/row_count"] == ArtifactStore(first_home).read_ref("training_gradients", "shard-0000").n_samples > 0
     # a new vote threshold there: the influence is recomputed, streaming the shared shards
     run_graph(second_home, config.replace(selection={"p": 0.3}), instance=temp_instance(second_home))
     assert not (second_home / "artifacts" / "training_gradients").exists()

@@ -17,6 +17,7 @@ from icons_dagster.core.stages.visual_dependency import VDS_FILE
 from icons_dagster.core.storage.fingerprint import fingerprint
 from icons_dagster.core.stages.kit import StageResult
 from icons_dagster.core.storage.artifacts import ArtifactStore
+from icons_dagster.core.storage.npy import open_binary
 from icons_dagster.core.storage.refs import PoolRef, Ref
 from icons_dagster.resources.refs import PartitionRefs
 
@@ -74,13 +75,24 @@ TABLES = {
 
 
 def table_metadata(context: AssetExecutionContext, result: StageResult) -> dict[str, Any]:
-    """Row count and column schema of the asset's table, read from its Parquet footer."""
+    """Row count and column schema of the asset's table, read from its Parquet footer (in a
+    ranged read from the shared store when this machine has no copy)."""
     import pyarrow.parquet as pq
 
     table = TABLES.get(context.asset_key.to_user_string())
-    if table is None or result.directory is None or not (result.directory / table).is_file():
+    if table is None:
+        return {}
+    if result.directory is not None:
+        where = result.directory / table
+    elif "remote_location" in result.metadata:
+        where = f"{result.metadata['remote_location']}/{table}"
+    else:
+        return {}
+    try:
+        with open_binary(where) as f:
+            footer = pq.read_metadata(f)
+    except FileNotFoundError:
         return {}  # e.g. ofa_pseudo_labels holds no labels when the selector was imported
-    footer = pq.read_metadata(result.directory / table)
     columns = [TableColumn(field.name, str(field.type)) for field in footer.schema.to_arrow_schema()]
     return {"dagster/row_count": footer.num_rows, "dagster/column_schema": TableSchema(columns=columns)}
 
