@@ -151,14 +151,14 @@ def test_shape_checks():
         influence_scores(np.zeros((3, 4), np.float16), np.zeros((1, 4), np.float32), chunk_rows=0)
 
 
-# --- streaming reads (iter_npy_rows) and the many-benchmark pass --------------------------
+# --- streaming reads (stream_rows) and the many-benchmark pass --------------------------
 
 import mmap  # noqa: E402
 import tracemalloc  # noqa: E402
 import warnings  # noqa: E402
 
 from icons_dagster.core.selection.influence import influence_scores_from_files, stack_group_means  # noqa: E402
-from icons_dagster.core.storage.npy import iter_npy_rows, npy_info  # noqa: E402
+from icons_dagster.core.storage.npy import npy_info, stream_rows  # noqa: E402
 
 
 @pytest.fixture
@@ -181,59 +181,60 @@ def no_mmap(monkeypatch):
         np.zeros((4, 0), dtype=np.float16),
     ],
 )
-def test_iter_npy_rows_round_trip(tmp_path, array, no_mmap):
+def test_stream_rows_round_trip(tmp_path, array, no_mmap):
     path = tmp_path / "a.npy"
     np.save(path, array, allow_pickle=False)
     n = array.shape[0]
     for chunk in (1, 3, n, n + 5, 65536):
-        chunks = [c.copy() for c in iter_npy_rows(path, chunk_rows=chunk)]
-        assert [c.shape[0] for c in chunks[:-1]] == [min(chunk, n)] * (len(chunks) - 1)
-        assert all(c.dtype == array.dtype for c in chunks)  # the file's dtype, byte order included
-        np.testing.assert_array_equal(np.concatenate(chunks) if chunks else array[:0], array)
-    # the default reuses one buffer; reuse_buffer=False gives independent arrays
-    a, b = list(iter_npy_rows(path, chunk_rows=2))[:2]
+        for prefetch in (True, False):
+            chunks = [c.copy() for _, c in stream_rows([path], chunk_rows=chunk, prefetch=prefetch)]
+            assert [c.shape[0] for c in chunks[:-1]] == [min(chunk, n)] * (len(chunks) - 1)
+            assert all(c.dtype == array.dtype for c in chunks)  # the file's dtype, byte order included
+            np.testing.assert_array_equal(np.concatenate(chunks) if chunks else array[:0], array)
+    # chunks are views of reused buffers (two with prefetch, taking turns): copy what you keep
+    a, _, c = [rows for _, rows in stream_rows([path], chunk_rows=1)][:3]
+    assert np.shares_memory(a, c) or array.shape[1] == 0
+    a, b = [rows for _, rows in stream_rows([path], chunk_rows=1, prefetch=False)][:2]
     assert np.shares_memory(a, b) or array.shape[1] == 0
-    fresh = list(iter_npy_rows(path, chunk_rows=2, reuse_buffer=False))
-    np.testing.assert_array_equal(np.concatenate(fresh), array)
 
 
-def test_iter_npy_rows_empty_and_format_2(tmp_path):
+def test_stream_rows_empty_and_format_2(tmp_path):
     empty = tmp_path / "empty.npy"
     np.save(empty, np.zeros((0, 8), dtype=np.float16))
-    assert list(iter_npy_rows(empty)) == []
+    assert list(stream_rows([empty])) == []
     v2 = tmp_path / "v2.npy"
     x = np.arange(12, dtype=np.float32).reshape(4, 3)
     with open(v2, "wb") as f:
         np.lib.format.write_array(f, x, version=(2, 0))
     assert npy_info(v2).shape == (4, 3)
-    np.testing.assert_array_equal(np.concatenate([c.copy() for c in iter_npy_rows(v2, 3)]), x)
+    np.testing.assert_array_equal(np.concatenate([c.copy() for _, c in stream_rows([v2], 3)]), x)
 
 
-def test_iter_npy_rows_refuses_with_file_name(tmp_path):
+def test_stream_rows_refuses_with_file_name(tmp_path):
     fortran = tmp_path / "fortran.npy"
     np.save(fortran, np.asfortranarray(np.arange(12.0).reshape(3, 4)))
     with pytest.raises(ValueError, match="fortran.npy.*Fortran"):
-        next(iter_npy_rows(fortran))
+        next(stream_rows([fortran]))
     objects = tmp_path / "objects.npy"
     np.save(objects, np.array([[1, "a"], [None, 2.0]], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="objects.npy.*objects"):
-        next(iter_npy_rows(objects))
+        next(stream_rows([objects]))
     flat = tmp_path / "flat.npy"
     np.save(flat, np.arange(5.0))
     with pytest.raises(ValueError, match="flat.npy.*2-D"):
-        next(iter_npy_rows(flat))
+        next(stream_rows([flat]))
     short = tmp_path / "short.npy"
     np.save(short, np.ones((10, 4), dtype=np.float16))
     with open(short, "r+b") as f:
         f.truncate(short.stat().st_size - 3)
     with pytest.raises(ValueError, match="short.npy.*truncated"):
-        next(iter_npy_rows(short))
+        next(stream_rows([short]))
     text = tmp_path / "text.npy"
     text.write_bytes(b"not numpy at all")
     with pytest.raises(ValueError, match="text.npy"):
-        next(iter_npy_rows(text))
+        next(stream_rows([text]))
     with pytest.raises(ValueError):
-        next(iter_npy_rows(short, chunk_rows=0))
+        next(stream_rows([short], chunk_rows=0))
 
 
 def _shards(tmp_path, rng, sizes, d, dtype=np.float16):
@@ -392,7 +393,6 @@ def test_a_streaming_pass_hashes_exactly_the_files_it_read(tmp_path):
     import fsspec
 
     from icons_dagster.core.storage.fingerprint import file_sha256
-    from icons_dagster.core.storage.npy import stream_rows
 
     rng = np.random.default_rng(4)
     d = 16

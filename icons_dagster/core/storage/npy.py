@@ -116,31 +116,6 @@ def _read_rows(f, info: NpyInfo, start: int, out: np.ndarray) -> None:
         got += k
 
 
-def iter_npy_rows(path: str | Path, chunk_rows: int = 65536, *, reuse_buffer: bool = True) -> Iterator[np.ndarray]:
-    """Yield a 2-D ``.npy`` file's rows in order, ``chunk_rows`` ([chunk, d] arrays) at a time.
-
-    Plain file reads into one buffer (no memory map, no pickle), so memory is
-    ``chunk_rows * d * itemsize`` whatever the file size. With ``reuse_buffer`` (the
-    default) each yielded array is a view of that buffer and is overwritten by the next
-    chunk: copy what you keep. ``reuse_buffer=False`` yields a fresh array per chunk.
-    The dtype is the file's. See ``npy_info`` for the files it refuses.
-    """
-    if int(chunk_rows) < 1:
-        raise ValueError("chunk_rows must be >= 1")
-    info = npy_info(path)
-    n, d = info.shape
-    if n == 0:
-        return
-    step = min(int(chunk_rows), n)
-    buf = np.empty((step, d), dtype=info.dtype) if reuse_buffer else None
-    with open_binary(info.path) as f:
-        for i in range(0, n, step):
-            r = min(step, n - i)
-            out = buf[:r] if buf is not None else np.empty((r, d), dtype=info.dtype)
-            _read_rows(f, info, i, out)
-            yield out
-
-
 @dataclass(frozen=True)
 class FileDigest:
     """What a streaming pass read of one file: its size and the sha256 of its header and rows
