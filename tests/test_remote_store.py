@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -156,3 +157,24 @@ def test_a_second_machine_reuses_the_whole_graph_from_a_file_url(demo_paths, tin
     assert not (third_home / "refs").exists()
     assert main(["--home", str(third_home), "explain", selected]) == 0
     assert f"**{selected}**: selected" in capsys.readouterr().out
+
+
+def test_an_export_is_copied_from_the_shared_store_and_checked_from_the_bytes_it_copies(tmp_path, remote_url):
+    from icons_dagster.core.stages.icons import SUBSET_JSON, SUBSET_PARQUET, export_subset
+
+    first = ArtifactStore(tmp_path / "a", remote_url)
+    directory = first.artifact_dir("selected_subset", "5eed")
+    with first.writing(directory, {}) as tmp:
+        (tmp / SUBSET_JSON).write_bytes(b'[{"id": "r1"}]\n')
+        (tmp / SUBSET_PARQUET).write_bytes(b"PAR1 stand-in")
+    relative = first.relative(directory)
+    second = ArtifactStore(tmp_path / "b", remote_url)
+    paths = export_subset(second, second.stored(relative))
+    assert Path(paths["json"]).read_bytes() == b'[{"id": "r1"}]\n' and Path(paths["parquet"]).read_bytes() == b"PAR1 stand-in"
+    assert not (tmp_path / "b" / "artifacts").exists()  # copied from the store, not pulled
+    remote = RemoteStore(remote_url)
+    remote.fs.pipe_file(remote._path(f"{relative}/{SUBSET_JSON}"), b'[{"id": "r2"}]\n')  # same size, other bytes
+    with pytest.raises(CorruptArtifact, match=f"artifact {remote_url}/{relative} is corrupt: {SUBSET_JSON}: sha256 differs"):
+        export_subset(second, second.stored(relative))
+    assert Path(paths["json"]).read_bytes() == b'[{"id": "r1"}]\n'  # the last good export stays
+    assert sorted(p.name for p in second.exports_dir.iterdir()) == sorted([SUBSET_JSON, SUBSET_PARQUET])  # no temporary left

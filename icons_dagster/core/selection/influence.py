@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icons_dagster.core.storage.npy import FileDigest, _prefetched_chunks, _read_rows, file_digests, npy_info, open_binary
+from icons_dagster.core.storage.npy import FileDigest, _prefetched_chunks, _read_rows, npy_info, open_binary, row_jobs
 
 __all__ = [
     "normalize_rows",
@@ -368,10 +368,8 @@ def influence_scores_from_files(
             raise ValueError(f"{info.path}: rows have d={info.shape[1]}, the means have d={kernel.d}")
     starts = np.concatenate([[0], np.cumsum([info.rows for info in infos], dtype=np.int64)])
     out = np.empty((int(starts[-1]), kernel.k), dtype=np.float32)
-    jobs = [(fi, a, min(info.rows, a + step)) for fi, info in enumerate(infos) for a in range(0, info.rows, step)]
-    if not jobs:
-        if digests is not None:
-            digests.extend(file_digests(infos))
+    jobs = row_jobs(infos, step)
+    if not jobs and digests is None:  # no row to read, no header to report
         return out
 
     def score(job: tuple[int, int, int], rows: np.ndarray, buf: np.ndarray) -> None:

@@ -12,7 +12,7 @@ import polars as pl
 from icons_dagster.core.data.pool import shard_keys
 from icons_dagster.core.features.extraction import features_file
 from icons_dagster.core.selection import consensus
-from icons_dagster.core.storage.artifacts import ArtifactStore, CorruptArtifact
+from icons_dagster.core.storage.artifacts import ArtifactStore, CorruptArtifact, check_reads, digests_to_fill
 from icons_dagster.core.storage.npy import FileDigest, stream_rows
 from icons_dagster.core.stages.icons import INFLUENCE_FILE, SUBSET_JSON, load_pool_manifest
 from icons_dagster.core.storage.refs import CheckpointRef, InfluenceRef, PoolRef, Ref
@@ -23,12 +23,11 @@ def check_features(store: ArtifactStore, ref: Ref, num_checkpoints: int, toleran
     each file is the one its manifest names (hashed from the same read): streamed where it is,
     so a shard on the shared store only is checked without a local copy."""
     stored = store.stored(ref.path)
-    names = [features_file(c) for c in range(num_checkpoints)]
-    digests: list[FileDigest] | None = None if all(stored.trusted(name) for name in names) else []
-    passed, metadata = check_unit_rows([stored.file(name) for name in names], tolerance, digests)
+    files = [(stored, features_file(c)) for c in range(num_checkpoints)]
+    digests = digests_to_fill(files)
+    passed, metadata = check_unit_rows([stored.file(name) for _, name in files], tolerance, digests)
     try:
-        for name, digest in zip(names, digests or [], strict=digests is not None):
-            stored.check(name, digest.file_bytes, digest.sha256)
+        check_reads(files, digests)
     except CorruptArtifact as error:
         return False, {**metadata, "corrupt": str(error)}
     return passed, metadata
@@ -39,16 +38,16 @@ def check_unit_rows(files: list[str | Path], tolerance: float = 2e-3, digests: l
     rows = per file. ``digests``: filled as ``stream_rows`` fills it."""
     worst = 0.0
     finite = True
-    rows = {}
+    rows = 0
     # Plain chunked reads: a memory map would count every page of the shard in RSS.
     for index, chunk in stream_rows(files, chunk_rows=65536, digests=digests):
         chunk = chunk.astype(np.float32)
-        rows[index] = rows.get(index, 0) + chunk.shape[0]
+        rows += chunk.shape[0] if index == len(files) - 1 else 0
         finite &= bool(np.isfinite(chunk).all())
         if chunk.size:
             worst = max(worst, float(np.abs(np.linalg.norm(chunk, axis=1) - 1.0).max()))
     passed = finite and worst <= tolerance
-    return passed, {"rows": rows.get(len(files) - 1, 0), "finite": finite, "max_norm_error": worst, "tolerance": tolerance}
+    return passed, {"rows": rows, "finite": finite, "max_norm_error": worst, "tolerance": tolerance}
 
 
 def subset_ids(store: ArtifactStore, ref: Ref) -> list:

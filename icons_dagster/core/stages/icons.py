@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import shutil
 from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +41,7 @@ from icons_dagster.core.selection.influence import (
     stack_group_means,
 )
 from icons_dagster.core.stages.kit import Log, Progress, Stage, StageResult, quiet_log
-from icons_dagster.core.storage.artifacts import ArtifactStore, save_npy, temporary_sibling, write_json
-from icons_dagster.core.storage.npy import FileDigest
+from icons_dagster.core.storage.artifacts import ArtifactStore, StoredArtifact, check_reads, digests_to_fill, save_npy, temporary_sibling, write_json
 from icons_dagster.core.storage.refs import CheckpointRef, InfluenceRef, PoolRef, TrainFeaturesRef, ValidationFeaturesRef, VoteTableRef, WarmupSubsetRef
 
 VOTE_TABLE_FILE = "vote_table.parquet"
@@ -460,12 +458,10 @@ def stage_influences(
         stacked, groups = stack_group_means(means)
         log(f"influence of {len(pending)} benchmark(s) over {len(ids)} training samples, checkpoint {c}: one streaming pass")
         one_per_group = [(g, g + 1) for g in range(stacked.shape[0])]
-        name = features_file(c)
-        digests: list[FileDigest] | None = None if all(features.trusted(name) for features in stored) else []
-        # [n, G_total] in bounded memory; the files this process has not yet found intact are hashed as read
-        scores = influence_scores_from_files([features.file(name) for features in stored], stacked, one_per_group, digests=digests)
-        for features, digest in zip(stored, digests or [], strict=digests is not None):
-            features.check(name, digest.file_bytes, digest.sha256)
+        files = [(features, features_file(c)) for features in stored]
+        digests = digests_to_fill(files)  # the files this process has not yet found intact are hashed as read
+        scores = influence_scores_from_files([features.file(name) for features, name in files], stacked, one_per_group, digests=digests)
+        check_reads(files, digests)  # scores: [n, G_total], in bounded memory
         for (a, b), benchmark in zip(groups, pending, strict=True):
             per_ckpt_groups[benchmark].append(np.ascontiguousarray(scores[:, a:b]))
     manifest_df = load_pool_manifest(store, pool_ref, columns=["id", "family"])
@@ -647,7 +643,7 @@ def stage_selected_subset(
     result = stage.reused()
     if result is None:
         result = _build_subset(stage, pool_ref, vote_ref, selection, lineage or {})
-    exports = export_subset(store, store.absolute(result.ref.path))
+    exports = export_subset(store, store.stored(result.ref.path))
     return dataclasses.replace(result, metadata={**result.metadata, "exports": exports})
 
 
@@ -708,15 +704,20 @@ def _build_subset(stage: Stage, pool_ref: PoolRef, vote_ref: VoteTableRef, selec
     return stage.result()
 
 
-def export_subset(store: ArtifactStore, directory: Path, prefix: str = "") -> dict[str, str]:
-    """Copy the subset to the stable export path (atomic per file); ``prefix`` names the method.
-    Returns the absolute export paths by kind ("json", "parquet"), for the metadata."""
+def export_subset(store: ArtifactStore, subset: StoredArtifact, prefix: str = "") -> dict[str, str]:
+    """Copy the subset to the stable export path (atomic per file, each checked against its
+    manifest from the bytes copied); ``prefix`` names the method. Returns the absolute export
+    paths by kind ("json", "parquet"), for the metadata."""
     store.exports_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for kind, name in (("json", SUBSET_JSON), ("parquet", SUBSET_PARQUET)):
         target = store.export_path(f"{prefix}{name}")
         tmp = temporary_sibling(target)
-        shutil.copyfile(directory / name, tmp)
-        tmp.replace(target)
+        try:
+            with open(tmp, "wb") as sink:
+                subset.copy(name, sink)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
         paths[kind] = str(target)
     return paths

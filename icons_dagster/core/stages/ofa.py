@@ -283,7 +283,7 @@ def stage_ofa_selected_subset(
     result = stage.reused()
     if result is None:
         result = _build_ofa_subset(stage, pool_ref, embedding_refs, selector_ref, config, lineage or {})
-    exports = {**export_subset(store, store.absolute(result.ref.path), prefix=EXPORT_PREFIX), "selector": str(export_selector(store, selector_ref))}
+    exports = {**export_subset(store, store.stored(result.ref.path), prefix=EXPORT_PREFIX), "selector": str(export_selector(store, selector_ref))}
     return dataclasses.replace(result, metadata={**result.metadata, "exports": exports})
 
 

@@ -32,20 +32,22 @@ Artifacts committed before checksums (no ``files``) are trusted as before.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from icons_dagster.core.storage.fingerprint import file_sha256
+from icons_dagster.core.storage.npy import FileDigest, open_binary
 from icons_dagster.core.storage.refs import Ref, ref_from_json
 
 COMPLETE_MARKER = "_COMPLETE.json"
@@ -53,6 +55,7 @@ CORRUPT_MARKER = "_CORRUPT.json"  # a quarantined remote copy: why it was not tr
 FILES_KEY = "files"  # in the manifest: {relative path: {"bytes": n, "sha256": hex}}
 CONFIG_FILE = "icons.json"
 UNPARTITIONED = "__unpartitioned__"
+_COPY_CHUNK = 8 << 20  # bytes per read of a checked copy
 
 
 class CorruptArtifact(ValueError):
@@ -67,11 +70,12 @@ def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
-def file_problem(relative: str, expected: dict[str, Any], size: int, sha256: str) -> str | None:
-    """What differs between a file's size and sha256 and its manifest entry, or None."""
+def file_problem(relative: str, expected: dict[str, Any], size: int, sha256: str | None) -> str | None:
+    """What differs between a file's size and sha256 (None: its size alone) and its manifest
+    entry, or None."""
     if size != expected["bytes"]:
         return f"{relative}: {size} bytes, its manifest says {expected['bytes']} (truncated or overwritten)"
-    if sha256 != expected["sha256"]:
+    if sha256 is not None and sha256 != expected["sha256"]:
         return f"{relative}: sha256 differs from its manifest (the file changed after it was committed)"
     return None
 
@@ -100,16 +104,14 @@ def integrity_problem(directory: Path) -> str | None:
         return None
     for relative, expected in files.items():
         path = directory / relative
-        try:
-            stat = path.stat()
-        except OSError:
+        if (key := _intact_key(path)) is None:
             return f"{relative}: missing"
-        if stat.st_size != expected["bytes"]:
-            return file_problem(relative, expected, stat.st_size, "")
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key in _intact:
             continue
-        if (problem := file_problem(relative, expected, stat.st_size, file_sha256(path))) is not None:
+        problem = file_problem(relative, expected, key[1], None)  # the size first: a truncated file is not read
+        if problem is None:
+            problem = file_problem(relative, expected, key[1], file_sha256(path))
+        if problem is not None:
             return problem
         _intact.add(key)
     return None
@@ -382,12 +384,37 @@ class StoredArtifact:
 
     def read_bytes(self, name: str) -> bytes:
         """A whole (small) file, checked."""
-        if self.local:
-            data = Path(self.file(name)).read_bytes()
-        else:
-            data = self.store.remote.read_bytes(f"{self.relative}/{name}")
-        self.check(name, len(data), hashlib.sha256(data).hexdigest())
-        return data
+        sink = io.BytesIO()
+        self.copy(name, sink)
+        return sink.getvalue()
+
+    def copy(self, name: str, sink: BinaryIO) -> None:
+        """Write ``name`` to ``sink`` in chunks, checked from the bytes copied (one read; not
+        hashed again when this process trusts it): on CorruptArtifact what ``sink`` holds
+        must not be used."""
+        digest = None if self.trusted(name) else hashlib.sha256()
+        size = 0
+        with open_binary(self.file(name)) as f:
+            while chunk := f.read(_COPY_CHUNK):
+                if digest is not None:
+                    digest.update(chunk)
+                sink.write(chunk)
+                size += len(chunk)
+        if digest is not None:
+            self.check(name, size, digest.hexdigest())
+
+
+def digests_to_fill(files: Sequence[tuple[StoredArtifact, str]]) -> list[FileDigest] | None:
+    """A list for a streaming pass over ``files`` (artifact, file name) to fill with what it
+    read, or None when this process already trusts them all (``StoredArtifact.trusted``)."""
+    return None if all(stored.trusted(name) for stored, name in files) else []
+
+
+def check_reads(files: Sequence[tuple[StoredArtifact, str]], digests: list[FileDigest] | None) -> None:
+    """Check each file of a streaming pass against its manifest (``digests`` as the pass
+    filled it; None: nothing to check): CorruptArtifact names the first that differs."""
+    for (stored, name), digest in zip(files, digests or [], strict=digests is not None):
+        stored.check(name, digest.file_bytes, digest.sha256)
 
 
 def _safe_component(name: str) -> str:

@@ -146,9 +146,14 @@ def stream_rows(
     if int(chunk_rows) < 1:
         raise ValueError("chunk_rows must be >= 1")
     infos = [npy_info(p) for p in paths]
-    jobs = [(fi, a, min(info.rows, a + int(chunk_rows))) for fi, info in enumerate(infos) for a in range(0, info.rows, int(chunk_rows))]
-    for (fi, _, _), rows in _prefetched_chunks(infos, jobs, int(chunk_rows), prefetch, digests):
+    for (fi, _, _), rows in _prefetched_chunks(infos, row_jobs(infos, int(chunk_rows)), int(chunk_rows), prefetch, digests):
         yield fi, rows
+
+
+def row_jobs(infos: Sequence[NpyInfo], step: int) -> list[tuple[int, int, int]]:
+    """``(file, start, stop)`` reads of ``step`` rows covering every file in order (what
+    ``_prefetched_chunks`` reads, and hashes in that order)."""
+    return [(fi, a, min(info.rows, a + step)) for fi, info in enumerate(infos) for a in range(0, info.rows, step)]
 
 
 def file_digests(infos: Sequence[NpyInfo], hashers: dict | None = None) -> list[FileDigest]:
