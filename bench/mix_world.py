@@ -10,9 +10,12 @@
 
 Each part runs the graph through Dagster in one home (``evaluate --size mix`` builds the
 same world and base model), so every artifact is computed once and reused across parts.
-The main table itself is ``icons-dagster evaluate --size mix``.
+The main table itself is ``icons-dagster evaluate --size mix``. ``seeds`` also pools each
+method's three pipeline seeds into one difference to random with one interval (the same
+paired resamples). ``--size default`` runs the parts on the disjoint demo instead: section
+5's constraint on a candidate default (change log, "the demo constraint").
 
-Usage: python bench/mix_world.py [--home DIR] [--only gate,seeds,ratios] [--out FILE]
+Usage: python bench/mix_world.py [--size mix|default|...] [--home DIR] [--only gate,seeds,ratios] [--out FILE]
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
 from icons_dagster.core.data.benchmarks import declared_answers
 from icons_dagster.core.evaluation.metrics import informative_benchmarks
+from icons_dagster.core.evaluation.statistics import bootstrap_rel_differences
 from icons_dagster.core.schema import IconsConfig
+from icons_dagster.core.stages.evaluation import BOOTSTRAP_SEED, aligned_record_scores
 from icons_dagster.core.storage.artifacts import ArtifactStore
-from icons_dagster.demo.bootstrap import bootstrap_demo
+from icons_dagster.demo.bootstrap import bootstrap_demo, demo_sizes
 
 RANDOMS = tuple(f"random-{seed}" for seed in range(5))
 PROTOCOL_METHODS = (
@@ -62,6 +67,36 @@ def evaluate(home: Path, config: IconsConfig, methods: tuple[str, ...], instance
         "excluded_from_rel": excluded,
         "rel_vs_random": table.rel_vs_random,
         "rel_all_vs_random": table.rel_all_vs_random,
+        "score_refs": {m: ref for m, ref in scores.items()},
+    }
+
+
+def pooled_over_seeds(home: Path, config: IconsConfig, by_seed: dict[int, dict]) -> dict:
+    """Each selector's mean difference to random over the pipeline seeds, with its paired
+    bootstrap interval (Rel. and Rel. all). ``full`` and the random fine-tunes are shared by
+    the seeds (the same artifact in each); a selector's seeds are its pooled row's members."""
+    first = by_seed[min(by_seed)]
+    shared = ("full", *RANDOMS)
+    for seed, result in by_seed.items():
+        moved = [m for m in shared if result["score_refs"][m].path != first["score_refs"][m].path]
+        if moved:
+            raise RuntimeError(f"pipeline seed {seed} fine-tuned {moved} again: they should not depend on the pipeline seed")
+    refs = {m: first["score_refs"][m] for m in shared}
+    pooled: dict[str, list[str]] = {}
+    for method in first["score_refs"]:
+        if method in shared:
+            continue
+        pooled[method] = [f"{method}@{seed}" for seed in by_seed]
+        refs.update({f"{method}@{seed}": result["score_refs"][method] for seed, result in by_seed.items()})
+    aligned = aligned_record_scores(ArtifactStore(home), refs)
+    common = {"random_methods": list(RANDOMS), "resamples": config.evaluation.bootstrap_resamples, "seed": BOOTSTRAP_SEED, "pooled": pooled}
+    rel = bootstrap_rel_differences(aligned, benchmarks=first["rel_benchmarks"], **common)
+    rel_all = bootstrap_rel_differences(aligned, **common)
+    return {
+        "seeds": sorted(by_seed),
+        "rel": {m: rel[m] for m in pooled},
+        "rel_all": {m: rel_all[m] for m in pooled},
+        "meets_demo_constraint": {m: rel[m]["high"] >= 0 for m in pooled},  # section 5: the interval includes 0 or lies above it
     }
 
 
@@ -84,10 +119,13 @@ def gate(result: dict, benchmarks: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--home", default="/tmp/icons-mix")
+    parser.add_argument("--size", default="mix", choices=demo_sizes(), help="the world: mix, or a demo size (section 5's constraint)")
+    parser.add_argument("--home", default=None, help="default: /tmp/icons-<size>")
     parser.add_argument("--only", default="gate,seeds,ratios")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("mix_world.json")))
+    parser.add_argument("--out", default=None, help="default: bench/mix_world.json, or bench/seeds_<size>.json for a demo size")
     args = parser.parse_args()
+    args.home = args.home or f"/tmp/icons-{args.size}"
+    args.out = args.out or str(Path(__file__).with_name("mix_world.json" if args.size == "mix" else f"seeds_{args.size}.json"))
     from dagster import DagsterInstance
 
     home = Path(args.home)
@@ -97,10 +135,11 @@ def main() -> None:
     out = Path(args.out)
     results: dict = json.loads(out.read_text()) if out.is_file() else {}
     results.setdefault("seconds", {})
-    base = bootstrap_demo(home, "mix")
+    base = bootstrap_demo(home, args.size)
+    results["size"] = args.size
 
     def save() -> None:
-        out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        out.write_text(json.dumps(results, indent=1, sort_keys=True, default=_no_refs) + "\n")
 
     for part in parts:
         started = time.perf_counter()
@@ -109,12 +148,14 @@ def main() -> None:
             results["gate"] = {**result, "gate": gate(result, base.data.benchmarks_path())}
             print("gate:", json.dumps(results["gate"]["gate"]), flush=True)
         elif part == "seeds":
-            results["seeds"] = {}
+            results["seeds"], by_seed = {}, {}
             for seed in PIPELINE_SEEDS:
                 config = base.replace(warmup={"seed": seed}, gradients={"seed": seed})
-                results["seeds"][str(seed)] = evaluate(home, config, PROTOCOL_METHODS, instance)
+                by_seed[seed] = results["seeds"][str(seed)] = evaluate(home, config, PROTOCOL_METHODS, instance)
                 print(f"pipeline seed {seed}:", {m: round(100 * r, 1) for m, r in results["seeds"][str(seed)]["rel"].items()}, flush=True)
                 save()
+            results["pooled"] = pooled_over_seeds(home, base, by_seed)
+            print("pooled over pipeline seeds (Rel. difference to random):", {m: round(100 * d["difference"], 1) for m, d in results["pooled"]["rel"].items()}, flush=True)
         elif part == "ratios":
             results["ratios"] = {}
             for p in RATIOS:
@@ -127,6 +168,13 @@ def main() -> None:
         results["seconds"][part] = round(time.perf_counter() - started, 1)
         save()
     print(f"wrote {out}")
+
+
+def _no_refs(value):
+    """JSON for the results: the score refs stay in memory (their paths are the home's)."""
+    if hasattr(value, "path"):
+        return value.path
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def home_lock(dagster_home: Path, holder: str) -> Iterator[None]:
             except ValueError:  # a holder cut off mid-write
                 held = {}
             who = f"'{held.get('command', '?')}' (worker {held.get('worker', '?')}, since {held.get('since', '?')})"
-            raise HomeBusy(f"{dagster_home.parent}: in use by {who}; wait for it to finish, or use another --home") from None
+            raise HomeBusy(f"{dagster_home.parent}: in use by {who}; wait for it to finish, or run on another home") from None
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"command": holder, "worker": owner_tag(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))

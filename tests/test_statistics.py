@@ -123,3 +123,20 @@ def test_format_interval_in_points():
     assert format_interval({"difference": -0.0204, "low": -0.05, "high": 0.011}) == "-2.0 (-5.0, +1.1)"
     assert format_interval(None) == "–"
     assert format_interval({"difference": 0.1, "low": float("nan"), "high": float("nan")}) == "–"
+
+
+def test_a_pooled_row_is_the_mean_of_its_methods_differences_in_the_data_and_in_each_resample():
+    """One method over several pipeline seeds: the mean difference, and one interval from the same resamples."""
+    data = hand_case() | {"icons@1": {"x": np.array([0.0, 1, 1, 0]), "y": np.array([1.0, 0, 1, 1])}}  # 0.5, 0.75: Rel. 1
+    pooled = {"icons (mean of 2)": ["icons", "icons@1"], "icons alone": ["icons"]}
+    result = bootstrap_rel_differences(data, random_methods=RANDOMS, resamples=300, pooled=pooled)
+    # icons: 23/24 (above); icons@1: Rel. 1 - 11/24 = 13/24; their mean 18/24
+    assert result["icons (mean of 2)"]["difference"] == pytest.approx(18 / 24)
+    assert result["icons alone"] == result["icons"]
+    # one resample: the interval is that resample's value, so the pooled row's is the members' mean
+    for seed in range(5):
+        one = bootstrap_rel_differences(data, random_methods=RANDOMS, resamples=1, seed=seed, pooled=pooled)
+        assert one["icons (mean of 2)"]["low"] == pytest.approx((one["icons"]["low"] + one["icons@1"]["low"]) / 2)
+    for bad, message in (({"p": []}, "no method"), ({"p": ["nope"]}, "unknown method"), ({"icons": ["icons@1"]}, "the name of a method")):
+        with pytest.raises(ValueError, match=message):
+            bootstrap_rel_differences(data, random_methods=RANDOMS, resamples=5, pooled=bad)

@@ -93,6 +93,7 @@ def bootstrap_rel_differences(
     resamples: int = RESAMPLES,
     seed: int = 0,
     confidence: float = CONFIDENCE,
+    pooled: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """{method: {"difference", "low", "high"}}: Rel.(method) - mean Rel.(random seeds), as fractions.
 
@@ -103,6 +104,10 @@ def bootstrap_rel_differences(
     from one seeded generator for every benchmark of ``full`` in sorted order, whatever
     ``benchmarks`` is, so Rel. and Rel. all see the same resamples and equal inputs give
     equal results.
+
+    ``pooled``: {name: methods}, one more row per name: the mean of those methods'
+    differences, in the data and in each resample (one method's runs over several pipeline
+    seeds, scored on the same test records, read as one number with one interval).
     """
     if full not in per_record:
         raise ValueError(f"no {full!r} method: Rel. divides by the full-data score (methods: {sorted(per_record)})")
@@ -111,6 +116,12 @@ def bootstrap_rel_differences(
     unknown = [m for m in random_methods if m not in per_record]
     if unknown:
         raise ValueError(f"random method(s) {unknown} have no per-record scores (methods: {sorted(per_record)})")
+    pooled = dict(pooled or {})
+    for name, members in pooled.items():
+        missing = [m for m in members if m not in per_record]
+        if not members or missing or name in per_record:
+            why = "no method" if not members else f"unknown method(s) {missing}" if missing else "the name of a method"
+            raise ValueError(f"pooled row {name!r}: {why} (methods: {sorted(per_record)})")
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, not {resamples}")
     drawn = sorted(per_record[full])
@@ -150,12 +161,16 @@ def bootstrap_rel_differences(
     rel_sampled = _rel(sampled, sampled[at_full])  # [M, R]
     differences = rel_point - rel_point[randoms].mean()
     sampled_differences = rel_sampled - rel_sampled[randoms].mean(axis=0)
+    rows = [(method, differences[i], sampled_differences[i]) for i, method in enumerate(methods)]
+    for name, members in pooled.items():
+        at = [methods.index(m) for m in members]
+        rows.append((name, differences[at].mean(), sampled_differences[at].mean(axis=0)))
     tail = 100 * (1 - confidence) / 2
     result = {}
-    for i, method in enumerate(methods):
-        finite = sampled_differences[i][np.isfinite(sampled_differences[i])]  # nan: full 0 on every benchmark of a resample
+    for name, difference, sampled in rows:
+        finite = sampled[np.isfinite(sampled)]  # nan: full 0 on every benchmark of a resample
         low, high = np.percentile(finite, [tail, 100 - tail]) if finite.size else (np.nan, np.nan)
-        result[method] = {"difference": float(differences[i]), "low": float(low), "high": float(high)}
+        result[name] = {"difference": float(difference), "low": float(low), "high": float(high)}
     return result
 
 

@@ -500,6 +500,16 @@ def load_record_scores(store, ref: ScoresRef) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
+def aligned_record_scores(store, score_refs: dict[str, ScoresRef]) -> dict[str, dict[str, np.ndarray]]:
+    """{name: {benchmark: per-record scores in full's record order}} for ``score_refs`` (a
+    "full" among them); ValueError naming a method scored on other records."""
+    per_record = {}
+    for name, ref in score_refs.items():
+        frame = load_record_scores(store, ref)
+        per_record[name] = {b: (group["id"].to_list(), group["score"].to_numpy()) for (b,), group in frame.group_by(["benchmark"], maintain_order=True)}
+    return align_record_scores(per_record, "full", sorted(score_refs["full"].scores))
+
+
 def rel_intervals(
     store, score_refs: dict[str, ScoresRef], used: list[str], resamples: int
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
@@ -508,12 +518,7 @@ def rel_intervals(
     randoms = [m for m in score_refs if parse_method(m).kind == "random"]
     if not randoms or "full" not in score_refs:
         return {}, {}
-    frames = {m: load_record_scores(store, ref) for m, ref in score_refs.items()}
-    per_record = {
-        m: {b: (group["id"].to_list(), group["score"].to_numpy()) for (b,), group in frame.group_by(["benchmark"], maintain_order=True)}
-        for m, frame in frames.items()
-    }
-    aligned = align_record_scores(per_record, "full", sorted(score_refs["full"].scores))
+    aligned = aligned_record_scores(store, score_refs)
     common = {"random_methods": randoms, "resamples": resamples, "seed": BOOTSTRAP_SEED}
     rel = bootstrap_rel_differences(aligned, benchmarks=used, **common) if used else {}
     return rel, bootstrap_rel_differences(aligned, **common)
