@@ -40,7 +40,7 @@ from icons_dagster.demo.bootstrap import bootstrap_demo, demo_sizes
 RANDOMS = tuple(f"random-{seed}" for seed in range(5))
 PROTOCOL_METHODS = (
     "full", *RANDOMS, "icons-paper", "icons", "icons-cover-25", "icons-cover-50", "icons-cover-100",
-    "icons-wvote", "icons-quota", "icons-cluster", "ofa", "text-vote", "specialist",
+    "icons-wvote", "icons-quota", "icons-cluster", "icons-filter", "ofa", "text-vote", "specialist",
 )  # fmt: skip
 PIPELINE_SEEDS = (0, 1, 2)
 RATIOS = (0.05, 0.1, 0.2, 0.4, 0.6)

@@ -140,6 +140,7 @@ def test_registries_feed_the_config_the_cli_and_the_evaluation(monkeypatch):
     assert (parse_method("icons-quota").groups, parse_method("icons-quota").group_shares) == ("source", "voters")
     assert (parse_method("icons-cluster").groups, parse_method("icons-cluster").group_shares) == ("cluster", "pool")
     assert parse_method("icons-wvote").aggregation == "wvote" and {"icons-quota", "icons-cluster", "icons-wvote"} <= set(DEFAULT_METHODS)
+    assert (parse_method("icons-filter").aggregation, parse_method("icons-filter").tiebreak) == ("filter", "id-hash")
     with pytest.raises(ValueError, match=r"unknown evaluation method 'icons-median': full, random-<seed>"):
         parse_method("icons-median")
     with pytest.raises(SystemExit):  # the CLI offers exactly the registered rules

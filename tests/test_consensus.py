@@ -203,7 +203,7 @@ def test_vote_thresholds_order_statistic_matches_numpy_quantile():
         np.testing.assert_array_equal(tau, q)
 
 
-@pytest.mark.parametrize("method", ["vote", "mean", "max", "rank", "norm"])
+@pytest.mark.parametrize("method", ["vote", "mean", "max", "rank", "norm", "filter"])
 def test_permutation_invariance(method):
     rng = np.random.default_rng(7)
     n, k = 500, 4
@@ -394,7 +394,7 @@ def test_each_rows_reason_says_why_it_is_in_or_out():
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("tiebreak", ["mean-rank", "max-rank"])
+@pytest.mark.parametrize("tiebreak", ["mean-rank", "max-rank", "id-hash"])
 @pytest.mark.parametrize("coverage", [0.0, 0.3, 1.0])
 def test_coverage_properties_and_permutation_invariance(tiebreak, coverage):
     rng = np.random.default_rng(5)
@@ -469,3 +469,32 @@ def test_quota_fill_properties_and_permutation_invariance():
         perm = rng.permutation(n)
         again = select([ids[i] for i in perm], s[perm], p, groups=[groups[i] for i in perm], group_shares="voters")
         assert [ids[perm[i]] for i in again.order] == [ids[i] for i in base.order]
+
+
+def test_filter_keeps_each_benchmarks_top_half_and_fills_in_id_hash_order():
+    """Rule 2 as a filter on the worked example: the top half of a column is its 5 highest
+    positions (5..9), so s0-s5 are kept (s5 by A alone) and s6-s9, below every median, are not."""
+    kept = aggregate(SCORES, "filter")
+    np.testing.assert_array_equal(kept, [1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+    by_hash = sorted(IDS, key=lambda i: hashlib.sha256(i.encode()).digest()[:8])
+    kept_by_hash = [i for i in by_hash if int(i[1:]) <= 5]
+    for p, m in ((0.2, 2), (0.5, 5), (0.6, 6)):
+        chosen = select(IDS, SCORES, p, method="filter", tiebreak="id-hash")
+        assert {IDS[i] for i in np.flatnonzero(chosen.selected)} == set(kept_by_hash[:m]), p
+    # past the kept records, the dropped ones fill in the same hash order
+    chosen = select(IDS, SCORES, 0.8, method="filter", tiebreak="id-hash")
+    dropped_by_hash = [i for i in by_hash if int(i[1:]) > 5]
+    assert {IDS[i] for i in np.flatnonzero(chosen.selected)} == set(kept_by_hash) | set(dropped_by_hash[:2])
+    # the fill ignores influence: any scores that keep the same records select the same ids
+    reshaped = SCORES.copy()
+    reshaped[:6] = SCORES[:6][::-1]  # s0-s5 swap values among themselves: all still in some top half
+    again = select(IDS, reshaped, 0.2, method="filter", tiebreak="id-hash")
+    np.testing.assert_array_equal(again.selected, select(IDS, SCORES, 0.2, method="filter", tiebreak="id-hash").selected)
+    # a pool of one record keeps it
+    np.testing.assert_array_equal(aggregate(SCORES[:1], "filter"), [1.0])
+
+
+def test_filter_ties_at_the_median_count_as_kept():
+    """Eq. 4's ">=": a record equal to the top-half threshold of a benchmark is kept."""
+    s = np.array([[3.0], [2.0], [2.0], [1.0]])  # m = 2: threshold 2, so three rows reach it
+    np.testing.assert_array_equal(aggregate(s, "filter"), [1, 1, 1, 0])

@@ -11,7 +11,9 @@ validation and the subsets stage all go through it:
   with the same rule; ``icons-maxrank``: the vote with the best single-benchmark
   percentile rank as the tie-break; ``icons-cover-<percent>``: the vote with that share of
   the subset reserved for each benchmark's own top records (Appendix D's remedy);
-  ``icons-wvote``: votes weighted by their influence (the paper's future work).
+  ``icons-wvote``: votes weighted by their influence (the paper's future work);
+  ``icons-filter``: the records in some benchmark's top half, filled in ``id_hash`` order
+  (pre-registered rule 2 as a filter: influence drops records, it does not rank them).
 - The pre-registered quota levers for the default (docs/preregistration-mix.md, section 5),
   each on the paper's vote: ``icons-quota`` (places per pool ``source`` in the voters' mix),
   ``icons-cluster`` (places per OFA k-means cluster in the pool's mix).
@@ -38,6 +40,8 @@ SPECIALIST = "specialist"
 LEVERS = {"icons-quota": ("source", "voters"), "icons-cluster": ("cluster", "pool")}
 #: icons-paper and icons-<rule>: the vote table's influence under each aggregation rule
 ICONS_RULES = {PAPER_RULE: "vote", **{f"icons-{name}": name for name in AGGREGATIONS if name != "vote"}}
+#: the tie-break a rule's method uses where it is not the paper's mean rank
+RULE_TIEBREAKS = {"filter": "id-hash"}
 DEFAULT_METHODS = (
     "full", *(f"{RANDOM_PREFIX}{seed}" for seed in range(5)), "icons", *ICONS_RULES, MAX_RANK_METHOD,
     f"{COVER_PREFIX}25", f"{COVER_PREFIX}50", f"{COVER_PREFIX}100", *LEVERS,
@@ -73,7 +77,8 @@ def parse_method(name: str) -> Method:
     if name.startswith(COVER_PREFIX) and rest.isdigit() and 1 <= int(rest) <= 100:
         return Method(name, "icons-rule", coverage=int(rest) / 100)
     if name in ICONS_RULES:
-        return Method(name, "icons-rule", aggregation=ICONS_RULES[name])
+        aggregation = ICONS_RULES[name]
+        return Method(name, "icons-rule", aggregation=aggregation, tiebreak=RULE_TIEBREAKS.get(aggregation, "mean-rank"))
     if name == MAX_RANK_METHOD:
         return Method(name, "icons-rule", tiebreak="max-rank")
     if name in LEVERS:

@@ -25,7 +25,9 @@ Definitions fixed here (the paper leaves them open):
   among samples with equal votes, those ranked higher on average across benchmarks
   win. Ids must be unique, which makes the order total and independent of row order.
   ``tiebreak="max-rank"`` uses the best single-benchmark percentile rank in step 2
-  instead (a specialist's favourite beats an all-round middling record).
+  instead (a specialist's favourite beats an all-round middling record);
+  ``tiebreak="id-hash"`` skips step 2, so equal aggregates fill in ``id_hash`` order: a
+  fixed pseudo-random order that ignores influence (the ``filter`` rule's fill).
 
 Coverage (our addition, paper Appendix D's risk): a consensus rewards records that
 resemble several benchmarks, and a family of records that serves only one benchmark can
@@ -62,7 +64,7 @@ __all__ = [
     "select",
 ]
 
-TIEBREAKS = ("mean-rank", "max-rank")
+TIEBREAKS = ("mean-rank", "max-rank", "id-hash")
 
 
 def _as_fraction(p) -> Fraction:
@@ -252,10 +254,19 @@ def _weighted_vote(s: np.ndarray, p: float | None, weights) -> np.ndarray:
     return _row_sum(np.where(v, s.astype(np.float64), 0.0))
 
 
+def _filter(s: np.ndarray, p: float | None, weights) -> np.ndarray:
+    """1 where the influence is in the top half of at least one benchmark (at or above eq. 4's
+    threshold at p = 1/2), else 0: drops the records below every benchmark's median and does
+    not rank the rest (pre-registration, section 5, rule 2 as a filter). One record is kept."""
+    if s.shape[0] < 2:
+        return np.ones(s.shape[0], dtype=np.float64)
+    return votes(s, vote_thresholds(s, Fraction(1, 2))).any(axis=1).astype(np.float64)
+
+
 #: How benchmarks' influences combine into one score per sample (Table 6, and the weighted
 #: vote): name -> rule. The config's choices, the vote table's ``agg_*`` columns and the
 #: evaluation's ``icons-<name>`` methods all read this registry; a new rule is one entry here.
-AGGREGATIONS = {"vote": _vote, "mean": _mean, "max": _max, "rank": _rank, "norm": _norm, "wvote": _weighted_vote}
+AGGREGATIONS = {"vote": _vote, "mean": _mean, "max": _max, "rank": _rank, "norm": _norm, "wvote": _weighted_vote, "filter": _filter}
 METHODS = tuple(AGGREGATIONS)
 
 
@@ -424,7 +435,10 @@ def select(
     quota = coverage_quota(m, s.shape[1], coverage)
     r2 = _rank_sums2(s)
     # exact integers: the rank sum is proportional to the mean percentile rank
-    secondary = r2.sum(axis=1) if tiebreak == "mean-rank" else r2.max(axis=1)
+    if tiebreak == "id-hash":
+        secondary = np.zeros(n, dtype=r2.dtype)  # no step 2: id_hash orders equal aggregates
+    else:
+        secondary = r2.sum(axis=1) if tiebreak == "mean-rank" else r2.max(axis=1)
     if method == "rank" and weights is None:
         agg = _mean_rank_from_sums(r2, n)  # same as aggregate(s, "rank"), computed once
     else:
