@@ -10,8 +10,8 @@ model, on a GPU, resumable across device sessions.
    registered pre-check (closed formats from text, 1,000 held-out texts; the caption loss
    with matched against mismatched images). The checkpoint's sha256 is recorded.
 2. gate, only when the pre-check passes, one fine-tune per part: ``probe:<recipe>`` (the
-   recipe rule's three candidates, full data), then ``random-0`` .. ``random-4`` with the
-   chosen recipe; then gate (a) and (b) from the recorded scores. Each part runs the core
+   recipe rule's three candidates, full data), then ``random-<seed>@<recipe>`` for seeds
+   0-4 with the chosen recipe; then gate (a) and (b) from the recorded scores. Each part runs the core
    stages the graph's evaluation assets call (``method_scores``), without Dagster and
    without the selectors' gradients, which the gate does not compare; on the mix-test
    world this gave the graph's numbers to the last digit (RESULTS, attempt 7).
@@ -144,55 +144,49 @@ def model_sha256(folder: Path) -> str:
 
 
 def gate(root: Path, size: str, model: Path, device: str, summary: dict, record, parts: set[str] | None) -> None:
-    """The recipe rule, then gate (a) and (b), one fine-tune at a time: each finished method's
-    scores are recorded with the base model's sha256, and a rerun (a later device session,
-    given the summary) skips those recorded on the same model. ``parts``: run only these
-    (``probe:<recipe>``, ``random-<seed>``); None: all that are missing."""
+    """The recipe rule, then gate (a) and (b), one fine-tune at a time. Each finished part is
+    recorded under the base checkpoint's sha256 (``summary["parts"][sha]``), and a rerun (a
+    later device session, given the summary) skips the parts recorded on the same model.
+    Parts of another build stay in the summary and count for nothing here. ``parts``: run
+    only these (``probe:<recipe>``, ``random-<seed>@<recipe>``); None: all that are missing."""
     world = generate_mix(root / f"world-{size}", size=size)
     home, digest = root / "gate-home", model_sha256(model)
-
-    def done(key: str) -> dict:
-        return {k: v for k, v in summary.get(key, {}).items() if v.get("model_sha256") == digest}
+    done = summary.setdefault("parts", {}).setdefault(digest, {})
 
     def run(part: str, lr: float, epochs: int, method: str) -> dict | None:
-        if parts is not None and part not in parts:
-            return None
+        if part in done or (parts is not None and part not in parts):
+            return done.get(part)
         started = time.perf_counter()
         ref = method_scores(home, _config(world, model, device, list(dict.fromkeys(["full", method])), lr, epochs), method)
         used, _ = informative_benchmarks(ref.scores, ref.chance, ref.n)
-        return {"scores": ref.scores, "chance": ref.chance, "n": ref.n, "informative": used, "model_sha256": digest,
-                "recipe": {"learning_rate": lr, "epochs": epochs}, "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        done[part] = {"scores": ref.scores, "chance": ref.chance, "n": ref.n, "informative": used,
+                      "recipe": {"learning_rate": lr, "epochs": epochs}, "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        record("parts", summary["parts"])
+        return done[part]
 
-    probes = done("recipe_probes")
-    for name, (lr, epochs) in RECIPES.items():
-        if name not in probes and (result := run(f"probe:{name}", lr, epochs, "full")) is not None:
-            probes[name] = result
-            record("recipe_probes", probes)
-    if set(probes) != set(RECIPES):
+    probes = {name: run(f"probe:{name}", lr, epochs, "full") for name, (lr, epochs) in RECIPES.items()}
+    if any(result is None for result in probes.values()):
         return  # the rule needs all three candidates
     # the rule: the most benchmarks above chance, ties by the mean of the ten scores
     chosen = max(RECIPES, key=lambda name: (len(probes[name]["informative"]), float(np.mean(list(probes[name]["scores"].values())))))
-    randoms = {k: v for k, v in done("randoms").items() if v["recipe"] == probes[chosen]["recipe"]}
-    for method in RANDOMS:
-        if method not in randoms and (result := run(method, *RECIPES[chosen], method)) is not None:
-            randoms[method] = result
-            record("randoms", randoms)
-    if set(randoms) != set(RANDOMS):
+    randoms = {method: run(f"{method}@{chosen}", *RECIPES[chosen], method) for method in RANDOMS}
+    if any(result is None for result in randoms.values()):
         return
-    full = probes[chosen]
-    used = full["informative"]
+    full, used = probes[chosen], probes[chosen]["informative"]
     rel = relative_scores({"full": full["scores"], **{m: r["scores"] for m, r in randoms.items()}}, benchmarks=used) if used else {}
     random_rel = [rel[m] for m in RANDOMS] if rel else []
+    closed_forms = bool(YES_NO & set(used)) and bool(MULTIPLE_CHOICE & set(used))
     record("gate", {
+        "model_sha256": digest,
         "recipe": chosen,
         "full_scores": full["scores"],
         "informative": used,
         "n_informative": len(used),
-        "yes_no_and_mc": bool(YES_NO & set(used)) and bool(MULTIPLE_CHOICE & set(used)),
+        "yes_no_and_mc": closed_forms,
         "rel": rel,
         "random_mean_rel": float(np.mean(random_rel)) if random_rel else None,
         "gate_a": bool(random_rel) and float(np.mean(random_rel)) >= 0.90,  # Rel. as a fraction of full
-        "gate_b": len(used) >= 7 and bool(YES_NO & set(used)) and bool(MULTIPLE_CHOICE & set(used)),
+        "gate_b": len(used) >= 7 and closed_forms,
     })  # fmt: skip
 
 
@@ -204,7 +198,7 @@ def main() -> None:
     parser.add_argument("--size", default="mix", choices=sorted(MIX_SIZES))
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every training step count (a dry run: 0.01)")
     parser.add_argument("--stop-after", choices=["build", "gate"], default="gate")
-    parser.add_argument("--parts", help="comma-separated probe:<recipe> / random-<seed> to run now (default: every one not yet recorded)")
+    parser.add_argument("--parts", help="comma-separated probe:<recipe> / random-<seed>@<recipe> to run now (default: every one not yet recorded)")
     parser.add_argument("--model", type=Path, help="skip the build: run the gate on this checkpoint (a rerun, or a dry run with a tiny one)")
     args = parser.parse_args()
     root = args.dir.resolve()
@@ -213,7 +207,7 @@ def main() -> None:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary.update({"size": args.size, "device": args.device, "scale": args.scale})
     parts = None if args.parts is None else {part.strip() for part in args.parts.split(",") if part.strip()}
-    known = {f"probe:{name}" for name in RECIPES} | set(RANDOMS)
+    known = {f"probe:{name}" for name in RECIPES} | {f"{m}@{name}" for m in RANDOMS for name in RECIPES}
     if parts is not None and parts - known:
         parser.error(f"unknown part(s) {sorted(parts - known)}; choose from {sorted(known)}")
 
