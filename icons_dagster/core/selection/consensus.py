@@ -433,13 +433,15 @@ def select(
         raise ValueError(f"unknown tiebreak {tiebreak!r}; choose from {TIEBREAKS}")
     m = subset_size(n, p)
     quota = coverage_quota(m, s.shape[1], coverage)
-    r2 = _rank_sums2(s)
-    # exact integers: the rank sum is proportional to the mean percentile rank
+    rank_agg = method == "rank" and weights is None
+    # the per-column sorts behind the ranks, only where step 2 or the rank aggregate reads them
+    r2 = _rank_sums2(s) if tiebreak != "id-hash" or rank_agg else None
     if tiebreak == "id-hash":
-        secondary = np.zeros(n, dtype=r2.dtype)  # no step 2: id_hash orders equal aggregates
+        secondary = np.zeros(n, dtype=np.int64)  # no step 2: id_hash orders equal aggregates
     else:
+        # exact integers: the rank sum is proportional to the mean percentile rank
         secondary = r2.sum(axis=1) if tiebreak == "mean-rank" else r2.max(axis=1)
-    if method == "rank" and weights is None:
+    if rank_agg:
         agg = _mean_rank_from_sums(r2, n)  # same as aggregate(s, "rank"), computed once
     else:
         agg = aggregate(s, method, p=p, weights=weights)
