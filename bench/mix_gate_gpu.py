@@ -143,14 +143,14 @@ def model_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def gate(root: Path, size: str, model: Path, device: str, summary: dict, record, parts: set[str] | None) -> None:
+def gate(root: Path, size: str, model: Path, digest: str, device: str, summary: dict, record, parts: set[str] | None) -> None:
     """The recipe rule, then gate (a) and (b), one fine-tune at a time. Each finished part is
     recorded under the base checkpoint's sha256 (``summary["parts"][sha]``), and a rerun (a
     later device session, given the summary) skips the parts recorded on the same model.
     Parts of another build stay in the summary and count for nothing here. ``parts``: run
     only these (``probe:<recipe>``, ``random-<seed>@<recipe>``); None: all that are missing."""
     world = generate_mix(root / f"world-{size}", size=size)
-    home, digest = root / "gate-home", model_sha256(model)
+    home = root / "gate-home"
     done = summary.setdefault("parts", {}).setdefault(digest, {})
 
     def run(part: str, lr: float, epochs: int, method: str) -> dict | None:
@@ -217,13 +217,15 @@ def main() -> None:
         print(key, json.dumps(value)[:2000], flush=True)
 
     model = args.model.resolve() if args.model else build(root, args.size, args.device, args.scale, record)
-    if model is not None:
-        import torch
+    if model is None:
+        return
+    import torch
 
-        where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-        record("builds", [*summary.get("builds", []), {"model_sha256": model_sha256(model), "device": where, "at": time.strftime("%Y-%m-%d %H:%M:%S")}])
-    if model is not None and args.stop_after == "gate":
-        gate(root, args.size, model, args.device, summary, record, parts)
+    digest = model_sha256(model)  # hashed once: the checkpoint is 540 MB
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    record("builds", [*summary.get("builds", []), {"model_sha256": digest, "device": where, "at": time.strftime("%Y-%m-%d %H:%M:%S")}])
+    if args.stop_after == "gate":
+        gate(root, args.size, model, digest, args.device, summary, record, parts)
 
 
 if __name__ == "__main__":
